@@ -1,0 +1,236 @@
+"""The `hf` engine: transformers in-process, prefix computed once, queries packed as a token tree.
+
+How one `score` call works:
+1. The prefix's KV cache is computed once and kept. A later prefix that shares its first tokens
+   (the ICL prompt at a smaller K is a token prefix of the one at a larger K) reuses them: only
+   tokens past the longest common prefix are computed, and a shorter prefix is a free slice.
+2. Queries are sorted and packed into one sequence per forward pass, as a trie: queries that
+   start with the same tokens (all queries with the same n1 share "n1 ") share those nodes, and
+   each label's tokens but its last hang below the query's last node. The attention mask lets a
+   node see the whole prefix and its own ancestors only; positions continue after the prefix by
+   depth. With no sharing this is the block-diagonal packing of independent queries.
+3. The output head runs only at the rows whose next token is a label token, on the full vocabulary
+   (the log-softmax needs it), in fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PackedBatch:
+    """One forward pass worth of queries, as a token tree."""
+
+    tokens: list[int] = field(default_factory=list)
+    parent: list[int] = field(default_factory=list)
+    depth: list[int] = field(default_factory=list)
+    children: dict[tuple[int, int], int] = field(default_factory=dict)
+    # per query (its index in the caller's list): per label, the (row node, target token) pairs
+    reads: list[tuple[int, list[list[tuple[int, int]]]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def new_nodes(self, paths: Sequence[Sequence[int]]) -> int:
+        """How many nodes inserting these root-to-leaf token paths would add."""
+        seen: set[tuple[int, ...]] = set()
+        count = 0
+        for path in paths:
+            node = -1
+            for i, tok in enumerate(path):
+                nxt = self.children.get((node, tok)) if node is not None else None
+                if nxt is None:
+                    key = tuple(path[: i + 1])
+                    if key not in seen:
+                        seen.add(key)
+                        count += 1
+                node = nxt
+        return count
+
+    def insert(self, path: Sequence[int]) -> int:
+        node = -1
+        for tok in path:
+            nxt = self.children.get((node, tok))
+            if nxt is None:
+                nxt = len(self.tokens)
+                self.children[(node, tok)] = nxt
+                self.tokens.append(int(tok))
+                self.parent.append(node)
+                self.depth.append(self.depth[node] + 1 if node >= 0 else 0)
+            node = nxt
+        return node
+
+    def add_query(self, index: int, query: Sequence[int], labels: Sequence[Sequence[int]]) -> None:
+        last = self.insert(query)
+        per_label = []
+        for label in labels:
+            # rows: the query's last node predicts label[0]; the node of label[i] predicts label[i+1]
+            nodes = [last] + [self.insert(list(query) + list(label[: i + 1])) for i in range(len(label) - 1)]
+            per_label.append(list(zip(nodes, label)))
+        self.reads.append((index, per_label))
+
+    def ancestor_mask(self) -> np.ndarray:
+        """mask[i, j] = node j is node i or one of its ancestors."""
+        n = len(self.tokens)
+        mask = np.zeros((n, n), dtype=bool)
+        for i, p in enumerate(self.parent):  # parents come before children
+            if p >= 0:
+                mask[i] = mask[p]
+            mask[i, i] = True
+        return mask
+
+
+def query_paths(query: Sequence[int], labels: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The root-to-leaf token paths one query adds to the tree."""
+    return [list(query) + list(label[:-1]) for label in labels]
+
+
+def pack(
+    queries: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], token_budget: int
+) -> list[PackedBatch]:
+    """Split queries into token-tree batches of at most `token_budget` nodes (a lone query may exceed it)."""
+    order = sorted(range(len(queries)), key=lambda i: queries[i])
+    batches: list[PackedBatch] = []
+    current = PackedBatch()
+    for i in order:
+        cost = current.new_nodes(query_paths(queries[i], labels))
+        if current.reads and len(current) + cost > token_budget:
+            batches.append(current)
+            current = PackedBatch()
+        current.add_query(i, queries[i], labels)
+    if current.reads:
+        batches.append(current)
+    return batches
+
+
+class HFEngine:
+    """Packed, prefix-sharing label scoring on a transformers causal LM (optionally with peft adapters)."""
+
+    def __init__(self, model, *, token_budget: int = 1024, progress: bool = True, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.base = model
+        self.model = model
+        self.token_budget = token_budget
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        # adapter key -> (prefix tokens, per-layer (keys, values) of that prefix)
+        self._prefix_kv: dict[str | None, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    # -- adapters ---------------------------------------------------------------------------
+    def _activate(self, adapter: str | None) -> str | None:
+        """Make `adapter` (a peft adapter directory) the active one; None means the base model."""
+        if adapter is None:
+            return None
+        try:
+            from peft import PeftModel
+        except ImportError as e:
+            raise ImportError("scoring adapters needs peft: pip install 'iclsft-eval[sft]'") from e
+        key = "a" + hashlib.sha1(str(adapter).encode()).hexdigest()[:12]
+        if not isinstance(self.model, PeftModel):
+            self.model = PeftModel.from_pretrained(self.base, adapter, adapter_name=key)
+        elif key not in self.model.peft_config:
+            self.model.load_adapter(adapter, adapter_name=key)
+        self.model.set_adapter(key)
+        self.model.eval()
+        return key
+
+    def _context(self, key: str | None):
+        from contextlib import nullcontext
+
+        if key is None and self.model is not self.base:
+            return self.model.disable_adapter()
+        return nullcontext()
+
+    # -- prefix -----------------------------------------------------------------------------
+    def _cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]] | None):
+        from transformers import DynamicCache
+
+        config = self.base.config
+        if not kv:
+            return DynamicCache(config=config)
+        return DynamicCache(ddp_cache_data=kv, config=config)
+
+    @torch.inference_mode()
+    def prefix_kv(self, prefix: Sequence[int], key: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer KV of `prefix`, computing only what is not shared with the cached prefix."""
+        prefix = list(prefix)
+        cached_tokens, cached_kv = self._prefix_kv.get(key, ([], []))
+        common = 0
+        for a, b in zip(cached_tokens, prefix):
+            if a != b:
+                break
+            common += 1
+        if common == len(prefix):
+            return [(k[:, :, :common], v[:, :, :common]) for k, v in cached_kv] if common else []
+        cache = self._cache([(k[:, :, :common], v[:, :, :common]) for k, v in cached_kv] if common else None)
+        for start in range(common, len(prefix), self.token_budget):
+            chunk = torch.tensor([prefix[start : start + self.token_budget]], device=self.device)
+            self.model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self._prefix_kv[key] = (prefix, kv)  # the new prefix is longer than, or diverges from, the old
+        return kv
+
+    # -- scoring ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(
+        self,
+        prefix: Sequence[int],
+        queries: Sequence[Sequence[int]],
+        labels: Sequence[Sequence[int]],
+        adapter: str | None = None,
+    ) -> np.ndarray:
+        if not labels or any(len(label) == 0 for label in labels):
+            raise ValueError("every label needs at least one token")
+        key = self._activate(adapter)
+        out = np.full((len(queries), len(labels)), np.nan)
+        with self._context(key):
+            kv = self.prefix_kv(prefix, key)
+            batches = pack(queries, labels, self.token_budget)
+            bar = _progress(len(queries), self.progress and len(queries) >= 2000)
+            for batch in batches:
+                self._score_batch(batch, kv, len(prefix), out)
+                bar.update(len(batch.reads))
+            bar.close()
+        return out
+
+    def _score_batch(self, batch: PackedBatch, kv, prefix_len: int, out: np.ndarray) -> None:
+        n = len(batch)
+        tree = torch.from_numpy(batch.ancestor_mask())
+        mask = torch.cat([torch.ones(n, prefix_len, dtype=torch.bool), tree], dim=1)
+        rows = sorted({row for _, per_label in batch.reads for pairs in per_label for row, _ in pairs})
+        where = {row: i for i, row in enumerate(rows)}
+        output = self.model(
+            input_ids=torch.tensor([batch.tokens], device=self.device),
+            position_ids=torch.tensor([batch.depth], device=self.device) + prefix_len,
+            attention_mask=mask[None, None].to(self.device),
+            past_key_values=self._cache(kv) if prefix_len else None,
+            use_cache=bool(prefix_len),
+            logits_to_keep=torch.tensor(rows, device=self.device),
+        )
+        logprobs = torch.log_softmax(output.logits[0].float(), dim=-1)
+        row_idx, tok_idx, owners = [], [], []
+        for q, per_label in batch.reads:
+            for j, pairs in enumerate(per_label):
+                for row, tok in pairs:
+                    row_idx.append(where[row])
+                    tok_idx.append(tok)
+                    owners.append((q, j))
+        values = logprobs[torch.tensor(row_idx), torch.tensor(tok_idx)].double().cpu().numpy()
+        sums: dict[tuple[int, int], float] = {}
+        for owner, value in zip(owners, values):
+            sums[owner] = sums.get(owner, 0.0) + value
+        for (q, j), value in sums.items():
+            out[q, j] = value
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="q", desc="scoring", leave=False)

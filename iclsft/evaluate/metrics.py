@@ -1,0 +1,382 @@
+"""Metrics for the 2D lattice classification task (SPEC §5).
+
+A scored table has one row per lattice point (n1, n2) with the ground-truth
+class (0, 1, or -1 for points exactly on the boundary), the model's
+full-vocabulary log-probabilities of the two labels (lp_0, lp_1) and whether
+the point was an in-context/training exemplar. Everything here is pure numpy;
+only the logistic fit behind the inferred angle is iterative.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("n1", "n2", "truth", "lp_0", "lp_1", "is_exemplar")
+
+METRIC_NAMES: tuple[str, ...] = (
+    "accuracy",
+    "holdout_accuracy",
+    "confidence",
+    "label_mass",
+    "smoothness",
+    "inferred_angle",
+    "angle_error",
+    "ece",
+    "log_loss",
+    "auc",
+    "cal_accuracy",
+    "cal_holdout_accuracy",
+    "cal_smoothness",
+    "cal_inferred_angle",
+    "cal_angle_error",
+    "n_points",
+    "n_boundary",
+    "n_holdout",
+)
+
+CENTRE: float = 49.5
+"""Centre of the 0..99 lattice; also the scale used to normalise inputs for the fit."""
+
+LOGREG_C: float = 1.0
+"""Inverse L2 strength of the angle-probing logistic regression (sklearn's ``C``)."""
+
+ECE_BINS: int = 10
+
+_FIT_GTOL = 1e-10
+_FIT_MAX_ITER = 100
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def _log_sigmoid(x: FloatArray) -> FloatArray:
+    """Return log(sigmoid(x)) without overflow for large |x|."""
+    return -np.logaddexp(0.0, -x)
+
+
+def sigmoid(x: npt.ArrayLike) -> FloatArray:
+    """Return the logistic function of ``x``, stable for large |x|."""
+    return np.exp(_log_sigmoid(np.asarray(x, dtype=np.float64)))
+
+
+def predict(d: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """Return raw predictions: class 0 iff d = lp_0 - lp_1 >= 0 (ties go to the first label)."""
+    return np.where(np.asarray(d, dtype=np.float64) >= 0.0, 0, 1).astype(np.int64)
+
+
+def calibrated_predict(d: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """Return label-prior-corrected predictions: class 0 iff d >= median(d) over all points."""
+    d = np.asarray(d, dtype=np.float64)
+    # Thresholding at the median removes a constant bias towards one label
+    # without looking at the truth: it assumes the classes are roughly balanced,
+    # which holds for a boundary through the lattice centre.
+    return np.where(d >= np.median(d), 0, 1).astype(np.int64)
+
+
+def lattice_index(
+    n1: npt.ArrayLike, n2: npt.ArrayLike
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Map points onto their lattice and check it is complete.
+
+    Returns ``(n1_values, n2_values, i1, i2)`` where the value arrays are the
+    sorted unique coordinates and ``(i1[k], i2[k])`` is row k's grid cell.
+    Raises ValueError unless every (n1, n2) combination occurs exactly once.
+    """
+    n1 = np.asarray(n1)
+    n2 = np.asarray(n2)
+    n1_values, i1 = np.unique(n1, return_inverse=True)
+    n2_values, i2 = np.unique(n2, return_inverse=True)
+    i1 = i1.reshape(-1)
+    i2 = i2.reshape(-1)
+    shape = (len(n1_values), len(n2_values))
+    counts = np.bincount(np.ravel_multi_index((i1, i2), shape), minlength=shape[0] * shape[1])
+    n_missing = int(np.count_nonzero(counts == 0))
+    n_duplicated = int(np.sum(np.maximum(counts - 1, 0)))
+    if n_missing or n_duplicated:
+        raise ValueError(
+            f"scores do not form a complete {shape[0]}x{shape[1]} lattice: "
+            f"{n_missing} points missing, {n_duplicated} duplicated"
+        )
+    return n1_values, n2_values, i1, i2
+
+
+def _to_grid(values: np.ndarray, i1: np.ndarray, i2: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Scatter per-row values into a (len(n1_values), len(n2_values)) grid."""
+    grid = np.empty(shape, dtype=values.dtype)
+    grid[i1, i2] = values
+    return grid
+
+
+def smoothness(pred_grid: npt.ArrayLike) -> float:
+    """Return 1 - fraction of grid points whose label differs from >= 2 of their 4-neighbours.
+
+    ``pred_grid[i, j]`` is the predicted label at the (i, j) lattice cell;
+    border cells have only 2 or 3 neighbours and use the same >= 2 rule.
+    """
+    grid = np.asarray(pred_grid)
+    if grid.ndim != 2 or grid.size == 0:
+        raise ValueError(f"pred_grid must be a non-empty 2D array, got shape {grid.shape}")
+    n_diff = np.zeros(grid.shape, dtype=np.int64)
+    # Each unequal adjacent pair counts once for both of its endpoints.
+    diff_rows = grid[1:, :] != grid[:-1, :]
+    n_diff[1:, :] += diff_rows
+    n_diff[:-1, :] += diff_rows
+    diff_cols = grid[:, 1:] != grid[:, :-1]
+    n_diff[:, 1:] += diff_cols
+    n_diff[:, :-1] += diff_cols
+    return float(1.0 - np.mean(n_diff >= 2))
+
+
+def _neg_log_lik(beta: FloatArray, x: FloatArray, y: FloatArray, penalty: FloatArray) -> float:
+    """Penalised objective: sum of log-losses + 0.5 * sum(penalty * beta**2)."""
+    eta = x @ beta
+    return float(np.sum(np.logaddexp(0.0, eta) - y * eta) + 0.5 * np.dot(penalty, beta * beta))
+
+
+def fit_logistic(z: npt.ArrayLike, y: npt.ArrayLike, C: float = LOGREG_C) -> tuple[float, FloatArray]:
+    """Fit L2-regularised logistic regression with an unpenalised intercept by damped Newton.
+
+    Minimises sum_k logloss(y_k, b + z_k.w) + ||w||^2 / (2C) and returns
+    ``(b, w)``. ``z`` is (n, p), ``y`` is 0/1 of length n.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim == 1:
+        z = z[:, None]
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if len(y) != len(z):
+        raise ValueError(f"z has {len(z)} rows but y has {len(y)} entries")
+    if not C > 0:
+        raise ValueError(f"C must be positive, got {C}")
+    x = np.hstack([np.ones((len(z), 1)), z])
+    penalty = np.r_[0.0, np.full(z.shape[1], 1.0 / C)]
+    beta = np.zeros(x.shape[1])
+    obj = _neg_log_lik(beta, x, y, penalty)
+    for _ in range(_FIT_MAX_ITER):
+        eta = x @ beta
+        p = np.exp(_log_sigmoid(eta))
+        grad = x.T @ (p - y) + penalty * beta
+        if np.linalg.norm(grad) < _FIT_GTOL:
+            break
+        hess = (x * (p * (1.0 - p))[:, None]).T @ x + np.diag(penalty)
+        try:
+            step = np.linalg.solve(hess, grad)
+        except np.linalg.LinAlgError:
+            step = grad
+        if not np.all(np.isfinite(step)) or np.dot(step, grad) <= 0.0:
+            # Hessian numerically singular: fall back to (scaled) gradient descent.
+            step = grad / max(1.0, float(np.trace(hess)))
+        # Backtracking (Armijo) keeps the objective monotone so Newton cannot diverge;
+        # the small slack lets steps through once changes are at rounding level.
+        slack = 1e-13 * max(1.0, abs(obj))
+        t = 1.0
+        accepted = False
+        for _ in range(60):
+            cand = beta - t * step
+            cand_obj = _neg_log_lik(cand, x, y, penalty)
+            if cand_obj <= obj - 1e-4 * t * float(np.dot(step, grad)) + slack:
+                accepted = True
+                break
+            t *= 0.5
+        if not accepted:
+            break  # no descent possible at floating-point resolution: converged
+        beta, obj = cand, cand_obj
+    return float(beta[0]), beta[1:]
+
+
+def fit_angle(n1: npt.ArrayLike, n2: npt.ArrayLike, y: npt.ArrayLike, C: float = LOGREG_C) -> float:
+    """Infer the boundary angle (degrees in [0, 180)) from binary labels on lattice points.
+
+    ``y`` is 1 where the first label is predicted. Fits logistic regression on
+    z = (x - 49.5) / 49.5 (see ``fit_logistic``); the fitted normal (w1, w2)
+    gives atan2(-w1, w2) mod 180. Returns NaN if ``y`` contains one class only.
+    """
+    y = np.asarray(y).astype(bool).reshape(-1)
+    if y.all() or not y.any():
+        return math.nan
+    z = (
+        np.column_stack([np.asarray(n1, dtype=np.float64), np.asarray(n2, dtype=np.float64)]) - CENTRE
+    ) / CENTRE
+    _, w = fit_logistic(z, y, C=C)
+    # The truth's normal for angle theta is (-sin, cos) pointing into class 0,
+    # so invert that parametrisation.
+    angle = math.degrees(math.atan2(-w[0], w[1])) % 180.0
+    # A tiny negative atan2 result can round to exactly 180.0 after the modulo.
+    return 0.0 if angle >= 180.0 else angle
+
+
+def angle_error(estimated: float, true: float) -> float:
+    """Return estimated - true wrapped into (-90, 90] degrees (angles are axial, period 180)."""
+    return 90.0 - ((90.0 - (estimated - true)) % 180.0)
+
+
+def roc_auc(score: npt.ArrayLike, positive: npt.ArrayLike) -> float:
+    """Return ROC AUC of ``score`` for the ``positive`` class via Mann-Whitney U.
+
+    Ties get average ranks, so a tied positive/negative pair counts 1/2.
+    NaN if either class is absent.
+    """
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    positive = np.asarray(positive).astype(bool).reshape(-1)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    # 1-based average rank of each distinct value: last position of its run minus half its extent.
+    ends = np.cumsum(counts)
+    avg_rank = ends - (counts - 1) / 2.0
+    rank_sum = float(np.sum(avg_rank[inverse.reshape(-1)][positive]))
+    u = rank_sum - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def expected_calibration_error(
+    confidence: npt.ArrayLike, correct: npt.ArrayLike, n_bins: int = ECE_BINS
+) -> float:
+    """Return ECE over ``n_bins`` equal-width confidence bins on [0, 1].
+
+    Bin b is [b/n_bins, (b+1)/n_bins); a confidence of exactly 1 goes into the
+    last bin. ECE = sum_b (n_b / N) * |acc_b - conf_b|; NaN if there are no points.
+    """
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    correct_f = np.asarray(correct, dtype=np.float64).reshape(-1)
+    if len(conf) == 0:
+        return math.nan
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, n_bins - 1)
+    n_b = np.bincount(bins, minlength=n_bins)
+    # Sum of |sum(acc) - sum(conf)| per bin / N equals sum_b (n_b/N)|acc_b - conf_b|.
+    gap = np.bincount(bins, weights=correct_f, minlength=n_bins) - np.bincount(
+        bins, weights=conf, minlength=n_bins
+    )
+    return float(np.sum(np.abs(gap[n_b > 0])) / len(conf))
+
+
+def _mean_or_nan(values: np.ndarray) -> float:
+    """Mean of ``values`` as a float, NaN for an empty array (without numpy's warning)."""
+    return float(np.mean(values)) if len(values) else math.nan
+
+
+def _check_columns(scores: pd.DataFrame, columns: Sequence[str]) -> None:
+    """Raise ValueError naming any missing columns."""
+    missing = [c for c in columns if c not in scores.columns]
+    if missing:
+        raise ValueError(f"scores table is missing columns: {missing}")
+
+
+def _score_margin(scores: pd.DataFrame) -> FloatArray:
+    """Return d = lp_0 - lp_1, rejecting NaN or +inf log-probs."""
+    lp_0 = scores["lp_0"].to_numpy(dtype=np.float64)
+    lp_1 = scores["lp_1"].to_numpy(dtype=np.float64)
+    for name, lp in (("lp_0", lp_0), ("lp_1", lp_1)):
+        n_bad = int(np.count_nonzero(np.isnan(lp) | (lp == np.inf)))
+        if n_bad:
+            raise ValueError(f"{name} has {n_bad} NaN or +inf log-probabilities")
+    d = lp_0 - lp_1
+    if np.isnan(d).any():
+        # Only -inf - -inf gets here: the model gave both labels zero probability.
+        raise ValueError("lp_0 and lp_1 are both -inf for some points; d = lp_0 - lp_1 is undefined")
+    return d
+
+
+def decision_field(scores: pd.DataFrame) -> FloatArray:
+    """Return p(first label) = sigmoid(lp_0 - lp_1) on the lattice.
+
+    Shape is (len(unique n1), len(unique n2)); ``field[i, j]`` is the point
+    (n1_values[i], n2_values[j]) with values sorted ascending.
+    """
+    _check_columns(scores, ("n1", "n2", "lp_0", "lp_1"))
+    d = _score_margin(scores)
+    n1_values, n2_values, i1, i2 = lattice_index(scores["n1"].to_numpy(), scores["n2"].to_numpy())
+    return _to_grid(sigmoid(d), i1, i2, (len(n1_values), len(n2_values)))
+
+
+def _prediction_metrics(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    labelled: np.ndarray,
+    holdout: np.ndarray,
+    grid_index: tuple[np.ndarray, np.ndarray, tuple[int, int]],
+    n1: np.ndarray,
+    n2: np.ndarray,
+    angle: float,
+) -> tuple[float, float, float, float, float]:
+    """Return (accuracy, holdout_accuracy, smoothness, inferred_angle, angle_error) for one prediction."""
+    correct = pred == truth
+    i1, i2, shape = grid_index
+    inferred = fit_angle(n1, n2, pred == 0)
+    return (
+        _mean_or_nan(correct[labelled]),
+        _mean_or_nan(correct[holdout]),
+        smoothness(_to_grid(pred, i1, i2, shape)),
+        inferred,
+        angle_error(inferred, angle),
+    )
+
+
+def compute_metrics(scores: pd.DataFrame, angle: float) -> dict[str, float]:
+    """Compute all SPEC §5 metrics for one scored lattice and true boundary angle (degrees).
+
+    Returns a dict with keys ``METRIC_NAMES`` in order; counts are ints.
+    Raises ValueError on missing columns, truth outside {-1, 0, 1}, an angle
+    outside [0, 180), NaN log-probs, or an incomplete/duplicated lattice.
+    """
+    _check_columns(scores, REQUIRED_COLUMNS)
+    if len(scores) == 0:
+        raise ValueError("scores table is empty")
+    angle = float(angle)
+    if not 0.0 <= angle < 180.0:
+        raise ValueError(f"angle must be in [0, 180) degrees, got {angle}")
+    truth = scores["truth"].to_numpy()
+    bad = np.setdiff1d(pd.unique(truth), [-1, 0, 1])
+    if len(bad):
+        raise ValueError(f"truth must be -1, 0 or 1, got {bad.tolist()[0]!r}")
+    truth = truth.astype(np.int64)
+    d = _score_margin(scores)
+    n1 = scores["n1"].to_numpy()
+    n2 = scores["n2"].to_numpy()
+    n1_values, n2_values, i1, i2 = lattice_index(n1, n2)
+    grid_index = (i1, i2, (len(n1_values), len(n2_values)))
+
+    labelled = truth != -1
+    holdout = labelled & ~scores["is_exemplar"].to_numpy(dtype=bool)
+    pred = predict(d)
+    # Confidence of the predicted label: max(p0, 1 - p0) = sigmoid(|d|).
+    conf = sigmoid(np.abs(d))
+    lp_0 = scores["lp_0"].to_numpy(dtype=np.float64)
+    lp_1 = scores["lp_1"].to_numpy(dtype=np.float64)
+    # -log p(truth): truth 0 -> -log sigmoid(d); truth 1 -> -log sigmoid(-d).
+    signed = np.where(truth == 0, d, -d)
+
+    acc, hold_acc, smooth, inferred, err = _prediction_metrics(
+        pred, truth, labelled, holdout, grid_index, n1, n2, angle
+    )
+    cal_acc, cal_hold_acc, cal_smooth, cal_inferred, cal_err = _prediction_metrics(
+        calibrated_predict(d), truth, labelled, holdout, grid_index, n1, n2, angle
+    )
+    metrics: dict[str, float] = {
+        "accuracy": acc,
+        "holdout_accuracy": hold_acc,
+        "confidence": float(np.mean(conf)),
+        "label_mass": float(np.mean(np.exp(lp_0) + np.exp(lp_1))),
+        "smoothness": smooth,
+        "inferred_angle": inferred,
+        "angle_error": err,
+        "ece": expected_calibration_error(conf[labelled], (pred == truth)[labelled]),
+        "log_loss": _mean_or_nan(-_log_sigmoid(signed[labelled])),
+        "auc": roc_auc(d[labelled], truth[labelled] == 0),
+        "cal_accuracy": cal_acc,
+        "cal_holdout_accuracy": cal_hold_acc,
+        "cal_smoothness": cal_smooth,
+        "cal_inferred_angle": cal_inferred,
+        "cal_angle_error": cal_err,
+        "n_points": len(scores),
+        "n_boundary": int(np.count_nonzero(~labelled)),
+        "n_holdout": int(np.count_nonzero(holdout)),
+    }
+    assert tuple(metrics) == METRIC_NAMES
+    return metrics

@@ -1,0 +1,42 @@
+"""Metrics over a run directory, from stored scores alone (no model needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from iclsft.evaluate.metrics import METRIC_NAMES, compute_metrics
+from iclsft.store import RunDir, atomic_write_bytes, parquet_bytes
+
+KEY_COLUMNS = ["task", "angle", "method", "shots", "seed", "order", "model", "dtype", "condition"]
+
+
+def condition_metrics(scores: pd.DataFrame, row: dict) -> dict:
+    """One metrics row: the condition's key columns, then every metric of SPEC §5."""
+    return {**{k: row[k] for k in KEY_COLUMNS}, **compute_metrics(scores, angle=row["angle"])}
+
+
+def recompute_metrics(run: str | Path, *, verify: bool = True) -> pd.DataFrame:
+    """Recompute metrics of every finished condition from its scores; write RUN/metrics.parquet."""
+    rundir = RunDir(run)
+    if not (rundir.path / "spec.json").is_file():
+        raise FileNotFoundError(f"{str(run)!r} is not a run directory (no spec.json)")
+    rows = []
+    for cdir, _, record in rundir.finished():
+        if verify:
+            rundir.verify(cdir, record)
+        scores = pd.read_parquet(cdir / "scores.parquet")
+        rows.append(condition_metrics(scores, record))
+    table = pd.DataFrame(rows, columns=KEY_COLUMNS + list(METRIC_NAMES))
+    table = table.sort_values(["task", "angle", "method", "order", "seed", "shots"]).reset_index(drop=True)
+    atomic_write_bytes(rundir.path / "metrics.parquet", parquet_bytes(table))
+    return table
+
+
+def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:
+    """A compact text table for the terminal."""
+    columns = columns or ["angle", "method", "shots", "seed", "accuracy", "holdout_accuracy", "auc",
+                          "cal_accuracy", "confidence", "label_mass", "smoothness", "inferred_angle"]
+    shown = table[[c for c in columns if c in table.columns]].copy()
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")

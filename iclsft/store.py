@@ -1,0 +1,169 @@
+"""The run directory (SPEC §10): one frozen spec, per-condition artifacts, records written last.
+
+    RUN/spec.json                       the frozen run spec
+    RUN/record.json                     run status, timings, version
+    RUN/metrics.parquet                 one row per finished condition
+    RUN/conditions/<name>/condition.json   the fields hashed into the condition id
+    RUN/conditions/<name>/scores.parquet   per-query n1, n2, truth, lp_0, lp_1, is_exemplar
+    RUN/conditions/<name>/exemplars.parquet  the exemplars in prompt order (pair, n1, n2, truth)
+    RUN/conditions/<name>/field.npy        decision field p(first label) on the query lattice
+    RUN/conditions/<name>/record.json      status, timings, and size + sha256 of each file above
+
+Every file is written to a temporary name and renamed into place; a condition's record is written
+after its files and lists their sizes and checksums, so a condition counts as finished only when
+its record says "ok" and every file still matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from iclsft import __version__
+from iclsft.spec import Condition
+
+
+class SpecMismatchError(ValueError):
+    """The run directory holds results of a different spec."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def parquet_bytes(table: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    table.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _digest(data: bytes) -> dict[str, Any]:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+class RunDir:
+    """A run directory bound to one spec."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # -- spec ---------------------------------------------------------------------------------
+    def open(self, spec) -> None:
+        """Create the directory and freeze `spec` in it, or check that it holds the same spec."""
+        spec_file = self.path / "spec.json"
+        identity = spec.identity()
+        if spec_file.exists():
+            try:
+                stored = json.loads(spec_file.read_text())
+            except json.JSONDecodeError as e:
+                raise SpecMismatchError(f"{spec_file} is not valid JSON ({e}); use a new --out directory") from e
+            stored_identity = {k: v for k, v in stored.items() if k != "engine"}
+            if stored_identity != identity:
+                changed = sorted(k for k in set(identity) | set(stored_identity)
+                                 if identity.get(k) != stored_identity.get(k))
+                raise SpecMismatchError(
+                    f"{self.path} already holds a run with a different spec (differs in: {', '.join(changed)}); "
+                    "rerun the same command to resume it, or choose another --out directory"
+                )
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(spec_file, spec.model_dump(mode="json"))
+        except OSError as e:
+            raise OSError(f"cannot write to output directory {str(self.path)!r}: {e.strerror or e}") from e
+
+    def spec_json(self) -> dict:
+        return json.loads((self.path / "spec.json").read_text())
+
+    # -- run record ---------------------------------------------------------------------------
+    def write_run_record(self, status: str, **fields: Any) -> None:
+        record = {"status": status, "version": __version__, "host": socket.gethostname(),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+        atomic_write_json(self.path / "record.json", record)
+
+    # -- conditions ---------------------------------------------------------------------------
+    def condition_dir(self, cond: Condition) -> Path:
+        return self.path / "conditions" / cond.dirname
+
+    def is_done(self, cond: Condition) -> bool:
+        """True when the condition's record says ok and every listed file matches its size."""
+        record = self.read_record(self.condition_dir(cond))
+        if not record or record.get("status") != "ok" or record.get("condition") != cond.id:
+            return False
+        for name, info in record.get("files", {}).items():
+            f = self.condition_dir(cond) / name
+            if not f.is_file() or f.stat().st_size != info["bytes"]:
+                return False
+        return True
+
+    @staticmethod
+    def read_record(cdir: Path) -> dict | None:
+        try:
+            return json.loads((cdir / "record.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_condition(self, cond: Condition, files: dict[str, bytes], **fields: Any) -> None:
+        """Write a finished condition: its files first, then its record (status ok) last."""
+        cdir = self.condition_dir(cond)
+        atomic_write_json(cdir / "condition.json", {"id": cond.id, **cond.model_dump(mode="json")})
+        digests = {}
+        for name, data in files.items():
+            atomic_write_bytes(cdir / name, data)
+            digests[name] = _digest(data)
+        self._write_condition_record(cond, "ok", files=digests, **fields)
+
+    def write_condition_error(self, cond: Condition, message: str, **fields: Any) -> None:
+        atomic_write_json(self.condition_dir(cond) / "condition.json", {"id": cond.id, **cond.model_dump(mode="json")})
+        self._write_condition_record(cond, "error", error=message, **fields)
+
+    def _write_condition_record(self, cond: Condition, status: str, **fields: Any) -> None:
+        record = {"status": status, "condition": cond.id, **cond.row(), "version": __version__,
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+        atomic_write_json(self.condition_dir(cond) / "record.json", record)
+
+    def finished(self) -> list[tuple[Path, dict, dict]]:
+        """(directory, condition.json, record) of every condition whose record says ok."""
+        out = []
+        for cdir in sorted((self.path / "conditions").glob("*/")):
+            record = self.read_record(cdir)
+            if record and record.get("status") == "ok":
+                out.append((cdir, json.loads((cdir / "condition.json").read_text()), record))
+        return out
+
+    def verify(self, cdir: Path, record: dict) -> None:
+        """Check every file of a finished condition against the checksum in its record."""
+        for name, info in record.get("files", {}).items():
+            data = (cdir / name).read_bytes()
+            if hashlib.sha256(data).hexdigest() != info["sha256"]:
+                raise ValueError(f"{cdir / name} does not match the checksum in its record; delete {cdir} and rerun")
