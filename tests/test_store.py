@@ -1,0 +1,348 @@
+"""The run store (SPEC §10, STYLE 1–2): atomic writes, one frozen spec per run directory, condition
+records written last, and condition ids that hash exactly what determines a result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iclsft import store
+from iclsft.spec import Condition, EngineSpec, IclRunSpec, ModelSpec, TaskSpec, TemplateSpec
+from iclsft.store import RunDir, SpecMismatchError, atomic_write_bytes, atomic_write_json
+
+MODEL = ModelSpec(name="tiny", fingerprint="0123456789abcdef")
+
+
+def run_spec(**overrides) -> IclRunSpec:
+    fields = {"tasks": (TaskSpec(angle=45.0, grid_step=10),), "model": MODEL, "shots": (1, 2)}
+    return IclRunSpec(**{**fields, **overrides})
+
+
+def condition(**overrides) -> Condition:
+    fields = {
+        "task": TaskSpec(angle=30.0),
+        "template": TemplateSpec(),
+        "model": MODEL,
+        "method": "icl",
+        "shots": 5,
+        "seed": 0,
+        "order": "random",
+        "dtype": "float32",
+    }
+    return Condition(**{**fields, **overrides})
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# -- atomic writes -----------------------------------------------------------------------------
+
+
+def test_atomic_write_creates_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "sub" / "data.bin"
+    atomic_write_bytes(target, b"first")
+    assert target.read_bytes() == b"first"
+    atomic_write_bytes(target, b"second, longer")
+    assert target.read_bytes() == b"second, longer"
+    assert listing(target.parent) == ["data.bin"]
+
+
+def test_atomic_write_json_round_trips(tmp_path):
+    target = tmp_path / "r.json"
+    atomic_write_json(target, {"status": "ok", "n": 3, "path": Path("/x")})
+    assert json.loads(target.read_text()) == {"status": "ok", "n": 3, "path": "/x"}
+    assert listing(tmp_path) == ["r.json"]
+
+
+def test_atomic_write_failing_rename_keeps_old_content(tmp_path, monkeypatch):
+    target = tmp_path / "data.bin"
+    atomic_write_bytes(target, b"old content")
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_bytes(target, b"new content that never lands")
+    assert target.read_bytes() == b"old content"
+    assert listing(tmp_path) == ["data.bin"]  # the temp file was removed
+
+
+def test_atomic_write_failing_midway_through_write_keeps_old_content(tmp_path, monkeypatch):
+    """The write itself dies after half the bytes: the target must still hold the old bytes."""
+    target = tmp_path / "data.bin"
+    atomic_write_bytes(target, b"old content")
+    real_fdopen = os.fdopen
+    written = []
+
+    class HalfWriter:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+            return False
+
+        def write(self, data):
+            self.fh.write(data[: len(data) // 2])
+            self.fh.flush()
+            written.append(len(data) // 2)
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="Input/output error"):
+        atomic_write_bytes(target, b"0123456789" * 10)
+    assert written, "the patched writer was not used"
+    assert target.read_bytes() == b"old content"
+    assert listing(tmp_path) == ["data.bin"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_atomic_write_interrupted_keeps_old_content(tmp_path, monkeypatch):
+    """Ctrl-C between write and rename (a BaseException, not an Exception) also cleans up."""
+    target = tmp_path / "data.bin"
+    atomic_write_bytes(target, b"old")
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert listing(tmp_path) == ["data.bin"]
+
+
+# -- RunDir.open: one frozen spec per directory -------------------------------------------------
+
+
+def test_open_fresh_dir_writes_spec(tmp_path):
+    run = RunDir(tmp_path / "run")
+    spec = run_spec()
+    run.open(spec)
+    stored = json.loads((tmp_path / "run" / "spec.json").read_text())
+    assert stored == spec.model_dump(mode="json")
+    assert IclRunSpec.model_validate(stored) == spec  # the stored spec round-trips exactly
+    assert run.spec_json() == stored
+
+
+def test_open_again_with_equal_spec_passes_and_keeps_file(tmp_path):
+    run = RunDir(tmp_path)
+    run.open(run_spec())
+    before = (tmp_path / "spec.json").read_bytes()
+    RunDir(tmp_path).open(run_spec(shots=(2, 1, 1)))  # normalised to (1, 2): the same spec
+    assert (tmp_path / "spec.json").read_bytes() == before
+
+
+def test_open_with_different_shots_names_the_field(tmp_path):
+    RunDir(tmp_path).open(run_spec())
+    before = (tmp_path / "spec.json").read_bytes()
+    with pytest.raises(SpecMismatchError, match="different spec") as info:
+        RunDir(tmp_path).open(run_spec(shots=(1, 2, 5)))
+    assert "shots" in str(info.value)
+    assert "tasks" not in str(info.value) and "model" not in str(info.value)
+    assert (tmp_path / "spec.json").read_bytes() == before
+    assert isinstance(info.value, ValueError)  # the CLI turns ValueErrors into one clear line
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"tasks": (TaskSpec(angle=46.0, grid_step=10),)}, "tasks"),
+        ({"model": ModelSpec(name="tiny", fingerprint="fedcba9876543210")}, "model"),
+        ({"template": TemplateSpec(header="Classify:\n")}, "template"),
+        ({"seeds": (0, 1)}, "seeds"),
+        ({"dtype": "bfloat16"}, "dtype"),
+        ({"order": "12"}, "order"),
+    ],
+)
+def test_open_with_other_differences_names_them(tmp_path, change, field):
+    RunDir(tmp_path).open(run_spec())
+    with pytest.raises(SpecMismatchError, match=rf"differs in: {field}\)"):
+        RunDir(tmp_path).open(run_spec(**change))
+
+
+def test_open_ignores_engine_transport_knobs(tmp_path):
+    RunDir(tmp_path).open(run_spec())
+    RunDir(tmp_path).open(run_spec(engine=EngineSpec(token_budget=64, threads=1)))  # no error
+    assert RunDir(tmp_path).spec_json()["engine"]["token_budget"] == 1024  # first spec stays frozen
+
+
+def test_open_on_corrupt_spec_is_a_clear_error(tmp_path):
+    (tmp_path / "spec.json").write_text("{not json")
+    with pytest.raises(SpecMismatchError, match="not valid JSON"):
+        RunDir(tmp_path).open(run_spec())
+
+
+# -- condition records --------------------------------------------------------------------------
+
+FILES = {"scores.parquet": b"s" * 100, "field.npy": b"\x93NUMPY" + bytes(range(50))}
+
+
+@pytest.fixture
+def written(tmp_path):
+    run = RunDir(tmp_path)
+    run.open(run_spec())
+    cond = run_spec().conditions()[0]
+    run.write_condition(cond, FILES, seconds=1.5)
+    return run, cond
+
+
+def test_write_condition_then_done(written):
+    run, cond = written
+    assert run.is_done(cond)
+    cdir = run.condition_dir(cond)
+    assert sorted(p.name for p in cdir.iterdir()) == ["condition.json", "field.npy", "record.json",
+                                                       "scores.parquet"]
+    record = json.loads((cdir / "record.json").read_text())
+    assert record["status"] == "ok" and record["condition"] == cond.id and record["seconds"] == 1.5
+    for name, data in FILES.items():
+        assert (cdir / name).read_bytes() == data
+        assert record["files"][name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert json.loads((cdir / "condition.json").read_text())["id"] == cond.id
+    assert [c[0] for c in run.finished()] == [cdir]
+    run.verify(cdir, record)  # no error
+
+
+def test_other_condition_is_not_done(written):
+    run, cond = written
+    other = run_spec().conditions()[1]
+    assert other.id != cond.id
+    assert not run.is_done(other)
+
+
+@pytest.mark.parametrize("new_size", [0, 50, 101])
+def test_changed_file_size_is_not_done(written, new_size):
+    run, cond = written
+    (run.condition_dir(cond) / "scores.parquet").write_bytes(b"s" * new_size)
+    assert not run.is_done(cond)
+
+
+def test_missing_file_or_record_is_not_done(written):
+    run, cond = written
+    (run.condition_dir(cond) / "field.npy").unlink()
+    assert not run.is_done(cond)
+    run.write_condition(cond, FILES)
+    assert run.is_done(cond)
+    (run.condition_dir(cond) / "record.json").unlink()
+    assert not run.is_done(cond)
+
+
+def test_corrupt_record_is_not_done(written):
+    run, cond = written
+    (run.condition_dir(cond) / "record.json").write_text('{"status": "ok", "condi')
+    assert not run.is_done(cond)
+
+
+def test_error_record_is_not_done(tmp_path):
+    run = RunDir(tmp_path)
+    run.open(run_spec())
+    cond = run_spec().conditions()[0]
+    run.write_condition_error(cond, "RuntimeError: out of memory")
+    record = run.read_record(run.condition_dir(cond))
+    assert record["status"] == "error" and record["error"] == "RuntimeError: out of memory"
+    assert not run.is_done(cond)
+    assert run.finished() == []
+
+
+def test_error_record_after_ok_record_is_not_done(written):
+    run, cond = written
+    run.write_condition_error(cond, "ValueError: boom")
+    assert not run.is_done(cond)
+
+
+def test_verify_catches_flipped_byte_of_equal_size(written):
+    run, cond = written
+    cdir = run.condition_dir(cond)
+    f = cdir / "field.npy"
+    data = bytearray(f.read_bytes())
+    data[10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    record = run.read_record(cdir)
+    assert run.is_done(cond)  # is_done checks sizes only (cheap); verify checks contents
+    with pytest.raises(ValueError, match="field.npy does not match the checksum"):
+        run.verify(cdir, record)
+
+
+def test_run_record(tmp_path):
+    run = RunDir(tmp_path)
+    run.open(run_spec())
+    run.write_run_record("running", todo=2)
+    run.write_run_record("ok", failed=0)
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["status"] == "ok" and record["failed"] == 0 and "todo" not in record
+    assert record["version"]
+
+
+# -- condition ids ------------------------------------------------------------------------------
+
+# Pinned: a change of this value without a HASH_VERSION bump would silently orphan finished runs.
+EXPECTED_ID = "v1-e96d0de473666843"
+
+
+def test_condition_id_format_and_pinned_value():
+    cid = condition().id
+    assert re.fullmatch(r"v1-[0-9a-f]{16}", cid)
+    assert cid == EXPECTED_ID
+
+
+def test_condition_id_stable_across_processes():
+    code = "from tests.test_store import condition; print(condition().id)"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=Path(__file__).parent.parent)
+    assert out.stdout.strip() == EXPECTED_ID
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"task": TaskSpec(angle=31.0)},
+        {"task": TaskSpec(angle=30.0, labels=(" Rud", " Baz"))},
+        {"task": TaskSpec(angle=30.0, labels=(" Foo", " Rud"))},
+        {"task": TaskSpec(angle=30.0, swap_labels=True)},
+        {"task": TaskSpec(angle=30.0, grid_step=10)},
+        {"shots": 6},
+        {"seed": 1},
+        {"order": "12"},
+        {"dtype": "bfloat16"},
+        {"method": "lora"},
+        {"template": TemplateSpec(exemplar="{x1} {x2} ->{label}\n\n")},
+        {"template": TemplateSpec(exemplar="{x1},{x2}:{label}\n", query="{x1},{x2}:")},
+        {"template": TemplateSpec(header="Label each pair.\n")},
+        {"template": TemplateSpec(bos="always")},
+        {"model": ModelSpec(name="tiny", fingerprint="0123456789abcdee")},
+        {"model": ModelSpec(name="other", fingerprint="0123456789abcdef")},
+    ],
+    ids=lambda c: "-".join(f"{k}" for k in c) + "-" + re.sub(r"\W+", "_", str(next(iter(c.values()))))[:40],
+)
+def test_condition_id_changes_with_result_fields(change):
+    assert condition(**change).id != condition().id
+    assert condition(**change).dirname != condition().dirname
+
+
+def test_condition_ids_ignore_engine_spec():
+    a = run_spec().conditions()
+    b = run_spec(engine=EngineSpec(token_budget=16, threads=3)).conditions()
+    assert [c.id for c in a] == [c.id for c in b]
+    assert len({c.id for c in a}) == len(a) == 2
+
+
+def test_spec_conditions_cover_the_grid():
+    spec = run_spec(tasks=(TaskSpec(angle=0.0), TaskSpec(angle=90.0)), shots=(5, 1), seeds=(0, 1))
+    conds = spec.conditions()
+    assert len(conds) == len({c.id for c in conds}) == 8
+    assert {(c.task.angle, c.shots, c.seed) for c in conds} == {
+        (a, k, s) for a in (0.0, 90.0) for k in (1, 5) for s in (0, 1)
+    }
