@@ -70,8 +70,9 @@ class PromptBuilder:
         ids = self.start()
         for a, b, y in zip(n1, n2, label):
             ids += self.exemplar(a, b, y)
-        if self.bos and ids.count(self.bos[0]) > 1:
-            raise ValueError("the prompt holds more than one BOS token; check the template header")
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and ids.count(bos) > 1:
+            raise ValueError(f"the prompt holds {ids.count(bos)} BOS tokens (at most one is allowed); check the header")
         return ids
 
     def text(self, ids: Sequence[int]) -> str:

@@ -46,7 +46,7 @@ class TemplateSpec(Frozen):
         if self.exemplar.count("{label}") != 1 or not self.exemplar.startswith(self.query + "{label}"):
             raise ValueError(
                 f"exemplar template {self.exemplar!r} must be the query template {self.query!r} "
-                "followed by '{label}' and a separator (e.g. '\\n')"
+                "followed by '{label}' and, optionally, a separator such as '\\n'"
             )
         if _fields(self.separator, "separator"):
             raise ValueError(f"the text after {{label}} in {self.exemplar!r} may not contain fields")

@@ -157,6 +157,11 @@ def test_query_order_and_duplicates(reference, tiny_model):
     np.testing.assert_allclose(got[len(queries) :], expected[[3, 3]], rtol=0, atol=TOL)
 
 
+def test_no_queries(tiny_model):
+    got = HFEngine(tiny_model, progress=False).score([5, 6, 7], [], [[389, 1437], [20729]])
+    assert got.shape == (0, 2)
+
+
 def test_labels_must_have_tokens(tiny_model):
     engine = HFEngine(tiny_model, progress=False)
     with pytest.raises(ValueError, match="at least one token"):

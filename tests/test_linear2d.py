@@ -235,9 +235,7 @@ def test_query_lattice_size(step, size):
     assert set(table["n1"]) == set(range(0, 100, step))
     assert set(table["n2"]) == set(range(0, 100, step))
     assert not table["is_exemplar"].any()
-    np.testing.assert_array_equal(
-        table["truth"].to_numpy(), truth(table.n1.to_numpy(), table.n2.to_numpy(), 30)
-    )
+    np.testing.assert_array_equal(table["truth"].to_numpy(), truth(table.n1.to_numpy(), table.n2.to_numpy(), 30))
 
 
 @pytest.mark.parametrize("step", [1, 5, 10])

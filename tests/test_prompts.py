@@ -144,23 +144,15 @@ def stream_text(shots: int) -> str:
 
 def test_header_holding_bos_with_bos_always_is_an_error(tok):
     b = builder(tok, header="<|im_start|>Classify.\n", bos="always")
-    with pytest.raises(ValueError, match="more than one BOS"):
+    with pytest.raises(ValueError, match="at most one is allowed"):
         stream_prefix(b, 2)
-    with pytest.raises(ValueError, match="more than one BOS"):
+    with pytest.raises(ValueError, match="at most one is allowed"):
         b.prefix([], [], [])
 
 
-@pytest.mark.xfail(
-    reason="BUG: PromptBuilder.prefix only counts BOS tokens when the builder itself adds one "
-    "(bos='always', or 'auto' on a BOS-adding tokenizer); with bos='never' (or 'auto' here) a header "
-    "holding two BOS tokens yields a prompt with two BOS, against SPEC §4 'At most one BOS'",
-    strict=True,
-    raises=pytest.fail.Exception,  # "DID NOT RAISE"
-)
 @pytest.mark.parametrize("bos", ["never", "auto"])
 def test_header_with_two_bos_is_an_error_whatever_the_bos_mode(tok, bos):
     b = builder(tok, header="<|im_start|><|im_start|>Classify.\n", bos=bos)
-    # today: no error, and stream_prefix(b, 2) holds two BOS tokens (ids 1, 1 at positions 0 and 1)
     with pytest.raises(ValueError, match="BOS"):
         stream_prefix(b, 2)
 
