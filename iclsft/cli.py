@@ -16,13 +16,19 @@ USER_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError, 
 
 
 def user_errors(fn):
-    """Turn bad input into one clear line and exit code 1, instead of a traceback."""
+    """Turn bad input (and failed conditions) into one clear line and exit code 1, not a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from pydantic import ValidationError
+
+        from iclsft.icl import ConditionsFailed
+
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
+        except ValidationError as e:  # a subclass of ValueError: give it the option name and value
+            raise click.ClickException(_validation_message(e)) from e
+        except (*USER_ERRORS, ConditionsFailed) as e:
             raise click.ClickException(str(e)) from e
 
     return wrapper
@@ -88,21 +94,16 @@ def main() -> None:
 def icl(angle, shots, seed, out, model, engine, dtype, labels, swap_labels, order_pattern, grid_step, header,
         exemplar_template, query_template, bos, token_budget, threads, quiet):
     """Score every grid query with ICL prompts of K exemplars per class."""
-    from pydantic import ValidationError
-
     from iclsft.evaluate.runs import format_table
     from iclsft.icl import make_icl_spec, run_icl
     from iclsft.spec import EngineSpec, TemplateSpec
 
-    try:
-        template = TemplateSpec(header=header, exemplar=exemplar_template, query=query_template, bos=bos)
-        spec, ref = make_icl_spec(
-            model=model, angles=angle, shots=shots, seeds=seed, labels=labels, swap_labels=swap_labels,
-            grid_step=grid_step, order=order_pattern, dtype=dtype, template=template,
-            engine=EngineSpec(name=engine, token_budget=token_budget, threads=threads),
-        )
-    except ValidationError as e:
-        raise click.ClickException(_validation_message(e)) from e
+    template = TemplateSpec(header=header, exemplar=exemplar_template, query=query_template, bos=bos)
+    spec, ref = make_icl_spec(
+        model=model, angles=angle, shots=shots, seeds=seed, labels=labels, swap_labels=swap_labels,
+        grid_step=grid_step, order=order_pattern, dtype=dtype, template=template,
+        engine=EngineSpec(name=engine, token_budget=token_budget, threads=threads),
+    )
     log = None if quiet else functools.partial(click.echo, err=True)
     table = run_icl(spec, out, ref, log=log, progress=not quiet)
     click.echo(format_table(table))
@@ -110,9 +111,14 @@ def icl(angle, shots, seed, out, model, engine, dtype, labels, swap_labels, orde
 
 
 def _validation_message(error) -> str:
+    """One line: which setting, what value, what is allowed (pydantic's own text)."""
     first = error.errors()[0]
     message = first.get("msg", str(error)).removeprefix("Value error, ")
-    return message
+    field = ".".join(str(part) for part in first.get("loc", ()) if not isinstance(part, int))
+    if first.get("type") == "value_error" or not field:
+        return message  # our own validators already name the value and the allowed range
+    option = "--" + field.split(".")[-1].replace("_", "-")
+    return f"{option} {first.get('input')!r} is not allowed: {message}"
 
 
 @main.command()

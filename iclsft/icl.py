@@ -22,6 +22,10 @@ from iclsft.tasks import linear2d
 Log = Callable[[str], None]
 
 
+class ConditionsFailed(RuntimeError):
+    """Some conditions of a run failed; each has an error record, the others finished."""
+
+
 def make_icl_spec(
     *,
     model: str = "smollm2-135m",
@@ -50,18 +54,18 @@ def make_icl_spec(
                 f"shot count {too_many[0]} is not allowed at angle {task.angle:g}: each class has "
                 f"{available} grid points off the boundary, so shots must be in 1..{available}"
             )
-    ref = resolve_model(model)
-    spec = IclRunSpec(
+    spec = IclRunSpec(  # validates every field before the model is touched
         tasks=tasks,
         template=template or TemplateSpec(),
-        model=ModelSpec(name=model, fingerprint=ref.fingerprint),
+        model=ModelSpec(name=model, fingerprint="unresolved"),
         shots=spec_shots,
         seeds=tuple(seeds),
         order=order,
         dtype=dtype,
         engine=engine or EngineSpec(),
     )
-    return spec, ref
+    ref = resolve_model(model)
+    return spec.model_copy(update={"model": ModelSpec(name=model, fingerprint=ref.fingerprint)}), ref
 
 
 def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None = None,
@@ -105,7 +109,10 @@ def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
     status = "ok" if not failed else "error"
     run.write_run_record(status, conditions=len(conditions), failed=failed, seconds=round(time.time() - started, 1))
     if failed:
-        raise RuntimeError(f"{failed} of {len(todo)} conditions failed; see their record.json under {run.path}")
+        raise ConditionsFailed(
+            f"{failed} of {len(todo)} conditions failed (their record.json under {run.path / 'conditions'} holds "
+            "the error); rerun the same command to retry them"
+        )
     return table
 
 

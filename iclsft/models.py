@@ -109,10 +109,10 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def fingerprint(path: Path) -> str:
-    """Content fingerprint of a model directory: config, tokenizer files, and a sample of each weight file.
+    """Content fingerprint of a model directory: config, tokenizer files and every weight file.
 
-    Weight files are identified by name, size and the hash of their first and last MiB: cheap for
-    multi-GB checkpoints, and any re-conversion or fine-tune changes them.
+    Weight files are hashed in full (sha256); the digests are cached by (path, size, mtime) under
+    $ICLSFT_HOME so that multi-GB checkpoints are read once, not at every run.
     """
     h = hashlib.sha256()
     for name in ("config.json", *TOKENIZER_FILES):
@@ -120,14 +120,28 @@ def fingerprint(path: Path) -> str:
         if f.is_file():
             h.update(name.encode() + b"\0" + f.read_bytes())
     for f in _weight_files(path):
-        size = f.stat().st_size
-        h.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(size - (1 << 20))
-                h.update(fh.read(1 << 20))
+        h.update(f"{f.name}\0{_cached_sha256(f)}\0".encode())
     return h.hexdigest()[:16]
+
+
+def _cached_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = iclsft_home() / "sha256-cache.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    if key not in cache:
+        cache[key] = _sha256(path)
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only home only costs re-hashing next time
+    return cache[key]
 
 
 def prepared_path(name: str) -> Path | None:

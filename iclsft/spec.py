@@ -113,7 +113,7 @@ class EngineSpec(Frozen):
 
     name: Literal["hf"] = "hf"
     token_budget: int = Field(default=1024, ge=16)
-    threads: int | None = None
+    threads: int | None = Field(default=None, ge=1)
 
 
 class IclRunSpec(Frozen):
@@ -139,6 +139,24 @@ class IclRunSpec(Frozen):
         if bad:
             raise ValueError(f"shot count {bad[0]} is not allowed: shots are per class and must be >= 1")
         return tuple(sorted(set(v)))
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("seeds must name at least one seed")
+        bad = [s for s in v if s < 0]
+        if bad:
+            raise ValueError(f"seed {bad[0]} is not allowed: seeds must be integers >= 0")
+        return tuple(sorted(set(v)))
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: tuple[TaskSpec, ...]) -> tuple[TaskSpec, ...]:
+        if not v:
+            raise ValueError("at least one task (angle) is needed")
+        unique = {t.model_dump_json(): t for t in v}  # repeated angles would compute one condition twice
+        return tuple(sorted(unique.values(), key=lambda t: t.angle))
 
     def identity(self) -> dict:
         """The fields that determine results (the engine's transport knobs left out)."""

@@ -32,6 +32,9 @@ import pandas as pd
 from iclsft import __version__
 from iclsft.spec import Condition
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 class SpecMismatchError(ValueError):
     """The run directory holds results of a different spec."""
@@ -41,6 +44,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

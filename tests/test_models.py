@@ -87,7 +87,8 @@ def test_valid_dir_resolves(home, tiny_model_dir):
     assert ref.path == Path(tiny_model_dir).resolve()
     assert len(ref.fingerprint) == 16 and int(ref.fingerprint, 16) >= 0
     assert resolve_model(str(tiny_model_dir)).fingerprint == ref.fingerprint  # stable
-    assert not home.exists()  # a local directory never touches the cache
+    # a local directory is not copied into the cache; only its weight digests are remembered
+    assert sorted(p.name for p in home.rglob("*")) == ["sha256-cache.json"]
 
 
 def test_fingerprint_is_content_not_location(tiny_model_dir, model_copy):
@@ -105,6 +106,16 @@ def test_fingerprint_changes_with_weights_of_equal_size(model_copy):
     data[8 + header_len + 1000] ^= 0x01
     f.write_bytes(bytes(data))
     assert f.stat().st_size == size
+    assert fingerprint(model_copy) != before
+
+
+def test_fingerprint_changes_with_a_byte_in_the_middle_of_the_weights(model_copy):
+    """Not just the ends of the file: a change deep inside a tensor changes the fingerprint."""
+    before = fingerprint(model_copy)
+    f = weight_file(model_copy)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
     assert fingerprint(model_copy) != before
 
 

@@ -348,9 +348,6 @@ def test_spec_conditions_cover_the_grid():
     }
 
 
-@pytest.mark.xfail(reason="BUG: IclRunSpec dedupes shots but not seeds or tasks: --angle 45,45 --seed 0,0 "
-                   "gives 4 copies of one condition, all computed (the same directory written 4 times)",
-                   strict=True)
 def test_spec_conditions_are_unique():
     try:
         spec = run_spec(tasks=(TaskSpec(angle=45.0), TaskSpec(angle=45.0)), shots=(1,), seeds=(0, 0))
