@@ -107,7 +107,7 @@ def markdown(results: dict) -> str:
         f"### ICL scoring throughput, {results['date']} ({results['model']}, {results['threads']} threads, "
         f"{results['queries']} queries, token budget {results['token_budget']})",
         "",
-        f"Measured matmul peak: fp32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s. "
+        f"Measured matmul peak: fp32 {peak['float32']:.1f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s. "
         f"Naive loop timed on {results['naive_sample']} queries and extrapolated.",
         "",
         "| engine | dtype | K | prefix tokens | queries/s | 10k grid (s) | vs naive | nodes/query | GFLOP/s "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import string
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -116,10 +116,9 @@ class EngineSpec(Frozen):
     threads: int | None = Field(default=None, ge=1)
 
 
-class IclRunSpec(Frozen):
-    """Everything a `iclsft-eval icl` run computes."""
+class RunSpecBase(Frozen):
+    """Fields every arm shares: what is learned (tasks, stream) and how it is shown (template, model)."""
 
-    kind: Literal["icl"] = "icl"
     hash_version: str = HASH_VERSION
     tasks: tuple[TaskSpec, ...]
     template: TemplateSpec = TemplateSpec()
@@ -129,6 +128,8 @@ class IclRunSpec(Frozen):
     order: str = "random"
     dtype: Literal["float32", "bfloat16"] = "float32"
     engine: EngineSpec = EngineSpec()
+
+    TRANSPORT: ClassVar[set[str]] = {"engine"}
 
     @field_validator("shots")
     @classmethod
@@ -159,24 +160,94 @@ class IclRunSpec(Frozen):
         return tuple(sorted(unique.values(), key=lambda t: t.angle))
 
     def identity(self) -> dict:
-        """The fields that determine results (the engine's transport knobs left out)."""
-        return self.model_dump(mode="json", exclude={"engine"})
+        """The fields that determine results (transport knobs left out)."""
+        return self.model_dump(mode="json", exclude=self.TRANSPORT)
+
+    def _condition(self, task: TaskSpec, k: int, seed: int, method: str, **extra) -> Condition:
+        return Condition(task=task, template=self.template, model=self.model, method=method, shots=k,
+                         seed=seed, order=self.order, dtype=self.dtype, **extra)
+
+
+class IclRunSpec(RunSpecBase):
+    """Everything a `iclsft-eval icl` run computes."""
+
+    kind: Literal["icl"] = "icl"
+
+    @property
+    def arm(self) -> str:
+        return "icl"
+
+    def conditions(self) -> list[Condition]:
+        return [self._condition(task, k, seed, "icl") for task in self.tasks for seed in self.seeds for k in self.shots]
+
+
+SFT_METHODS = ("lora", "full", "full-frozen-unembed")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class SftSpec(Frozen):
+    """Training hyper-parameters (SPEC §6). Everything here is hashed into the adapter's identity."""
+
+    method: Literal["lora", "full", "full-frozen-unembed"] = "lora"
+    lr: float = Field(default=1e-3, gt=0)
+    epochs: int = Field(default=5, ge=1)
+    min_steps: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=8, ge=1)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    @model_validator(mode="after")
+    def _lora_fields(self) -> SftSpec:
+        if self.method != "lora" and (self.lora_r, self.lora_alpha, self.lora_dropout, self.target_modules) != (
+            8, 16.0, 0.0, DEFAULT_TARGETS
+        ):
+            raise ValueError(f"LoRA settings apply to method 'lora' only, not {self.method!r}")
+        return self
+
+
+class ExecutorSpec(Frozen):
+    """Where trainings run (transport: not part of any identity)."""
+
+    name: Literal["ray", "local"] = "ray"
+    ray_address: str | None = None
+    cpus_per_task: int = Field(default=1, ge=1)
+    max_retries: int = Field(default=2, ge=0)
+
+
+class SftRunSpec(RunSpecBase):
+    """Everything a `iclsft-eval sft` run computes: one model per (task, K, seed), scored zero-shot."""
+
+    kind: Literal["sft"] = "sft"
+    sft: SftSpec = SftSpec()
+    checkpoints: tuple[float, ...] = (1.0,)
+    executor: ExecutorSpec = ExecutorSpec()
+
+    TRANSPORT: ClassVar[set[str]] = {"engine", "executor"}
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _checkpoints(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [f for f in v if not 0 < f <= 1]
+        if not v or bad:
+            raise ValueError(f"checkpoint fractions {v!r} must lie in (0, 1] (e.g. 0.25,0.5,1)")
+        return tuple(sorted(set(float(f) for f in v)))
+
+    @property
+    def arm(self) -> str:
+        return f"sft-{self.sft.method}"
 
     def conditions(self) -> list[Condition]:
         return [
-            Condition(
-                task=task,
-                template=self.template,
-                model=self.model,
-                method="icl",
-                shots=k,
-                seed=seed,
-                order=self.order,
-                dtype=self.dtype,
-            )
+            self._condition(task, k, seed, self.sft.method, sft=self.sft, checkpoint=f)
             for task in self.tasks
             for seed in self.seeds
             for k in self.shots
+            for f in self.checkpoints
         ]
 
 
@@ -191,17 +262,21 @@ class Condition(Frozen):
     seed: int
     order: str
     dtype: str
+    sft: SftSpec | None = None
+    checkpoint: float | None = None  # fraction of training, for SFT conditions
 
     @property
     def id(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # None fields are left out, so adding optional fields never changes existing ids
+        blob = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
         return f"{HASH_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
     @property
     def dirname(self) -> str:
         """Readable and unique: the hash keeps conditions that differ elsewhere apart."""
         angle = f"{self.task.angle:g}"
-        return f"{self.task.name}-a{angle}-{self.method}-K{self.shots}-s{self.seed}-{self.id[-8:]}"
+        ckpt = f"-c{self.checkpoint:g}" if self.checkpoint is not None and self.checkpoint != 1.0 else ""
+        return f"{self.task.name}-a{angle}-{self.method}-K{self.shots}-s{self.seed}{ckpt}-{self.id[-8:]}"
 
     def row(self) -> dict:
         """The columns that identify this condition in result tables."""
@@ -215,4 +290,5 @@ class Condition(Frozen):
             "order": self.order,
             "model": self.model.name,
             "dtype": self.dtype,
+            "checkpoint": self.checkpoint,  # None for ICL
         }

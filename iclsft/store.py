@@ -1,6 +1,6 @@
 """The run directory (SPEC §10): one frozen spec, per-condition artifacts, records written last.
 
-    RUN/spec.json                       the frozen run spec
+    RUN/spec.json                       the frozen spec of each arm (icl, sft-lora, ...)
     RUN/record.json                     run status, timings, version
     RUN/metrics.parquet                 one row per finished condition
     RUN/conditions/<name>/condition.json   the fields hashed into the condition id
@@ -82,32 +82,61 @@ class RunDir:
         self.path = Path(path)
 
     # -- spec ---------------------------------------------------------------------------------
+    # spec.json holds one frozen spec per arm: {"arms": {"icl": {...}, "sft-lora": {...}}}. A run may
+    # gain arms (ICL first, SFT later, compared side by side), but all arms share model and template,
+    # and an arm once frozen never changes.
+    SHARED = ("model", "template")
+
     def open(self, spec) -> None:
-        """Create the directory and freeze `spec` in it, or check that it holds the same spec."""
+        """Create the directory and freeze `spec` as its arm, or check that the arm holds the same spec."""
         spec_file = self.path / "spec.json"
-        identity = spec.identity()
+        arms: dict = {}
         if spec_file.exists():
-            try:
-                stored = json.loads(spec_file.read_text())
-            except json.JSONDecodeError as e:
-                raise SpecMismatchError(f"{spec_file} is not valid JSON ({e}); use a new --out directory") from e
-            stored_identity = {k: v for k, v in stored.items() if k != "engine"}
-            if stored_identity != identity:
-                changed = sorted(k for k in set(identity) | set(stored_identity)
-                                 if identity.get(k) != stored_identity.get(k))
-                raise SpecMismatchError(
-                    f"{self.path} already holds a run with a different spec (differs in: {', '.join(changed)}); "
-                    "rerun the same command to resume it, or choose another --out directory"
-                )
-            return
+            arms = self._stored_arms(spec_file)
+            stored = arms.get(spec.arm)
+            if stored is not None:
+                stored_identity = {k: v for k, v in stored.items() if k not in spec.TRANSPORT}
+                identity = spec.identity()
+                if stored_identity != identity:
+                    changed = sorted(k for k in set(identity) | set(stored_identity)
+                                     if identity.get(k) != stored_identity.get(k))
+                    raise SpecMismatchError(
+                        f"{self.path} already holds a {spec.arm} run with a different spec (differs in: "
+                        f"{', '.join(changed)}); rerun the same command to resume it, or choose another --out"
+                    )
+                return
+            mine = spec.model_dump(mode="json")
+            for arm, other in arms.items():
+                differ = [k for k in self.SHARED if other.get(k) != mine.get(k)]
+                if differ:
+                    raise SpecMismatchError(
+                        f"{self.path} holds a {arm} run with a different {' and '.join(differ)}; the arms of one "
+                        "run must share model and template; choose another --out"
+                    )
+        arms[spec.arm] = spec.model_dump(mode="json")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(spec_file, spec.model_dump(mode="json"))
+            atomic_write_json(spec_file, {"arms": arms})
         except OSError as e:
             raise OSError(f"cannot write to output directory {str(self.path)!r}: {e.strerror or e}") from e
 
+    @staticmethod
+    def _stored_arms(spec_file: Path) -> dict:
+        try:
+            stored = json.loads(spec_file.read_text())
+        except json.JSONDecodeError as e:
+            raise SpecMismatchError(f"{spec_file} is not valid JSON ({e}); use a new --out directory") from e
+        if not isinstance(stored, dict) or not isinstance(stored.get("arms"), dict):
+            raise SpecMismatchError(
+                f"{spec_file} was not written by this version of iclsft-eval (no 'arms'); use a new --out directory"
+            )
+        return stored["arms"]
+
     def spec_json(self) -> dict:
         return json.loads((self.path / "spec.json").read_text())
+
+    def arm_spec(self, arm: str) -> dict | None:
+        return self.spec_json()["arms"].get(arm)
 
     # -- run record ---------------------------------------------------------------------------
     def write_run_record(self, status: str, **fields: Any) -> None:

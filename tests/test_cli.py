@@ -93,7 +93,7 @@ def test_run_prints_metrics_table(base_run):
 def test_run_dir_top_level(base_run, tiny_model_dir):
     out, _ = base_run
     assert {p.name for p in out.iterdir()} == {"spec.json", "record.json", "metrics.parquet", "conditions"}
-    spec = json.loads((out / "spec.json").read_text())
+    spec = json.loads((out / "spec.json").read_text())["arms"]["icl"]
     assert spec["kind"] == "icl" and spec["shots"] == [1, 2] and spec["seeds"] == [0]
     assert spec["tasks"] == [{"name": "linear2d", "angle": 45.0, "labels": [" Baz", " Rud"],
                               "swap_labels": False, "grid_step": 10}]
@@ -457,7 +457,7 @@ def test_json_labels_equal_word_labels(base_run, tmp_path, tiny_model_dir):
     result = icl(out, tiny_model_dir, "--labels", '[" Baz", " Rud"]')
     assert result.exit_code == 0, result.output
     assert "2 already finished, 0 to run" in result.stderr
-    assert json.loads((out / "spec.json").read_text())["tasks"][0]["labels"] == [" Baz", " Rud"]
+    assert json.loads((out / "spec.json").read_text())["arms"]["icl"]["tasks"][0]["labels"] == [" Baz", " Rud"]
 
 
 def test_labels_word_form_adds_a_leading_space(tmp_path, tiny_model_dir):
@@ -466,7 +466,7 @@ def test_labels_word_form_adds_a_leading_space(tmp_path, tiny_model_dir):
     result = invoke("icl", "--angle", "45", "--shots", "1", "--grid-step", "20", "--out", out,
                     "--model", tiny_model_dir, "--labels", " Foo , Bar")
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "spec.json").read_text())["tasks"][0]["labels"] == [" Foo", " Bar"]
+    assert json.loads((out / "spec.json").read_text())["arms"]["icl"]["tasks"][0]["labels"] == [" Foo", " Bar"]
     again = invoke("icl", "--angle", "45", "--shots", "1", "--grid-step", "20", "--out", out,
                    "--model", tiny_model_dir, "--labels", '["Foo", "Bar"]')
     assert again.exit_code != 0 and "different spec" in again.output and "tasks" in again.output
@@ -477,7 +477,7 @@ def test_swap_labels_flips_truth(base_run, tmp_path, tiny_model_dir):
     result = invoke("icl", "--angle", "45", "--shots", "1", "--grid-step", "10", "--out", out,
                     "--model", tiny_model_dir, "--swap-labels")
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "spec.json").read_text())["tasks"][0]["swap_labels"] is True
+    assert json.loads((out / "spec.json").read_text())["arms"]["icl"]["tasks"][0]["swap_labels"] is True
     plain = pd.read_parquet(condition_dirs(base_run[0])[1] / "scores.parquet")
     swapped = pd.read_parquet(condition_dirs(out)[1] / "scores.parquet")
     pd.testing.assert_frame_equal(plain[["n1", "n2"]], swapped[["n1", "n2"]])

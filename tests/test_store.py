@@ -132,9 +132,9 @@ def test_open_fresh_dir_writes_spec(tmp_path):
     spec = run_spec()
     run.open(spec)
     stored = json.loads((tmp_path / "run" / "spec.json").read_text())
-    assert stored == spec.model_dump(mode="json")
-    assert IclRunSpec.model_validate(stored) == spec  # the stored spec round-trips exactly
-    assert run.spec_json() == stored
+    assert stored == {"arms": {"icl": spec.model_dump(mode="json")}}
+    assert IclRunSpec.model_validate(stored["arms"]["icl"]) == spec  # the stored spec round-trips exactly
+    assert run.spec_json() == stored and run.arm_spec("icl") == stored["arms"]["icl"]
 
 
 def test_open_again_with_equal_spec_passes_and_keeps_file(tmp_path):
@@ -176,7 +176,30 @@ def test_open_with_other_differences_names_them(tmp_path, change, field):
 def test_open_ignores_engine_transport_knobs(tmp_path):
     RunDir(tmp_path).open(run_spec())
     RunDir(tmp_path).open(run_spec(engine=EngineSpec(token_budget=64, threads=1)))  # no error
-    assert RunDir(tmp_path).spec_json()["engine"]["token_budget"] == 1024  # first spec stays frozen
+    assert RunDir(tmp_path).arm_spec("icl")["engine"]["token_budget"] == 1024  # first spec stays frozen
+
+
+def test_open_on_spec_of_another_layout_is_a_clear_error(tmp_path):
+    (tmp_path / "spec.json").write_text('{"kind": "icl"}')
+    with pytest.raises(SpecMismatchError, match="not written by this version"):
+        RunDir(tmp_path).open(run_spec())
+
+
+def test_a_second_arm_joins_when_model_and_template_match(tmp_path):
+    from iclsft.spec import SftRunSpec
+
+    RunDir(tmp_path).open(run_spec())
+    icl = run_spec()
+    sft = SftRunSpec(tasks=icl.tasks, model=icl.model, template=icl.template, shots=(1,))
+    RunDir(tmp_path).open(sft)  # a new arm: accepted
+    assert set(RunDir(tmp_path).spec_json()["arms"]) == {"icl", "sft-lora"}
+    RunDir(tmp_path).open(sft)  # resuming it: accepted
+    with pytest.raises(SpecMismatchError, match="sft-lora run with a different spec"):
+        RunDir(tmp_path).open(sft.model_copy(update={"shots": (1, 2)}))
+    other_model = SftRunSpec(tasks=icl.tasks, model=ModelSpec(name="m", fingerprint="0" * 16),
+                             template=icl.template, shots=(1,), sft={"method": "full", "lr": 1e-5})
+    with pytest.raises(SpecMismatchError, match="different model"):
+        RunDir(tmp_path).open(other_model)
 
 
 def test_open_on_corrupt_spec_is_a_clear_error(tmp_path):

@@ -9,7 +9,7 @@ import pandas as pd
 from iclsft.evaluate.metrics import METRIC_NAMES, compute_metrics
 from iclsft.store import RunDir, atomic_write_bytes, parquet_bytes
 
-KEY_COLUMNS = ["task", "angle", "method", "shots", "seed", "order", "model", "dtype", "condition"]
+KEY_COLUMNS = ["task", "angle", "method", "shots", "seed", "checkpoint", "order", "model", "dtype", "condition"]
 
 
 def condition_metrics(scores: pd.DataFrame, row: dict) -> dict:
@@ -27,9 +27,10 @@ def recompute_metrics(run: str | Path, *, verify: bool = True) -> pd.DataFrame:
         if verify:
             rundir.verify(cdir, record)
         scores = pd.read_parquet(cdir / "scores.parquet")
-        rows.append(condition_metrics(scores, record))
+        rows.append(condition_metrics(scores, {"checkpoint": None, **record}))
     table = pd.DataFrame(rows, columns=KEY_COLUMNS + list(METRIC_NAMES))
-    table = table.sort_values(["task", "angle", "method", "order", "seed", "shots"]).reset_index(drop=True)
+    table = table.sort_values(["task", "angle", "method", "order", "seed", "shots", "checkpoint"],
+                              na_position="first").reset_index(drop=True)
     atomic_write_bytes(rundir.path / "metrics.parquet", parquet_bytes(table))
     return table
 
