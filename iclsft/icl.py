@@ -8,15 +8,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from iclsft.evaluate.metrics import compute_metrics, decision_field
 from iclsft.evaluate.runs import recompute_metrics
 from iclsft.models import ModelRef, resolve_model
 from iclsft.prompts import PromptBuilder
+from iclsft.scoring import check_shots, score_condition
 from iclsft.spec import EngineSpec, IclRunSpec, ModelSpec, TaskSpec, TemplateSpec
-from iclsft.store import RunDir, npy_bytes, parquet_bytes
+from iclsft.store import RunDir
 from iclsft.tasks import linear2d
 
 Log = Callable[[str], None]
@@ -45,20 +44,12 @@ def make_icl_spec(
         TaskSpec(angle=a, labels=tuple(labels), swap_labels=swap_labels, grid_step=grid_step) for a in angles
     )
     linear2d.check_order(order)
-    spec_shots = tuple(shots)
-    for task in tasks:
-        available = linear2d.max_shots(task)
-        too_many = [k for k in spec_shots if k > available]
-        if too_many:
-            raise ValueError(
-                f"shot count {too_many[0]} is not allowed at angle {task.angle:g}: each class has "
-                f"{available} grid points off the boundary, so shots must be in 1..{available}"
-            )
+    check_shots(tasks, shots)
     spec = IclRunSpec(  # validates every field before the model is touched
         tasks=tasks,
         template=template or TemplateSpec(),
         model=ModelSpec(name=model, fingerprint="unresolved"),
-        shots=spec_shots,
+        shots=tuple(shots),
         seeds=tuple(seeds),
         order=order,
         dtype=dtype,
@@ -90,7 +81,10 @@ def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
             for i, cond in enumerate(todo, 1):
                 t0 = time.time()
                 try:
-                    metrics = _run_condition(run, cond, builders[cond.task.labels], engine)
+                    builder = builders[cond.task.labels]
+                    exemplars = linear2d.exemplars(cond.task, cond.seed, cond.shots, cond.order)
+                    prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
+                    metrics = score_condition(run, cond, builder, engine, prefix, exemplars)
                 except (RuntimeError, ValueError, MemoryError) as e:
                     failed += 1
                     run.write_condition_error(cond, f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
@@ -123,25 +117,3 @@ def _make_engine(spec: IclRunSpec, ref: ModelRef):
     model, _ = load_model(ref, spec.dtype)
     options = {"token_budget": spec.engine.token_budget, "threads": spec.engine.threads}
     return make_engine(spec.engine.name, model, **options)
-
-
-def _run_condition(run: RunDir, cond, builder: PromptBuilder, engine) -> dict:
-    t0 = time.time()
-    exemplars = linear2d.exemplars(cond.task, cond.seed, cond.shots, cond.order)
-    prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
-    scores = linear2d.queries(cond.task, exemplars)
-    query_ids = builder.queries(scores.n1, scores.n2)
-    logprobs = engine.score(prefix, query_ids, builder.label_ids)
-    if not np.isfinite(logprobs).all():
-        raise RuntimeError(f"engine returned non-finite log-probs for {cond.dirname}")
-    scores["lp_0"] = logprobs[:, 0]
-    scores["lp_1"] = logprobs[:, 1]
-    metrics = compute_metrics(scores, angle=cond.task.angle)
-    files = {
-        "scores.parquet": parquet_bytes(scores),
-        "exemplars.parquet": parquet_bytes(exemplars),
-        "field.npy": npy_bytes(decision_field(scores).astype(np.float32)),
-    }
-    run.write_condition(cond, files, seconds=round(time.time() - t0, 2), prefix_tokens=len(prefix),
-                        queries=len(scores), metrics=metrics)
-    return metrics

@@ -210,6 +210,21 @@ class SftSpec(Frozen):
         return self
 
 
+# Defaults per method, from the sweep in docs/sft.md (benchmarks/sft_defaults.py).
+METHOD_DEFAULTS: dict[str, dict] = {
+    "lora": {"lr": 1e-3},
+    "full": {"lr": 1e-5},
+    "full-frozen-unembed": {"lr": 1e-5},
+}
+
+
+def sft_spec(method: str = "lora", **overrides) -> SftSpec:
+    """An SftSpec with the method's defaults, then the given overrides."""
+    if method not in METHOD_DEFAULTS:
+        raise ValueError(f"unknown SFT method {method!r}; choose one of {', '.join(METHOD_DEFAULTS)}")
+    return SftSpec(method=method, **{**METHOD_DEFAULTS[method], **overrides})
+
+
 class ExecutorSpec(Frozen):
     """Where trainings run (transport: not part of any identity)."""
 

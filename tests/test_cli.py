@@ -407,14 +407,14 @@ def test_token_budget_error_names_option_and_value(tmp_path, tiny_model_dir):
 def _failing_k2(monkeypatch):
     import iclsft.icl
 
-    real = iclsft.icl._run_condition
+    real = iclsft.icl.score_condition
 
-    def run_condition(run, cond, builder, engine):
+    def score_condition(run, cond, *args, **kwargs):
         if cond.shots == 2:
             raise RuntimeError("simulated out of memory")
-        return real(run, cond, builder, engine)
+        return real(run, cond, *args, **kwargs)
 
-    monkeypatch.setattr(iclsft.icl, "_run_condition", run_condition)
+    monkeypatch.setattr(iclsft.icl, "score_condition", score_condition)
 
 
 def test_failed_condition_is_recorded_and_retried(tmp_path, tiny_model_dir, monkeypatch):

@@ -25,6 +25,9 @@ class Engine(Protocol):
         adapter: str | None = None,
     ) -> np.ndarray: ...
 
+    def release(self, adapter: str | None) -> None:
+        """Free what the engine holds for `adapter` once its conditions are scored."""
+
 
 ENGINES = ("hf",)
 

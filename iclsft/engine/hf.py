@@ -16,6 +16,7 @@ How one `score` call works:
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -132,7 +133,9 @@ class HFEngine:
             from peft import PeftModel
         except ImportError as e:
             raise ImportError("scoring adapters needs peft: pip install 'iclsft-eval[sft]'") from e
-        key = "a" + hashlib.sha1(str(adapter).encode()).hexdigest()[:12]
+        key = self._key(adapter)
+        # peft calls a transformers property that warns about its own deprecation on every load
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if not isinstance(self.model, PeftModel):
             self.model = PeftModel.from_pretrained(self.base, adapter, adapter_name=key)
         elif key not in self.model.peft_config:
@@ -140,6 +143,24 @@ class HFEngine:
         self.model.set_adapter(key)
         self.model.eval()
         return key
+
+    @staticmethod
+    def _key(adapter: str) -> str:
+        return "a" + hashlib.sha1(str(adapter).encode()).hexdigest()[:12]
+
+    def release(self, adapter: str | None) -> None:
+        """Forget an adapter (its weights and its prefix cache): sweeps score hundreds of them."""
+        if adapter is None:
+            return
+        key = self._key(adapter)
+        self._prefix_kv.pop(key, None)
+        if self.model is self.base or key not in self.model.peft_config:
+            return
+        if len(self.model.peft_config) == 1:
+            self.base = self.model.unload()  # takes the LoRA layers out again; the base is untouched
+            self.model = self.base
+        else:
+            self.model.delete_adapter(key)
 
     def _context(self, key: str | None):
         from contextlib import nullcontext

@@ -35,9 +35,21 @@ def recompute_metrics(run: str | Path, *, verify: bool = True) -> pd.DataFrame:
     return table
 
 
+def compare_table(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Final checkpoints only, one row per (task, angle, order, seed, K), one column per (metric, method),
+    ICL first."""
+    unknown = [m for m in metrics if m not in table.columns]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRIC_NAMES)}")
+    final = table[table["checkpoint"].isna() | (table["checkpoint"] == 1.0)]
+    wide = final.pivot_table(index=["task", "angle", "order", "seed", "shots"], columns="method", values=metrics)
+    methods = sorted(final["method"].unique(), key=lambda m: (m != "icl", m))
+    return wide.reindex(columns=pd.MultiIndex.from_product([metrics, methods]))
+
+
 def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:
     """A compact text table for the terminal."""
-    columns = columns or ["angle", "method", "shots", "seed", "accuracy", "holdout_accuracy", "auc",
+    columns = columns or ["angle", "method", "shots", "seed", "checkpoint", "accuracy", "holdout_accuracy", "auc",
                           "cal_accuracy", "confidence", "label_mass", "smoothness", "inferred_angle"]
     shown = table[[c for c in columns if c in table.columns]].copy()
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")

@@ -1,0 +1,50 @@
+"""Scoring one condition and writing its artifacts: shared by the ICL and SFT arms."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from iclsft.evaluate.metrics import compute_metrics, decision_field
+from iclsft.prompts import PromptBuilder
+from iclsft.spec import Condition, TaskSpec
+from iclsft.store import RunDir, npy_bytes, parquet_bytes
+from iclsft.tasks import linear2d
+
+
+def check_shots(tasks: Sequence[TaskSpec], shots: Sequence[int]) -> None:
+    """Every shot count must fit the class pools of every task (before anything is written)."""
+    for task in tasks:
+        available = linear2d.max_shots(task)
+        too_many = [k for k in shots if k > available]
+        if too_many:
+            raise ValueError(
+                f"shot count {too_many[0]} is not allowed at angle {task.angle:g}: each class has "
+                f"{available} grid points off the boundary, so shots must be in 1..{available}"
+            )
+
+
+def score_condition(run: RunDir, cond: Condition, builder: PromptBuilder, engine, prefix: Sequence[int],
+                    exemplars: pd.DataFrame, adapter: str | None = None, **record: object) -> dict:
+    """Score every query of the condition's lattice after `prefix`, then write scores, exemplars,
+    decision field and the record (last). Returns the condition's metrics."""
+    t0 = time.time()
+    scores = linear2d.queries(cond.task, exemplars)
+    query_ids = builder.queries(scores.n1, scores.n2)
+    logprobs = engine.score(prefix, query_ids, builder.label_ids, adapter=adapter)
+    if not np.isfinite(logprobs).all():
+        raise RuntimeError(f"engine returned non-finite log-probs for {cond.dirname}")
+    scores["lp_0"] = logprobs[:, 0]
+    scores["lp_1"] = logprobs[:, 1]
+    metrics = compute_metrics(scores, angle=cond.task.angle)
+    files = {
+        "scores.parquet": parquet_bytes(scores),
+        "exemplars.parquet": parquet_bytes(exemplars),
+        "field.npy": npy_bytes(decision_field(scores).astype(np.float32)),
+    }
+    run.write_condition(cond, files, seconds=round(time.time() - t0, 2), prefix_tokens=len(prefix),
+                        queries=len(scores), metrics=metrics, **record)
+    return metrics

@@ -1,0 +1,94 @@
+"""Trained-model artifacts: content-hash names, atomic saves, vLLM compatibility.
+
+A checkpoint directory is named by the hash of everything that determines its weights: the base
+model's fingerprint, the exact training token ids (exemplars, template, labels, BOS, in order),
+the method and hyper-parameters, the seed and the fraction of training. It is written under a
+temporary name and renamed into place after its marker file, so a directory without the marker
+is never used, and a finished one is never trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from iclsft.spec import HASH_VERSION, SftSpec
+
+MARKER = "iclsft-adapter.json"
+ADAPTERS_DIR = "adapters"
+
+
+def training_key(base_fingerprint: str, examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+                 sft: SftSpec, seed: int) -> str:
+    """Identity of one training run (all its checkpoints)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": HASH_VERSION, "base": base_fingerprint, "sft": sft.model_dump(mode="json"),
+                         "seed": seed}, sort_keys=True).encode())
+    for prompt, label in examples:
+        h.update(json.dumps([list(map(int, prompt)), list(map(int, label))]).encode())
+    return h.hexdigest()
+
+
+def checkpoint_name(key: str, fraction: float) -> str:
+    return hashlib.sha256(f"{key}|{fraction:.6f}".encode()).hexdigest()[:20]
+
+
+def checkpoint_dir(run_path: Path, key: str, fraction: float) -> Path:
+    return Path(run_path) / ADAPTERS_DIR / checkpoint_name(key, fraction)
+
+
+def is_finished(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def read_marker(path: Path) -> dict:
+    return json.loads((Path(path) / MARKER).read_text())
+
+
+def save_checkpoint(model, path: Path, info: dict, tokenizer_dir: Path | None = None) -> Path:
+    """Save a peft adapter (LoRA) or full weights into `path`, atomically, marker last."""
+    path = Path(path)
+    if is_finished(path):
+        return path
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer_dir is not None:  # full models are served as model directories: give them a tokenizer
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        if (tmp / "adapter_config.json").is_file():
+            check_vllm_compatible(tmp)
+        (tmp / MARKER).write_text(json.dumps(info, indent=2, default=str))
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not is_finished(path):  # not another writer's finished copy: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def check_vllm_compatible(adapter_dir: Path) -> None:
+    """Refuse adapters that vLLM rejects or silently misreads (notes/vllm-facts.md §3)."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    problems = []
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save={config['modules_to_save']!r} (vLLM only supports None)")
+    if config.get("use_dora"):
+        problems.append("use_dora=True (vLLM has no DoRA)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            problems.append(f"{key}={config[key]!r} (vLLM drops per-layer patterns silently)")
+    if config.get("layers_to_transform") is not None:
+        problems.append("layers_to_transform is set (vLLM ignores it)")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias={config['bias']!r} (train with bias='none')")
+    if problems:
+        raise ValueError(f"adapter {adapter_dir} would not load correctly in vLLM: " + "; ".join(problems))

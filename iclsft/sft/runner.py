@@ -1,0 +1,235 @@
+"""The SFT arm: train one model per (task, K, seed) on Ray, score each as it arrives.
+
+The driver plans one training job per (task, seed, K), submits the jobs whose checkpoints are not
+all finished, and scores every finished checkpoint with the engine while the other jobs train.
+Only the driver writes records. A failed training is retried by Ray (bounded), then recorded as an
+error with its traceback for each of its conditions; the other conditions go on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from iclsft.evaluate.runs import recompute_metrics
+from iclsft.icl import ConditionsFailed
+from iclsft.models import ModelRef, resolve_model
+from iclsft.prompts import PromptBuilder
+from iclsft.scoring import check_shots, score_condition
+from iclsft.sft.adapters import checkpoint_dir, is_finished, training_key
+from iclsft.sft.train import TrainJob, train
+from iclsft.spec import EngineSpec, ExecutorSpec, ModelSpec, SftRunSpec, SftSpec, TaskSpec, TemplateSpec
+from iclsft.store import RunDir
+from iclsft.tasks import linear2d
+
+Log = Callable[[str], None]
+
+
+def make_sft_spec(
+    *,
+    model: str = "smollm2-135m",
+    angles: Sequence[float] = (45.0,),
+    shots: Sequence[int] = (1, 2, 5, 10),
+    seeds: Sequence[int] = (0,),
+    labels: tuple[str, str] = (" Baz", " Rud"),
+    swap_labels: bool = False,
+    grid_step: int = 1,
+    order: str = "random",
+    dtype: str = "float32",
+    template: TemplateSpec | None = None,
+    sft: SftSpec | None = None,
+    checkpoints: Sequence[float] = (1.0,),
+    engine: EngineSpec | None = None,
+    executor: ExecutorSpec | None = None,
+) -> tuple[SftRunSpec, ModelRef]:
+    """Validate the inputs, resolve the model, and build the frozen spec (nothing is written)."""
+    tasks = tuple(
+        TaskSpec(angle=a, labels=tuple(labels), swap_labels=swap_labels, grid_step=grid_step) for a in angles
+    )
+    linear2d.check_order(order)
+    check_shots(tasks, shots)
+    spec = SftRunSpec(
+        tasks=tasks, template=template or TemplateSpec(), model=ModelSpec(name=model, fingerprint="unresolved"),
+        shots=tuple(shots), seeds=tuple(seeds), order=order, dtype=dtype, sft=sft or SftSpec(),
+        checkpoints=tuple(checkpoints), engine=engine or EngineSpec(), executor=executor or ExecutorSpec(),
+    )
+    ref = resolve_model(model)
+    return spec.model_copy(update={"model": ModelSpec(name=model, fingerprint=ref.fingerprint)}), ref
+
+
+def plan_jobs(spec: SftRunSpec, run: RunDir, ref: ModelRef, builders: dict) -> tuple[list[TrainJob], dict]:
+    """One job per (task, seed, K) with unfinished conditions; and each condition's checkpoint dir."""
+    todo = [c for c in spec.conditions() if not run.is_done(c)]
+    groups: dict[tuple, list] = defaultdict(list)
+    for cond in todo:
+        groups[(cond.task, cond.seed, cond.shots)].append(cond)
+    jobs, where = [], {}
+    for (task, seed, k), conds in groups.items():
+        builder = builders[task.labels]
+        exemplars = linear2d.exemplars(task, seed, k, spec.order)
+        examples = training_examples(builder, exemplars)
+        key = training_key(ref.fingerprint, examples, spec.sft, seed)
+        checkpoints = [(c.checkpoint, str(checkpoint_dir(run.path, key, c.checkpoint))) for c in conds]
+        for c, (_, d) in zip(conds, checkpoints):
+            where[c.id] = (c, d, exemplars)
+        jobs.append(TrainJob(key=key, base_path=str(ref.path), examples=examples, sft=spec.sft, seed=seed,
+                             checkpoints=checkpoints, threads=spec.executor.cpus_per_task,
+                             meta={"conditions": [c.id for c in conds], "angle": task.angle, "shots": k}))
+    return jobs, where
+
+
+def training_examples(builder: PromptBuilder, exemplars: pd.DataFrame) -> list[tuple[list[int], list[int]]]:
+    """The 2K exemplars as (start + query ids, label ids): token for token the ICL prompt's exemplars."""
+    start = builder.start()
+    return [(start + builder.query(a, b), list(builder.label_ids[y]))
+            for a, b, y in zip(exemplars.n1, exemplars.n2, exemplars.truth)]
+
+
+def run_sft(spec: SftRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None = None,
+            progress: bool = True) -> pd.DataFrame:
+    """Run (or resume) every SFT condition of `spec` into the run directory `out`; return metrics."""
+    from transformers import AutoTokenizer
+
+    log = log or (lambda _msg: None)
+    tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    builders = {t.labels: PromptBuilder(tokenizer, spec.template, t.labels) for t in spec.tasks}
+    run = RunDir(out)
+    run.open(spec)
+    conditions = spec.conditions()
+    jobs, where = plan_jobs(spec, run, ref, builders)
+    to_train = [j for j in jobs if not all(is_finished(Path(d)) for _, d in j.checkpoints)]
+    log(f"{len(conditions)} conditions, {len(conditions) - len(where)} already finished; "
+        f"{len(to_train)} models to train, {len(jobs) - len(to_train)} reused")
+    started = time.time()
+    run.write_run_record("running", arm=spec.arm, conditions=len(conditions), todo=len(where))
+    failed = 0
+    scorer = _Scorer(spec, ref, progress)
+    try:
+        for job, result, error in _execute(jobs, spec.executor, log):
+            for cond_id in job.meta["conditions"]:
+                cond, ckpt, exemplars = where[cond_id]
+                if error is not None:
+                    failed += 1
+                    run.write_condition_error(cond, error.splitlines()[-1], traceback=error,
+                                              checkpoint_dir=Path(ckpt).name)
+                    log(f"training for {cond.dirname} FAILED: {error.splitlines()[-1]}")
+                    continue
+                try:
+                    builder = builders[cond.task.labels]
+                    metrics = scorer.score(run, cond, builder, ckpt, exemplars, result)
+                except (RuntimeError, ValueError, MemoryError, OSError) as e:
+                    failed += 1
+                    run.write_condition_error(cond, f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+                    log(f"scoring {cond.dirname} FAILED: {type(e).__name__}: {e}")
+                    continue
+                log(f"angle {cond.task.angle:g} K={cond.shots} seed {cond.seed} {cond.method} "
+                    f"ckpt {cond.checkpoint:g}: trained {result.get('seconds', 0):.0f} s, accuracy "
+                    f"{metrics['accuracy']:.3f}, auc {metrics['auc']:.3f}")
+    except BaseException as e:
+        run.write_run_record("interrupted", arm=spec.arm, error=f"{type(e).__name__}: {e}",
+                             seconds=time.time() - started)
+        raise
+    table = recompute_metrics(run.path)
+    run.write_run_record("ok" if not failed else "error", arm=spec.arm, conditions=len(conditions), failed=failed,
+                         seconds=round(time.time() - started, 1))
+    if failed:
+        raise ConditionsFailed(f"{failed} of {len(where)} conditions failed (their record.json under "
+                               f"{run.path / 'conditions'} holds the error); rerun the same command to retry them")
+    return table
+
+
+class _Scorer:
+    """Scores checkpoints with one engine: LoRA adapters on the shared base, full models one by one."""
+
+    def __init__(self, spec: SftRunSpec, ref: ModelRef, progress: bool):
+        self.spec, self.ref, self.progress = spec, ref, progress
+        self._engine = None
+
+    def _options(self) -> dict:
+        return {"token_budget": self.spec.engine.token_budget, "threads": self.spec.engine.threads,
+                "progress": self.progress}
+
+    def score(self, run: RunDir, cond, builder: PromptBuilder, ckpt: str, exemplars, result: dict) -> dict:
+        from iclsft.engine.base import make_engine
+        from iclsft.models import load_model
+
+        record = {"checkpoint_dir": Path(ckpt).name, "train_seconds": result.get("seconds"),
+                  "train_steps": result.get("steps"), "final_loss": (result.get("losses") or [None])[-1]}
+        if self.spec.sft.method == "lora":
+            if self._engine is None:
+                model, _ = load_model(self.ref, self.spec.dtype)
+                self._engine = make_engine(self.spec.engine.name, model, **self._options())
+            try:
+                return score_condition(run, cond, builder, self._engine, builder.start(), exemplars,
+                                       adapter=ckpt, **record)
+            finally:
+                self._engine.release(ckpt)
+        full = ModelRef(name=str(ckpt), path=Path(ckpt), fingerprint=Path(ckpt).name)
+        model, _ = load_model(full, self.spec.dtype)
+        engine = make_engine(self.spec.engine.name, model, **self._options())
+        return score_condition(run, cond, builder, engine, builder.start(), exemplars, **record)
+
+
+def _execute(jobs: list[TrainJob], executor: ExecutorSpec, log: Log):
+    """Yield (job, result, error traceback or None) as trainings finish."""
+    if not jobs:
+        return
+    pending = [j for j in jobs if not all(is_finished(Path(d)) for _, d in j.checkpoints)]
+    for job in jobs:  # nothing to train: score at once
+        if job not in pending:
+            yield job, {"seconds": 0.0, "losses": [], "trained": False}, None
+    if not pending:
+        return
+    if executor.name == "local":
+        for job in pending:
+            try:
+                yield job, train(job), None
+            except Exception:
+                yield job, {}, traceback.format_exc()
+        return
+    yield from _execute_ray(pending, executor, log)
+
+
+def _execute_ray(jobs: list[TrainJob], executor: ExecutorSpec, log: Log):
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError("the SFT arm runs trainings on Ray: pip install 'iclsft-eval[sft]' "
+                          "(or use --executor local)") from e
+    import torch
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        env = {k: v for k, v in os.environ.items() if k.startswith("ICLSFT_")}
+        if executor.ray_address:
+            ray.init(address=executor.ray_address, runtime_env={"env_vars": env}, log_to_driver=False)
+        else:
+            # keep one core for the driver, which scores finished models while the others train
+            cpus = max(1, (os.cpu_count() or 2) - 1)
+            ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+        log(f"ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+    gpus = 1 if torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    remote = ray.remote(num_cpus=executor.cpus_per_task, num_gpus=gpus, max_retries=executor.max_retries,
+                        retry_exceptions=True)(train)
+    refs = {remote.remote(job): job for job in jobs}
+    try:
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            job = refs.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except Exception as e:  # after Ray's bounded retries
+                yield job, {}, "".join(traceback.format_exception(e))
+                continue
+            yield job, result, None
+    finally:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()

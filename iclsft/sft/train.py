@@ -1,0 +1,164 @@
+"""The SFT recipe: one model trained from the base model on the 2K exemplars of shot count K.
+
+Plain function, no framework: AdamW, linear warmup then cosine decay, gradient clipping, loss on
+the label tokens only. The examples are visited in stream order, epoch after epoch (the same order
+the ICL prompt shows them in); a batch is the next `batch_size` examples of that order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iclsft.sft.adapters import is_finished, save_checkpoint
+from iclsft.spec import SftSpec
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything one training needs; picklable, so a Ray task can take it as is."""
+
+    key: str
+    base_path: str
+    examples: list[tuple[list[int], list[int]]]  # (prompt ids = start + query, label ids), in stream order
+    sft: SftSpec
+    seed: int
+    checkpoints: list[tuple[float, str]]  # (fraction of training, directory to save it in)
+    threads: int | None = None
+    meta: dict = field(default_factory=dict)  # carried through for the driver (condition names, ...)
+
+
+def total_steps(n_examples: int, sft: SftSpec) -> int:
+    per_epoch = math.ceil(n_examples / sft.batch_size)
+    return max(sft.min_steps, sft.epochs * per_epoch)
+
+
+def checkpoint_steps(total: int, fractions: Sequence[float]) -> dict[float, int]:
+    return {f: max(1, round(f * total)) for f in fractions}
+
+
+def batch_indices(step: int, n_examples: int, batch_size: int) -> list[int]:
+    """Examples of one step: consecutive in stream order, restarting at each epoch."""
+    per_epoch = math.ceil(n_examples / batch_size)
+    start = (step % per_epoch) * batch_size
+    return list(range(start, min(start + batch_size, n_examples)))
+
+
+def label_nll(model, batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> torch.Tensor:
+    """Mean over examples of -log p(label tokens | prompt): the exact quantity scoring reads."""
+    seqs = [list(p) + list(lab) for p, lab in batch]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):  # right padding: causal attention never looks at the pads
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    total = torch.zeros((), device=device)
+    for i, (prompt, label) in enumerate(batch):
+        rows = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(label), device=device)
+        total = total - logprobs[i, rows, torch.tensor(list(label), device=device)].sum()
+    return total / len(batch)
+
+
+def prepare_model(base_path: str, sft: SftSpec, seed: int):
+    """The base model made trainable as the method says."""
+    from transformers import AutoModelForCausalLM
+
+    seed_everything(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, attn_implementation="sdpa")
+    if torch.cuda.is_available():
+        model.to("cuda")
+    if sft.method == "lora":
+        import warnings
+
+        from peft import LoraConfig, get_peft_model
+
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+        config = LoraConfig(r=sft.lora_r, lora_alpha=sft.lora_alpha, lora_dropout=sft.lora_dropout,
+                            target_modules=list(sft.target_modules), bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    elif sft.method == "full-frozen-unembed":
+        # with tied embeddings these are one tensor; freezing both names covers untied models too
+        model.get_output_embeddings().weight.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(job: TrainJob) -> dict:
+    """Train, saving each requested checkpoint that is not already finished; return statistics."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    missing = [(f, d) for f, d in job.checkpoints if not is_finished(Path(d))]
+    started = time.time()
+    result = {"key": job.key, "checkpoints": {f: d for f, d in job.checkpoints}, "meta": job.meta,
+              "trained": bool(missing), "losses": [], "seconds": 0.0, "started": started, "pid": os.getpid()}
+    if not missing:
+        return result
+    _injected_fault(job)
+    sft = job.sft
+    model = prepare_model(job.base_path, sft, job.seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=sft.lr, weight_decay=sft.weight_decay)
+    steps = total_steps(len(job.examples), sft)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(sft.warmup_ratio * steps), steps)
+    save_at = {s: f for f, s in checkpoint_steps(steps, [f for f, _ in missing]).items()}
+    dirs = dict(missing)
+    last = max(save_at)
+    pad_id = 0
+    for step in range(last):
+        batch = [job.examples[i] for i in batch_indices(step, len(job.examples), sft.batch_size)]
+        loss = label_nll(model, batch, pad_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, sft.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        result["losses"].append(round(loss.item(), 6))
+        if step + 1 in save_at:
+            fraction = save_at[step + 1]
+            info = {"key": job.key, "fraction": fraction, "step": step + 1, "total_steps": steps,
+                    "method": sft.method, "sft": sft.model_dump(mode="json"), "seed": job.seed,
+                    "examples": len(job.examples), "base": job.base_path, "loss": result["losses"][-1],
+                    "seconds": round(time.time() - started, 2), **job.meta}
+            model.eval()
+            save_checkpoint(model, Path(dirs[fraction]), info,
+                            tokenizer_dir=None if sft.method == "lora" else Path(job.base_path))
+            model.train()
+    result["seconds"] = round(time.time() - started, 2)
+    result["finished"] = time.time()
+    result["steps"] = steps
+    return result
+
+
+def _injected_fault(job: TrainJob) -> None:
+    """Fault injection for the retry tests: with ICLSFT_FAULT_TRAIN_ONCE=DIR, the first attempt of each
+    training fails (a marker file in DIR remembers the attempt), the retry goes through."""
+    fault_dir = os.environ.get("ICLSFT_FAULT_TRAIN_ONCE")
+    if not fault_dir:
+        return
+    marker = Path(fault_dir) / f"attempted-{job.key[:16]}"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+        raise RuntimeError(f"injected fault: first attempt of training {job.key[:16]} fails")
