@@ -191,7 +191,7 @@ class SftSpec(Frozen):
     method: Literal["lora", "full", "full-frozen-unembed"] = "lora"
     lr: float = Field(default=1e-3, gt=0)
     epochs: int = Field(default=5, ge=1)
-    min_steps: int = Field(default=0, ge=0)
+    min_steps: int = Field(default=60, ge=0)  # small K: 2K examples x 5 epochs is only a few steps
     batch_size: int = Field(default=8, ge=1)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -213,8 +213,8 @@ class SftSpec(Frozen):
 # Defaults per method, from the sweep in docs/sft.md (benchmarks/sft_defaults.py).
 METHOD_DEFAULTS: dict[str, dict] = {
     "lora": {"lr": 1e-3},
-    "full": {"lr": 1e-5},
-    "full-frozen-unembed": {"lr": 1e-5},
+    "full": {"lr": 3e-5},
+    "full-frozen-unembed": {"lr": 3e-5},
 }
 
 

@@ -52,4 +52,6 @@ def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:
     columns = columns or ["angle", "method", "shots", "seed", "checkpoint", "accuracy", "holdout_accuracy", "auc",
                           "cal_accuracy", "confidence", "label_mass", "smoothness", "inferred_angle"]
     shown = table[[c for c in columns if c in table.columns]].copy()
+    if "checkpoint" in shown:  # ICL has no training checkpoint: show a blank, not None/NaN
+        shown["checkpoint"] = [("" if pd.isna(v) else f"{v:g}") for v in shown["checkpoint"]]
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")
