@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
 from iclsft.evaluate.runs import recompute_metrics
-from iclsft.models import ModelRef, resolve_model
+from iclsft.models import ModelRef
 from iclsft.prompts import PromptBuilder
-from iclsft.scoring import check_shots, score_condition
-from iclsft.spec import EngineSpec, IclRunSpec, ModelSpec, TaskSpec, TemplateSpec
+from iclsft.runspec import make_spec
+from iclsft.scoring import score_condition
+from iclsft.spec import IclRunSpec
 from iclsft.store import RunDir
 from iclsft.tasks import linear2d
 
@@ -25,38 +26,9 @@ class ConditionsFailed(RuntimeError):
     """Some conditions of a run failed; each has an error record, the others finished."""
 
 
-def make_icl_spec(
-    *,
-    model: str = "smollm2-135m",
-    angles: Sequence[float] = (45.0,),
-    shots: Sequence[int] = (1, 2, 5, 10),
-    seeds: Sequence[int] = (0,),
-    labels: tuple[str, str] = (" Baz", " Rud"),
-    swap_labels: bool = False,
-    grid_step: int = 1,
-    order: str = "random",
-    dtype: str = "float32",
-    template: TemplateSpec | None = None,
-    engine: EngineSpec | None = None,
-) -> tuple[IclRunSpec, ModelRef]:
-    """Validate the inputs, resolve the model, and build the frozen spec (nothing is written)."""
-    tasks = tuple(
-        TaskSpec(angle=a, labels=tuple(labels), swap_labels=swap_labels, grid_step=grid_step) for a in angles
-    )
-    linear2d.check_order(order)
-    check_shots(tasks, shots)
-    spec = IclRunSpec(  # validates every field before the model is touched
-        tasks=tasks,
-        template=template or TemplateSpec(),
-        model=ModelSpec(name=model, fingerprint="unresolved"),
-        shots=tuple(shots),
-        seeds=tuple(seeds),
-        order=order,
-        dtype=dtype,
-        engine=engine or EngineSpec(),
-    )
-    ref = resolve_model(model)
-    return spec.model_copy(update={"model": ModelSpec(name=model, fingerprint=ref.fingerprint)}), ref
+def make_icl_spec(**inputs) -> tuple[IclRunSpec, ModelRef]:
+    """Validate the inputs (see `iclsft.runspec.make_spec`), resolve the model, build the ICL spec."""
+    return make_spec(IclRunSpec, **inputs)
 
 
 def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None = None,

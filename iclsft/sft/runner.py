@@ -19,48 +19,23 @@ import pandas as pd
 
 from iclsft.evaluate.runs import recompute_metrics
 from iclsft.icl import ConditionsFailed
-from iclsft.models import ModelRef, resolve_model
+from iclsft.models import ModelRef
 from iclsft.prompts import PromptBuilder
-from iclsft.scoring import check_shots, score_condition
+from iclsft.runspec import make_spec
+from iclsft.scoring import score_condition
 from iclsft.sft.adapters import checkpoint_dir, is_finished, training_key
 from iclsft.sft.train import TrainJob, train
-from iclsft.spec import EngineSpec, ExecutorSpec, ModelSpec, SftRunSpec, SftSpec, TaskSpec, TemplateSpec
+from iclsft.spec import ExecutorSpec, SftRunSpec, SftSpec
 from iclsft.store import RunDir
 from iclsft.tasks import linear2d
 
 Log = Callable[[str], None]
 
 
-def make_sft_spec(
-    *,
-    model: str = "smollm2-135m",
-    angles: Sequence[float] = (45.0,),
-    shots: Sequence[int] = (1, 2, 5, 10),
-    seeds: Sequence[int] = (0,),
-    labels: tuple[str, str] = (" Baz", " Rud"),
-    swap_labels: bool = False,
-    grid_step: int = 1,
-    order: str = "random",
-    dtype: str = "float32",
-    template: TemplateSpec | None = None,
-    sft: SftSpec | None = None,
-    checkpoints: Sequence[float] = (1.0,),
-    engine: EngineSpec | None = None,
-    executor: ExecutorSpec | None = None,
-) -> tuple[SftRunSpec, ModelRef]:
-    """Validate the inputs, resolve the model, and build the frozen spec (nothing is written)."""
-    tasks = tuple(
-        TaskSpec(angle=a, labels=tuple(labels), swap_labels=swap_labels, grid_step=grid_step) for a in angles
-    )
-    linear2d.check_order(order)
-    check_shots(tasks, shots)
-    spec = SftRunSpec(
-        tasks=tasks, template=template or TemplateSpec(), model=ModelSpec(name=model, fingerprint="unresolved"),
-        shots=tuple(shots), seeds=tuple(seeds), order=order, dtype=dtype, sft=sft or SftSpec(),
-        checkpoints=tuple(checkpoints), engine=engine or EngineSpec(), executor=executor or ExecutorSpec(),
-    )
-    ref = resolve_model(model)
-    return spec.model_copy(update={"model": ModelSpec(name=model, fingerprint=ref.fingerprint)}), ref
+def make_sft_spec(*, sft: SftSpec | None = None, checkpoints: Sequence[float] = (1.0,),
+                  executor: ExecutorSpec | None = None, **inputs) -> tuple[SftRunSpec, ModelRef]:
+    """Validate the inputs (see `iclsft.runspec.make_spec`), resolve the model, build the SFT spec."""
+    return make_spec(SftRunSpec, sft=sft, checkpoints=tuple(checkpoints), executor=executor, **inputs)
 
 
 def plan_jobs(spec: SftRunSpec, run: RunDir, ref: ModelRef, builders: dict) -> tuple[list[TrainJob], dict]:
