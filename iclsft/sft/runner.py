@@ -23,7 +23,7 @@ from iclsft.models import ModelRef
 from iclsft.prompts import PromptBuilder
 from iclsft.runspec import make_spec
 from iclsft.scoring import score_condition
-from iclsft.sft.adapters import checkpoint_dir, is_finished, training_key
+from iclsft.sft.adapters import checkpoint_dir, is_finished, read_marker, training_key
 from iclsft.sft.train import TrainJob, train
 from iclsft.spec import ExecutorSpec, SftRunSpec, SftSpec
 from iclsft.store import RunDir
@@ -134,8 +134,10 @@ class _Scorer:
         from iclsft.engine.base import make_engine
         from iclsft.models import load_model
 
-        record = {"checkpoint_dir": Path(ckpt).name, "train_seconds": result.get("seconds"),
-                  "train_steps": result.get("steps"), "final_loss": (result.get("losses") or [None])[-1]}
+        marker = read_marker(Path(ckpt))  # this checkpoint's own step, loss and time, trained now or before
+        record = {"checkpoint_dir": Path(ckpt).name, "train_seconds": marker.get("seconds"),
+                  "train_steps": marker.get("step"), "total_steps": marker.get("total_steps"),
+                  "final_loss": marker.get("loss"), "trained_now": bool(result.get("trained"))}
         if self.spec.sft.method == "lora":
             if self._engine is None:
                 model, _ = load_model(self.ref, self.spec.dtype)

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,10 +105,6 @@ def seed_everything(seed: int) -> None:
 
 def train(job: TrainJob) -> dict:
     """Train, saving each requested checkpoint that is not already finished; return statistics."""
-    from transformers import get_cosine_schedule_with_warmup
-
-    if job.threads:
-        torch.set_num_threads(job.threads)
     missing = [(f, d) for f, d in job.checkpoints if not is_finished(Path(d))]
     started = time.time()
     result = {"key": job.key, "checkpoints": {f: d for f, d in job.checkpoints}, "meta": job.meta,
@@ -115,6 +112,19 @@ def train(job: TrainJob) -> dict:
     if not missing:
         return result
     _injected_fault(job)
+    threads_before = torch.get_num_threads()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    try:
+        _train_missing(job, missing, result, started)
+    finally:
+        torch.set_num_threads(threads_before)  # the local executor runs in the caller's process
+    return result
+
+
+def _train_missing(job: TrainJob, missing: list[tuple[float, str]], result: dict, started: float) -> None:
+    from transformers import get_cosine_schedule_with_warmup
+
     sft = job.sft
     model = prepare_model(job.base_path, sft, job.seed)
     model.train()
@@ -122,7 +132,9 @@ def train(job: TrainJob) -> dict:
     optimizer = torch.optim.AdamW(params, lr=sft.lr, weight_decay=sft.weight_decay)
     steps = total_steps(len(job.examples), sft)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(sft.warmup_ratio * steps), steps)
-    save_at = {s: f for f, s in checkpoint_steps(steps, [f for f, _ in missing]).items()}
+    save_at: dict[int, list[float]] = defaultdict(list)  # fractions may round to the same step
+    for fraction, at in checkpoint_steps(steps, [f for f, _ in missing]).items():
+        save_at[at].append(fraction)
     dirs = dict(missing)
     last = max(save_at)
     pad_id = 0
@@ -135,8 +147,7 @@ def train(job: TrainJob) -> dict:
         optimizer.step()
         scheduler.step()
         result["losses"].append(round(loss.item(), 6))
-        if step + 1 in save_at:
-            fraction = save_at[step + 1]
+        for fraction in save_at.get(step + 1, ()):
             info = {"key": job.key, "fraction": fraction, "step": step + 1, "total_steps": steps,
                     "method": sft.method, "sft": sft.model_dump(mode="json"), "seed": job.seed,
                     "examples": len(job.examples), "base": job.base_path, "loss": result["losses"][-1],
@@ -148,7 +159,6 @@ def train(job: TrainJob) -> dict:
     result["seconds"] = round(time.time() - started, 2)
     result["finished"] = time.time()
     result["steps"] = steps
-    return result
 
 
 def _injected_fault(job: TrainJob) -> None:

@@ -1,0 +1,153 @@
+"""The SFT arm on the Ray executor (tiny random Llama, real SmolLM2 tokenizer): trainings run in
+parallel worker processes, a pre-started cluster is reused, and a failed first attempt is retried.
+One local Ray cluster (2 CPUs) serves the module; the retry test lets run_sft start its own."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from iclsft.prompts import PromptBuilder
+from iclsft.sft.adapters import MARKER, read_marker
+from iclsft.sft.runner import make_sft_spec, plan_jobs, run_sft
+from iclsft.sft.train import train
+from iclsft.spec import ExecutorSpec, sft_spec
+from iclsft.store import RunDir
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("peft")
+
+SHOTS = (1, 2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _own_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ICLSFT_HOME", str(tmp_path / "iclsft-home"))
+    monkeypatch.delenv("ICLSFT_FAULT_TRAIN_ONCE", raising=False)
+
+
+@pytest.fixture(scope="module")
+def _ray_module():
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@ray.remote(num_cpus=1)
+def _warm_worker() -> int:
+    """Import what a training needs, and stay busy long enough that both CPUs get a worker."""
+    import time
+
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import iclsft.sft.train  # noqa: F401
+
+    time.sleep(1.0)
+    return os.getpid()
+
+
+@pytest.fixture
+def ray_cluster(_ray_module):
+    """A local 2-CPU cluster with two warm workers, started once (again only if a test shut it down)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.get([_warm_worker.remote() for _ in range(2)])
+    return ray
+
+
+def make_spec(model_dir, executor: ExecutorSpec, min_steps: int):
+    return make_sft_spec(model=str(model_dir), angles=(45.0,), shots=SHOTS, grid_step=10,
+                         sft=sft_spec("lora", lr=1e-2, epochs=1, min_steps=min_steps), executor=executor)
+
+
+def planned_jobs(spec, ref, run_path, tokenizer):
+    builders = {t.labels: PromptBuilder(tokenizer, spec.template, t.labels) for t in spec.tasks}
+    jobs, _ = plan_jobs(spec, RunDir(run_path), ref, builders)
+    return jobs
+
+
+def records(run: Path) -> dict[int, dict]:
+    out = {}
+    for cdir in (run / "conditions").iterdir():
+        record = json.loads((cdir / "record.json").read_text())
+        out[record["shots"]] = record
+    return out
+
+
+def overlap(intervals: list[tuple[float, float]]) -> bool:
+    return max(start for start, _ in intervals) < min(end for _, end in intervals)
+
+
+def test_run_sft_on_a_running_cluster_trains_in_parallel(ray_cluster, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    spec, ref = make_spec(tiny_model_dir, ExecutorSpec(), min_steps=40)
+    assert spec.executor.name == "ray"
+    logs: list[str] = []
+    table = run_sft(spec, out, ref, log=logs.append, progress=False)
+    assert "2 conditions, 0 already finished; 2 models to train" in logs[0]
+    assert not any(line.startswith("ray:") for line in logs)  # the running cluster was reused ...
+    assert ray.is_initialized()  # ... and left running
+    assert json.loads((out / "record.json").read_text())["status"] == "ok"
+    assert sorted(table["shots"]) == list(SHOTS)
+    recs = records(out)
+    assert all(r["status"] == "ok" and r["train_steps"] == 40 for r in recs.values())
+    # each marker records when its training saved (file time) and how long it had run (seconds)
+    intervals = []
+    for r in recs.values():
+        ckpt = out / "adapters" / r["checkpoint_dir"]
+        marker = read_marker(ckpt)
+        assert marker["step"] == 40 and marker["shots"] == r["shots"]
+        end = (ckpt / MARKER).stat().st_mtime
+        intervals.append((end - marker["seconds"], end))
+    assert overlap(intervals), intervals
+
+
+def test_trainings_run_in_different_workers_at_the_same_time(ray_cluster, tiny_model_dir, smollm_tokenizer,
+                                                            tmp_path):
+    spec, ref = make_spec(tiny_model_dir, ExecutorSpec(), min_steps=40)
+    jobs = planned_jobs(spec, ref, tmp_path / "run", smollm_tokenizer)
+    assert len(jobs) == 2
+    remote = ray.remote(num_cpus=1)(train)
+    results = ray.get([remote.remote(job) for job in jobs])
+    assert all(r["trained"] and len(r["losses"]) == 40 for r in results)
+    pids = {r["pid"] for r in results}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert overlap([(r["started"], r["finished"]) for r in results]), results
+    assert {r["key"] for r in results} == {job.key for job in jobs}
+
+
+def test_failed_first_attempts_are_retried(ray_cluster, tiny_model_dir, smollm_tokenizer, tmp_path, monkeypatch):
+    """Every training's first attempt fails (injected); Ray retries it, and the run succeeds. run_sft starts
+    Ray itself here, handing the ICLSFT_* variables to the workers, and shuts it down again."""
+    ray.shutdown()
+    fault_dir = tmp_path / "faults"
+    monkeypatch.setenv("ICLSFT_FAULT_TRAIN_ONCE", str(fault_dir))
+    out = tmp_path / "run"
+    spec, ref = make_spec(tiny_model_dir, ExecutorSpec(max_retries=1), min_steps=3)
+    keys = {job.key for job in planned_jobs(spec, ref, out, smollm_tokenizer)}
+    logs: list[str] = []
+    run_sft(spec, out, ref, log=logs.append, progress=False)
+    assert any(line.startswith("ray:") for line in logs), logs  # started here ...
+    assert not ray.is_initialized()  # ... and shut down
+    assert sorted(p.name for p in fault_dir.iterdir()) == sorted(f"attempted-{k[:16]}" for k in keys)
+    assert all(r["status"] == "ok" and r["train_steps"] == 3 for r in records(out).values())
+    assert json.loads((out / "record.json").read_text())["status"] == "ok"
+
+    again: list[str] = []
+    run_sft(spec, out, ref, log=again.append, progress=False)
+    assert "2 conditions, 2 already finished; 0 models to train, 0 reused" in again[0]
+    assert not any(line.startswith("ray:") for line in again)  # nothing to train: Ray is not even started
+    assert len(list(fault_dir.iterdir())) == 2
