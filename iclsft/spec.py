@@ -108,12 +108,36 @@ class ModelSpec(Frozen):
     fingerprint: str
 
 
-class EngineSpec(Frozen):
-    """Engine choice and transport knobs: none of these may change results beyond float noise."""
+ENGINES = ("hf", "vllm", "vllm-server")
 
-    name: Literal["hf"] = "hf"
+
+class EngineSpec(Frozen):
+    """Engine choice and transport knobs: none of these may change results beyond float noise.
+
+    `hf`: token_budget, threads. `vllm`: max_loras, max_lora_rank, block_size, gpu_memory_utilization,
+    kv_cache_gib (CPU). `vllm-server`: url, api_key (never stored), timeout, retries, concurrency."""
+
+    name: Literal["hf", "vllm", "vllm-server"] = "hf"
     token_budget: int = Field(default=1024, ge=16)
     threads: int | None = Field(default=None, ge=1)
+    max_loras: int = Field(default=1, ge=1)
+    max_lora_rank: int | None = Field(default=None, ge=1, le=512)
+    block_size: int | None = Field(default=None, ge=16)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    kv_cache_gib: float | None = Field(default=None, gt=0)
+    url: str | None = None
+    api_key: str | None = Field(default=None, exclude=True, repr=False)
+    timeout: float = Field(default=300.0, gt=0)
+    retries: int = Field(default=3, ge=0)
+    concurrency: int = Field(default=4, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineSpec:
+        if self.name == "vllm-server" and not self.url:
+            raise ValueError("the vllm-server engine needs the server's address: --vllm-url http://HOST:PORT")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"--vllm-url {self.url!r} must start with http:// or https://")
+        return self
 
 
 class RunSpecBase(Frozen):

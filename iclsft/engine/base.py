@@ -1,11 +1,15 @@
-"""The engine protocol: label log-probs for many queries that share one prefix."""
+"""The engine protocol: label log-probs for many queries that share one prefix; and the factory."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from iclsft.spec import ENGINES, EngineSpec
 
 
 class Engine(Protocol):
@@ -29,13 +33,47 @@ class Engine(Protocol):
         """Free what the engine holds for `adapter` once its conditions are scored."""
 
 
-ENGINES = ("hf",)
+def resolve_engine(name: str) -> str:
+    """`auto`: vLLM where it is installed and a GPU is present; else `hf`, which on CPUs is the faster
+    of the two by far (docs/benchmarks/vllm_vs_hf.md: vLLM's 128-token CPU cache blocks make it
+    recompute most of each query's tail, and it cannot share tokens between queries)."""
+    if name != "auto":
+        if name not in ENGINES:
+            raise ValueError(f"unknown engine {name!r}; available: auto, {', '.join(ENGINES)}")
+        return name
+    if importlib.util.find_spec("vllm") is None:
+        return "hf"
+    import torch
+
+    return "vllm" if torch.cuda.is_available() else "hf"
 
 
-def make_engine(name: str, model, **options) -> Engine:
-    """Build an engine by name around a loaded HF model (heavy imports stay lazy)."""
-    if name == "hf":
+def open_engine(engine: EngineSpec, model_path: str | Path, dtype: str = "float32", *, progress: bool = True,
+                lora_rank: int | None = None) -> Engine:
+    """Build the engine `engine.name` for the model directory `model_path` (heavy imports stay lazy).
+    `lora_rank`: the largest adapter rank it will be asked to score (None: base model only)."""
+    if engine.name == "hf":
         from iclsft.engine.hf import HFEngine
+        from iclsft.models import ModelRef, load_model
 
-        return HFEngine(model, **options)
-    raise ValueError(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
+        model, _ = load_model(ModelRef(name=str(model_path), path=Path(model_path), fingerprint=""), dtype)
+        return HFEngine(model, token_budget=engine.token_budget, threads=engine.threads, progress=progress)
+    if engine.name == "vllm":
+        from iclsft.engine.vllm_engine import VLLMEngine
+
+        rank = engine.max_lora_rank or lora_rank
+        return VLLMEngine(model_path, dtype=dtype, lora_rank=rank, max_loras=engine.max_loras,
+                          block_size=engine.block_size, gpu_memory_utilization=engine.gpu_memory_utilization,
+                          kv_cache_gib=engine.kv_cache_gib, progress=progress)
+    if engine.name == "vllm-server":
+        from iclsft.engine.vllm_server import VLLMServerEngine
+
+        return VLLMServerEngine(engine.url, api_key=engine.api_key, timeout=engine.timeout, retries=engine.retries,
+                                concurrency=engine.concurrency, progress=progress)
+    raise ValueError(f"unknown engine {engine.name!r}; available: {', '.join(ENGINES)}")
+
+
+def close_engine(engine) -> None:
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()

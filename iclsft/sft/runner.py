@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from iclsft.engine.base import close_engine, open_engine
 from iclsft.evaluate.runs import recompute_metrics
 from iclsft.icl import ConditionsFailed
 from iclsft.models import ModelRef
@@ -55,7 +56,8 @@ def plan_jobs(spec: SftRunSpec, run: RunDir, ref: ModelRef, builders: dict) -> t
             where[c.id] = (c, d, exemplars)
         jobs.append(TrainJob(key=key, base_path=str(ref.path), examples=examples, sft=spec.sft, seed=seed,
                              checkpoints=checkpoints, threads=spec.executor.cpus_per_task,
-                             meta={"conditions": [c.id for c in conds], "angle": task.angle, "shots": k}))
+                             meta={"conditions": [c.id for c in conds], "task": task.name, "angle": task.angle,
+                                   "shots": k}))
     return jobs, where
 
 
@@ -110,6 +112,8 @@ def run_sft(spec: SftRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
         run.write_run_record("interrupted", arm=spec.arm, error=f"{type(e).__name__}: {e}",
                              seconds=time.time() - started)
         raise
+    finally:
+        scorer.close()
     table = recompute_metrics(run.path)
     run.write_run_record("ok" if not failed else "error", arm=spec.arm, conditions=len(conditions), failed=failed,
                          seconds=round(time.time() - started, 1))
@@ -126,31 +130,35 @@ class _Scorer:
         self.spec, self.ref, self.progress = spec, ref, progress
         self._engine = None
 
-    def _options(self) -> dict:
-        return {"token_budget": self.spec.engine.token_budget, "threads": self.spec.engine.threads,
-                "progress": self.progress}
-
     def score(self, run: RunDir, cond, builder: PromptBuilder, ckpt: str, exemplars, result: dict) -> dict:
-        from iclsft.engine.base import make_engine
-        from iclsft.models import load_model
-
         marker = read_marker(Path(ckpt))  # this checkpoint's own step, loss and time, trained now or before
         record = {"checkpoint_dir": Path(ckpt).name, "train_seconds": marker.get("seconds"),
                   "train_steps": marker.get("step"), "total_steps": marker.get("total_steps"),
                   "final_loss": marker.get("loss"), "trained_now": bool(result.get("trained"))}
         if self.spec.sft.method == "lora":
             if self._engine is None:
-                model, _ = load_model(self.ref, self.spec.dtype)
-                self._engine = make_engine(self.spec.engine.name, model, **self._options())
+                self._engine = open_engine(self.spec.engine, self.ref.path, self.spec.dtype, progress=self.progress,
+                                           lora_rank=self.spec.sft.lora_r)
+                if hasattr(self._engine, "check_model"):
+                    self._engine.check_model(self.ref.path, self.ref.fingerprint)
             try:
                 return score_condition(run, cond, builder, self._engine, builder.start(), exemplars,
                                        adapter=ckpt, **record)
             finally:
                 self._engine.release(ckpt)
-        full = ModelRef(name=str(ckpt), path=Path(ckpt), fingerprint=Path(ckpt).name)
-        model, _ = load_model(full, self.spec.dtype)
-        engine = make_engine(self.spec.engine.name, model, **self._options())
-        return score_condition(run, cond, builder, engine, builder.start(), exemplars, **record)
+        if self.spec.engine.name == "vllm-server":
+            raise ValueError("the vllm-server engine scores LoRA adapters only; score full fine-tunes with "
+                             "--engine hf or vllm")
+        engine = open_engine(self.spec.engine, ckpt, self.spec.dtype, progress=self.progress)
+        try:
+            return score_condition(run, cond, builder, engine, builder.start(), exemplars, **record)
+        finally:
+            close_engine(engine)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            close_engine(self._engine)
+            self._engine = None
 
 
 def _execute(jobs: list[TrainJob], executor: ExecutorSpec, log: Log):

@@ -1,0 +1,189 @@
+"""Serving a run's adapters for ad-hoc queries: `iclsft-eval serve RUN` and `iclsft-eval query`.
+
+`serve` starts vLLM's OpenAI-compatible server for the run's base model with every finished LoRA
+checkpoint of the run registered under a readable name (`linear2d-a45-K10-lora-s0`, plus `-c0.5`
+for a checkpoint at half of training). It binds to 127.0.0.1 unless told otherwise; the API key
+travels in the environment (`VLLM_API_KEY`), never on the command line. Adapters come only from
+the run directory: runtime adapter loading stays off unless `--allow-adapter-loading` (which the
+`vllm-server` engine needs) is given.
+
+`query` builds the same token-id prompts as a run (the run's template and labels, one BOS at
+most) and prints both label probabilities for each input point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from iclsft.engine.vllm_engine import CPU_KV_CACHE_GIB
+from iclsft.sft.adapters import ADAPTERS_DIR, is_finished, read_marker
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    name: str
+    path: Path
+    rank: int
+
+
+def run_adapters(run_dir: str | Path) -> list[ServedAdapter]:
+    """Every finished LoRA checkpoint of a run, with a readable unique name."""
+    root = Path(run_dir) / ADAPTERS_DIR
+    found: list[tuple[str, Path, int]] = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not is_finished(path) or not (path / "adapter_config.json").is_file():
+            continue  # unfinished, or a full fine-tune (a model of its own, not an adapter)
+        m = read_marker(path)
+        name = f"{m.get('task', 'linear2d')}-a{m['angle']:g}-K{m['shots']}-{m['method']}-s{m['seed']}"
+        if m.get("fraction", 1.0) != 1.0:
+            name += f"-c{m['fraction']:g}"
+        rank = int(json.loads((path / "adapter_config.json").read_text()).get("r", 8))
+        found.append((name, path, rank))
+    counts: dict[str, int] = {}
+    for name, _, _ in found:
+        counts[name] = counts.get(name, 0) + 1
+    return [ServedAdapter(name if counts[name] == 1 else f"{name}-{path.name[:8]}", path, rank)
+            for name, path, rank in found]
+
+
+def run_base_model(run_dir: str | Path) -> tuple[dict, Path]:
+    """The run's spec (any arm; they share model and template) and its resolved base model directory."""
+    from iclsft.models import resolve_model
+
+    spec_file = Path(run_dir) / "spec.json"
+    if not spec_file.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no spec.json)")
+    arms = json.loads(spec_file.read_text())["arms"]
+    spec = next(iter(arms.values()))
+    ref = resolve_model(spec["model"]["name"])
+    if ref.fingerprint != spec["model"]["fingerprint"]:
+        raise ValueError(f"model {spec['model']['name']!r} has changed since the run was made "
+                         f"(fingerprint {ref.fingerprint}, run has {spec['model']['fingerprint']})")
+    return arms, ref.path
+
+
+def serve_command(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None,
+                  allow_adapter_loading: bool = False, max_lora_rank: int | None = None,
+                  extra: tuple[str, ...] = ()) -> tuple[list[str], list]:
+    """The `vllm serve` command line for a run, and the adapters it registers. `max_lora_rank`: the
+    largest rank of adapters loaded later at run time (default: the run's largest, at least 8)."""
+    arms, base = run_base_model(run_dir)
+    adapters = run_adapters(run_dir)
+    spec = next(iter(arms.values()))
+    cmd = [sys.executable, "-m", "iclsft.engine.vllm_cli", "serve", str(base), "--host", host,
+           "--port", str(port), "--served-model-name", spec["model"]["name"], "--dtype", dtype or spec["dtype"],
+           "--enable-prefix-caching"]
+    if adapters or allow_adapter_loading:
+        from iclsft.engine.reads import vllm_lora_rank
+
+        rank = max([a.rank for a in adapters] + [max_lora_rank or 8])
+        cmd += ["--enable-lora", "--max-lora-rank", str(vllm_lora_rank(rank)), "--max-loras", "1",
+                "--max-cpu-loras", str(max(4, len(adapters)))]
+        if adapters:
+            cmd += ["--lora-modules", *[f"{a.name}={a.path.resolve()}" for a in adapters]]
+    return cmd + list(extra), adapters
+
+
+def serve(run_dir: str | Path, *, host: str, port: int, api_key: str | None, allow_adapter_loading: bool,
+          dtype: str | None, extra: tuple[str, ...], echo, max_lora_rank: int | None = None) -> int:
+    """Run the server in the foreground (Ctrl-C stops it); return its exit code."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ModuleNotFoundError("serve needs vLLM: pip install 'iclsft-eval[cpu]' (CPU) or 'iclsft-eval[gpu]'")
+    cmd, adapters = serve_command(run_dir, host=host, port=port, dtype=dtype,
+                                  allow_adapter_loading=allow_adapter_loading, max_lora_rank=max_lora_rank,
+                                  extra=extra)
+    env = dict(os.environ)
+    env.pop("VLLM_API_KEY", None)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    if allow_adapter_loading:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if not _has_gpu():
+        # vLLM's CPU backend reserves half the machine's memory for its KV cache by default
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    echo(f"serving the base model of {run_dir} with {len(adapters)} adapter(s) at {url}:")
+    for a in adapters:
+        echo(f"  {a.name}")
+    key = " --api-key $KEY" if api_key else ""
+    example = adapters[0].name if adapters else "NAME"
+    echo(f"query it (once the server says it is ready, after a minute or two):\n"
+         f"  iclsft-eval query --url {url}{key} --run {run_dir} --adapter {example} 12 45\n"
+         f"  iclsft-eval query --url {url}{key} --icl {run_dir} --shots K 12 45")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        echo(f"WARNING: bound to {host} without --api-key: anyone who can reach this port can use the server")
+    return subprocess.call(cmd, env=env)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def query_points(url: str, points: list[tuple[int, int]], *, run_dir: str | Path | None = None,
+                 adapter: str | None = None, icl_run: str | Path | None = None, shots: int | None = None,
+                 angle: float | None = None, seed: int = 0, api_key: str | None = None) -> list[dict]:
+    """Both label probabilities for each point, from a running server (base model, adapter or ICL prompt)."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from iclsft.engine.vllm_server import VLLMServerEngine
+    from iclsft.prompts import PromptBuilder
+    from iclsft.spec import TaskSpec, TemplateSpec
+    from iclsft.tasks import linear2d
+
+    run = icl_run or run_dir
+    engine = VLLMServerEngine(url, api_key=api_key, retries=1, timeout=120, progress=False)
+    if run is not None:
+        arms, base = run_base_model(run)
+        spec = arms.get("icl") or next(iter(arms.values()))
+    else:
+        spec, base = None, _server_root(engine)
+    template = TemplateSpec(**spec["template"]) if spec else TemplateSpec()
+    tasks = [TaskSpec(**t) for t in spec["tasks"]] if spec else [TaskSpec(angle=angle or 45.0)]
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(base), template, tasks[0].labels)
+    prefix = builder.start()
+    if icl_run is not None:
+        if shots is None:
+            raise ValueError("--icl needs --shots K (exemplars per class)")
+        task = _pick_task(tasks, angle)
+        exemplars = linear2d.exemplars(task, seed, shots, spec.get("order", "random"))
+        prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
+    model = engine.base_model
+    if adapter is not None:
+        served = {m["id"] for m in engine.served_models()}
+        if adapter not in served:
+            raise ValueError(f"adapter {adapter!r} is not served at {url}; served: {', '.join(sorted(served))}")
+        model = adapter
+    lp = engine.score_served(model, prefix, [builder.query(a, b) for a, b in points], builder.label_ids)
+    labels = tasks[0].labels
+    return [{"n1": a, "n2": b, labels[0]: float(np.exp(row[0])), labels[1]: float(np.exp(row[1]))}
+            for (a, b), row in zip(points, lp)]
+
+
+def _pick_task(tasks, angle: float | None):
+    if angle is None:
+        if len(tasks) > 1:
+            raise ValueError(f"the run has several angles ({', '.join(f'{t.angle:g}' for t in tasks)}): "
+                             "choose one with --angle")
+        return tasks[0]
+    for t in tasks:
+        if t.angle == angle:
+            return t
+    raise ValueError(f"angle {angle:g} is not in the run (its angles: {', '.join(f'{t.angle:g}' for t in tasks)})")
+
+
+def _server_root(engine) -> Path:
+    root = next((m.get("root") for m in engine.served_models() if m["id"] == engine.base_model), None)
+    if not root or not Path(root).is_dir():
+        raise ValueError("the server's model is not a local directory: give --run RUN so the tokenizer and "
+                         "template can be found")
+    return Path(root)
