@@ -76,6 +76,9 @@ def run_options(fn):
                      help="Exemplar-stream seed(s), comma-separated."),
         click.option("--out", required=True, type=click.Path(path_type=Path),
                      help="Run directory (resumed if it exists; ICL and SFT arms may share one)."),
+        click.option("--task", type=click.Choice(["linear2d", "xor", "semantic"]), default="linear2d",
+                     show_default=True, help="xor: XOR of the boundaries at angle and angle+90; semantic: "
+                                             "n1, n2 written as adjectives of size (SPEC §2)."),
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="Known model name, local HF model directory, or hub id."),
         click.option("--engine", type=click.Choice(["auto", "hf", "vllm", "vllm-server"]), default="auto",
@@ -105,7 +108,8 @@ def run_options(fn):
                      help="Two labels: words (a leading space is added) or a JSON list of exact strings."),
         click.option("--swap-labels", is_flag=True, help="Give the first label to the negative side of the boundary."),
         click.option("--order-pattern", default="random", show_default=True,
-                     help="Exemplar order: 'random' or a label pattern over {1,2} such as 12, 1221, 12121221."),
+                     help="Exemplar order: 'random' or a label pattern over {1,2} such as 12, 1221, 12121221; "
+                          "comma-separated for several."),
         click.option("--grid-step", default=1, show_default=True,
                      help="Query every N-th value of n1 and n2 (1 = full grid)."),
         click.option("--header", default="", help="Instruction text before the exemplars (part of the template)."),
@@ -128,8 +132,9 @@ def _common(o: dict) -> dict:
     from iclsft.spec import EngineSpec, TemplateSpec
 
     return dict(
-        model=o["model"], angles=o["angle"], shots=o["shots"], seeds=o["seed"], labels=o["labels"],
-        swap_labels=o["swap_labels"], grid_step=o["grid_step"], order=o["order_pattern"], dtype=o["dtype"],
+        model=o["model"], task=o["task"], angles=o["angle"], shots=o["shots"], seeds=o["seed"], labels=o["labels"],
+        swap_labels=o["swap_labels"], grid_step=o["grid_step"], orders=tuple(o["order_pattern"].split(",")),
+        dtype=o["dtype"],
         template=TemplateSpec(header=o["header"], exemplar=o["exemplar_template"], query=o["query_template"],
                               bos=o["bos"]),
         engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"],
@@ -238,6 +243,63 @@ def metrics(run_dir, all_columns):
     if table.empty:
         raise click.ClickException(f"{run_dir} has no finished conditions")
     click.echo(format_table(table, list(table.columns) if all_columns else None))
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--dry-run", is_flag=True, help="Print the expanded grid, what is left to run and a time estimate.")
+@click.option("--estimate-for", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="Device the --dry-run estimate is for (default: this machine's).")
+@click.option("--quiet", is_flag=True, help="Only the final tables.")
+@user_errors
+def sweep(config, overrides, dry_run, estimate_for, quiet):
+    """Run (or resume) a whole experiment from a YAML config; `key=value` overrides it
+    (e.g. `shots=[1,2] tasks.0.angles=[0,90] sft.lora.epochs=3`)."""
+    from iclsft.sweep import format_plan, load_config, run_sweep
+
+    cfg = load_config(config, overrides)
+    if dry_run:
+        if estimate_for is None:
+            import torch
+
+            estimate_for = "gpu" if torch.cuda.is_available() else "cpu"
+        click.echo(format_plan(cfg, estimate_for))
+        return
+    log = None if quiet else functools.partial(click.echo, err=True)
+    from iclsft.evaluate.runs import format_table
+
+    for model, table in run_sweep(cfg, log=log, progress=not quiet).items():
+        click.echo(f"\n{model}")
+        click.echo(format_table(table))
+    click.echo(f"\nresults in {cfg.out}", err=True)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Queries per forward pass (default: from a token budget).")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def rsa(run_dir, dtype, batch_size, quiet):
+    """Layer-wise RSA (SPEC §7) for every finished condition of a run that has none yet."""
+    from iclsft.rsa import compute_rsa
+
+    log = None if quiet else functools.partial(click.echo, err=True)
+    done = compute_rsa(run_dir, dtype=dtype, batch_size=batch_size, progress=not quiet, log=log)
+    click.echo(f"RSA computed for {len(done)} condition(s) in {run_dir}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Report directory (default RUN/report).")
+@user_errors
+def report(run_dir, out):
+    """An HTML report with figures (PNG) and statistics of a run."""
+    from iclsft.report import build_report
+
+    click.echo(build_report(run_dir, out))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -13,7 +13,7 @@ import pandas as pd
 from iclsft.engine.base import close_engine, open_engine
 from iclsft.evaluate.runs import recompute_metrics
 from iclsft.models import ModelRef
-from iclsft.prompts import PromptBuilder
+from iclsft.prompts import builder_key, prompt_builders
 from iclsft.runspec import make_spec
 from iclsft.scoring import score_condition
 from iclsft.spec import IclRunSpec
@@ -39,7 +39,7 @@ def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
 
     log = log or (lambda _msg: None)
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
-    builders = {labels: PromptBuilder(tokenizer, spec.template, labels) for labels in {t.labels for t in spec.tasks}}
+    builders = prompt_builders(tokenizer, spec.template, spec.tasks)
     run = RunDir(out)
     run.open(spec)  # only now, with every input checked, does anything get written
     conditions = spec.conditions()
@@ -55,7 +55,7 @@ def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
             for i, cond in enumerate(todo, 1):
                 t0 = time.time()
                 try:
-                    builder = builders[cond.task.labels]
+                    builder = builders[builder_key(cond.task)]
                     exemplars = linear2d.exemplars(cond.task, cond.seed, cond.shots, cond.order)
                     prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
                     metrics = score_condition(run, cond, builder, engine, prefix, exemplars)

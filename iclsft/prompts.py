@@ -15,10 +15,12 @@ from iclsft.spec import TemplateSpec
 class PromptBuilder:
     """Renders exemplars and queries of one template and label pair into token ids."""
 
-    def __init__(self, tokenizer, template: TemplateSpec, labels: Sequence[str]):
+    def __init__(self, tokenizer, template: TemplateSpec, labels: Sequence[str], values: Sequence[str] | None = None):
+        """`values`: how the integers 0..99 are written (the semantic task's words); None: as numbers."""
         self.tokenizer = tokenizer
         self.template = template
         self.labels = tuple(labels)
+        self.values = tuple(values) if values is not None else None
         self.bos = self._bos_ids()
         self.header = self._encode(template.header)
         self.separator = self._encode(template.separator)
@@ -52,7 +54,8 @@ class PromptBuilder:
         key = (int(n1), int(n2))
         ids = self._query_cache.get(key)
         if ids is None:
-            ids = self._encode(self.template.query.format(x1=key[0], x2=key[1]))
+            x1, x2 = (self.values[key[0]], self.values[key[1]]) if self.values else key
+            ids = self._encode(self.template.query.format(x1=x1, x2=x2))
             if not ids:
                 raise ValueError(f"query template {self.template.query!r} renders to no tokens")
             self._query_cache[key] = ids
@@ -96,3 +99,20 @@ def check_labels(labels: Sequence[str], label_ids: Sequence[Sequence[int]]) -> N
                     f"{labels[i]!r} {list(a)} are a prefix of those of {labels[j]!r} {list(b)}; "
                     "choose labels whose token sequences differ before either ends"
                 )
+
+
+def builder_for(tokenizer, template: TemplateSpec, task) -> PromptBuilder:
+    """The builder of a task's prompts: its labels and how it writes n1 and n2."""
+    from iclsft.tasks import linear2d
+
+    return PromptBuilder(tokenizer, template, task.labels, linear2d.values(task))
+
+
+def builder_key(task) -> tuple:
+    """Tasks with the same key share a builder."""
+    return (task.labels, task.name == "semantic")
+
+
+def prompt_builders(tokenizer, template: TemplateSpec, tasks) -> dict[tuple, PromptBuilder]:
+    """One builder per distinct way the tasks write prompts, keyed by `builder_key(task)`."""
+    return {builder_key(t): builder_for(tokenizer, template, t) for t in tasks}

@@ -14,13 +14,14 @@ def make_spec(
     spec_cls: type[RunSpecBase],
     *,
     model: str = "smollm2-135m",
+    task: str = "linear2d",
     angles: Sequence[float] = (45.0,),
     shots: Sequence[int] = (1, 2, 5, 10),
     seeds: Sequence[int] = (0,),
     labels: tuple[str, str] = (" Baz", " Rud"),
     swap_labels: bool = False,
     grid_step: int = 1,
-    order: str = "random",
+    orders: Sequence[str] = ("random",),
     dtype: str = "float32",
     template: TemplateSpec | None = None,
     engine: EngineSpec | None = None,
@@ -29,9 +30,11 @@ def make_spec(
     """Validate the inputs, resolve the model, and build the frozen spec of `spec_cls` (nothing is
     written). `arm_fields` are the arm's own fields (e.g. `sft`, `checkpoints`, `executor`)."""
     tasks = tuple(
-        TaskSpec(angle=a, labels=tuple(labels), swap_labels=swap_labels, grid_step=grid_step) for a in angles
+        TaskSpec(name=task, angle=a, labels=tuple(labels), swap_labels=swap_labels, grid_step=grid_step)
+        for a in angles
     )
-    linear2d.check_order(order)
+    for order in orders:
+        linear2d.check_order(order)
     check_shots(tasks, shots)
     spec = spec_cls(  # validates every field before the model is touched
         tasks=tasks,
@@ -39,7 +42,7 @@ def make_spec(
         model=ModelSpec(name=model, fingerprint="unresolved"),
         shots=tuple(shots),
         seeds=tuple(seeds),
-        order=order,
+        orders=tuple(orders),
         dtype=dtype,
         engine=engine or EngineSpec(),
         **{k: v for k, v in arm_fields.items() if v is not None},

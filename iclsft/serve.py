@@ -130,13 +130,14 @@ def _has_gpu() -> bool:
 
 def query_points(url: str, points: list[tuple[int, int]], *, run_dir: str | Path | None = None,
                  adapter: str | None = None, icl_run: str | Path | None = None, shots: int | None = None,
-                 angle: float | None = None, seed: int = 0, api_key: str | None = None) -> list[dict]:
+                 angle: float | None = None, seed: int = 0, order: str | None = None,
+                 api_key: str | None = None) -> list[dict]:
     """Both label probabilities for each point, from a running server (base model, adapter or ICL prompt)."""
     import numpy as np
     from transformers import AutoTokenizer
 
     from iclsft.engine.vllm_server import VLLMServerEngine
-    from iclsft.prompts import PromptBuilder
+    from iclsft.prompts import builder_for, builder_key
     from iclsft.spec import TaskSpec, TemplateSpec
     from iclsft.tasks import linear2d
 
@@ -149,13 +150,20 @@ def query_points(url: str, points: list[tuple[int, int]], *, run_dir: str | Path
         spec, base = None, _server_root(engine)
     template = TemplateSpec(**spec["template"]) if spec else TemplateSpec()
     tasks = [TaskSpec(**t) for t in spec["tasks"]] if spec else [TaskSpec(angle=angle or 45.0)]
-    builder = PromptBuilder(AutoTokenizer.from_pretrained(base), template, tasks[0].labels)
+    if icl_run is not None or len({builder_key(t) for t in tasks}) > 1:
+        task = _pick_task(tasks, angle)
+    else:
+        task = tasks[0]  # every task of the run writes prompts alike
+    builder = builder_for(AutoTokenizer.from_pretrained(base), template, task)
     prefix = builder.start()
     if icl_run is not None:
         if shots is None:
             raise ValueError("--icl needs --shots K (exemplars per class)")
-        task = _pick_task(tasks, angle)
-        exemplars = linear2d.exemplars(task, seed, shots, spec.get("order", "random"))
+        orders = spec.get("orders", ["random"])
+        order = order or orders[0]
+        if order not in orders:
+            raise ValueError(f"order {order!r} is not in the run (its orders: {', '.join(orders)})")
+        exemplars = linear2d.exemplars(task, seed, shots, order)
         prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
     model = engine.base_model
     if adapter is not None:
@@ -164,7 +172,7 @@ def query_points(url: str, points: list[tuple[int, int]], *, run_dir: str | Path
             raise ValueError(f"adapter {adapter!r} is not served at {url}; served: {', '.join(sorted(served))}")
         model = adapter
     lp = engine.score_served(model, prefix, [builder.query(a, b) for a, b in points], builder.label_ids)
-    labels = tasks[0].labels
+    labels = task.labels
     return [{"n1": a, "n2": b, labels[0]: float(np.exp(row[0])), labels[1]: float(np.exp(row[1]))}
             for (a, b), row in zip(points, lp)]
 

@@ -72,10 +72,14 @@ def _fields(template: str, what: str) -> set[str]:
     return names
 
 
-class TaskSpec(Frozen):
-    """The linear2d task at one angle (SPEC §2)."""
+TASKS = ("linear2d", "xor", "semantic")
 
-    name: Literal["linear2d"] = "linear2d"
+
+class TaskSpec(Frozen):
+    """The 2D task at one angle (SPEC §2): `linear2d`; `xor`, the XOR of the linear tasks at
+    angle and angle + 90° (same centre); `semantic`, linear2d with n1, n2 written as adjectives."""
+
+    name: Literal["linear2d", "xor", "semantic"] = "linear2d"
     angle: float
     labels: tuple[str, str] = (" Baz", " Rud")
     swap_labels: bool = False
@@ -149,7 +153,7 @@ class RunSpecBase(Frozen):
     model: ModelSpec
     shots: tuple[int, ...]
     seeds: tuple[int, ...] = (0,)
-    order: str = "random"
+    orders: tuple[str, ...] = ("random",)
     dtype: Literal["float32", "bfloat16"] = "float32"
     engine: EngineSpec = EngineSpec()
 
@@ -175,21 +179,28 @@ class RunSpecBase(Frozen):
             raise ValueError(f"seed {bad[0]} is not allowed: seeds must be integers >= 0")
         return tuple(sorted(set(v)))
 
+    @field_validator("orders")
+    @classmethod
+    def _orders(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("orders must name at least one order ('random' or a pattern such as 1221)")
+        return tuple(dict.fromkeys(v))  # unique, in the order given
+
     @field_validator("tasks")
     @classmethod
     def _tasks(cls, v: tuple[TaskSpec, ...]) -> tuple[TaskSpec, ...]:
         if not v:
             raise ValueError("at least one task (angle) is needed")
         unique = {t.model_dump_json(): t for t in v}  # repeated angles would compute one condition twice
-        return tuple(sorted(unique.values(), key=lambda t: t.angle))
+        return tuple(sorted(unique.values(), key=lambda t: (t.name, t.angle)))
 
     def identity(self) -> dict:
         """The fields that determine results (transport knobs left out)."""
         return self.model_dump(mode="json", exclude=self.TRANSPORT)
 
-    def _condition(self, task: TaskSpec, k: int, seed: int, method: str, **extra) -> Condition:
+    def _condition(self, task: TaskSpec, k: int, seed: int, method: str, order: str, **extra) -> Condition:
         return Condition(task=task, template=self.template, model=self.model, method=method, shots=k,
-                         seed=seed, order=self.order, dtype=self.dtype, **extra)
+                         seed=seed, order=order, dtype=self.dtype, **extra)
 
 
 class IclRunSpec(RunSpecBase):
@@ -202,7 +213,8 @@ class IclRunSpec(RunSpecBase):
         return "icl"
 
     def conditions(self) -> list[Condition]:
-        return [self._condition(task, k, seed, "icl") for task in self.tasks for seed in self.seeds for k in self.shots]
+        return [self._condition(task, k, seed, "icl", order) for task in self.tasks for order in self.orders
+                for seed in self.seeds for k in self.shots]
 
 
 SFT_METHODS = ("lora", "full", "full-frozen-unembed")
@@ -282,8 +294,9 @@ class SftRunSpec(RunSpecBase):
 
     def conditions(self) -> list[Condition]:
         return [
-            self._condition(task, k, seed, self.sft.method, sft=self.sft, checkpoint=f)
+            self._condition(task, k, seed, self.sft.method, order, sft=self.sft, checkpoint=f)
             for task in self.tasks
+            for order in self.orders
             for seed in self.seeds
             for k in self.shots
             for f in self.checkpoints

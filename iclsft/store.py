@@ -130,6 +130,9 @@ class RunDir:
             raise SpecMismatchError(
                 f"{spec_file} was not written by this version of iclsft-eval (no 'arms'); use a new --out directory"
             )
+        for arm in stored["arms"].values():  # runs of 0.1 held one order pattern per arm
+            if isinstance(arm, dict) and "order" in arm and "orders" not in arm:
+                arm["orders"] = [arm.pop("order")]
         return stored["arms"]
 
     def spec_json(self) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from iclsft.spec import TaskSpec
+from iclsft.spec import TaskSpec, TemplateSpec
 from iclsft.tasks.linear2d import (
     check_order,
     class_pools,
@@ -21,6 +21,7 @@ from iclsft.tasks.linear2d import (
     margin,
     max_shots,
     queries,
+    task_truth,
     truth,
 )
 
@@ -290,3 +291,55 @@ def test_bad_grid_step(step):
 def test_bad_labels(labels):
     with pytest.raises(ValueError, match="labels"):
         TaskSpec(angle=30, labels=labels)
+
+
+# -- variants: xor and semantic (SPEC §2) ---------------------------------------------------------
+@pytest.mark.parametrize("angle", [0.0, 30.0, 45.0, 90.0, 135.0])
+def test_xor_is_the_product_of_the_two_margins(angle):
+    """First label exactly where the margins at angle and angle+90 have the same sign."""
+    n1, n2 = lattice(1)
+    c = 49.5
+    t1, t2 = np.deg2rad(angle), np.deg2rad(angle + 90)
+    m1 = -np.sin(t1) * (n1 - c) + np.cos(t1) * (n2 - c)
+    m2 = -np.sin(t2) * (n1 - c) + np.cos(t2) * (n2 - c)
+    task = TaskSpec(name="xor", angle=angle)
+    got = task_truth(task, n1, n2)
+    off = (np.abs(m1) > 1e-9) & (np.abs(m2) > 1e-9)
+    np.testing.assert_array_equal(got[off], np.where(m1[off] * m2[off] > 0, 0, 1))
+    assert (got[~off] == -1).all()
+    swapped = task_truth(TaskSpec(name="xor", angle=angle, swap_labels=True), n1, n2)
+    np.testing.assert_array_equal(swapped[off], 1 - got[off])
+
+
+def test_xor_quadrants_at_zero_degrees():
+    task = TaskSpec(name="xor", angle=0.0)
+    corners = {(0, 0): 1, (99, 0): 0, (0, 99): 0, (99, 99): 1}
+    got = task_truth(task, np.array([p[0] for p in corners]), np.array([p[1] for p in corners]))
+    assert got.tolist() == list(corners.values())
+    t = queries(task)["truth"]
+    assert (t == 0).sum() == (t == 1).sum() == 5000  # four 50x50 quadrants, no ties
+    t45 = queries(TaskSpec(name="xor", angle=45.0))["truth"]
+    assert (t45 == -1).sum() == 200  # both diagonals, which share no lattice point
+
+
+def test_xor_exemplars_come_from_xor_classes():
+    task = TaskSpec(name="xor", angle=30.0)
+    ex = exemplars(task, 3, 50)
+    np.testing.assert_array_equal(task_truth(task, ex.n1.values, ex.n2.values), ex.truth.values)
+    assert (ex.truth == 0).sum() == (ex.truth == 1).sum() == 50
+
+
+def test_semantic_shares_the_geometry_and_writes_words(smollm_tokenizer):
+    from iclsft.prompts import builder_for
+    from iclsft.tasks.linear2d import adjectives, values
+
+    words = adjectives()
+    assert len(words) == len(set(words)) == 100 and all(w.isalpha() and w.islower() for w in words)
+    assert words[0] == "infinitesimal" and words[-1] == "infinite"
+    sem, lin = TaskSpec(name="semantic", angle=60.0), TaskSpec(angle=60.0)
+    pd.testing.assert_frame_equal(queries(sem), queries(lin))
+    pd.testing.assert_frame_equal(exemplars(sem, 0, 5), exemplars(lin, 0, 5))
+    assert values(lin) is None and values(sem) == words
+    builder = builder_for(smollm_tokenizer, TemplateSpec(), sem)
+    assert builder.text(builder.query(0, 99)) == "infinitesimal infinite ->"
+    assert builder.text(builder.exemplar(20, 4, 1)) == "small tiny -> Rud\n"

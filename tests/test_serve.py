@@ -93,9 +93,10 @@ def run_dir(default_model_ref, tmp_path_factory):
 def server(run_dir, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "server.log"
-    proc = start_server(run_dir, port, log)
-    yield {"url": f"http://127.0.0.1:{port}", "proc": proc, "port": port, "log": log, "run": run_dir}
-    stop_server(proc)
+    info = {"url": f"http://127.0.0.1:{port}", "proc": start_server(run_dir, port, log), "port": port, "log": log,
+            "run": run_dir}
+    yield info
+    stop_server(info["proc"])  # the one running now: a test may have killed and restarted it
 
 
 def stored_scores(run_dir: Path, method: str) -> pd.DataFrame:

@@ -22,7 +22,7 @@ from iclsft.engine.hf import HFEngine
 from iclsft.engine.reference import naive_score
 from iclsft.evaluate.runs import compare_table, recompute_metrics
 from iclsft.icl import ConditionsFailed, make_icl_spec, run_icl
-from iclsft.prompts import PromptBuilder
+from iclsft.prompts import PromptBuilder, builder_key, prompt_builders
 from iclsft.sft.adapters import (
     MARKER,
     check_vllm_compatible,
@@ -73,7 +73,7 @@ def make_spec(model_dir, *, method="lora", shots=(2,), seeds=(0,), checkpoints=(
 
 
 def builders_for(spec, tokenizer) -> dict:
-    return {t.labels: PromptBuilder(tokenizer, spec.template, t.labels) for t in spec.tasks}
+    return prompt_builders(tokenizer, spec.template, spec.tasks)
 
 
 def jobs_by_k(spec, ref, run_path, tokenizer) -> dict:
@@ -267,7 +267,7 @@ def test_planned_jobs_train_on_the_icl_exemplars(tiny_model_dir, smollm_tokenize
     for k, job in by_k.items():
         task = spec.tasks[0]
         ex = linear2d.exemplars(task, 0, k)
-        assert job.examples == training_examples(builders[task.labels], ex)
+        assert job.examples == training_examples(builders[builder_key(task)], ex)
         assert job.key == training_key(ref.fingerprint, job.examples, spec.sft, 0)
         assert job.seed == 0 and job.sft == spec.sft and job.base_path == str(ref.path)
         for cond_id in job.meta["conditions"]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iclsft.prompts import PromptBuilder
+from iclsft.prompts import prompt_builders
 from iclsft.sft.adapters import MARKER, read_marker
 from iclsft.sft.runner import make_sft_spec, plan_jobs, run_sft
 from iclsft.sft.train import train
@@ -74,7 +74,7 @@ def make_spec(model_dir, executor: ExecutorSpec, min_steps: int):
 
 
 def planned_jobs(spec, ref, run_path, tokenizer):
-    builders = {t.labels: PromptBuilder(tokenizer, spec.template, t.labels) for t in spec.tasks}
+    builders = prompt_builders(tokenizer, spec.template, spec.tasks)
     jobs, _ = plan_jobs(spec, RunDir(run_path), ref, builders)
     return jobs
 

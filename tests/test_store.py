@@ -164,7 +164,7 @@ def test_open_with_different_shots_names_the_field(tmp_path):
         ({"template": TemplateSpec(header="Classify:\n")}, "template"),
         ({"seeds": (0, 1)}, "seeds"),
         ({"dtype": "bfloat16"}, "dtype"),
-        ({"order": "12"}, "order"),
+        ({"orders": ("12",)}, "orders"),
     ],
 )
 def test_open_with_other_differences_names_them(tmp_path, change, field):
@@ -378,3 +378,14 @@ def test_spec_conditions_are_unique():
         return  # rejecting duplicates up front is as good a fix as removing them
     conds = spec.conditions()
     assert len(conds) == len({c.id for c in conds})
+
+
+def test_run_of_one_order_per_arm_still_resumes(tmp_path):
+    """spec.json of 0.1 held `order: "random"` per arm; it reads as `orders: ["random"]`."""
+    spec = run_spec()
+    RunDir(tmp_path).open(spec)
+    stored = json.loads((tmp_path / "spec.json").read_text())
+    arm = stored["arms"]["icl"]
+    arm["order"] = arm.pop("orders")[0]
+    (tmp_path / "spec.json").write_text(json.dumps(stored))
+    RunDir(tmp_path).open(spec)  # no SpecMismatchError

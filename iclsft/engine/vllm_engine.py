@@ -59,6 +59,7 @@ class VLLMEngine:
         self.max_lora_rank = kwargs.get("max_lora_rank")
         self.progress = progress
         self._lora_ids: dict[str, int] = {}
+        self.last_stats: dict = {}  # of the last score call: reads, prompt tokens, tokens read from the cache
 
     def _lora_request(self, adapter: str | None):
         if adapter is None:
@@ -96,6 +97,8 @@ class VLLMEngine:
         if len(prompts) > 1:
             outputs += self.llm.generate(prompts[1:], params[1:], lora_request=lora,
                                          use_tqdm=self.progress and len(prompts) >= 2000)
+        self.last_stats = {"reads": len(outputs), "prompt_tokens": sum(len(p) for p in plan.prompts),
+                           "cached_tokens": sum(getattr(o, "num_cached_tokens", 0) or 0 for o in outputs)}
         values = []
         for i, out in enumerate(outputs):
             if not out.outputs or not out.outputs[0].logprobs:

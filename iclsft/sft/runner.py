@@ -21,7 +21,7 @@ from iclsft.engine.base import close_engine, open_engine
 from iclsft.evaluate.runs import recompute_metrics
 from iclsft.icl import ConditionsFailed
 from iclsft.models import ModelRef
-from iclsft.prompts import PromptBuilder
+from iclsft.prompts import PromptBuilder, builder_key, prompt_builders
 from iclsft.runspec import make_spec
 from iclsft.scoring import score_condition
 from iclsft.sft.adapters import checkpoint_dir, is_finished, read_marker, training_key
@@ -44,11 +44,11 @@ def plan_jobs(spec: SftRunSpec, run: RunDir, ref: ModelRef, builders: dict) -> t
     todo = [c for c in spec.conditions() if not run.is_done(c)]
     groups: dict[tuple, list] = defaultdict(list)
     for cond in todo:
-        groups[(cond.task, cond.seed, cond.shots)].append(cond)
+        groups[(cond.task, cond.order, cond.seed, cond.shots)].append(cond)
     jobs, where = [], {}
-    for (task, seed, k), conds in groups.items():
-        builder = builders[task.labels]
-        exemplars = linear2d.exemplars(task, seed, k, spec.order)
+    for (task, order, seed, k), conds in groups.items():
+        builder = builders[builder_key(task)]
+        exemplars = linear2d.exemplars(task, seed, k, order)
         examples = training_examples(builder, exemplars)
         key = training_key(ref.fingerprint, examples, spec.sft, seed)
         checkpoints = [(c.checkpoint, str(checkpoint_dir(run.path, key, c.checkpoint))) for c in conds]
@@ -75,7 +75,7 @@ def run_sft(spec: SftRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
 
     log = log or (lambda _msg: None)
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
-    builders = {t.labels: PromptBuilder(tokenizer, spec.template, t.labels) for t in spec.tasks}
+    builders = prompt_builders(tokenizer, spec.template, spec.tasks)
     run = RunDir(out)
     run.open(spec)
     conditions = spec.conditions()
@@ -98,7 +98,7 @@ def run_sft(spec: SftRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
                     log(f"training for {cond.dirname} FAILED: {error.splitlines()[-1]}")
                     continue
                 try:
-                    builder = builders[cond.task.labels]
+                    builder = builders[builder_key(cond.task)]
                     metrics = scorer.score(run, cond, builder, ckpt, exemplars, result)
                 except (RuntimeError, ValueError, MemoryError, OSError) as e:
                     failed += 1

@@ -1,9 +1,13 @@
-"""The 2D linear task (SPEC §2) and its matched exemplar stream (SPEC §3).
+"""The 2D tasks (SPEC §2: linear2d and its variants xor and semantic) and their matched exemplar
+stream (SPEC §3).
 
 One object serves both arms: the same stream gives the ICL prompt at K and the SFT data at K.
 """
 
 from __future__ import annotations
+
+from functools import cache
+from importlib import resources
 
 import numpy as np
 import pandas as pd
@@ -42,6 +46,37 @@ def truth(n1: np.ndarray, n2: np.ndarray, angle: float, swap_labels: bool = Fals
     return t
 
 
+def task_truth(task: TaskSpec, n1: np.ndarray, n2: np.ndarray) -> np.ndarray:
+    """The task's true label index per point (0 = first label), -1 on a boundary.
+
+    `xor`: the label is the XOR of the linear labels at `angle` and at `angle + 90°` (margins taken
+    with the normals of those two angles), so it is the first label where both agree; a point on
+    either line is on the boundary. `linear2d` and `semantic` share the linear geometry."""
+    if task.name != "xor":
+        return truth(n1, n2, task.angle, task.swap_labels)
+    m1, m2 = margin(n1, n2, task.angle), margin(n1, n2, task.angle + 90.0)
+    t = ((m1 < 0) ^ (m2 < 0)).astype(np.int8)
+    if task.swap_labels:
+        t = 1 - t
+    t[(np.abs(m1) < TIE_EPS) | (np.abs(m2) < TIE_EPS)] = -1
+    return t
+
+
+@cache
+def adjectives() -> tuple[str, ...]:
+    """The semantic variant's 100 words, smallest to largest (iclsft/tasks/adjectives.txt)."""
+    text = resources.files("iclsft.tasks").joinpath("adjectives.txt").read_text(encoding="utf-8")
+    words = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    if len(words) != GRID or len(set(words)) != GRID:
+        raise ValueError(f"adjectives.txt must hold {GRID} distinct words, one per line; it holds {len(words)}")
+    return words
+
+
+def values(task: TaskSpec) -> tuple[str, ...] | None:
+    """How n1 and n2 are written in prompts: words for `semantic`, None (the integers) otherwise."""
+    return adjectives() if task.name == "semantic" else None
+
+
 def check_order(order: str) -> str:
     """Validate an order probe: "random" or a periodic label pattern over {1, 2} (1 = first label).
 
@@ -66,7 +101,7 @@ def class_pools(task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
     on a sub-lattice uses exactly the prompts of the full run.
     """
     n1, n2 = lattice(1)
-    t = truth(n1, n2, task.angle, task.swap_labels)
+    t = task_truth(task, n1, n2)
     points = np.stack([n1, n2], axis=1)
     return points[t == 0], points[t == 1]
 
@@ -124,7 +159,7 @@ def queries(task: TaskSpec, exemplar_points: pd.DataFrame | None = None) -> pd.D
     """All query points of the task's lattice with truth and, if given, exemplar membership."""
     n1, n2 = lattice(task.grid_step)
     table = pd.DataFrame({"n1": n1.astype(np.int64), "n2": n2.astype(np.int64)})
-    table["truth"] = truth(n1, n2, task.angle, task.swap_labels).astype(np.int64)
+    table["truth"] = task_truth(task, n1, n2).astype(np.int64)
     used = set()
     if exemplar_points is not None:
         used = set(zip(exemplar_points["n1"].tolist(), exemplar_points["n2"].tolist()))

@@ -1,0 +1,104 @@
+"""Activations for RSA (SPEC §7): HF forward hooks at every decoder layer, at each query's last token.
+
+Two hook points per layer: the decoder layer's output (the residual stream after the layer) and
+its MLP's output. The prompts are those of scoring: prefix (ICL prompt at K, or just BOS/header
+for a fine-tuned model) then the query's tokens.
+
+The prefix is computed once; its KV cache is then expanded to a batch of right-padded queries whose
+positions continue after the prefix. Right padding keeps every real token's attention exactly that
+of an unpadded prompt (causal attention never looks ahead to the pads), so the hidden state at a
+query's last real token is the one of a plain forward over prefix + query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# Expanding the prefix KV copies it once per query in the batch (DynamicCache concatenates), so the
+# automatic batch size keeps batch x (prefix + query) tokens under this budget: about 1.5 GB of KV
+# for SmolLM2-135M (30 layers x 3 KV heads x 64 dims, fp32) at a 1,700-token prefix.
+KV_TOKEN_BUDGET = 2**15
+MAX_BATCH = 256
+
+
+def decoder_of(model):
+    """The decoder stack (`model.model` for Llama-like LMs), also through a peft wrapper. With a LoRA
+    adapter attached, its linear layers carry the adapter, so calling the decoder applies it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def auto_batch_size(prefix_len: int, query_len: int = 8) -> int:
+    return max(1, min(MAX_BATCH, KV_TOKEN_BUDGET // (prefix_len + query_len)))
+
+
+@torch.inference_mode()
+def activations(model, prefix: Sequence[int], queries: Sequence[Sequence[int]], *, batch_size: int | None = None,
+                pad_id: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual stream after each decoder layer and MLP output of each layer, at the last token of
+    every query after `prefix`. Returns two fp32 tensors of shape (layers, len(queries), hidden) on
+    the model's device, in the order of `queries`."""
+    if any(len(q) == 0 for q in queries):
+        raise ValueError("every query needs at least one token")
+    decoder = decoder_of(model)
+    layers = decoder.layers
+    device = decoder.embed_tokens.weight.device
+    shape = (len(layers), len(queries), decoder.config.hidden_size)
+    resid = torch.empty(shape, dtype=torch.float32, device=device)
+    mlp = torch.empty_like(resid)
+    where: dict[str, torch.Tensor] = {}  # set while a query batch runs: output rows, batch rows, positions
+
+    def capture(buffer: torch.Tensor, layer: int):
+        def hook(_module, _inputs, output):
+            if where:  # not during the prefix
+                hidden = output[0] if isinstance(output, tuple) else output
+                buffer[layer, where["rows"]] = hidden[where["batch"], where["pos"]].float()
+        return hook
+
+    handles = [m.register_forward_hook(capture(resid, i)) for i, m in enumerate(layers)]
+    handles += [m.mlp.register_forward_hook(capture(mlp, i)) for i, m in enumerate(layers)]
+    try:
+        prefix = [int(t) for t in prefix]
+        kv = []
+        if prefix:
+            out = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True)
+            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        p = len(prefix)
+        size = batch_size or auto_batch_size(p, max((len(q) for q in queries), default=1))
+        bar = _progress(len(queries), progress)
+        for start in range(0, len(queries), size):
+            chunk = [list(q) for q in queries[start : start + size]]
+            b, width = len(chunk), max(len(q) for q in chunk)
+            ids = torch.full((b, width), pad_id, dtype=torch.long)
+            mask = torch.zeros((b, p + width), dtype=torch.long)
+            mask[:, :p] = 1
+            for r, q in enumerate(chunk):
+                ids[r, : len(q)] = torch.tensor(q)
+                mask[r, p : p + len(q)] = 1
+            where.update(rows=torch.arange(start, start + b, device=device), batch=torch.arange(b, device=device),
+                         pos=torch.tensor([len(q) - 1 for q in chunk], device=device))
+            cache = None
+            if kv:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv],
+                                     config=decoder.config)
+            decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                    position_ids=(torch.arange(width, device=device) + p).expand(b, -1),
+                    past_key_values=cache, use_cache=cache is not None)
+            where.clear()
+            bar.update(b)
+        bar.close()
+    finally:
+        where.clear()
+        for h in handles:
+            h.remove()
+    return resid, mlp
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="q", desc="activations", leave=False)

@@ -1,0 +1,242 @@
+"""RSA over a run directory: a resumable pass after scoring (SPEC §7).
+
+For each finished condition (record status ok) it writes, beside the condition's scores:
+
+    rsa.npz    np.savez_compressed arrays (L = decoder layers, M = subset points, N = lattice points)
+               layers (L,)                   layer index
+               bins (101,)                   histogram bin edges over [-1, 1]
+               hist_resid, hist_mlp (L, 100) pair counts over all N(N-1)/2 pairs i < j
+               sub_resid, sub_mlp (L, M, M)  float16 cosine matrix of the fixed subset, sorted by label
+               sub_n1, sub_n2, sub_truth (M,) the subset's points (class 0 first); M = 2 x min(200, smallest class)
+               collapse_resid, within_resid, between_resid, collapse_mlp, within_mlp, between_mlp (L,)
+    rsa.json   status, seconds, and size + sha256 of rsa.npz; written last. On failure: status error
+               and the message.
+
+Only an rsa.json with status ok, the same condition id, RSA version and dtype, whose rsa.npz
+matches its checksum, is trusted; anything else is recomputed. Each file is written to a temporary
+name and renamed into place, and the old rsa.json is removed before anything else, so an
+interrupted pass never leaves a file that is later trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from iclsft import __version__
+from iclsft.spec import Condition, ModelSpec
+from iclsft.store import RunDir, atomic_write_bytes, atomic_write_json
+from iclsft.tasks import linear2d
+
+RSA_VERSION = 1  # bump when what rsa.npz holds, or how it is computed, changes
+RSA_NPZ = "rsa.npz"
+RSA_JSON = "rsa.json"
+Log = Callable[[str], None]
+
+
+def read_rsa_record(condition_dir: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(condition_dir) / RSA_JSON).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def rsa_is_current(condition_dir: str | Path, condition_id: str, dtype: str = "float32") -> bool:
+    """True when the condition's rsa.json says ok for this condition, version and dtype, and rsa.npz
+    matches its size and checksum."""
+    info = read_rsa_record(condition_dir)
+    if not info or info.get("status") != "ok" or info.get("condition") != condition_id:
+        return False
+    if info.get("rsa_version") != RSA_VERSION or info.get("dtype") != dtype:
+        return False
+    try:
+        _verified_bytes(Path(condition_dir), info)
+    except (OSError, ValueError, KeyError, TypeError):  # missing, changed, or a malformed record
+        return False
+    return True
+
+
+def load_rsa(condition_dir: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a condition's rsa.npz, after checking it against the checksum in rsa.json."""
+    cdir = Path(condition_dir)
+    info = read_rsa_record(cdir)
+    if info is None:
+        raise FileNotFoundError(f"{cdir} has no RSA results ({RSA_JSON}); run the rsa step first")
+    if info.get("status") != "ok":
+        raise ValueError(f"RSA of {cdir.name} failed: {info.get('error', 'unknown error')}; rerun the rsa step")
+    with np.load(io.BytesIO(_verified_bytes(cdir, info)), allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _verified_bytes(cdir: Path, info: dict) -> bytes:
+    expected = info["files"][RSA_NPZ]
+    data = (cdir / RSA_NPZ).read_bytes()
+    if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise ValueError(f"{cdir / RSA_NPZ} does not match the checksum in its {RSA_JSON}; rerun the rsa step")
+    return data
+
+
+def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", batch_size: int | None = None,
+                progress: bool = True, log: Log | None = None) -> list[str]:
+    """Compute RSA for every finished condition of the run that lacks a current rsa.npz.
+
+    Returns the names of the conditions computed now. A failing condition gets an rsa.json with
+    status error and the others go on; afterwards `ConditionsFailed` is raised if any failed.
+    `batch_size`: queries per forward pass (default: as many as fit a fixed KV budget)."""
+    from iclsft.icl import ConditionsFailed
+
+    log = log or (lambda _msg: None)
+    run = RunDir(run_dir)
+    if not (run.path / "spec.json").is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no spec.json)")
+    finished = run.finished()
+    todo = [(cdir, cj, rec) for cdir, cj, rec in finished if not rsa_is_current(cdir, rec["condition"], dtype)]
+    log(f"RSA: {len(finished)} finished conditions, {len(finished) - len(todo)} already done, {len(todo)} to compute")
+    done, failed = [], []
+    models = _Models(dtype)
+    try:
+        for i, (cdir, cond_json, record) in enumerate(todo, 1):
+            t0 = time.time()
+            (cdir / RSA_JSON).unlink(missing_ok=True)  # from here on, nothing of an earlier pass is trusted
+            base = {"condition": record["condition"], "rsa_version": RSA_VERSION, "dtype": dtype,
+                    "version": __version__}
+            try:
+                arrays = condition_rsa(run, cdir, cond_json, record, models, batch_size=batch_size,
+                                       progress=progress)
+                buf = io.BytesIO()
+                np.savez_compressed(buf, **arrays)
+                data = buf.getvalue()
+                atomic_write_bytes(cdir / RSA_NPZ, data)
+                atomic_write_json(cdir / RSA_JSON, {
+                    "status": "ok", **base, "seconds": round(time.time() - t0, 2),
+                    "layers": len(arrays["layers"]), "pairs": int(arrays["hist_resid"][0].sum()),
+                    "subset": len(arrays["sub_truth"]), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "files": {RSA_NPZ: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}})
+            except Exception as e:  # one condition's failure is recorded and the pass goes on
+                failed.append(cdir.name)
+                atomic_write_json(cdir / RSA_JSON, {"status": "error", **base, "error": f"{type(e).__name__}: {e}",
+                                                    "traceback": traceback.format_exc()})
+                log(f"[{i}/{len(todo)}] RSA {cdir.name}: FAILED {type(e).__name__}: {e}")
+                continue
+            done.append(cdir.name)
+            mid = len(arrays["layers"]) // 2
+            log(f"[{i}/{len(todo)}] RSA {cdir.name}: {time.time() - t0:.1f} s, collapse (resid) layer {mid} "
+                f"{arrays['collapse_resid'][mid]:.3f}, last {arrays['collapse_resid'][-1]:.3f}")
+    finally:
+        models.close()
+    if failed:
+        raise ConditionsFailed(f"RSA failed for {len(failed)} of {len(todo)} conditions (their {RSA_JSON} holds the "
+                               f"error): {', '.join(failed)}; rerun to retry them")
+    return done
+
+
+def condition_rsa(run: RunDir, cdir: Path, cond_json: dict, record: dict, models: _Models, *,
+                  batch_size: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+    """The rsa.npz arrays of one finished condition, from the same prompts as its scoring."""
+    from iclsft.prompts import builder_for
+    from iclsft.rsa.activations import activations
+    from iclsft.rsa.stats import BINS, SUBSET_PER_CLASS, balanced_subset, layer_stats
+
+    cond = Condition.model_validate({k: v for k, v in cond_json.items() if k != "id"})
+    if cond.id != record["condition"]:
+        raise ValueError(f"{cdir / 'condition.json'} hashes to {cond.id}, its record says {record['condition']}")
+    run.verify(cdir, record)
+    tokenizer = models.tokenizer(cond.model)
+    builder = builder_for(tokenizer, cond.template, cond.task)  # as scoring: labels, and words for `semantic`
+    points = linear2d.queries(cond.task)
+    query_ids = builder.queries(points.n1, points.n2)
+    if cond.method == "icl":
+        exemplars = pd.read_parquet(cdir / "exemplars.parquet")
+        prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
+        loaded = _nothing_to_release(models.base(cond.model))
+    else:  # a fine-tuned model is scored zero-shot: the prompt is BOS/header + query
+        if not record.get("checkpoint_dir"):
+            raise ValueError(f"the record of SFT condition {cdir.name} names no checkpoint_dir")
+        prefix = builder.start()
+        loaded = models.checkpoint(cond.model, run.path / "adapters" / record["checkpoint_dir"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with loaded as model:
+        resid, mlp = activations(model, prefix, query_ids, batch_size=batch_size, pad_id=pad_id, progress=progress)
+    truth = points.truth.to_numpy()
+    subset = balanced_subset(truth, SUBSET_PER_CLASS)
+    out = {"layers": np.arange(resid.shape[0], dtype=np.int64), "bins": BINS.copy()}
+    for name, acts in (("resid", resid), ("mlp", mlp)):
+        stats = layer_stats(acts, truth, subset)
+        out.update({f"{key}_{name}": value for key, value in stats.items()})
+    out.update(sub_n1=points.n1.to_numpy()[subset], sub_n2=points.n2.to_numpy()[subset], sub_truth=truth[subset])
+    return out
+
+
+@contextmanager
+def _nothing_to_release(model):
+    yield model
+
+
+class _Models:
+    """Loads each base model and tokenizer once; attaches LoRA adapters to it, or loads a full
+    fine-tune, for one condition at a time."""
+
+    def __init__(self, dtype: str):
+        self.dtype = dtype
+        self._refs: dict[ModelSpec, object] = {}
+        self._tokenizers: dict[ModelSpec, object] = {}
+        self._bases: dict[ModelSpec, object] = {}
+
+    def ref(self, spec: ModelSpec):
+        if spec not in self._refs:
+            from iclsft.models import resolve_model
+
+            ref = resolve_model(spec.name)
+            if ref.fingerprint != spec.fingerprint:
+                raise ValueError(f"model {spec.name!r} is not the one the run scored (fingerprint {ref.fingerprint}, "
+                                 f"the run's {spec.fingerprint}); RSA needs the same weights")
+            self._refs[spec] = ref
+        return self._refs[spec]
+
+    def tokenizer(self, spec: ModelSpec):
+        if spec not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            self._tokenizers[spec] = AutoTokenizer.from_pretrained(self.ref(spec).path)
+        return self._tokenizers[spec]
+
+    def base(self, spec: ModelSpec):
+        if spec not in self._bases:
+            from iclsft.models import load_model
+
+            self._bases[spec], _ = load_model(self.ref(spec), self.dtype)
+        return self._bases[spec]
+
+    @contextmanager
+    def checkpoint(self, spec: ModelSpec, path: Path):
+        from iclsft.models import ModelRef, load_model
+        from iclsft.sft.adapters import is_finished
+
+        if not is_finished(path):
+            raise FileNotFoundError(f"checkpoint {path} is missing or unfinished; rerun the sft command")
+        if not (path / "adapter_config.json").is_file():  # a full fine-tune: a model directory of its own
+            model, _ = load_model(ModelRef(name=str(path), path=path, fingerprint=""), self.dtype)
+            yield model
+            return
+        import warnings
+
+        from peft import PeftModel
+
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(self.base(spec), str(path)).eval()
+        try:
+            yield model
+        finally:
+            self._bases[spec] = model.unload()  # takes the LoRA layers out again; the base is untouched
+
+    def close(self) -> None:
+        self._bases.clear()

@@ -1,0 +1,307 @@
+"""Sweeps: one YAML config names models × tasks × methods × shot counts × seeds × orders ×
+checkpoints; `run_sweep` runs (or resumes) all of it, then RSA and the report.
+
+Layout: `OUT/<model>/` is one run directory per model (the arms of a run share model and
+template): the ICL arm `icl` and one SFT arm per method (`sft-lora`, …), each resumable on its
+own, so an interrupted sweep recomputes nothing that finished. `OUT/sweep.json` holds the expanded
+config. Within an SFT arm Ray trains while the driver scores finished adapters.
+
+Config files are plain YAML read with `yaml.safe_load`; `key=value` overrides use dotted paths
+(`shots=[1,2]`, `tasks.0.angles=[0,90]`, `sft.lora.epochs=3`) with YAML values. Unknown keys are
+errors that name the key and list the allowed ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from iclsft.spec import EngineSpec, ExecutorSpec, Frozen, TemplateSpec
+
+METHODS = ("icl", "lora", "full", "full-frozen-unembed")
+Log = Callable[[str], None]
+
+
+class SweepTask(Frozen):
+    name: Literal["linear2d", "xor", "semantic"] = "linear2d"
+    angles: tuple[float, ...] = (45.0,)
+
+
+class SweepConfig(Frozen):
+    """A whole experiment. `sft` holds per-method overrides of the SFT defaults (docs/sft.md)."""
+
+    out: str
+    models: tuple[str, ...] = ("smollm2-135m",)
+    tasks: tuple[SweepTask, ...] = (SweepTask(),)
+    methods: tuple[Literal["icl", "lora", "full", "full-frozen-unembed"], ...] = ("icl", "lora")
+    shots: tuple[int, ...] = (1, 2, 5, 10)
+    seeds: tuple[int, ...] = (0,)
+    orders: tuple[str, ...] = ("random",)
+    checkpoints: tuple[float, ...] = (1.0,)
+    labels: tuple[str, str] = (" Baz", " Rud")
+    swap_labels: bool = False
+    grid_step: int = 1
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    template: TemplateSpec = TemplateSpec()
+    engine: str = "auto"
+    engine_options: dict = Field(default_factory=dict)  # EngineSpec fields other than name
+    sft: dict[str, dict] = Field(default_factory=dict)
+    executor: ExecutorSpec = ExecutorSpec()
+    rsa: bool = False
+    report: bool = True
+
+    @field_validator("sft")
+    @classmethod
+    def _sft(cls, v: dict[str, dict]) -> dict[str, dict]:
+        from iclsft.spec import sft_spec
+
+        for method, overrides in v.items():
+            if method not in METHODS[1:]:
+                raise ValueError(f"sft.{method}: unknown SFT method; allowed: {', '.join(METHODS[1:])}")
+            try:
+                sft_spec(method, **overrides)
+            except ValidationError as e:
+                from iclsft.spec import SftSpec
+
+                bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                raise ValueError(f"sft.{method}: {bad} (allowed keys: {', '.join(SftSpec.model_fields)})") from None
+        return v
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
+    """Read a YAML config, apply `key=value` overrides, validate everything."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config {str(path)!r} does not exist") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config {str(path)!r} must be a mapping of keys to values, not {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item)
+    try:
+        return SweepConfig(**data)
+    except ValidationError as e:
+        raise ValueError(f"config {str(path)!r}: {_explain(e)}") from e
+
+
+def apply_override(data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} must look like key=value (e.g. shots=[1,2] or tasks.0.angles=[0,90])")
+    value = yaml.safe_load(raw) if raw else ""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"override {item!r}: {part!r} is not an index of a list of {len(node)}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ValueError(f"override {item!r}: {last!r} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _explain(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key {where!r}; allowed here: {_allowed(err['loc'])}")
+        else:
+            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _allowed(loc: tuple) -> str:
+    model: type = SweepConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            continue
+        args = getattr(field.annotation, "__args__", ())
+        inner = next((a for a in args if isinstance(a, type) and issubclass(a, Frozen)), field.annotation)
+        if isinstance(inner, type) and issubclass(inner, Frozen):
+            model = inner
+    return ", ".join(model.model_fields)
+
+
+# -- expansion ----------------------------------------------------------------------------------
+def model_dir(out: str | Path, model: str) -> Path:
+    return Path(out) / model.strip("/").replace("/", "--")
+
+
+def arm_specs(config: SweepConfig, model: str) -> list:
+    """(arm spec, model ref) for each method, in run order: ICL first, then each SFT method."""
+    from iclsft.engine.base import resolve_engine
+    from iclsft.icl import make_icl_spec
+    from iclsft.sft.runner import make_sft_spec
+    from iclsft.spec import sft_spec
+
+    engine = EngineSpec(name=resolve_engine(config.engine), **config.engine_options)
+    specs = []
+    for task in config.tasks:
+        common = dict(model=model, task=task.name, angles=task.angles, shots=config.shots, seeds=config.seeds,
+                      labels=config.labels, swap_labels=config.swap_labels, grid_step=config.grid_step,
+                      orders=config.orders, dtype=config.dtype, template=config.template, engine=engine)
+        for method in config.methods:
+            if method == "icl":
+                specs.append(make_icl_spec(**common))
+            else:
+                specs.append(make_sft_spec(**common, sft=sft_spec(method, **config.sft.get(method, {})),
+                                           checkpoints=config.checkpoints, executor=config.executor))
+    return _merge_tasks(specs)
+
+
+def _merge_tasks(specs: list) -> list:
+    """One spec per arm: the per-task specs of an arm become one spec holding every task."""
+    merged: dict[str, tuple] = {}
+    for spec, ref in specs:
+        if spec.arm in merged:
+            prev, _ = merged[spec.arm]
+            spec = type(prev).model_validate({**dict(prev), "tasks": prev.tasks + spec.tasks})
+        merged[spec.arm] = (spec, ref)
+    return list(merged.values())
+
+
+def plan(config: SweepConfig) -> dict:
+    """What the sweep computes and what is left: conditions, trainings, queries, a time estimate."""
+    from iclsft.store import RunDir
+    from iclsft.tasks import linear2d
+
+    rows = []
+    for model in config.models:
+        run = RunDir(model_dir(config.out, model))
+        for spec, _ in arm_specs(config, model):
+            conds = spec.conditions()
+            todo = [c for c in conds if not run.is_done(c)]
+            queries = sum(len(linear2d.queries(c.task)) for c in todo)
+            trainings = len({(c.task, c.order, c.seed, c.shots) for c in todo}) if spec.kind == "sft" else 0
+            steps = 0
+            if spec.kind == "sft":
+                from iclsft.sft.train import total_steps
+
+                steps = sum(total_steps(2 * k, spec.sft) for (_, _, _, k) in
+                            {(c.task, c.order, c.seed, c.shots) for c in todo})
+            rows.append({"model": model, "arm": spec.arm, "conditions": len(conds), "todo": len(todo),
+                         "trainings": trainings, "train_steps": steps, "queries": queries,
+                         "prefix_tokens": _mean_prefix_tokens(todo) if spec.kind == "icl" else 0})
+    return {"rows": rows}
+
+
+def _mean_prefix_tokens(conds) -> float:
+    # one exemplar of the default template is ~9 tokens; 2K exemplars per prompt
+    return float(sum(18 * c.shots for c in conds) / len(conds)) if conds else 0.0
+
+
+# Measured throughput, for estimates only (docs/sweep.md): per device kind, seconds per query
+# (a + b * prefix tokens), per training step (LoRA / full), and RSA as a second pass over queries.
+RATES = {
+    "cpu": {"query": 1 / 90, "per_prefix_token": (1 / 58 - 1 / 90) / 1484, "lora_step": 0.5, "full_step": 1.0},
+    "gpu": {"query": 1 / 13_600, "per_prefix_token": 0.0, "lora_step": 0.05, "full_step": 0.08},
+}
+
+
+def estimate_seconds(rows: list[dict], device: str, rsa: bool) -> float:
+    r = RATES[device]
+    total = 0.0
+    for row in rows:
+        per_query = r["query"] + r["per_prefix_token"] * row["prefix_tokens"]
+        scoring = row["queries"] * per_query
+        total += scoring * (2 if rsa else 1)
+        step = r["lora_step"] if row["arm"] == "sft-lora" else r["full_step"]
+        total += row["train_steps"] * step
+    return total
+
+
+def format_plan(config: SweepConfig, device: str) -> str:
+    p = plan(config)
+    lines = [f"{'model':<20} {'arm':<26} {'conditions':>10} {'to run':>7} {'trainings':>9} {'queries':>11}"]
+    for r in p["rows"]:
+        lines.append(f"{r['model']:<20} {r['arm']:<26} {r['conditions']:>10} {r['todo']:>7} {r['trainings']:>9} "
+                     f"{r['queries']:>11,}")
+    tot = {k: sum(r[k] for r in p["rows"]) for k in ("conditions", "todo", "trainings", "queries", "train_steps")}
+    lines.append(f"{'total':<47} {tot['conditions']:>10} {tot['todo']:>7} {tot['trainings']:>9} "
+                 f"{tot['queries']:>11,}")
+    seconds = estimate_seconds(p["rows"], device, config.rsa)
+    lines.append(f"estimate on one {device.upper()} (SmolLM2-135M-class model; rates in docs/sweep.md): "
+                 f"{_duration(seconds)} ({tot['train_steps']:,} training steps"
+                 f"{', RSA as a second pass' if config.rsa else ''})")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# -- running ------------------------------------------------------------------------------------
+def run_sweep(config: SweepConfig, *, log: Log | None = None, progress: bool = True) -> dict:
+    """Run or resume everything; return {model: metrics table}. Failed conditions are recorded in
+    their run and summarised at the end (rerun to retry them); other conditions go on."""
+    import json
+
+    from iclsft.icl import ConditionsFailed, run_icl
+    from iclsft.sft.runner import run_sft
+    from iclsft.store import RunDir, atomic_write_json
+
+    log = log or (lambda _msg: None)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "sweep.json", json.loads(config.model_dump_json()))
+    tables, failures = {}, []
+    started = time.time()
+    for model in config.models:
+        path = model_dir(out, model)
+        arms = arm_specs(config, model)
+        run = RunDir(path)
+        for i, (spec, ref) in enumerate(arms, 1):
+            conds = spec.conditions()
+            done = sum(run.is_done(c) for c in conds)
+            log(f"== {model} · {spec.arm} ({i}/{len(arms)} arms): {done}/{len(conds)} conditions done, "
+                f"{len(conds) - done} to run · {_elapsed(started)}")
+            runner = run_icl if spec.kind == "icl" else run_sft
+            try:
+                tables[model] = runner(spec, path, ref, log=lambda m, a=spec.arm: log(f"  [{a}] {m}"),
+                                       progress=progress)
+            except ConditionsFailed as e:
+                failures.append(f"{model} {spec.arm}: {e}")
+                log(f"  [{spec.arm}] {e}")
+        if config.rsa:
+            from iclsft.rsa import compute_rsa
+
+            log(f"== {model} · RSA · {_elapsed(started)}")
+            try:
+                compute_rsa(path, dtype=config.dtype, progress=progress, log=lambda m: log(f"  [rsa] {m}"))
+            except ConditionsFailed as e:
+                failures.append(f"{model} rsa: {e}")
+                log(f"  [rsa] {e}")
+        if config.report:
+            from iclsft.report import build_report
+
+            log(f"== {model} · report: {build_report(path)}")
+    if failures:
+        raise ConditionsFailed("; ".join(failures))
+    return tables
+
+
+def _elapsed(started: float) -> str:
+    s = time.time() - started
+    return f"{int(s // 60)}m{int(s % 60):02d}s elapsed"
+
