@@ -293,13 +293,15 @@ def rsa(run_dir, dtype, batch_size, quiet):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Report directory (default RUN/report).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for index.html and its figures (default RUN/report).")
+@click.option("--n-boot", default=2000, show_default=True, help="Bootstrap resamples for the intervals.")
 @user_errors
-def report(run_dir, out):
-    """An HTML report with figures (PNG) and statistics of a run."""
+def report(run_dir, out, n_boot):
+    """HTML report of a run: figures and statistics across seeds (no model needed)."""
     from iclsft.report import build_report
 
-    click.echo(build_report(run_dir, out))
+    click.echo(build_report(run_dir, out, n_boot=n_boot))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -262,6 +262,7 @@ def run_sweep(config: SweepConfig, *, log: Log | None = None, progress: bool = T
     from iclsft.store import RunDir, atomic_write_json
 
     log = log or (lambda _msg: None)
+    planned = {model: arm_specs(config, model) for model in config.models}  # every input checked first
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "sweep.json", json.loads(config.model_dump_json()))
@@ -269,7 +270,7 @@ def run_sweep(config: SweepConfig, *, log: Log | None = None, progress: bool = T
     started = time.time()
     for model in config.models:
         path = model_dir(out, model)
-        arms = arm_specs(config, model)
+        arms = planned[model]
         run = RunDir(path)
         for i, (spec, ref) in enumerate(arms, 1):
             conds = spec.conditions()

@@ -1,0 +1,271 @@
+"""`build_report`: one HTML page with the figures of the 2D study (seed 002) for a run directory.
+
+Sections follow the study: decision fields per method and K; metrics against K; inferred against
+true angle (ICL's pull towards the diagonal); order probes; SFT training dynamics; RSA (histograms,
+sub-matrices, collapse index against layer); tables of means with bootstrap intervals and of the
+paired ICL − SFT differences. A section whose data the run lacks says so in one line instead of
+drawing an empty figure.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from iclsft import __version__
+from iclsft.evaluate.stats import N_BOOT, paired_differences, summarize
+from iclsft.report import rsa, tables
+from iclsft.report.data import RunData, is_final, load_run, method_color
+from iclsft.report.figures import (
+    CURVE_METRICS,
+    DYNAMICS_METRICS,
+    ORDER_METRICS,
+    FigureWriter,
+    available_metrics,
+    draw_angles,
+    draw_fields,
+    draw_lines,
+    k_colors,
+    slug,
+)
+from iclsft.report.html import Section, page
+from iclsft.store import atomic_write_bytes
+
+ORDER_COLORS = ("#000000", "#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628")
+K_AXIS = "K (exemplars per class)"
+
+
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_boot: int = N_BOOT) -> Path:
+    """Write `index.html`, its PNGs and the statistics as CSV into `out_dir` (default RUN/report);
+    return the path of `index.html`. Needs no model: everything comes from the stored results."""
+    data = load_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else data.path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(data.metrics, n_boot=n_boot)
+    diffs = paired_differences(data.metrics, n_boot=n_boot)
+    writer = FigureWriter(out)
+    sections = [
+        tables.run_section(data),
+        _fields_section(data, writer),
+        _curves_section(data, summary, writer),
+        _angles_section(data, summary, writer),
+        _orders_section(data, summary, writer),
+        _dynamics_section(data, summary, writer),
+        _rsa_section(data, writer),
+        tables.stats_section(data, summary, diffs, out),
+    ]
+    n = len(data.conditions)
+    meta = (f"{data.path} · {n} finished condition{'s' * (n != 1)} · methods {', '.join(data.methods)} · "
+            f"intervals: 95% percentile bootstrap over seeds ({n_boot} resamples) · iclsft {__version__} · "
+            f"{time.strftime('%Y-%m-%d %H:%M')}")
+    markup = page(f"ICL vs SFT — {data.path.resolve().name}", meta, sections)
+    _check_figures(markup, out, writer.written)
+    index = out / "index.html"
+    atomic_write_bytes(index, markup.encode("utf-8"))
+    # Figures of an earlier report in this folder that this one no longer draws; removed only now, so a
+    # failed build leaves the previous page with all of its images.
+    for old in set(out.glob(f"{FigureWriter.PREFIX}*.png")) - {out / name for name in writer.written}:
+        old.unlink()
+    return index
+
+
+def _check_figures(markup: str, out: Path, written: list[str]) -> None:
+    """Every PNG written is shown, and every image shown exists."""
+    shown = re.findall(r'<img src="([^"]+)"', markup)
+    if sorted(shown) != sorted(written) or not all((out / name).is_file() for name in shown):
+        raise AssertionError(f"report figures out of step: shown {sorted(shown)}, written {sorted(written)}")
+
+
+def _panel(table: pd.DataFrame, task: str, angle: float) -> pd.DataFrame:
+    return table[(table["task"] == task) & (table["angle"] == angle)]
+
+
+def _where(task: str, angle: float) -> str:
+    return f"{task} · θ = {angle:g}°"
+
+
+def _pick_seed(seeds: pd.Series) -> int:
+    """Seed 0 where present (the figures of a single-seed run), else the smallest."""
+    return 0 if (seeds == 0).any() else int(seeds.min())
+
+
+def _field_cells(conds: pd.DataFrame) -> tuple[dict[int, pd.Series], int]:
+    seed = _pick_seed(conds["seed"])
+    return {int(row["shots"]): row for _, row in conds[conds["seed"] == seed].iterrows()}, seed
+
+
+def _fields_section(data: RunData, writer: FigureWriter) -> Section:
+    s = Section("Decision fields", f"p({data.first_label.strip()}) over the query lattice for each method (rows) "
+                "and shot count K (columns); dots are the 2K exemplars (white: first label, black: second), the "
+                "dashed line is the true boundary. ICL's seen-feature and comparison biases show as fields that "
+                "follow rows/columns or the diagonal instead of the boundary.")
+    conds = data.conditions[is_final(data.conditions["checkpoint"]) & (data.conditions["order"] == data.main_order)]
+    for task, angle in data.panels:
+        sel = _panel(conds, task, angle)
+        grid, seeds = {}, set()
+        for method in data.methods:
+            if (sel["method"] == method).any():
+                grid[method], seed = _field_cells(sel[sel["method"] == method])
+                seeds.add(seed)
+        if not grid:
+            s.note(f"{_where(task, angle)}: no finished condition in order {data.main_order}.")
+            continue
+        seed_text = ", ".join(str(x) for x in sorted(seeds))
+        name = draw_fields(writer, slug("fields", task, f"a{angle:g}"),
+                           f"{_where(task, angle)} · order {data.main_order} · seed {seed_text}",
+                           grid, task, angle, data.first_label)
+        s.figure(name, f"Decision fields, {_where(task, angle)}, order {data.main_order}, seed {seed_text}.")
+    return s
+
+
+def _curves_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter) -> Section:
+    s = Section("Metrics against K", "Mean over seeds with the 95% bootstrap band, one line per method "
+                "(final SFT checkpoints). Calibrated accuracy thresholds lp₀ − lp₁ at its median over the grid "
+                "(SPEC §5), which removes a label prior without using the truth; dotted lines mark chance.")
+    final = summary[is_final(summary["checkpoint"]) & (summary["order"] == data.main_order)]
+    colors = {m: method_color(m) for m in data.methods}
+    for task, angle in data.panels:
+        sel = _panel(final, task, angle)
+        if not available_metrics(sel, CURVE_METRICS):
+            s.note(f"{_where(task, angle)}: no finite metric values to plot.")
+            continue
+        name = draw_lines(writer, slug("curves", task, f"a{angle:g}"),
+                          f"{_where(task, angle)} · order {data.main_order}", sel, x="shots", series="method",
+                          metrics=CURVE_METRICS, colors=colors, logx=True, xticks=sorted(sel["shots"].unique()),
+                          xlabel=K_AXIS)
+        s.figure(name, f"Metrics against K, {_where(task, angle)}.")
+    return s
+
+
+def _angles_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter) -> Section:
+    s = Section("Inferred against true angle", "The boundary angle recovered by a logistic fit to each method's "
+                "predictions (raw, then calibrated), drawn as θ + mean angle error with its bootstrap interval; "
+                "the dashed diagonal is a perfect learner. A pull towards 45° (comparison bias) bends ICL's "
+                "lines towards the diagonal n1 = n2 direction.")
+    final = summary[is_final(summary["checkpoint"]) & (summary["order"] == data.main_order)
+                    & summary["metric"].isin(["angle_error", "cal_angle_error"])]
+    for task in sorted(final["task"].unique()):
+        sel = final[final["task"] == task]
+        methods = [m for m in data.methods if np.isfinite(sel.loc[sel["method"] == m, "mean"]).any()]
+        if not methods:
+            s.note(f"{task}: every prediction was a single class, so no angle could be inferred.")
+            continue
+        angles = sorted(sel["angle"].unique())
+        name = draw_angles(writer, slug("angles", task), f"{task} · order {data.main_order}", sel, methods)
+        s.figure(name, f"Inferred against true angle, {task}, angles {', '.join(f'{a:g}' for a in angles)}°.")
+        if len(angles) == 1:
+            s.note(f"{task}: the run has one angle; a sweep over angles shows the pull towards the diagonal.")
+    if final.empty:
+        s.note("Omitted: no angle-error values in this run.")
+    return s
+
+
+def _orders_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter) -> Section:
+    s = Section("Order probes", "Metrics against K for each periodic label pattern of the exemplar stream "
+                "(1 = first label, 2 = second) beside random order. A short period can make ICL switch from "
+                "classifying to continuing the pattern.")
+    if len(data.orders) < 2:
+        s.note(f"Omitted: the run has one order pattern ({data.main_order}); run with --order-pattern or a sweep "
+               "with several orders to probe order.")
+        return s
+    colors = {o: ORDER_COLORS[i % len(ORDER_COLORS)] for i, o in enumerate(data.orders)}
+    final = summary[is_final(summary["checkpoint"])]
+    conds = data.conditions[is_final(data.conditions["checkpoint"])]
+    for task, angle in data.panels:
+        sel = _panel(final, task, angle)
+        multi = [m for m in data.methods if sel.loc[sel["method"] == m, "order"].nunique() > 1]
+        if not multi or not available_metrics(sel[sel["method"].isin(multi)], ORDER_METRICS):
+            s.note(f"{_where(task, angle)}: no method was run with several order patterns.")
+            continue
+        name = draw_lines(writer, slug("orders", task, f"a{angle:g}"), _where(task, angle),
+                          sel[sel["method"].isin(multi)], x="shots", series="order", rows="method", row_values=multi,
+                          metrics=ORDER_METRICS, colors=colors, logx=True, xticks=sorted(sel["shots"].unique()),
+                          xlabel=K_AXIS)
+        s.figure(name, f"Metrics against K per order pattern, {_where(task, angle)}.")
+        method = "icl" if "icl" in multi else multi[0]
+        mc = _panel(conds, task, angle)
+        mc = mc[mc["method"] == method]
+        grid = {f"order {o}": _field_cells(mc[mc["order"] == o])[0] for o in data.orders if (mc["order"] == o).any()}
+        seed = _pick_seed(mc["seed"])
+        name = draw_fields(writer, slug("order-fields", task, f"a{angle:g}"),
+                           f"{method} · {_where(task, angle)} · seed {seed}", grid, task, angle, data.first_label)
+        s.figure(name, f"{method} decision fields per order pattern, {_where(task, angle)}.")
+    return s
+
+
+def _dynamics_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter) -> Section:
+    s = Section("SFT training dynamics", "SFT metrics at the saved fractions of training, one line per K "
+                "(a control of the study: SFT's behaviour as it learns, at a fixed set of exemplars).")
+    ckpt = summary[summary["checkpoint"].notna() & (summary["order"] == data.main_order)]
+    methods = [m for m in data.methods if ckpt.loc[ckpt["method"] == m, "checkpoint"].nunique() > 1]
+    if not methods:
+        s.note("Omitted: no SFT method has more than one checkpoint (sft --checkpoints 0.25,0.5,1 saves them).")
+        return s
+    for task, angle in data.panels:
+        sel = _panel(ckpt[ckpt["method"].isin(methods)], task, angle)
+        if not available_metrics(sel, DYNAMICS_METRICS):
+            s.note(f"{_where(task, angle)}: no SFT checkpoints.")
+            continue
+        shots = sorted(sel["shots"].unique())
+        name = draw_lines(writer, slug("dynamics", task, f"a{angle:g}"), f"{_where(task, angle)} · order "
+                          f"{data.main_order}", sel, x="checkpoint", series="shots", rows="method", row_values=methods,
+                          metrics=DYNAMICS_METRICS, colors=k_colors(shots), labels={k: f"K={k}" for k in shots},
+                          xticks=sorted(sel["checkpoint"].unique()), xlabel="fraction of training")
+        s.figure(name, f"SFT metrics along training, {_where(task, angle)}.")
+    return s
+
+
+def _rsa_pick(conds: pd.DataFrame) -> tuple[int, dict[str, pd.Series]]:
+    """The K with RSA for the most methods (the largest such K), and one condition per method there."""
+    counts = conds.groupby("shots")["method"].nunique()
+    k = int(counts[counts == counts.max()].index.max())
+    picks = {}
+    for method, mc in conds[conds["shots"] == k].groupby("method", sort=False):
+        picks[method] = mc[mc["seed"] == _pick_seed(mc["seed"])].iloc[0]
+    return k, picks
+
+
+def _rsa_section(data: RunData, writer: FigureWriter) -> Section:
+    s = Section("Representations (RSA)", "Cosine similarity between the last query token's activations of grid "
+                "points, per layer (residual stream and MLP output). Collapse index = mean within-class − mean "
+                "between-class cosine: SFT collapsing representations onto the label axis shows as a rising "
+                "index in middle layers and as two blocks in the label-sorted sub-matrices.")
+    conds = data.conditions[data.conditions["rsa"] & is_final(data.conditions["checkpoint"])
+                            & (data.conditions["order"] == data.main_order)]
+    if conds.empty:
+        s.note("Omitted: no condition has RSA arrays (rsa.npz with an ok rsa.json) in order "
+               f"{data.main_order}.")
+        return s
+    problems: list[str] = []
+    methods = [m for m in data.methods if (conds["method"] == m).any()]
+    missing = [_where(task, angle) for task, angle in data.panels if _panel(conds, task, angle).empty]
+    if missing:
+        s.note(f"No RSA arrays (order {data.main_order}) at: {'; '.join(missing)}.")
+    for task, angle in data.panels:
+        sel = _panel(conds, task, angle)
+        if sel.empty:
+            continue
+        s.heading(_where(task, angle))
+        name = rsa.draw_collapse(writer, slug("rsa-collapse", task, f"a{angle:g}"), _where(task, angle), sel,
+                                 methods, problems)
+        if name:
+            s.figure(name, f"Collapse index against layer, {_where(task, angle)} (mean over seeds, bootstrap band).")
+        k, picks = _rsa_pick(sel)
+        picks = {m: picks[m] for m in methods if m in picks}
+        seeds = ", ".join(sorted({str(int(c["seed"])) for c in picks.values()}))
+        where = f"{_where(task, angle)} · K={k} · seed {seeds}"
+        name = rsa.draw_histograms(writer, slug("rsa-hist", task, f"a{angle:g}"), where, picks, problems)
+        if name:
+            s.figure(name, f"Cosine-similarity histograms over all pairs of grid points, {where}.")
+        for stream, label in rsa.STREAMS:
+            name = rsa.draw_submatrices(writer, slug("rsa-sub", stream, task, f"a{angle:g}"), f"{label} · {where}",
+                                        picks, stream, problems)
+            if name:
+                s.figure(name, f"Label-sorted cosine sub-matrices ({label}; lines separate the classes), {where}.")
+    for problem in dict.fromkeys(problems):
+        s.note(f"Skipped unreadable RSA arrays: {problem}")
+    return s

@@ -1,0 +1,232 @@
+"""Tests for iclsft.report: a synthetic run directory with the real layout (specs, conditions written
+through RunDir, metrics recomputed from scores, fake RSA arrays), no model."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+matplotlib_image = pytest.importorskip("matplotlib.image")
+
+from iclsft.evaluate.metrics import decision_field  # noqa: E402
+from iclsft.evaluate.runs import recompute_metrics  # noqa: E402
+from iclsft.report import build_report  # noqa: E402
+from iclsft.report.figures import FigureWriter  # noqa: E402
+from iclsft.spec import IclRunSpec, ModelSpec, SftRunSpec, TaskSpec, sft_spec  # noqa: E402
+from iclsft.store import RunDir, npy_bytes, parquet_bytes  # noqa: E402
+from iclsft.tasks import linear2d  # noqa: E402
+
+MODEL = ModelSpec(name="synthetic", fingerprint="0" * 64)
+N_LAYERS = 4
+
+
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -x)
+
+
+def synthetic_scores(cond, exemplars: pd.DataFrame) -> pd.DataFrame:
+    """Scores with the study's qualitative shape: ICL is biased towards the first label, pulled
+    towards the 45° diagonal at small K and less confident; SFT is sharper and more so along training."""
+    scores = linear2d.queries(cond.task, exemplars)
+    rng = np.random.default_rng([cond.seed, cond.shots, int(cond.task.angle), len(cond.method), len(cond.order)])
+    k, angle = cond.shots, cond.task.angle
+    if cond.method == "icl":
+        effective = angle + 0.6 * np.exp(-k / 4) * (45.0 - angle) + rng.normal(0, 6 / np.sqrt(k))
+        scale, bias, noise, mass = 0.03 * (1 + k), 1.0, 0.8, 0.6
+        if cond.order != "random":  # a periodic pattern: the model half-follows it instead
+            scale *= 0.3
+    else:
+        effective = angle + rng.normal(0, 8 / np.sqrt(k))
+        scale, bias, noise, mass = 0.08 * (1 + k) * (cond.checkpoint or 1.0), 0.0, 0.5, 0.95
+    d = scale * linear2d.margin(scores.n1.to_numpy(), scores.n2.to_numpy(), effective) + bias
+    d = d + rng.normal(0, noise, len(scores))
+    scores["lp_0"] = np.log(mass) + _log_sigmoid(d)
+    scores["lp_1"] = np.log(mass) + _log_sigmoid(-d)
+    return scores
+
+
+def fake_rsa(cond, collapse: float) -> dict[str, np.ndarray]:
+    """RSA arrays in the layout of rsa.npz: activations mix an input-position code with a class code
+    whose weight grows with depth (strongly for SFT: collapse)."""
+    rng = np.random.default_rng([cond.seed, cond.shots, len(cond.method)])
+    points = linear2d.queries(cond.task)
+    points = points[points["truth"] >= 0]
+    sub = pd.concat([points[points["truth"] == c].sample(200, random_state=int(rng.integers(1 << 30)))
+                     for c in (0, 1)])
+    truth = sub["truth"].to_numpy()
+    position = np.column_stack([sub["n1"], sub["n2"]]).astype(float) / 99.0 @ rng.normal(size=(2, 32))
+    label_code = np.where(truth[:, None] == 0, 1.0, -1.0) * rng.normal(size=(1, 32))
+    bins = np.linspace(-1, 1, 101)
+    out = {"layers": np.arange(N_LAYERS), "bins": bins, "sub_truth": truth}
+    for stream, offset in (("resid", 0.0), ("mlp", 0.1)):
+        hist, subs, coll = [], [], []
+        for layer in range(N_LAYERS):
+            c = min(1.0, collapse * layer / (N_LAYERS - 1) + offset)
+            v = (1 - c) * position + c * label_code + 0.3 * rng.normal(size=position.shape) + 1.0
+            v /= np.linalg.norm(v, axis=1, keepdims=True)
+            cos = v @ v.T
+            iu = np.triu_indices(len(v), 1)
+            hist.append(np.histogram(cos[iu], bins=bins)[0])
+            subs.append(cos.astype(np.float16))
+            same = truth[:, None] == truth[None, :]
+            off = ~np.eye(len(v), dtype=bool)
+            coll.append(cos[same & off].mean() - cos[~same].mean())
+        out[f"hist_{stream}"] = np.array(hist, dtype=np.int64)
+        out[f"sub_{stream}"] = np.array(subs)
+        out[f"collapse_{stream}"] = np.array(coll)
+    return out
+
+
+def write_run(path: Path, *, angles=(0.0, 45.0), shots=(1, 2, 5), seeds=(0, 1, 2), orders=("random",),
+              checkpoints=(1.0,), grid_step=4, rsa_for=None, metrics=True) -> Path:
+    """A run directory as `icl` + `sft --method lora` write it, with synthetic scores."""
+    run = RunDir(path)
+    tasks = tuple(TaskSpec(angle=a, grid_step=grid_step) for a in angles)
+    common = dict(tasks=tasks, model=MODEL, shots=shots, seeds=seeds)
+    specs = [IclRunSpec(**common, orders=orders),
+             SftRunSpec(**common, sft=sft_spec("lora"), checkpoints=checkpoints)]
+    for spec in specs:
+        run.open(spec)
+        for cond in spec.conditions():
+            exemplars = linear2d.exemplars(cond.task, cond.seed, cond.shots, cond.order)
+            scores = synthetic_scores(cond, exemplars)
+            files = {"scores.parquet": parquet_bytes(scores), "exemplars.parquet": parquet_bytes(exemplars),
+                     "field.npy": npy_bytes(decision_field(scores).astype(np.float32))}
+            run.write_condition(cond, files)  # metrics: recompute_metrics below, as `iclsft-eval metrics` does
+            if rsa_for and rsa_for(cond):
+                cdir = run.condition_dir(cond)
+                # uncompressed: the reader does not care, and zlib on noise is slow
+                np.savez(cdir / "rsa.npz", **fake_rsa(cond, 0.15 if cond.method == "icl" else 0.9))
+                (cdir / "rsa.json").write_text(json.dumps({"status": "ok"}))
+    run.write_run_record("ok", arm="sft-lora", conditions=len(run.finished()))
+    if metrics:
+        recompute_metrics(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """Two angles, K 1,2,5, three seeds, ICL with two order patterns, LoRA with two checkpoints,
+    RSA at 45° for seeds 0 and 1 at K 2 and 5."""
+    return write_run(tmp_path_factory.mktemp("full") / "run", orders=("random", "12"),
+                     checkpoints=(0.5, 1.0),
+                     rsa_for=lambda c: c.task.angle == 45.0 and c.seed < 2 and c.shots > 1
+                     and c.order == "random" and c.checkpoint in (None, 1.0))
+
+
+@pytest.fixture(scope="module")
+def full_report(full_run) -> Path:
+    return build_report(full_run, n_boot=500)
+
+
+def shown_images(index: Path) -> list[str]:
+    return re.findall(r'<img src="([^"]+)"', index.read_text())
+
+
+def assert_images_valid(index: Path) -> None:
+    """The page shows every PNG beside it, each exists and is a real, non-blank image."""
+    shown = shown_images(index)
+    on_disk = sorted(p.name for p in index.parent.glob("*.png"))
+    assert sorted(shown) == on_disk and len(set(shown)) == len(shown)
+    for name in shown:
+        assert "/" not in name  # relative, beside the page
+        image = matplotlib_image.imread(index.parent / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        rgba = np.round(image * 255).astype(np.uint8)
+        if rgba.shape[2] == 3:
+            rgba = np.concatenate([rgba, np.full(rgba.shape[:2] + (1,), 255, np.uint8)], axis=2)
+        colours = np.unique(np.ascontiguousarray(rgba).view(np.uint32))  # one integer per RGBA pixel
+        assert len(colours) > 10, f"{name} is blank"
+
+
+def test_report_shows_every_figure_it_wrote(full_run, full_report):
+    assert full_report == full_run / "report" / "index.html"
+    assert_images_valid(full_report)
+    names = set(shown_images(full_report))
+    expected = {f"fig-{kind}-linear2d-a{a}.png" for kind in ("fields", "curves", "orders", "order-fields", "dynamics")
+                for a in (0, 45)}
+    expected |= {"fig-angles-linear2d.png", "fig-rsa-collapse-linear2d-a45.png", "fig-rsa-hist-linear2d-a45.png",
+                 "fig-rsa-sub-resid-linear2d-a45.png", "fig-rsa-sub-mlp-linear2d-a45.png"}
+    assert names == expected
+    html = full_report.read_text()
+    assert "<title>ICL vs SFT — run</title>" in html
+    assert "No RSA arrays (order random) at: linear2d · θ = 0°." in html  # RSA only at 45°: 0° says so
+    assert "Omitted" not in html
+    for section in ("Run", "Decision fields", "Metrics against K", "Inferred against true angle", "Order probes",
+                    "SFT training dynamics", "Representations (RSA)", "Summary statistics"):
+        assert f"<h2>{section}</h2>" in html
+
+
+def test_report_tables_match_the_metrics(full_run, full_report):
+    metrics = pd.read_parquet(full_run / "metrics.parquet")
+    html = full_report.read_text()
+    sel = metrics[(metrics.method == "icl") & (metrics.angle == 45.0) & (metrics.shots == 5)
+                  & (metrics.order == "random")]
+    assert len(sel) == 3
+    assert f"{sel['accuracy'].mean():.3f} [" in html
+    stats = pd.read_csv(full_report.parent / "stats.csv")
+    row = stats[(stats.method == "icl") & (stats.angle == 45.0) & (stats.shots == 5) & (stats.order == "random")
+                & (stats.metric == "accuracy")].iloc[0]
+    assert row["mean"] == pytest.approx(sel["accuracy"].mean())
+    assert row["n_seeds"] == 3 and row["lo"] <= row["mean"] <= row["hi"]
+    diffs = pd.read_csv(full_report.parent / "paired_differences.csv")
+    lora = metrics[(metrics.method == "lora") & (metrics.angle == 45.0) & (metrics.shots == 5)
+                   & (metrics.checkpoint == 1.0)].set_index("seed")
+    d = diffs[(diffs.angle == 45.0) & (diffs.shots == 5) & (diffs.checkpoint == 1.0) & (diffs.metric == "accuracy")]
+    assert d["diff"].iloc[0] == pytest.approx((sel.set_index("seed")["accuracy"] - lora["accuracy"]).mean())
+    assert 'href="stats.csv"' in html and 'href="paired_differences.csv"' in html
+
+
+def test_report_omits_figures_without_data(tmp_path):
+    """One order, one checkpoint, no RSA, no metrics.parquet yet: those sections say so in a line."""
+    run = write_run(tmp_path / "small", angles=(45.0,), shots=(1, 2), seeds=(0,), metrics=False)
+    index = build_report(run, tmp_path / "out", n_boot=200)
+    assert index == tmp_path / "out" / "index.html"
+    assert (run / "metrics.parquet").is_file()  # recomputed from the stored scores
+    assert_images_valid(index)
+    assert set(shown_images(index)) == {"fig-fields-linear2d-a45.png", "fig-curves-linear2d-a45.png",
+                                        "fig-angles-linear2d.png"}
+    html = index.read_text()
+    assert "Omitted: the run has one order pattern (random)" in html
+    assert "Omitted: no SFT method has more than one checkpoint" in html
+    assert "Omitted: no condition has RSA arrays" in html
+    assert "the run has one angle" in html
+    assert "0.000 [" not in html  # one seed: means only, no interval
+
+
+def test_report_rebuild_drops_stale_figures_and_reports_bad_rsa(tmp_path):
+    run = write_run(tmp_path / "run", angles=(45.0,), shots=(2,), seeds=(0,),
+                    rsa_for=lambda c: c.method == "icl")
+    out = run / "report"
+    out.mkdir()
+    (out / "fig-old.png").write_bytes(b"not an image")
+    (out / "notes.txt").write_text("mine")
+    cdir = next(p for p in (run / "conditions").iterdir() if (p / "rsa.npz").exists())
+    arrays = dict(np.load(cdir / "rsa.npz"))
+    np.savez(cdir / "rsa.npz", **{**arrays, "collapse_resid": arrays["collapse_resid"][:-1]})
+    index = build_report(run, n_boot=200)
+    assert not (out / "fig-old.png").exists() and (out / "notes.txt").read_text() == "mine"
+    assert_images_valid(index)
+    html = index.read_text()
+    assert "Skipped unreadable RSA arrays" in html and "collapse_resid has shape (3,)" in html
+    # Only the figure that needs the bad array is left out; the file's other arrays are fine.
+    assert {n for n in shown_images(index) if n.startswith("fig-rsa")} == {
+        "fig-rsa-hist-linear2d-a45.png", "fig-rsa-sub-resid-linear2d-a45.png", "fig-rsa-sub-mlp-linear2d-a45.png"}
+
+
+def test_report_needs_a_finished_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        build_report(tmp_path)
+
+
+def test_figure_writer_refuses_an_empty_figure(tmp_path):
+    from matplotlib.figure import Figure
+
+    with pytest.raises(AssertionError, match="no data"):
+        FigureWriter(tmp_path).save(Figure(), "empty", 0)
+    assert not list(tmp_path.iterdir())
