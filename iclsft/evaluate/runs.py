@@ -49,8 +49,11 @@ def compare_table(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:
     """A compact text table for the terminal."""
-    columns = columns or ["angle", "method", "shots", "seed", "checkpoint", "accuracy", "holdout_accuracy", "auc",
-                          "cal_accuracy", "confidence", "label_mass", "smoothness", "inferred_angle"]
+    if columns is None:
+        columns = ["angle", "method", "shots", "seed", "checkpoint", "accuracy", "holdout_accuracy", "auc",
+                   "cal_accuracy", "confidence", "label_mass", "smoothness", "inferred_angle"]
+        # the task and order columns only where a table mixes several (sweeps)
+        columns = [c for c in ("task", "order") if c in table and table[c].nunique() > 1] + columns
     shown = table[[c for c in columns if c in table.columns]].copy()
     if "checkpoint" in shown:  # ICL has no training checkpoint: show a blank, not None/NaN
         shown["checkpoint"] = [("" if pd.isna(v) else f"{v:g}") for v in shown["checkpoint"]]
