@@ -178,9 +178,11 @@ def _merge_tasks(specs: list) -> list:
 
 
 def plan(config: SweepConfig) -> dict:
-    """What the sweep computes and what is left: conditions, trainings, queries, a time estimate."""
+    """What the sweep computes and what is left, per model and arm: conditions, trainings (one per
+    task, order, seed and K with a condition left; at most that many), training steps, queries."""
+    from iclsft.sft.train import total_steps
     from iclsft.store import RunDir
-    from iclsft.tasks import linear2d
+    from iclsft.tasks.linear2d import GRID
 
     rows = []
     for model in config.models:
@@ -188,16 +190,11 @@ def plan(config: SweepConfig) -> dict:
         for spec, _ in arm_specs(config, model):
             conds = spec.conditions()
             todo = [c for c in conds if not run.is_done(c)]
-            queries = sum(len(linear2d.queries(c.task)) for c in todo)
-            trainings = len({(c.task, c.order, c.seed, c.shots) for c in todo}) if spec.kind == "sft" else 0
-            steps = 0
-            if spec.kind == "sft":
-                from iclsft.sft.train import total_steps
-
-                steps = sum(total_steps(2 * k, spec.sft) for (_, _, _, k) in
-                            {(c.task, c.order, c.seed, c.shots) for c in todo})
+            queries = sum((GRID // c.task.grid_step) ** 2 for c in todo)
+            trainings = {(c.task, c.order, c.seed, c.shots) for c in todo} if spec.kind == "sft" else set()
+            steps = sum(total_steps(2 * k, spec.sft) for (_, _, _, k) in trainings)
             rows.append({"model": model, "arm": spec.arm, "conditions": len(conds), "todo": len(todo),
-                         "trainings": trainings, "train_steps": steps, "queries": queries,
+                         "trainings": len(trainings), "train_steps": steps, "queries": queries,
                          "prefix_tokens": _mean_prefix_tokens(todo) if spec.kind == "icl" else 0})
     return {"rows": rows}
 

@@ -12,6 +12,18 @@ import torch
 from iclsft.models import KNOWN_MODELS, prepared_path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module, restored afterwards. The tiny model's matmuls are too
+    small for a second thread to help, and on a shared 2-core machine it made forward passes up to
+    10x slower (330 tokens in 1.4 s with one thread, 10 s with two under load). Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm_tokenizer(tmp_path_factory):
     """SmolLM2's tokenizer: from the prepared model if there is one, else straight from the GGUF."""

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from click.testing import CliRunner
 
 from iclsft import __version__
@@ -23,13 +22,7 @@ BASE = ["--angle", "45", "--shots", "1,2", "--grid-step", "10"]
 SCORE_COLUMNS = ["n1", "n2", "truth", "lp_0", "lp_1", "is_exemplar"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's matmuls are too small for intra-op threads to help on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

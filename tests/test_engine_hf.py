@@ -33,6 +33,8 @@ LABELS = {
     "bazaar": ((" Bazaar", " Bazinga"), [[389, 15540, 280], [389, 4750, 81]]),
 }
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _query_points() -> list[tuple[int, int]]:
     """40 grid points: hand-picked tries ("1 23" vs "12 3" vs "12 30": shared leading tokens,
@@ -48,16 +50,6 @@ def _query_points() -> list[tuple[int, int]]:
 
 
 POINTS = _query_points()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's matmuls are so small that intra-op threads only add overhead (40x slower on a
-    busy 2-core machine); run this module single-threaded and restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from iclsft.engine.reference import naive_score
 from iclsft.evaluate.metrics import METRIC_NAMES
@@ -23,21 +22,11 @@ from iclsft.models import load_model
 from iclsft.prompts import PromptBuilder
 from iclsft.tasks import linear2d
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 ANGLE = 90.0
 SHOTS = (5, 20)
 TOL = 1e-4  # fp32 log-probs: packed engine vs one plain forward per (query, label)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """On a shared 2-core machine a second intra-op thread made forward passes up to 10x slower
-    (measured: 330 tokens in 1.4 s with one thread, 10 s with two under load); restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

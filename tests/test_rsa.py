@@ -28,13 +28,7 @@ ARRAY_KEYS = {"layers", "bins", "hist_resid", "hist_mlp", "sub_resid", "sub_mlp"
               "collapse_resid", "collapse_mlp", "within_resid", "between_resid", "within_mlp", "between_mlp"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's matmuls are too small for intra-op threads to help on a shared 2-core CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -380,7 +374,6 @@ def test_sft_condition_uses_its_adapter(icl_run, tmp_path, tiny_model_dir, smoll
     np.testing.assert_allclose(arrays["within_resid"], tuned["within"], rtol=0, atol=1e-6)
     assert np.abs(arrays["within_resid"] - untuned["within"]).max() > 1e-5
     assert os.path.isfile(ckpt / "adapter_config.json")
-
 
 
 @pytest.mark.parametrize("name", ["semantic", "xor"])

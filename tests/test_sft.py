@@ -46,13 +46,7 @@ SCORE_COLUMNS = ["n1", "n2", "truth", "lp_0", "lp_1", "is_exemplar"]
 PROBES = [(0, 0), (10, 90), (90, 10), (37, 71), (99, 3), (50, 50)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model's matmuls are too small for intra-op threads to help on a shared 2-core CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from iclsft.prompts import prompt_builders
 from iclsft.sft.adapters import MARKER, read_marker
@@ -24,12 +23,7 @@ pytest.importorskip("peft")
 SHOTS = (1, 2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

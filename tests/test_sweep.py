@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from iclsft.sweep import SweepConfig, apply_override, load_config, model_dir, plan, run_sweep
@@ -24,12 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING = ["seconds", "train_seconds", "trained_now", "finished"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
