@@ -24,12 +24,13 @@ def user_errors(fn):
 
         from iclsft.engine.vllm_server import ServerError
         from iclsft.icl import ConditionsFailed
+        from iclsft.store import RunLockedError
 
         try:
             return fn(*args, **kwargs)
         except ValidationError as e:  # a subclass of ValueError: give it the option name and value
             raise click.ClickException(_validation_message(e)) from e
-        except (*USER_ERRORS, ConditionsFailed, ServerError) as e:
+        except (*USER_ERRORS, ConditionsFailed, ServerError, RunLockedError) as e:
             raise click.ClickException(str(e)) from e
 
     return wrapper

@@ -42,49 +42,53 @@ def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
     builders = prompt_builders(tokenizer, spec.template, spec.tasks)
     run = RunDir(out)
     run.open(spec)  # only now, with every input checked, does anything get written
-    conditions = spec.conditions()
-    todo = [c for c in conditions if not run.is_done(c)]
-    log(f"{len(conditions)} conditions, {len(conditions) - len(todo)} already finished, {len(todo)} to run")
-    started = time.time()
-    run.write_run_record("running", conditions=len(conditions), todo=len(todo))
-    failed = 0
-    engine = None
+    run.acquire_lock()  # one process per run directory (store.RunDir.acquire_lock)
     try:
-        if todo:
-            engine = _make_engine(spec, ref, progress)
-            for i, cond in enumerate(todo, 1):
-                t0 = time.time()
-                try:
-                    builder = builders[builder_key(cond.task)]
-                    exemplars = linear2d.exemplars(cond.task, cond.seed, cond.shots, cond.order)
-                    prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
-                    metrics = score_condition(run, cond, builder, engine, prefix, exemplars)
-                except (RuntimeError, ValueError, MemoryError) as e:
-                    failed += 1
-                    run.write_condition_error(cond, f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-                    log(f"[{i}/{len(todo)}] {cond.dirname}: FAILED {type(e).__name__}: {e}")
-                    continue
-                seconds = time.time() - t0
-                log(
-                    f"[{i}/{len(todo)}] angle {cond.task.angle:g} K={cond.shots} seed {cond.seed}: "
-                    f"{metrics['n_points']} queries in {seconds:.1f} s ({metrics['n_points'] / seconds:.0f} q/s), "
-                    f"accuracy {metrics['accuracy']:.3f}, auc {metrics['auc']:.3f}"
-                )
-    except BaseException as e:
-        run.write_run_record("interrupted", error=f"{type(e).__name__}: {e}", seconds=time.time() - started)
-        raise
+        conditions = spec.conditions()
+        todo = [c for c in conditions if not run.is_done(c)]
+        log(f"{len(conditions)} conditions, {len(conditions) - len(todo)} already finished, {len(todo)} to run")
+        started = time.time()
+        run.write_run_record("running", conditions=len(conditions), todo=len(todo))
+        failed = 0
+        engine = None
+        try:
+            if todo:
+                engine = _make_engine(spec, ref, progress)
+                for i, cond in enumerate(todo, 1):
+                    t0 = time.time()
+                    try:
+                        builder = builders[builder_key(cond.task)]
+                        exemplars = linear2d.exemplars(cond.task, cond.seed, cond.shots, cond.order)
+                        prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
+                        metrics = score_condition(run, cond, builder, engine, prefix, exemplars)
+                    except (RuntimeError, ValueError, MemoryError) as e:
+                        failed += 1
+                        run.write_condition_error(cond, f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+                        log(f"[{i}/{len(todo)}] {cond.dirname}: FAILED {type(e).__name__}: {e}")
+                        continue
+                    seconds = time.time() - t0
+                    log(
+                        f"[{i}/{len(todo)}] angle {cond.task.angle:g} K={cond.shots} seed {cond.seed}: "
+                        f"{metrics['n_points']} queries in {seconds:.1f} s ({metrics['n_points'] / seconds:.0f} q/s), "
+                        f"accuracy {metrics['accuracy']:.3f}, auc {metrics['auc']:.3f}"
+                    )
+        except BaseException as e:
+            run.write_run_record("interrupted", error=f"{type(e).__name__}: {e}", seconds=time.time() - started)
+            raise
+        finally:
+            if engine is not None:
+                close_engine(engine)
+        table = recompute_metrics(run.path)
+        status = "ok" if not failed else "error"
+        run.write_run_record(status, conditions=len(conditions), failed=failed, seconds=round(time.time() - started, 1))
+        if failed:
+            raise ConditionsFailed(
+                f"{failed} of {len(todo)} conditions failed (their record.json under {run.path / 'conditions'} holds "
+                "the error); rerun the same command to retry them"
+            )
+        return table
     finally:
-        if engine is not None:
-            close_engine(engine)
-    table = recompute_metrics(run.path)
-    status = "ok" if not failed else "error"
-    run.write_run_record(status, conditions=len(conditions), failed=failed, seconds=round(time.time() - started, 1))
-    if failed:
-        raise ConditionsFailed(
-            f"{failed} of {len(todo)} conditions failed (their record.json under {run.path / 'conditions'} holds "
-            "the error); rerun the same command to retry them"
-        )
-    return table
+        run.release_lock()
 
 
 def _make_engine(spec: IclRunSpec, ref: ModelRef, progress: bool = True):

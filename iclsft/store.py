@@ -16,6 +16,7 @@ its record says "ok" and every file still matches.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -34,6 +35,10 @@ from iclsft.spec import Condition
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+class RunLockedError(RuntimeError):
+    """Another process is computing into the same run directory."""
 
 
 class SpecMismatchError(ValueError):
@@ -80,6 +85,40 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._lock_file = None
+
+    # -- lock ---------------------------------------------------------------------------------
+    # One process computes into a run directory at a time. The lock is an flock on RUN/.lock, which
+    # the kernel releases when its holder exits or is killed: a crashed run never leaves a stale lock.
+    # (flock is advisory and local to one machine; on network filesystems it may not hold.)
+    LOCK_NAME = ".lock"
+
+    def acquire_lock(self) -> None:
+        """Take the run's lock or raise RunLockedError naming its holder; the directory must exist."""
+        if self._lock_file is not None:
+            return
+        f = open(self.path / self.LOCK_NAME, "a+")  # noqa: SIM115 (held until release_lock)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "an unknown process"
+            f.close()
+            raise RunLockedError(
+                f"{self.path} is in use by another iclsft-eval process ({holder}); wait for it to finish, "
+                "or use another --out (the lock goes away by itself when that process ends)"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        f.flush()
+        self._lock_file = f
+
+    def release_lock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
 
     # -- spec ---------------------------------------------------------------------------------
     # spec.json holds one frozen spec per arm: {"arms": {"icl": {...}, "sft-lora": {...}}}. A run may

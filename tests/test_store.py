@@ -389,3 +389,68 @@ def test_run_of_one_order_per_arm_still_resumes(tmp_path):
     arm["order"] = arm.pop("orders")[0]
     (tmp_path / "spec.json").write_text(json.dumps(stored))
     RunDir(tmp_path).open(spec)  # no SpecMismatchError
+
+
+# -- one process per run directory -----------------------------------------------------------------
+HOLD = """
+import sys, time
+from iclsft.store import RunDir
+run = RunDir(sys.argv[1])
+run.acquire_lock()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_lock(path: Path):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_process_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):
+    from iclsft.store import RunLockedError
+
+    spec = run_spec()
+    RunDir(tmp_path).open(spec)
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(RunLockedError, match=rf"in use by another iclsft-eval process \(pid {holder.pid} on "):
+            RunDir(tmp_path).acquire_lock()
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the kernel drops the flock
+        holder.wait()
+    run = RunDir(tmp_path)
+    run.acquire_lock()  # no stale lock to remove by hand
+    assert f"pid {os.getpid()} " in (tmp_path / ".lock").read_text()
+    run.acquire_lock()  # the holder may take it again
+    run.release_lock()
+    RunDir(tmp_path).acquire_lock()
+
+
+def test_icl_run_into_a_locked_directory_writes_nothing(tmp_path, tiny_model_dir):
+    from iclsft.icl import make_icl_spec, run_icl
+    from iclsft.store import RunLockedError
+
+    spec, ref = make_icl_spec(model=str(tiny_model_dir), angles=(30.0,), shots=(1,), grid_step=20)
+    RunDir(tmp_path).open(spec)
+    holder = hold_lock(tmp_path)
+    try:
+        with pytest.raises(RunLockedError, match="use another --out"):
+            run_icl(spec, tmp_path, ref, progress=False)
+        from click.testing import CliRunner
+
+        from iclsft.cli import main
+
+        result = CliRunner().invoke(main, ["icl", "--model", str(tiny_model_dir), "--angle", "30", "--shots", "1",
+                                           "--grid-step", "20", "--engine", "hf", "--out", str(tmp_path)])
+        assert result.exit_code == 1 and f"pid {holder.pid}" in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "conditions").exists() and not (tmp_path / "record.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run_icl(spec, tmp_path, ref, progress=False)
+    assert json.loads((tmp_path / "record.json").read_text())["status"] == "ok"

@@ -98,12 +98,15 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", batch_size: int 
     run = RunDir(run_dir)
     if not (run.path / "spec.json").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no spec.json)")
-    finished = run.finished()
-    todo = [(cdir, cj, rec) for cdir, cj, rec in finished if not rsa_is_current(cdir, rec["condition"], dtype)]
-    log(f"RSA: {len(finished)} finished conditions, {len(finished) - len(todo)} already done, {len(todo)} to compute")
-    done, failed = [], []
-    models = _Models(dtype)
+    run.acquire_lock()  # released in the finally below: one process per run directory
+    done, failed, todo = [], [], []
+    models = None
     try:
+        finished = run.finished()
+        todo = [(cdir, cj, rec) for cdir, cj, rec in finished if not rsa_is_current(cdir, rec["condition"], dtype)]
+        log(f"RSA: {len(finished)} finished conditions, {len(finished) - len(todo)} already done, "
+            f"{len(todo)} to compute")
+        models = _Models(dtype)
         for i, (cdir, cond_json, record) in enumerate(todo, 1):
             t0 = time.time()
             (cdir / RSA_JSON).unlink(missing_ok=True)  # from here on, nothing of an earlier pass is trusted
@@ -132,7 +135,9 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", batch_size: int 
             log(f"[{i}/{len(todo)}] RSA {cdir.name}: {time.time() - t0:.1f} s, collapse (resid) layer {mid} "
                 f"{arrays['collapse_resid'][mid]:.3f}, last {arrays['collapse_resid'][-1]:.3f}")
     finally:
-        models.close()
+        if models is not None:
+            models.close()
+        run.release_lock()
     if failed:
         raise ConditionsFailed(f"RSA failed for {len(failed)} of {len(todo)} conditions (their {RSA_JSON} holds the "
                                f"error): {', '.join(failed)}; rerun to retry them")

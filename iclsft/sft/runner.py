@@ -78,49 +78,53 @@ def run_sft(spec: SftRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
     builders = prompt_builders(tokenizer, spec.template, spec.tasks)
     run = RunDir(out)
     run.open(spec)
-    conditions = spec.conditions()
-    jobs, where = plan_jobs(spec, run, ref, builders)
-    to_train = [j for j in jobs if not all(is_finished(Path(d)) for _, d in j.checkpoints)]
-    log(f"{len(conditions)} conditions, {len(conditions) - len(where)} already finished; "
-        f"{len(to_train)} models to train, {len(jobs) - len(to_train)} reused")
-    started = time.time()
-    run.write_run_record("running", arm=spec.arm, conditions=len(conditions), todo=len(where))
-    failed = 0
-    scorer = _Scorer(spec, ref, progress)
+    run.acquire_lock()  # one process per run directory (store.RunDir.acquire_lock)
     try:
-        for job, result, error in _execute(jobs, spec.executor, log):
-            for cond_id in job.meta["conditions"]:
-                cond, ckpt, exemplars = where[cond_id]
-                if error is not None:
-                    failed += 1
-                    run.write_condition_error(cond, error.splitlines()[-1], traceback=error,
-                                              checkpoint_dir=Path(ckpt).name)
-                    log(f"training for {cond.dirname} FAILED: {error.splitlines()[-1]}")
-                    continue
-                try:
-                    builder = builders[builder_key(cond.task)]
-                    metrics = scorer.score(run, cond, builder, ckpt, exemplars, result)
-                except (RuntimeError, ValueError, MemoryError, OSError) as e:
-                    failed += 1
-                    run.write_condition_error(cond, f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-                    log(f"scoring {cond.dirname} FAILED: {type(e).__name__}: {e}")
-                    continue
-                log(f"angle {cond.task.angle:g} K={cond.shots} seed {cond.seed} {cond.method} "
-                    f"ckpt {cond.checkpoint:g}: trained {result.get('seconds', 0):.0f} s, accuracy "
-                    f"{metrics['accuracy']:.3f}, auc {metrics['auc']:.3f}")
-    except BaseException as e:
-        run.write_run_record("interrupted", arm=spec.arm, error=f"{type(e).__name__}: {e}",
-                             seconds=time.time() - started)
-        raise
+        conditions = spec.conditions()
+        jobs, where = plan_jobs(spec, run, ref, builders)
+        to_train = [j for j in jobs if not all(is_finished(Path(d)) for _, d in j.checkpoints)]
+        log(f"{len(conditions)} conditions, {len(conditions) - len(where)} already finished; "
+            f"{len(to_train)} models to train, {len(jobs) - len(to_train)} reused")
+        started = time.time()
+        run.write_run_record("running", arm=spec.arm, conditions=len(conditions), todo=len(where))
+        failed = 0
+        scorer = _Scorer(spec, ref, progress)
+        try:
+            for job, result, error in _execute(jobs, spec.executor, log):
+                for cond_id in job.meta["conditions"]:
+                    cond, ckpt, exemplars = where[cond_id]
+                    if error is not None:
+                        failed += 1
+                        run.write_condition_error(cond, error.splitlines()[-1], traceback=error,
+                                                  checkpoint_dir=Path(ckpt).name)
+                        log(f"training for {cond.dirname} FAILED: {error.splitlines()[-1]}")
+                        continue
+                    try:
+                        builder = builders[builder_key(cond.task)]
+                        metrics = scorer.score(run, cond, builder, ckpt, exemplars, result)
+                    except (RuntimeError, ValueError, MemoryError, OSError) as e:
+                        failed += 1
+                        run.write_condition_error(cond, f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+                        log(f"scoring {cond.dirname} FAILED: {type(e).__name__}: {e}")
+                        continue
+                    log(f"angle {cond.task.angle:g} K={cond.shots} seed {cond.seed} {cond.method} "
+                        f"ckpt {cond.checkpoint:g}: trained {result.get('seconds', 0):.0f} s, accuracy "
+                        f"{metrics['accuracy']:.3f}, auc {metrics['auc']:.3f}")
+        except BaseException as e:
+            run.write_run_record("interrupted", arm=spec.arm, error=f"{type(e).__name__}: {e}",
+                                 seconds=time.time() - started)
+            raise
+        finally:
+            scorer.close()
+        table = recompute_metrics(run.path)
+        run.write_run_record("ok" if not failed else "error", arm=spec.arm, conditions=len(conditions), failed=failed,
+                             seconds=round(time.time() - started, 1))
+        if failed:
+            raise ConditionsFailed(f"{failed} of {len(where)} conditions failed (their record.json under "
+                                   f"{run.path / 'conditions'} holds the error); rerun the same command to retry them")
+        return table
     finally:
-        scorer.close()
-    table = recompute_metrics(run.path)
-    run.write_run_record("ok" if not failed else "error", arm=spec.arm, conditions=len(conditions), failed=failed,
-                         seconds=round(time.time() - started, 1))
-    if failed:
-        raise ConditionsFailed(f"{failed} of {len(where)} conditions failed (their record.json under "
-                               f"{run.path / 'conditions'} holds the error); rerun the same command to retry them")
-    return table
+        run.release_lock()
 
 
 class _Scorer:
