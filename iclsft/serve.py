@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from iclsft.engine.reads import adapter_rank
 from iclsft.engine.vllm_engine import CPU_KV_CACHE_GIB
 from iclsft.sft.adapters import ADAPTERS_DIR, is_finished, read_marker
 
@@ -41,7 +42,7 @@ def run_adapters(run_dir: str | Path) -> list[ServedAdapter]:
         name = f"{m.get('task', 'linear2d')}-a{m['angle']:g}-K{m['shots']}-{m['method']}-s{m['seed']}"
         if m.get("fraction", 1.0) != 1.0:
             name += f"-c{m['fraction']:g}"
-        rank = int(json.loads((path / "adapter_config.json").read_text()).get("r", 8))
+        rank = adapter_rank(path)
         found.append((name, path, rank))
     counts: dict[str, int] = {}
     for name, _, _ in found:
@@ -190,7 +191,7 @@ def _pick_task(tasks, angle: float | None):
 
 
 def _server_root(engine) -> Path:
-    root = next((m.get("root") for m in engine.served_models() if m["id"] == engine.base_model), None)
+    root = engine.base_root()
     if not root or not Path(root).is_dir():
         raise ValueError("the server's model is not a local directory: give --run RUN so the tokenizer and "
                          "template can be found")

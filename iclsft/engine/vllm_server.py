@@ -96,10 +96,14 @@ class VLLMServerEngine:
         must have the same content fingerprint)."""
         from iclsft.models import fingerprint as model_fingerprint
 
-        root = next((m.get("root") for m in self.served_models() if m["id"] == self.base_model), None)
+        root = self.base_root()
         if root and Path(root).is_dir():
             if Path(root).resolve() != Path(path).resolve() and model_fingerprint(Path(root)) != fingerprint:
                 raise ServerError(f"vLLM server at {self.url} serves {root}, not the run's model {path}")
+
+    def base_root(self) -> str | None:
+        """Where the server loaded its base model from (`root` in /v1/models), if it says."""
+        return next((m.get("root") for m in self.served_models() if m["id"] == self.base_model), None)
 
     def served_models(self) -> list[dict]:
         return self._json("GET", "/v1/models").get("data", [])
