@@ -32,6 +32,23 @@ class SweepTask(Frozen):
     angles: tuple[float, ...] = (45.0,)
 
 
+class ImplicitSweep(Frozen):
+    """The implicit-pattern suite (SPEC §8) for every model of the sweep: ICL at each K and the SFT
+    methods, both variants, matched evaluation sets; then circuit shift (docs/implicit.md)."""
+
+    tasks: tuple[Literal["expression", "relation", "boolean", "code"], ...] = (
+        "expression", "relation", "boolean", "code")
+    methods: tuple[Literal["icl", "lora", "full"], ...] = ("icl", "lora", "full")
+    shots: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32)
+    train_size: int = 1000
+    eval_size: int = 200
+    faithful: bool = False
+    sft: dict[str, dict] = Field(default_factory=dict)  # per-method overrides of IMPLICIT_SFT_DEFAULTS
+    circuits: bool = True
+    circuit_pairs: int = Field(default=32, ge=1)
+    circuit_shots: int = Field(default=8, ge=1)
+
+
 class SweepConfig(Frozen):
     """A whole experiment. `sft` holds per-method overrides of the SFT defaults (docs/sft.md)."""
 
@@ -54,6 +71,7 @@ class SweepConfig(Frozen):
     executor: ExecutorSpec = ExecutorSpec()
     rsa: bool = False
     report: bool = True
+    implicit: ImplicitSweep | None = None
 
     @field_validator("sft")
     @classmethod
@@ -81,9 +99,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"config {str(path)!r} does not exist") from e
     except yaml.YAMLError as e:
-        raise ValueError(f"config {str(path)!r} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)  # one line: what yaml found, and where
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"config {str(path)!r} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"config {str(path)!r} must be a mapping of keys to values, not {type(data).__name__}")
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise ValueError(f"config {str(path)!r} must be a mapping of keys to values (at least `out: DIR`), not {got}")
     for item in overrides:
         apply_override(data, item)
     try:
@@ -166,6 +187,26 @@ def arm_specs(config: SweepConfig, model: str) -> list:
     return _merge_tasks(specs)
 
 
+def implicit_specs(config: SweepConfig, model: str) -> list:
+    """(arm spec, model ref) of each method of the implicit suite; [] when the config has none."""
+    if config.implicit is None:
+        return []
+    from iclsft.engine.base import resolve_engine
+    from iclsft.implicit.run import make_implicit_spec
+
+    imp = config.implicit
+    engine = EngineSpec(name=resolve_engine(config.engine), **config.engine_options)
+    return [make_implicit_spec(model=model, method=method, sft=imp.sft.get(method), engine=engine,
+                               executor=config.executor, tasks=imp.tasks, shots=imp.shots, seeds=config.seeds,
+                               train_size=imp.train_size, eval_size=imp.eval_size, faithful=imp.faithful,
+                               dtype=config.dtype)
+            for method in imp.methods]
+
+
+def implicit_dir(out: str | Path, model: str) -> Path:
+    return model_dir(out, model) / "implicit"
+
+
 def _merge_tasks(specs: list) -> list:
     """One spec per arm: the per-task specs of an arm become one spec holding every task."""
     merged: dict[str, tuple] = {}
@@ -196,6 +237,15 @@ def plan(config: SweepConfig) -> dict:
             rows.append({"model": model, "arm": spec.arm, "conditions": len(conds), "todo": len(todo),
                          "trainings": len(trainings), "train_steps": steps, "queries": queries,
                          "prefix_tokens": _mean_prefix_tokens(todo) if spec.kind == "icl" else 0})
+        run = RunDir(implicit_dir(config.out, model))
+        for spec, _ in implicit_specs(config, model):
+            todo = [c for c in spec.conditions() if not run.is_done(c)]
+            trainings = {(c.task, c.seed) for c in todo} if spec.sft else set()
+            rows.append({"model": model, "arm": spec.arm, "conditions": len(spec.conditions()), "todo": len(todo),
+                         "trainings": len(trainings), "queries": sum(c.eval_size for c in todo),
+                         "train_steps": len(trainings) * (total_steps(spec.train_size, spec.sft) if spec.sft else 0),
+                         # ~40 tokens per demo across the four tasks (code: ~100, boolean: ~25)
+                         "prefix_tokens": float(sum(40 * c.shots for c in todo) / len(todo)) if todo else 0.0})
     return {"rows": rows}
 
 
@@ -219,7 +269,7 @@ def estimate_seconds(rows: list[dict], device: str, rsa: bool) -> float:
         per_query = r["query"] + r["per_prefix_token"] * row["prefix_tokens"]
         scoring = row["queries"] * per_query
         total += scoring * (2 if rsa else 1)
-        step = r["lora_step"] if row["arm"] == "sft-lora" else r["full_step"]
+        step = r["lora_step"] if row["arm"] in ("sft-lora", "implicit-lora") else r["full_step"]
         total += row["train_steps"] * step
     return total
 
@@ -252,16 +302,31 @@ def _duration(seconds: float) -> str:
 def run_sweep(config: SweepConfig, *, log: Log | None = None, progress: bool = True) -> dict:
     """Run or resume everything; return {model: metrics table}. Failed conditions are recorded in
     their run and summarised at the end (rerun to retry them); other conditions go on."""
+    from iclsft.store import RunDir
+
+    log = log or (lambda _msg: None)
+    planned = {model: arm_specs(config, model) for model in config.models}  # every input checked first
+    planned_implicit = {model: implicit_specs(config, model) for model in config.models}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # One sweep per output directory (an flock on OUT/.lock, gone when its holder exits or is killed); each
+    # run directory below has its own lock too, so an `icl` or `sft` command cannot write into it meanwhile.
+    sweep_lock = RunDir(out)
+    sweep_lock.acquire_lock(instead="give this sweep another out=")
+    try:
+        return _run_planned(config, planned, planned_implicit, out, log, progress)
+    finally:
+        sweep_lock.release_lock()
+
+
+def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out: Path, log: Log,
+                 progress: bool) -> dict:
     import json
 
     from iclsft.icl import ConditionsFailed, run_icl
     from iclsft.sft.runner import run_sft
     from iclsft.store import RunDir, atomic_write_json
 
-    log = log or (lambda _msg: None)
-    planned = {model: arm_specs(config, model) for model in config.models}  # every input checked first
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "sweep.json", json.loads(config.model_dump_json()))
     tables, failures = {}, []
     started = time.time()
@@ -281,22 +346,68 @@ def run_sweep(config: SweepConfig, *, log: Log | None = None, progress: bool = T
             except ConditionsFailed as e:
                 failures.append(f"{model} {spec.arm}: {e}")
                 log(f"  [{spec.arm}] {e}")
-        if config.rsa:
-            from iclsft.rsa import compute_rsa
-
-            log(f"== {model} · RSA · {_elapsed(started)}")
-            try:
-                compute_rsa(path, dtype=config.dtype, progress=progress, log=lambda m: log(f"  [rsa] {m}"))
-            except ConditionsFailed as e:
-                failures.append(f"{model} rsa: {e}")
-                log(f"  [rsa] {e}")
-        if config.report:
-            from iclsft.report import build_report
-
-            log(f"== {model} · report: {build_report(path)}")
+        if arms:
+            _finish_2d(config, path, failures, started, log, progress)
+        if planned_implicit[model]:
+            _run_implicit_arms(config, model, planned_implicit[model], failures, started, log, progress)
     if failures:
         raise ConditionsFailed("; ".join(failures))
     return tables
+
+
+def _run_implicit_arms(config: SweepConfig, model: str, arms: list, failures: list, started: float, log: Log,
+                       progress: bool) -> None:
+    from iclsft.icl import ConditionsFailed
+    from iclsft.implicit.run import run_implicit
+    from iclsft.store import RunDir
+
+    path = implicit_dir(config.out, model)
+    run = RunDir(path)
+    for i, (spec, ref) in enumerate(arms, 1):
+        conds = spec.conditions()
+        done = sum(run.is_done(c) for c in conds)
+        log(f"== {model} · {spec.arm} ({i}/{len(arms)} implicit arms): {done}/{len(conds)} conditions done, "
+            f"{len(conds) - done} to run · {_elapsed(started)}")
+        try:
+            run_implicit(spec, path, ref, log=lambda m, a=spec.arm: log(f"  [{a}] {m}"), progress=progress)
+        except ConditionsFailed as e:
+            failures.append(f"{model} {spec.arm}: {e}")
+            log(f"  [{spec.arm}] {e}")
+    imp = config.implicit
+    if imp.circuits:
+        from iclsft.implicit.circuits import compute_circuits
+
+        log(f"== {model} · implicit circuit shift · {_elapsed(started)}")
+        try:
+            compute_circuits(path, pairs=imp.circuit_pairs, shots=imp.circuit_shots,
+                             log=lambda m: log(f"  [circuits] {m}"))
+        except ConditionsFailed as e:
+            failures.append(f"{model} circuits: {e}")
+            log(f"  [circuits] {e}")
+    if config.report:
+        from iclsft.report import build_report
+
+        log(f"== {model} · implicit report: {build_report(path)}")
+
+
+def _finish_2d(config: SweepConfig, path: Path, failures: list, started: float, log: Log, progress: bool) -> None:
+    """RSA and the report of one model's 2D run."""
+    from iclsft.icl import ConditionsFailed
+
+    model = path.name
+    if config.rsa:
+        from iclsft.rsa import compute_rsa
+
+        log(f"== {model} · RSA · {_elapsed(started)}")
+        try:
+            compute_rsa(path, dtype=config.dtype, progress=progress, log=lambda m: log(f"  [rsa] {m}"))
+        except ConditionsFailed as e:
+            failures.append(f"{model} rsa: {e}")
+            log(f"  [rsa] {e}")
+    if config.report:
+        from iclsft.report import build_report
+
+        log(f"== {model} · report: {build_report(path)}")
 
 
 def _elapsed(started: float) -> str:

@@ -32,6 +32,7 @@ from iclsft.report.figures import (
     k_colors,
     slug,
 )
+from iclsft.faults import fault_point
 from iclsft.report.html import Section, page
 from iclsft.store import atomic_write_bytes
 
@@ -41,7 +42,12 @@ K_AXIS = "K (exemplars per class)"
 
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_boot: int = N_BOOT) -> Path:
     """Write `index.html`, its PNGs and the statistics as CSV into `out_dir` (default RUN/report);
-    return the path of `index.html`. Needs no model: everything comes from the stored results."""
+    return the path of `index.html`. Needs no model: everything comes from the stored results.
+    An implicit-pattern run gets its own page (iclsft.report.implicit)."""
+    if _is_implicit(run_dir):
+        from iclsft.report.implicit import build_implicit_report
+
+        return build_implicit_report(run_dir, out_dir)
     data = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else data.path / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -64,6 +70,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_bo
             f"{time.strftime('%Y-%m-%d %H:%M')}")
     markup = page(f"ICL vs SFT — {data.path.resolve().name}", meta, sections)
     _check_figures(markup, out, writer.written)
+    fault_point("report")
     index = out / "index.html"
     atomic_write_bytes(index, markup.encode("utf-8"))
     # Figures of an earlier report in this folder that this one no longer draws; removed only now, so a
@@ -71,6 +78,16 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_bo
     for old in set(out.glob(f"{FigureWriter.PREFIX}*.png")) - {out / name for name in writer.written}:
         old.unlink()
     return index
+
+
+def _is_implicit(run_dir: str | Path) -> bool:
+    import json
+
+    try:
+        arms = json.loads((Path(run_dir) / "spec.json").read_text())["arms"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # load_run says what is wrong with the directory
+    return bool(arms) and all(str(arm).startswith("implicit-") for arm in arms)
 
 
 def _check_figures(markup: str, out: Path, written: list[str]) -> None:

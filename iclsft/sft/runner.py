@@ -24,7 +24,7 @@ from iclsft.models import ModelRef
 from iclsft.prompts import PromptBuilder, builder_key, prompt_builders
 from iclsft.runspec import make_spec
 from iclsft.scoring import score_condition
-from iclsft.sft.adapters import checkpoint_dir, is_finished, read_marker, training_key
+from iclsft.sft.adapters import checkpoint_dir, is_finished, read_marker, set_aside_damaged, training_key
 from iclsft.sft.train import TrainJob, train
 from iclsft.spec import ExecutorSpec, SftRunSpec, SftSpec
 from iclsft.store import RunDir
@@ -82,19 +82,21 @@ def run_sft(spec: SftRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
     try:
         conditions = spec.conditions()
         jobs, where = plan_jobs(spec, run, ref, builders)
+        set_aside_damaged([Path(d) for j in jobs for _, d in j.checkpoints], log)  # trained again, never read
         to_train = [j for j in jobs if not all(is_finished(Path(d)) for _, d in j.checkpoints)]
         log(f"{len(conditions)} conditions, {len(conditions) - len(where)} already finished; "
             f"{len(to_train)} models to train, {len(jobs) - len(to_train)} reused")
         started = time.time()
         run.write_run_record("running", arm=spec.arm, conditions=len(conditions), todo=len(where))
-        failed = 0
+        failed, first_error = 0, ""
         scorer = _Scorer(spec, ref, progress)
         try:
-            for job, result, error in _execute(jobs, spec.executor, log):
+            for job, result, error in execute_jobs(jobs, spec.executor, log):
                 for cond_id in job.meta["conditions"]:
                     cond, ckpt, exemplars = where[cond_id]
                     if error is not None:
                         failed += 1
+                        first_error = first_error or error.splitlines()[-1]
                         run.write_condition_error(cond, error.splitlines()[-1], traceback=error,
                                                   checkpoint_dir=Path(ckpt).name)
                         log(f"training for {cond.dirname} FAILED: {error.splitlines()[-1]}")
@@ -104,6 +106,7 @@ def run_sft(spec: SftRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
                         metrics = scorer.score(run, cond, builder, ckpt, exemplars, result)
                     except (RuntimeError, ValueError, MemoryError, OSError) as e:
                         failed += 1
+                        first_error = first_error or f"{type(e).__name__}: {e}"
                         run.write_condition_error(cond, f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
                         log(f"scoring {cond.dirname} FAILED: {type(e).__name__}: {e}")
                         continue
@@ -116,12 +119,13 @@ def run_sft(spec: SftRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
             raise
         finally:
             scorer.close()
-        table = recompute_metrics(run.path)
+        table = recompute_metrics(run.path, skip_damaged=log)  # another arm's damaged file: named, not fatal
         run.write_run_record("ok" if not failed else "error", arm=spec.arm, conditions=len(conditions), failed=failed,
                              seconds=round(time.time() - started, 1))
         if failed:
-            raise ConditionsFailed(f"{failed} of {len(where)} conditions failed (their record.json under "
-                                   f"{run.path / 'conditions'} holds the error); rerun the same command to retry them")
+            raise ConditionsFailed(f"{failed} of {len(where)} conditions failed (first: {first_error}; their "
+                                   f"record.json under {run.path / 'conditions'} holds the error); rerun the same "
+                                   "command to retry them")
         return table
     finally:
         run.release_lock()
@@ -165,7 +169,7 @@ class _Scorer:
             self._engine = None
 
 
-def _execute(jobs: list[TrainJob], executor: ExecutorSpec, log: Log):
+def execute_jobs(jobs: list[TrainJob], executor: ExecutorSpec, log: Log):
     """Yield (job, result, error traceback or None) as trainings finish."""
     if not jobs:
         return

@@ -1,0 +1,159 @@
+"""Circuit shift of the implicit-pattern suite (docs/implicit.md states exactly what is measured).
+
+Per task, on (pattern-holds, pattern-broken) question pairs of equal token length: attribution
+patching scores per attention head and MLP block (iclsft.circuits) for three model states, each
+read at the answer position with LD = log p(clean answer) - log p(broken answer):
+
+    base   the base model, zero-shot prompt (instruction + question)
+    icl    the base model with `shots` pattern-holds demos before the question
+    <sft>  each fine-tuned model of the run (lora, full), zero-shot prompt
+
+and the shift of icl and of each fine-tuned model relative to base: 1 - cosine of the score
+vectors, and 1 - Jaccard of the top-5% components by |score|, separately for heads and MLPs.
+Results: RUN/circuits/<task>-<state>.npz and RUN/circuits/circuits.json (written last; a state
+whose .npz is listed there with a matching checksum is not recomputed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from iclsft.circuits import ComponentScores, PromptPair, attribution_scores, circuit_shift
+from iclsft.implicit.data import TaskPrompts, demo_stream, derived_seed
+from iclsft.models import load_model, resolve_model
+from iclsft.sft.adapters import ADAPTERS_DIR
+from iclsft.store import RunDir, atomic_write_json
+from iclsft.tasks.implicit import get_task, pair
+
+Log = Callable[[str], None]
+CIRCUITS_DIR = "circuits"
+
+
+def circuit_pairs(prompts: TaskPrompts, n: int, seed: int, prefix: list[int]) -> list[PromptPair]:
+    """Up to `n` pairs of equal token length whose answers differ (read where they first differ)."""
+    out = []
+    drawn = pair(prompts.task, n, derived_seed("circuits", prompts.task.name, seed),
+                 count_tokens=lambda text: len(prompts.encode(text)))
+    for holds, broken in drawn:
+        clean, corrupt = prompts.query(holds), prompts.query(broken)
+        target, foil = prompts.answer_ids(holds), prompts.answer_ids(broken)
+        # answers that start alike (" 12" and " 15": " ", "1") are compared where they first differ:
+        # the shared tokens are appended to both questions, as the model would have produced them
+        common = next((i for i, (a, b) in enumerate(zip(target, foil)) if a != b), None)
+        if common is None:
+            continue
+        clean, corrupt = clean + target[:common], corrupt + target[:common]
+        target, foil = target[common:], foil[common:]
+        if len(clean) == len(corrupt):
+            out.append(PromptPair(clean=clean, corrupt=corrupt, target=target, foil=foil, prefix=prefix))
+        if len(out) == n:
+            break
+    if not out:
+        raise ValueError(f"task {prompts.task.name!r}: no question pair has equal token lengths and different "
+                         "answers")
+    return out
+
+
+def compute_circuits(path: str | Path, *, pairs: int = 32, shots: int = 8, seed: int | None = None,
+                     log: Log | None = None) -> pd.DataFrame:
+    """Scores and shifts of every task of the implicit run at `path`; returns the shift table."""
+    import torch
+    from transformers import AutoTokenizer
+
+    log = log or (lambda _msg: None)
+    run = RunDir(path)
+    arms = run.spec_json()["arms"]
+    icl_like = next(iter(arms.values()))
+    ref = resolve_model(icl_like["model"]["name"])
+    if ref.fingerprint != icl_like["model"]["fingerprint"]:
+        raise ValueError(f"model {ref.name!r} has changed since {run.path} was computed (fingerprint differs)")
+    seed = icl_like["seeds"][0] if seed is None else seed
+    tasks = list(dict.fromkeys(t for arm in arms.values() for t in arm["tasks"]))
+    tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    out = run.path / CIRCUITS_DIR
+    index = _read_index(out)
+    run.acquire_lock()
+    try:
+        base, _ = load_model(ref, "float32")
+        rows = []
+        for task in tasks:
+            p = TaskPrompts(tokenizer, get_task(task))
+            states = {"base": (None, p.start), f"icl-K{shots}": (None, p.prefix(demo_stream(p.task, seed)[:shots]))}
+            for method, ckpt in _finetuned(run, task, seed).items():
+                states[method] = (ckpt, p.start)
+            scores = {}
+            for state, (ckpt, prefix) in states.items():
+                name = f"{task}-{state}.npz"
+                key = {"pairs": pairs, "seed": seed, "checkpoint": str(ckpt) if ckpt else None}
+                if _valid(out, name, index, key):
+                    scores[state] = ComponentScores.load(out / name)
+                    continue
+                model = base if ckpt is None else _load_finetuned(base, ref, ckpt)
+                try:
+                    with torch.enable_grad():
+                        s = attribution_scores(model, circuit_pairs(p, pairs, seed, prefix))
+                finally:
+                    if model is not base and hasattr(model, "unload"):
+                        base = model.unload()  # peft injected its layers into base: take them out again
+                s.save(out / name)
+                index[name] = {**key, "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(),
+                               "ld_clean": s.ld_clean_mean, "ld_corrupt": s.ld_corrupt_mean, "n_pairs": s.n_pairs}
+                atomic_write_json(out / "circuits.json", index)  # after each state: an interruption loses one
+                scores[state] = s
+                log(f"{task} {state}: {s.n_pairs} pairs, LD clean {s.ld_clean_mean:.2f}, corrupt {s.ld_corrupt_mean:.2f}")
+            for state, s in scores.items():
+                if state == "base":
+                    continue
+                shift = circuit_shift(scores["base"], s)
+                rows.append({"task": task, "state": state, "n_pairs": s.n_pairs,
+                             "heads_cosine": shift["heads"]["cosine"], "heads_jaccard": shift["heads"]["jaccard"],
+                             "mlps_cosine": shift["mlps"]["cosine"], "mlps_jaccard": shift["mlps"]["jaccard"],
+                             "ld_clean": s.ld_clean_mean, "ld_corrupt": s.ld_corrupt_mean})
+    finally:
+        run.release_lock()
+    table = pd.DataFrame(rows)
+    atomic_write_json(out / "shift.json", table.to_dict(orient="records"))
+    return table
+
+
+def load_shift(path: str | Path) -> pd.DataFrame | None:
+    f = Path(path) / CIRCUITS_DIR / "shift.json"
+    return pd.DataFrame(json.loads(f.read_text())) if f.is_file() else None
+
+
+def _read_index(out: Path) -> dict:
+    try:
+        return json.loads((out / "circuits.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _valid(out: Path, name: str, index: dict, key: dict) -> bool:
+    info = index.get(name)
+    f = out / name
+    if not info or any(info.get(k) != v for k, v in key.items()) or not f.is_file():
+        return False
+    return hashlib.sha256(f.read_bytes()).hexdigest() == info["sha256"]
+
+
+def _finetuned(run: RunDir, task: str, seed: int) -> dict[str, Path]:
+    """{method: checkpoint dir} of the run's finished fine-tuned models for this task and seed."""
+    found = {}
+    for _cdir, cond, record in run.finished():
+        if cond.get("task") == task and cond.get("seed") == seed and cond.get("method") != "icl":
+            found[cond["method"]] = run.path / ADAPTERS_DIR / record["checkpoint_dir"]
+    return dict(sorted(found.items()))
+
+
+def _load_finetuned(base, ref, ckpt: Path):
+    if (ckpt / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(ckpt)).eval()
+    model, _ = load_model(ref.__class__(name=str(ckpt), path=ckpt, fingerprint=""), "float32")
+    return model
