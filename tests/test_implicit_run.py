@@ -107,7 +107,7 @@ def test_generation_equals_transformers_greedy(icl_run, tiny_model, smollm_token
     items = eval_items(task, "broken", 0, 6, 24)
     prefix = prompts.prefix(demo_stream(task, 0)[:2])
     stop = set(prompts.stop_ids())
-    for i in (0, 1):
+    for i in range(len(items)):  # one padded batch of 6 queries of different lengths
         ids = torch.tensor([prefix + prompts.query(items[i])])
         with torch.no_grad():
             full = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
