@@ -1,74 +1,85 @@
 """Greedy generation on the `hf` engine, for tasks whose answers are open (no closed label set).
 
-The prefix's KV cache is the engine's (computed once, shared with scoring). Queries run in batches
-of similar length: each batch extends a copy of the prefix cache, the queries left-padded up to
-the batch's longest so that every row's last token is in the last column (pads are masked out and
-positions continue after the prefix per row), then one forward per generated token for the whole
-batch. Decoding a token costs one read of every weight, so batching is what makes it cheap.
+Like scoring (engine/hf.py), a batch of queries is one token tree after the engine's once-computed
+prefix: queries that start alike (every code question starts with the same lines) share those
+nodes. One forward over the tree gives each query's first token; then each step appends one node
+per unfinished query to the same batch-1 cache, the mask letting it see the prefix, its query's
+ancestors and its own earlier tokens. Nothing is copied per query: the prefix is never expanded,
+and one step reads every weight once for all queries of the batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from iclsft.engine.hf import HFEngine
-
-GENERATE_BATCH = 16
+from iclsft.engine.hf import HFEngine, pack
 
 
 @torch.inference_mode()
 def generate(engine: HFEngine, prefix: Sequence[int], queries: Sequence[Sequence[int]], *,
-             stop: Sequence[int], adapter: str | None = None, max_new_tokens: int = 8,
-             batch_size: int = GENERATE_BATCH) -> list[list[int]]:
+             stop: Sequence[int], adapter: str | None = None, max_new_tokens: int = 8) -> list[list[int]]:
     """Greedy continuation of prefix + each query, up to a token in `stop` (left out) or the limit."""
     if any(len(q) == 0 for q in queries):
         raise ValueError("every query needs at least one token")
     key = engine._activate(adapter)
     stop_ids = torch.tensor(sorted(set(int(t) for t in stop)), dtype=torch.long)
     out: list[list[int]] = [[] for _ in queries]
-    order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
     with engine._context(key):
         kv = engine.prefix_kv(prefix, key)
-        for start in range(0, len(order), batch_size):
-            rows = order[start: start + batch_size]
-            for r, new in zip(rows, _batch(engine, kv, len(prefix), [queries[i] for i in rows], stop_ids,
-                                           max_new_tokens)):
-                out[r] = new
+        for batch in pack(queries, [[0]], engine.token_budget):  # one 1-token "label": paths = queries
+            index = [q for q, _ in batch.reads]
+            last = [per_label[0][0][0] for _, per_label in batch.reads]
+            for q, new in zip(index, _decode(engine, kv, len(prefix), batch, last, stop_ids, max_new_tokens)):
+                out[q] = new
     return out
 
 
-def _batch(engine: HFEngine, kv, prefix_len: int, queries: list[Sequence[int]], stop_ids: torch.Tensor,
-           max_new_tokens: int) -> list[list[int]]:
-    b, width = len(queries), max(len(q) for q in queries)
-    ids = torch.zeros((b, width), dtype=torch.long)
-    mask = torch.zeros((b, prefix_len + width), dtype=torch.long)
-    mask[:, :prefix_len] = 1
-    positions = torch.full((b, width), prefix_len, dtype=torch.long)
-    for r, q in enumerate(queries):
-        n = len(q)
-        ids[r, width - n:] = torch.tensor(list(q))
-        mask[r, prefix_len + width - n:] = 1
-        positions[r, width - n:] = torch.arange(prefix_len, prefix_len + n)
-    next_pos = positions[:, -1] + 1
-    cache = engine._cache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv]) if prefix_len else None
-    new: list[list[int]] = [[] for _ in queries]
-    done = torch.zeros(b, dtype=torch.bool)
+def _decode(engine: HFEngine, kv, prefix_len: int, batch, last: list[int], stop_ids: torch.Tensor,
+            max_new_tokens: int) -> list[list[int]]:
     device = engine.device
-    for _ in range(max_new_tokens):
-        output = engine.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                              logits_to_keep=1)
-        cache = output.past_key_values
-        token = output.logits[:, -1].argmax(-1).cpu()
-        done |= torch.isin(token, stop_ids)
-        for r in torch.nonzero(~done).flatten().tolist():
-            new[r].append(int(token[r]))
-        if bool(done.all()):
+    n = len(batch)
+    tree = torch.from_numpy(batch.ancestor_mask())
+    mask = torch.cat([torch.ones(n, prefix_len, dtype=torch.bool), tree], dim=1)
+    cache = engine._cache(kv) if prefix_len else None
+    output = engine.model(input_ids=torch.tensor([batch.tokens], device=device),
+                          position_ids=torch.tensor([batch.depth], device=device) + prefix_len,
+                          attention_mask=mask[None, None].to(device), past_key_values=cache, use_cache=True,
+                          logits_to_keep=torch.tensor(last, device=device))
+    cache = output.past_key_values
+    token = output.logits[0].argmax(-1).cpu()
+    rows = len(last)
+    new: list[list[int]] = [[] for _ in range(rows)]
+    own: list[list[int]] = [[] for _ in range(rows)]  # cache columns of each row's generated tokens
+    ancestors = tree[last]  # (rows, n): each row's query path
+    position = np.array([batch.depth[node] + 1 for node in last]) + prefix_len
+    width = prefix_len + n
+    active = list(range(rows))
+    for step in range(max_new_tokens):
+        stopped = torch.isin(token, stop_ids).tolist()
+        active_next = []
+        for r, tok, halt in zip(active, token.tolist(), stopped):
+            if not halt:
+                new[r].append(tok)
+                active_next.append((r, tok))
+        if not active_next or step == max_new_tokens - 1:
             break
-        ids = token[:, None]
-        mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
-        positions = next_pos[:, None].clone()
-        next_pos += 1
+        a = len(active_next)
+        step_mask = torch.zeros(a, width + a, dtype=torch.bool)
+        step_mask[:, :prefix_len] = True
+        for i, (r, _) in enumerate(active_next):
+            step_mask[i, prefix_len: prefix_len + n] = ancestors[r]
+            step_mask[i, own[r]] = True
+            step_mask[i, width + i] = True
+            own[r].append(width + i)
+        active = [r for r, _ in active_next]
+        output = engine.model(input_ids=torch.tensor([[t for _, t in active_next]], device=device),
+                              position_ids=torch.from_numpy(position[active])[None].to(device),
+                              attention_mask=step_mask[None, None].to(device), past_key_values=cache, use_cache=True)
+        cache = output.past_key_values
+        token = output.logits[0, :, :].argmax(-1).cpu()
+        position[active] += 1
+        width += a
     return new
