@@ -12,7 +12,7 @@ import click
 from iclsft import __version__
 from iclsft.models import DEFAULT_MODEL
 
-USER_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError, OSError)
+USER_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError, OSError, MemoryError)
 
 
 def user_errors(fn):
@@ -368,6 +368,65 @@ def query(point, url, api_key, run_dir, adapter, icl_run, shots, angle, seed):
     for row in rows:
         click.echo(f"{row['n1']:<3} {row['n2']:<3} " + "  ".join(f"{row[label]:.4f}".rjust(len(label) + 3)
                                                            for label in labels))
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory (resumed if it exists).")
+@click.option("--tasks", default="expression,relation,boolean,code", show_default=True,
+              help="Comma-separated tasks of the suite (SPEC §8).")
+@click.option("--method", type=click.Choice(["icl", "lora", "full"]), default="icl", show_default=True,
+              help="icl: K demos in the prompt; lora/full: fine-tuned on --train-size items, scored zero-shot.")
+@click.option("--shots", default="0,1,2,4,8,16,32", callback=_number_list(int, "shots"), show_default=True,
+              help="ICL: numbers of demos K, comma-separated.")
+@click.option("--seed", default="0", callback=_number_list(int, "seed"), show_default=True)
+@click.option("--train-size", default=1000, show_default=True, help="SFT training items (also kept out of the "
+              "evaluation set, so it identifies ICL conditions too).")
+@click.option("--eval-size", default=200, show_default=True, help="Evaluation items per task and variant.")
+@click.option("--faithful", is_flag=True, help="Reproduce the original generators' quirks (docs/implicit.md).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--lr", type=float, default=None, help="SFT learning rate (default: per method).")
+@click.option("--epochs", type=int, default=None, help="SFT passes over the training items (default 1).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True)
+@click.option("--token-budget", default=1024, show_default=True, help="Tokens per packed forward pass.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def implicit(**o):
+    """The implicit-pattern suite: ICL per K or a fine-tuned model, on both variants of each task."""
+    from iclsft.engine.base import resolve_engine
+    from iclsft.implicit.run import make_implicit_spec, results_table, run_implicit
+    from iclsft.spec import EngineSpec, ExecutorSpec
+
+    hyper = {k: o[k] for k in ("lr", "epochs", "batch_size") if o[k] is not None}
+    spec, ref = make_implicit_spec(
+        model=o["model"], method=o["method"], sft=hyper if o["method"] != "icl" else None,
+        tasks=tuple(t.strip() for t in o["tasks"].split(",") if t.strip()), shots=o["shots"], seeds=o["seed"],
+        train_size=o["train_size"], eval_size=o["eval_size"], faithful=o["faithful"], dtype=o["dtype"],
+        engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"]),
+        executor=ExecutorSpec(name=o["executor"]))
+    log = None if o["quiet"] else functools.partial(click.echo, err=True)
+    table = run_implicit(spec, o["out"], ref, log=log, progress=not o["quiet"])
+    click.echo(results_table(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"\nresults in {o['out']} (metrics.parquet, conditions/*/scores.parquet)", err=True)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--pairs", default=32, show_default=True, help="(holds, broken) question pairs per task.")
+@click.option("--shots", default=8, show_default=True, help="Demos in the ICL state's prompt.")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def circuits(run_dir, pairs, shots, quiet):
+    """Circuit shift of an implicit-pattern run: attribution patching for the base model, ICL and each
+    fine-tuned model, and each one's shift from the base (docs/implicit.md)."""
+    from iclsft.implicit.circuits import compute_circuits
+
+    log = None if quiet else functools.partial(click.echo, err=True)
+    table = compute_circuits(run_dir, pairs=pairs, shots=shots, log=log)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 @main.group()

@@ -49,7 +49,7 @@ def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
         log(f"{len(conditions)} conditions, {len(conditions) - len(todo)} already finished, {len(todo)} to run")
         started = time.time()
         run.write_run_record("running", conditions=len(conditions), todo=len(todo))
-        failed = 0
+        failed, first_error = 0, ""
         engine = None
         try:
             if todo:
@@ -63,6 +63,7 @@ def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
                         metrics = score_condition(run, cond, builder, engine, prefix, exemplars)
                     except (RuntimeError, ValueError, MemoryError) as e:
                         failed += 1
+                        first_error = first_error or f"{type(e).__name__}: {e}"
                         run.write_condition_error(cond, f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
                         log(f"[{i}/{len(todo)}] {cond.dirname}: FAILED {type(e).__name__}: {e}")
                         continue
@@ -78,13 +79,13 @@ def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
         finally:
             if engine is not None:
                 close_engine(engine)
-        table = recompute_metrics(run.path)
+        table = recompute_metrics(run.path, skip_damaged=log)  # another arm's damaged file: named, not fatal
         status = "ok" if not failed else "error"
         run.write_run_record(status, conditions=len(conditions), failed=failed, seconds=round(time.time() - started, 1))
         if failed:
             raise ConditionsFailed(
-                f"{failed} of {len(todo)} conditions failed (their record.json under {run.path / 'conditions'} holds "
-                "the error); rerun the same command to retry them"
+                f"{failed} of {len(todo)} conditions failed (first: {first_error}; their record.json under "
+                f"{run.path / 'conditions'} holds the error); rerun the same command to retry them"
             )
         return table
     finally:

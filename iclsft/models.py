@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from iclsft.faults import fault_point
+
 MARKER = "iclsft-model.json"
 CONVERSION_VERSION = 1
 
@@ -180,6 +182,7 @@ def prepare_model(name: str, *, force: bool = False) -> Path:
     started = time.time()
     try:
         _convert_gguf(gguf, tmp)
+        fault_point("model-prepare")
         marker = {
             "name": name,
             "source": str(gguf),

@@ -9,10 +9,14 @@ import numpy as np
 import pandas as pd
 
 from iclsft.evaluate.metrics import compute_metrics, decision_field
+from iclsft.faults import fault_point, is_out_of_memory, out_of_memory
 from iclsft.prompts import PromptBuilder
 from iclsft.spec import Condition, TaskSpec
 from iclsft.store import RunDir, npy_bytes, parquet_bytes
 from iclsft.tasks import linear2d
+
+OOM_SCORING = ("lower --token-budget (tokens per forward pass of the hf engine; sweep: engine_options.token_budget), "
+               "or for vllm --gpu-memory-utilization / --kv-cache-gib")
 
 
 def check_shots(tasks: Sequence[TaskSpec], shots: Sequence[int]) -> None:
@@ -34,7 +38,13 @@ def score_condition(run: RunDir, cond: Condition, builder: PromptBuilder, engine
     t0 = time.time()
     scores = linear2d.queries(cond.task, exemplars)
     query_ids = builder.queries(scores.n1, scores.n2)
-    logprobs = engine.score(prefix, query_ids, builder.label_ids, adapter=adapter)
+    try:
+        logprobs = engine.score(prefix, query_ids, builder.label_ids, adapter=adapter)
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory(f"scoring {cond.dirname}", OOM_SCORING, e) from e
+    fault_point("score")
     if not np.isfinite(logprobs).all():
         raise RuntimeError(f"engine returned non-finite log-probs for {cond.dirname}")
     scores["lp_0"] = logprobs[:, 0]

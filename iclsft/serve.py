@@ -5,7 +5,12 @@ checkpoint of the run registered under a readable name (`linear2d-a45-K10-lora-s
 for a checkpoint at half of training). It binds to 127.0.0.1 unless told otherwise; the API key
 travels in the environment (`VLLM_API_KEY`), never on the command line. Adapters come only from
 the run directory: runtime adapter loading stays off unless `--allow-adapter-loading` (which the
-`vllm-server` engine needs) is given.
+`vllm-server` engine needs) is given, and then accepts only a checkpoint directory directly under
+RUN/adapters (iclsft.engine.vllm_cli checks each request; a damaged checkpoint is not registered).
+Requests are bounded: at most MAX_PROMPTS_PER_REQUEST prompts per completion request and
+MAX_SEQUENCES_PER_PROMPT sequences per prompt (vLLM's VLLM_MAX_COMPLETION_PROMPTS and
+VLLM_MAX_N_SEQUENCES), each prompt at most the model's context (`--max-model-len N` lowers it).
+Options that `serve` sets itself cannot be overridden through the arguments passed on to vLLM.
 
 `query` builds the same token-id prompts as a run (the run's template and labels, one BOS at
 most) and prints both label probabilities for each input point.
@@ -21,7 +26,15 @@ from pathlib import Path
 
 from iclsft.engine.reads import adapter_rank
 from iclsft.engine.vllm_engine import CPU_KV_CACHE_GIB
-from iclsft.sft.adapters import ADAPTERS_DIR, is_finished, read_marker
+from iclsft.sft.adapters import ADAPTERS_DIR, checkpoint_problem, is_finished, read_marker
+
+MAX_PROMPTS_PER_REQUEST = 256  # the vllm-server engine sends 64
+MAX_SEQUENCES_PER_PROMPT = 16
+ADAPTER_ROOT_ENV = "ICLSFT_ADAPTER_ROOT"  # tells iclsft.engine.vllm_cli where runtime loading may read
+# `vllm serve` options that serve sets (or must not be changed: the adapter check runs in this API server process)
+MANAGED_OPTIONS = {"--host": "--host", "--port": "--port", "--api-key": "--api-key (or $ICLSFT_VLLM_API_KEY)",
+                   "--lora-modules": "the run directory's adapters", "--served-model-name": "the run's model name",
+                   "--api-server-count": "one API server", "-asc": "one API server"}
 
 
 @dataclass(frozen=True)
@@ -31,13 +44,19 @@ class ServedAdapter:
     rank: int
 
 
-def run_adapters(run_dir: str | Path) -> list[ServedAdapter]:
-    """Every finished LoRA checkpoint of a run, with a readable unique name."""
+def run_adapters(run_dir: str | Path, damaged: list[str] | None = None) -> list[ServedAdapter]:
+    """Every finished LoRA checkpoint of a run, with a readable unique name. A checkpoint whose files
+    do not match its marker is left out (and described in `damaged`, when given)."""
     root = Path(run_dir) / ADAPTERS_DIR
     found: list[tuple[str, Path, int]] = []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
-        if not is_finished(path) or not (path / "adapter_config.json").is_file():
-            continue  # unfinished, or a full fine-tune (a model of its own, not an adapter)
+        if path.name.startswith(".") or not is_finished(path) or not (path / "adapter_config.json").is_file():
+            continue  # temporary or set aside, unfinished, or a full fine-tune (a model of its own)
+        problem = checkpoint_problem(path)
+        if problem:
+            if damaged is not None:
+                damaged.append(problem)
+            continue
         m = read_marker(path)
         name = f"{m.get('task', 'linear2d')}-a{m['angle']:g}-K{m['shots']}-{m['method']}-s{m['seed']}"
         if m.get("fraction", 1.0) != 1.0:
@@ -72,6 +91,7 @@ def serve_command(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
                   extra: tuple[str, ...] = ()) -> tuple[list[str], list]:
     """The `vllm serve` command line for a run, and the adapters it registers. `max_lora_rank`: the
     largest rank of adapters loaded later at run time (default: the run's largest, at least 8)."""
+    check_extra_args(extra)
     arms, base = run_base_model(run_dir)
     adapters = run_adapters(run_dir)
     spec = next(iter(arms.values()))
@@ -89,6 +109,32 @@ def serve_command(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
     return cmd + list(extra), adapters
 
 
+def check_extra_args(extra: tuple[str, ...]) -> None:
+    """Refuse arguments for `vllm serve` that would override what serve sets (bind address, key, adapters)."""
+    for arg in extra:
+        name = arg.split("=", 1)[0]
+        if name in MANAGED_OPTIONS:
+            raise ValueError(f"{name} cannot be passed on to vLLM: serve sets it ({MANAGED_OPTIONS[name]}); "
+                             "other vLLM options are passed on unchanged")
+
+
+def server_env(run_dir: str | Path, api_key: str | None, allow_adapter_loading: bool,
+               base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the vLLM server: the key (never on the command line), runtime adapter loading
+    only when asked for and then only from RUN/adapters, and the request size limits."""
+    env = dict(os.environ if base is None else base)
+    for name in ("VLLM_API_KEY", "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_LORA_RESOLVER_CACHE_DIR", ADAPTER_ROOT_ENV):
+        env.pop(name, None)  # from the caller's shell: would open the server wider than its options say
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    if allow_adapter_loading:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env[ADAPTER_ROOT_ENV] = str((Path(run_dir) / ADAPTERS_DIR).resolve())
+    env.setdefault("VLLM_MAX_COMPLETION_PROMPTS", str(MAX_PROMPTS_PER_REQUEST))
+    env.setdefault("VLLM_MAX_N_SEQUENCES", str(MAX_SEQUENCES_PER_PROMPT))
+    return env
+
+
 def serve(run_dir: str | Path, *, host: str, port: int, api_key: str | None, allow_adapter_loading: bool,
           dtype: str | None, extra: tuple[str, ...], echo, max_lora_rank: int | None = None) -> int:
     """Run the server in the foreground (Ctrl-C stops it); return its exit code."""
@@ -100,12 +146,7 @@ def serve(run_dir: str | Path, *, host: str, port: int, api_key: str | None, all
     cmd, adapters = serve_command(run_dir, host=host, port=port, dtype=dtype,
                                   allow_adapter_loading=allow_adapter_loading, max_lora_rank=max_lora_rank,
                                   extra=extra)
-    env = dict(os.environ)
-    env.pop("VLLM_API_KEY", None)
-    if api_key:
-        env["VLLM_API_KEY"] = api_key
-    if allow_adapter_loading:
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env = server_env(run_dir, api_key, allow_adapter_loading)
     if not _has_gpu():
         # vLLM's CPU backend reserves half the machine's memory for its KV cache by default
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
@@ -113,6 +154,10 @@ def serve(run_dir: str | Path, *, host: str, port: int, api_key: str | None, all
     echo(f"serving the base model of {run_dir} with {len(adapters)} adapter(s) at {url}:")
     for a in adapters:
         echo(f"  {a.name}")
+    damaged: list[str] = []
+    run_adapters(run_dir, damaged)
+    for problem in damaged:
+        echo(f"NOT served: {problem}")
     key = " --api-key $KEY" if api_key else ""
     example = adapters[0].name if adapters else "NAME"
     echo(f"query it (once the server says it is ready, after a minute or two):\n"

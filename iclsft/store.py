@@ -3,6 +3,7 @@
     RUN/spec.json                       the frozen spec of each arm (icl, sft-lora, ...)
     RUN/record.json                     run status, timings, version
     RUN/metrics.parquet                 one row per finished condition
+    RUN/metrics.json                    size + sha256 of metrics.parquet (written after it)
     RUN/conditions/<name>/condition.json   the fields hashed into the condition id
     RUN/conditions/<name>/scores.parquet   per-query n1, n2, truth, lp_0, lp_1, is_exemplar
     RUN/conditions/<name>/exemplars.parquet  the exemplars in prompt order (pair, n1, n2, truth)
@@ -11,11 +12,12 @@
 
 Every file is written to a temporary name and renamed into place; a condition's record is written
 after its files and lists their sizes and checksums, so a condition counts as finished only when
-its record says "ok" and every file still matches.
+its record says "ok" and every file still matches (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
@@ -31,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from iclsft import __version__
+from iclsft.faults import fault_point
 from iclsft.spec import Condition
 
 _UMASK = os.umask(0)
@@ -46,6 +49,8 @@ class SpecMismatchError(ValueError):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary name beside `path`, fsync it, rename it into place: a reader sees the
+    old file or the new one, never a part. A failed write names the file (and, on a full disk, what to do)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -54,9 +59,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point(f"write:{path.name}")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None and str(path) not in str(e):
+            hint = ("; free some space, then rerun the same command (finished results are kept)"
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+            raise type(e)(e.errno, f"{e.strerror or e} while writing {path}{hint}") from e
         raise
 
 
@@ -80,6 +90,26 @@ def _digest(data: bytes) -> dict[str, Any]:
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def file_digest(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file, read in blocks (adapters and full models can be large)."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def file_matches(path: Path, info: dict) -> bool:
+    """True when `path` is a file of the size and (where recorded) sha256 in `info`."""
+    try:
+        if not path.is_file() or path.stat().st_size != info["bytes"]:
+            return False
+        return "sha256" not in info or file_digest(path)["sha256"] == info["sha256"]
+    except (OSError, KeyError, TypeError):
+        return False
+
+
 class RunDir:
     """A run directory bound to one spec."""
 
@@ -93,8 +123,9 @@ class RunDir:
     # (flock is advisory and local to one machine; on network filesystems it may not hold.)
     LOCK_NAME = ".lock"
 
-    def acquire_lock(self) -> None:
-        """Take the run's lock or raise RunLockedError naming its holder; the directory must exist."""
+    def acquire_lock(self, instead: str = "use another --out") -> None:
+        """Take the run's lock or raise RunLockedError naming its holder; the directory must exist.
+        `instead`: what the message suggests besides waiting."""
         if self._lock_file is not None:
             return
         f = open(self.path / self.LOCK_NAME, "a+")  # noqa: SIM115 (held until release_lock)
@@ -106,7 +137,7 @@ class RunDir:
             f.close()
             raise RunLockedError(
                 f"{self.path} is in use by another iclsft-eval process ({holder}); wait for it to finish, "
-                "or use another --out (the lock goes away by itself when that process ends)"
+                f"or {instead} (the lock goes away by itself when that process ends)"
             ) from None
         f.seek(0)
         f.truncate()
@@ -127,7 +158,33 @@ class RunDir:
     SHARED = ("model", "template")
 
     def open(self, spec) -> None:
-        """Create the directory and freeze `spec` as its arm, or check that the arm holds the same spec."""
+        """Create the directory and freeze `spec` as its arm, or check that the arm holds the same spec.
+        A new arm is written under the run's lock (kept; the caller releases it), checked again there, so
+        that two processes adding arms at once cannot lose one; a refused spec changes nothing."""
+        if self._new_arms(spec) is None:
+            return
+        held = self._lock_file is not None
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.acquire_lock()
+        except OSError as e:
+            raise OSError(f"cannot write to output directory {str(self.path)!r}: {e.strerror or e}") from e
+        try:
+            arms = self._new_arms(spec)  # again, under the lock: another process may have added an arm
+            if arms is not None:
+                atomic_write_json(self.path / "spec.json", {"arms": arms})
+        except OSError as e:
+            if not held:
+                self.release_lock()
+            raise OSError(f"cannot write to output directory {str(self.path)!r}: {e.strerror or e}") from e
+        except BaseException:
+            if not held:
+                self.release_lock()
+            raise
+
+    def _new_arms(self, spec) -> dict | None:
+        """The arms to store with `spec` added, None when it is stored already; SpecMismatchError when the
+        run holds a different spec for the arm, or arms of another model or template."""
         spec_file = self.path / "spec.json"
         arms: dict = {}
         if spec_file.exists():
@@ -139,11 +196,17 @@ class RunDir:
                 if stored_identity != identity:
                     changed = sorted(k for k in set(identity) | set(stored_identity)
                                      if identity.get(k) != stored_identity.get(k))
+                    if stored.get("hash_version") != identity.get("hash_version"):
+                        raise SpecMismatchError(
+                            f"{self.path} was made by another version of iclsft-eval (condition ids "
+                            f"{stored.get('hash_version')!r}, this version {identity.get('hash_version')!r}); "
+                            "this version cannot resume it: choose another --out"
+                        )
                     raise SpecMismatchError(
                         f"{self.path} already holds a {spec.arm} run with a different spec (differs in: "
                         f"{', '.join(changed)}); rerun the same command to resume it, or choose another --out"
                     )
-                return
+                return None
             mine = spec.model_dump(mode="json")
             for arm, other in arms.items():
                 differ = [k for k in self.SHARED if other.get(k) != mine.get(k)]
@@ -153,11 +216,7 @@ class RunDir:
                         "run must share model and template; choose another --out"
                     )
         arms[spec.arm] = spec.model_dump(mode="json")
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(spec_file, {"arms": arms})
-        except OSError as e:
-            raise OSError(f"cannot write to output directory {str(self.path)!r}: {e.strerror or e}") from e
+        return arms
 
     @staticmethod
     def _stored_arms(spec_file: Path) -> dict:
@@ -184,22 +243,25 @@ class RunDir:
     def write_run_record(self, status: str, **fields: Any) -> None:
         record = {"status": status, "version": __version__, "host": socket.gethostname(),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
-        atomic_write_json(self.path / "record.json", record)
+        try:
+            atomic_write_json(self.path / "record.json", record)
+        except OSError:
+            if status != "interrupted":
+                raise
+            # best effort: on a full disk the error that interrupted the run must surface, not this one
 
     # -- conditions ---------------------------------------------------------------------------
     def condition_dir(self, cond: Condition) -> Path:
         return self.path / "conditions" / cond.dirname
 
     def is_done(self, cond: Condition) -> bool:
-        """True when the condition's record says ok and every listed file matches its size."""
+        """True when the condition's record says ok and every listed file matches its size and sha256:
+        a truncated or altered file makes the condition unfinished, so a resumed run computes it again."""
         record = self.read_record(self.condition_dir(cond))
         if not record or record.get("status") != "ok" or record.get("condition") != cond.id:
             return False
-        for name, info in record.get("files", {}).items():
-            f = self.condition_dir(cond) / name
-            if not f.is_file() or f.stat().st_size != info["bytes"]:
-                return False
-        return True
+        return all(file_matches(self.condition_dir(cond) / name, info)
+                   for name, info in record.get("files", {}).items())
 
     @staticmethod
     def read_record(cdir: Path) -> dict | None:
@@ -216,6 +278,7 @@ class RunDir:
         for name, data in files.items():
             atomic_write_bytes(cdir / name, data)
             digests[name] = _digest(data)
+        fault_point("condition-record")
         self._write_condition_record(cond, "ok", files=digests, **fields)
 
     def write_condition_error(self, cond: Condition, message: str, **fields: Any) -> None:
@@ -237,8 +300,8 @@ class RunDir:
         return out
 
     def verify(self, cdir: Path, record: dict) -> None:
-        """Check every file of a finished condition against the checksum in its record."""
+        """Check every file of a finished condition against the size and checksum in its record."""
         for name, info in record.get("files", {}).items():
-            data = (cdir / name).read_bytes()
-            if hashlib.sha256(data).hexdigest() != info["sha256"]:
-                raise ValueError(f"{cdir / name} does not match the checksum in its record; delete {cdir} and rerun")
+            if not file_matches(cdir / name, info):
+                raise ValueError(f"{cdir / name} does not match the checksum in its record (missing, cut short or "
+                                 "changed); rerun the command that made it: a resumed run computes it again")

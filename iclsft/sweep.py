@@ -306,6 +306,7 @@ def run_sweep(config: SweepConfig, *, log: Log | None = None, progress: bool = T
 
     log = log or (lambda _msg: None)
     planned = {model: arm_specs(config, model) for model in config.models}  # every input checked first
+    _check_labels(planned)
     planned_implicit = {model: implicit_specs(config, model) for model in config.models}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -317,6 +318,20 @@ def run_sweep(config: SweepConfig, *, log: Log | None = None, progress: bool = T
         return _run_planned(config, planned, planned_implicit, out, log, progress)
     finally:
         sweep_lock.release_lock()
+
+
+def _check_labels(planned: dict) -> None:
+    """Labels each model's tokenizer can tell apart, before the sweep writes anything (the runs check
+    again, later)."""
+    from transformers import AutoTokenizer
+
+    from iclsft.prompts import prompt_builders
+
+    for arms in planned.values():
+        if arms:
+            tokenizer = AutoTokenizer.from_pretrained(arms[0][1].path)
+            for spec, _ in arms:
+                prompt_builders(tokenizer, spec.template, spec.tasks)
 
 
 def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out: Path, log: Log,

@@ -85,7 +85,8 @@ def test_run_prints_metrics_table(base_run):
 
 def test_run_dir_top_level(base_run, tiny_model_dir):
     out, _ = base_run
-    assert {p.name for p in out.iterdir()} == {"spec.json", "record.json", "metrics.parquet", "conditions", ".lock"}
+    assert {p.name for p in out.iterdir()} == {"spec.json", "record.json", "metrics.parquet", "metrics.json",
+                                               "conditions", ".lock"}
     spec = json.loads((out / "spec.json").read_text())["arms"]["icl"]
     assert spec["kind"] == "icl" and spec["shots"] == [1, 2] and spec["seeds"] == [0]
     assert spec["tasks"] == [{"name": "linear2d", "angle": 45.0, "labels": [" Baz", " Rud"],

@@ -164,7 +164,8 @@ def test_results_table_takes_the_best_k_in_1_to_16():
     rows = [dict(task="t", variant="holds", method="icl", shots=k, seed=s, accuracy=a)
             for k, accs in {0: (0.1, 0.3), 2: (0.5, 0.7), 32: (0.9, 0.9), 4: (0.4, 0.4)}.items()
             for s, a in enumerate(accs)]
-    rows += [dict(task="t", variant="holds", method="full", shots=0, seed=s, accuracy=a) for s, a in enumerate((0.2, 0.4))]
+    rows += [dict(task="t", variant="holds", method="full", shots=0, seed=s, accuracy=a)
+             for s, a in enumerate((0.2, 0.4))]
     res = results_table(pd.DataFrame(rows)).iloc[0]
     assert res["base (K=0)"] == pytest.approx(0.2)
     assert res["ICL best-of-K"] == pytest.approx(0.6) and res["best K"] == 2  # K=32 is outside 1..16

@@ -102,7 +102,7 @@ def write_run(path: Path, *, angles=(0.0, 45.0), shots=(1, 2, 5), seeds=(0, 1, 2
                 cdir = run.condition_dir(cond)
                 # uncompressed: the reader does not care, and zlib on noise is slow
                 np.savez(cdir / "rsa.npz", **fake_rsa(cond, 0.15 if cond.method == "icl" else 0.9))
-                (cdir / "rsa.json").write_text(json.dumps({"status": "ok"}))
+                write_rsa_record(cdir)
     run.write_run_record("ok", arm="sft-lora", conditions=len(run.finished()))
     if metrics:
         recompute_metrics(path)
@@ -199,6 +199,13 @@ def test_report_omits_figures_without_data(tmp_path):
     assert "0.000 [" not in html  # one seed: means only, no interval
 
 
+def write_rsa_record(cdir: Path) -> None:
+    """An ok rsa.json for the rsa.npz in `cdir`, with its size and checksum as compute_rsa writes them."""
+    from iclsft.store import file_digest
+
+    (cdir / "rsa.json").write_text(json.dumps({"status": "ok", "files": {"rsa.npz": file_digest(cdir / "rsa.npz")}}))
+
+
 def test_report_rebuild_drops_stale_figures_and_reports_bad_rsa(tmp_path):
     run = write_run(tmp_path / "run", angles=(45.0,), shots=(2,), seeds=(0,),
                     rsa_for=lambda c: c.method == "icl")
@@ -209,6 +216,7 @@ def test_report_rebuild_drops_stale_figures_and_reports_bad_rsa(tmp_path):
     cdir = next(p for p in (run / "conditions").iterdir() if (p / "rsa.npz").exists())
     arrays = dict(np.load(cdir / "rsa.npz"))
     np.savez(cdir / "rsa.npz", **{**arrays, "collapse_resid": arrays["collapse_resid"][:-1]})
+    write_rsa_record(cdir)  # arrays of the wrong shape that verify: the reader must still refuse them
     index = build_report(run, n_boot=200)
     assert not (out / "fig-old.png").exists() and (out / "notes.txt").read_text() == "mine"
     assert_images_valid(index)

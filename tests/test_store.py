@@ -293,7 +293,7 @@ def test_verify_catches_flipped_byte_of_equal_size(written):
     data[10] ^= 0xFF
     f.write_bytes(bytes(data))
     record = run.read_record(cdir)
-    assert run.is_done(cond)  # is_done checks sizes only (cheap); verify checks contents
+    assert not run.is_done(cond)  # contents are checked too: a resumed run computes the condition again
     with pytest.raises(ValueError, match="field.npy does not match the checksum"):
         run.verify(cdir, record)
 

@@ -61,7 +61,19 @@ def final_tables(out: Path, model: Path) -> pd.DataFrame:
 def test_shipped_configs_are_valid(name, tiny_model_dir, tmp_path):
     config = load_config(ROOT / "configs" / name, [f"models=[{tiny_model_dir}]", f"out={tmp_path}"])
     rows = plan(config)["rows"]
+    implicit = [r for r in rows if r["arm"].startswith("implicit-")]
+    rows = [r for r in rows if not r["arm"].startswith("implicit-")]
     assert {r["arm"] for r in rows} == {"icl" if m == "icl" else f"sft-{m}" for m in config.methods}
+    if config.implicit is not None:  # per task, seed and variant: each K (ICL) or one model (SFT)
+        imp = config.implicit
+        assert {r["arm"] for r in implicit} == {f"implicit-{m}" for m in imp.methods}
+        for r in implicit:
+            per = len(imp.tasks) * len(config.seeds) * 2
+            assert r["conditions"] == r["todo"] == per * (len(imp.shots) if r["arm"] == "implicit-icl" else 1)
+            assert r["trainings"] == (0 if r["arm"] == "implicit-icl" else per // 2)
+            assert r["queries"] == r["todo"] * imp.eval_size
+    else:
+        assert not implicit
     angles = sum(len(t.angles) for t in config.tasks)
     per_method = angles * len(config.shots) * len(config.seeds) * len(config.orders)
     for r in rows:
@@ -143,7 +155,7 @@ def test_sweep_over_every_axis_then_a_rerun_computes_nothing(tmp_path, tiny_mode
 
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*")
               if p.is_file() and "report" not in p.parts and p.name != ".lock"}  # the lock names its holder
-    stamps = {p: t for p, t in stamps.items() if p.name not in ("record.json", "metrics.parquet")
+    stamps = {p: t for p, t in stamps.items() if p.name not in ("record.json", "metrics.parquet", "metrics.json")
               or "conditions" in p.parts}
     messages: list[str] = []
     run_sweep(config, log=messages.append, progress=False)

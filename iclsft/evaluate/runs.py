@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
 from iclsft.evaluate.metrics import METRIC_NAMES, compute_metrics
-from iclsft.store import RunDir, atomic_write_bytes, parquet_bytes
+from iclsft.faults import fault_point
+from iclsft.store import RunDir, atomic_write_bytes, atomic_write_json, file_digest, file_matches, parquet_bytes
 
 KEY_COLUMNS = ["task", "angle", "method", "shots", "seed", "checkpoint", "order", "model", "dtype", "condition"]
 
@@ -17,22 +20,51 @@ def condition_metrics(scores: pd.DataFrame, row: dict) -> dict:
     return {**{k: row[k] for k in KEY_COLUMNS}, **compute_metrics(scores, angle=row["angle"])}
 
 
-def recompute_metrics(run: str | Path, *, verify: bool = True) -> pd.DataFrame:
-    """Recompute metrics of every finished condition from its scores; write RUN/metrics.parquet."""
+def recompute_metrics(run: str | Path, *, verify: bool = True,
+                      skip_damaged: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Recompute metrics of every finished condition from its scores; write RUN/metrics.parquet, then
+    RUN/metrics.json with its size and sha256 (what `read_metrics` checks).
+
+    A condition whose files no longer match its record raises ValueError; with `skip_damaged` (a log
+    function) it is left out and named instead: an arm finishing its own conditions must not fail on
+    another arm's damaged file, which that arm recomputes when it runs."""
     rundir = RunDir(run)
     if not (rundir.path / "spec.json").is_file():
         raise FileNotFoundError(f"{str(run)!r} is not a run directory (no spec.json)")
     rows = []
     for cdir, _, record in rundir.finished():
         if verify:
-            rundir.verify(cdir, record)
+            try:
+                rundir.verify(cdir, record)
+            except (ValueError, OSError) as e:
+                if skip_damaged is None:
+                    raise
+                skip_damaged(f"left out of the metrics table: {e}")
+                continue
         scores = pd.read_parquet(cdir / "scores.parquet")
         rows.append(condition_metrics(scores, {"checkpoint": None, **record}))
     table = pd.DataFrame(rows, columns=KEY_COLUMNS + list(METRIC_NAMES))
     table = table.sort_values(["task", "angle", "method", "order", "seed", "shots", "checkpoint"],
                               na_position="first").reset_index(drop=True)
+    fault_point("metrics")
     atomic_write_bytes(rundir.path / "metrics.parquet", parquet_bytes(table))
+    atomic_write_json(rundir.path / "metrics.json",
+                      {"files": {"metrics.parquet": file_digest(rundir.path / "metrics.parquet")},
+                       "conditions": len(table)})
     return table
+
+
+def read_metrics(run: str | Path) -> pd.DataFrame | None:
+    """RUN/metrics.parquet if it matches the size and sha256 in RUN/metrics.json, else None (missing,
+    cut short, altered, or written by a run killed before metrics.json)."""
+    path = Path(run)
+    try:
+        info = json.loads((path / "metrics.json").read_text())["files"]["metrics.parquet"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not file_matches(path / "metrics.parquet", info):
+        return None
+    return pd.read_parquet(path / "metrics.parquet")
 
 
 def compare_table(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:

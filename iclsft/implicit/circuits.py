@@ -105,7 +105,8 @@ def compute_circuits(path: str | Path, *, pairs: int = 32, shots: int = 8, seed:
                                "ld_clean": s.ld_clean_mean, "ld_corrupt": s.ld_corrupt_mean, "n_pairs": s.n_pairs}
                 atomic_write_json(out / "circuits.json", index)  # after each state: an interruption loses one
                 scores[state] = s
-                log(f"{task} {state}: {s.n_pairs} pairs, LD clean {s.ld_clean_mean:.2f}, corrupt {s.ld_corrupt_mean:.2f}")
+                log(f"{task} {state}: {s.n_pairs} pairs, LD clean {s.ld_clean_mean:.2f}, "
+                    f"corrupt {s.ld_corrupt_mean:.2f}")
             for state, s in scores.items():
                 if state == "base":
                     continue

@@ -168,7 +168,8 @@ def _run_sft(spec: ImplicitSpec, run: RunDir, ref: ModelRef, prompts: dict, todo
                     log(f"scoring {cond.dirname} FAILED: {type(e).__name__}: {e}")
                     continue
                 log(f"{cond.task} {cond.variant} {cond.method} seed {cond.seed}: trained "
-                    f"{result.get('seconds', 0):.0f} s, accuracy {m['accuracy']:.3f}, shortcut {m['shortcut_rate']:.3f}")
+                    f"{result.get('seconds', 0):.0f} s, accuracy {m['accuracy']:.3f}, "
+                    f"shortcut {m['shortcut_rate']:.3f}")
             if engine is not None:
                 engine.release(ckpt)
     finally:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from iclsft import __version__
 from iclsft.evaluate.stats import N_BOOT, paired_differences, summarize
+from iclsft.faults import fault_point
 from iclsft.report import rsa, tables
 from iclsft.report.data import RunData, is_final, load_run, method_color
 from iclsft.report.figures import (
@@ -32,7 +33,6 @@ from iclsft.report.figures import (
     k_colors,
     slug,
 )
-from iclsft.faults import fault_point
 from iclsft.report.html import Section, page
 from iclsft.store import atomic_write_bytes
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from iclsft.evaluate.runs import recompute_metrics
+from iclsft.evaluate.runs import read_metrics, recompute_metrics
 from iclsft.store import RunDir
 
 METHOD_ORDER = ("icl", "lora", "full", "full-frozen-unembed")
@@ -94,7 +94,8 @@ def load_run(run_dir: str | Path) -> RunData:
     if not (rundir.path / "spec.json").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no spec.json)")
     rows = []
-    for cdir, cond, _ in rundir.finished():
+    for cdir, cond, record in rundir.finished():
+        rundir.verify(cdir, record)  # the figures read fields and exemplars: never from a damaged file
         task = cond["task"]
         rows.append({"condition": cond["id"], "task": task["name"], "angle": float(task["angle"]),
                      "method": cond["method"], "shots": int(cond["shots"]), "seed": int(cond["seed"]),
@@ -105,8 +106,7 @@ def load_run(run_dir: str | Path) -> RunData:
     if conditions.empty:
         raise ValueError(f"{rundir.path} has no finished conditions: nothing to report")
 
-    metrics_file = rundir.path / "metrics.parquet"
-    metrics = pd.read_parquet(metrics_file) if metrics_file.is_file() else None
+    metrics = read_metrics(rundir.path)  # None unless it matches the checksum in metrics.json
     if metrics is None or set(metrics["condition"]) != set(conditions["condition"]):
         metrics = recompute_metrics(rundir.path)
     metrics = metrics.copy()

@@ -73,7 +73,8 @@ def _curves_section(metrics: pd.DataFrame, writer: FigureWriter) -> Section:
                     x = [max(k, 0.5) for k in g.index]  # K=0 drawn at 0.5 on the log axis
                     ax.plot(x, g.values, style, marker="o", color=method_color("icl"), label=f"ICL {variant}")
                     n += len(g)
-                sft = metrics[(metrics["task"] == task) & (metrics["variant"] == variant) & (metrics["method"] != "icl")]
+                here = (metrics["task"] == task) & (metrics["variant"] == variant)
+                sft = metrics[here & (metrics["method"] != "icl")]
                 for method, v in sft.groupby("method")[metric].mean().items():
                     ax.axhline(v, linestyle=style, color=method_color(method), label=f"{method} {variant}")
             ax.set_xscale("log", base=2)

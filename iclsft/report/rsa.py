@@ -27,14 +27,17 @@ MAX_SHOTS_SHOWN = 5
 
 
 def read_rsa(cdir: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Named arrays of `cdir/rsa.npz`, shape-checked against each other; ValueError otherwise."""
+    """Named arrays of `cdir/rsa.npz` (checked against the checksum in rsa.json), shape-checked against
+    each other; ValueError otherwise."""
+    from iclsft.rsa.run import load_rsa
+
     path = Path(cdir) / "rsa.npz"
     keys = ["layers", *[k for k in keys if k != "layers"]]
-    with np.load(path, allow_pickle=False) as z:
-        missing = [k for k in keys if k not in z.files]
-        if missing:
-            raise ValueError(f"{path} lacks arrays {missing} (it has {sorted(z.files)})")
-        out = {k: np.asarray(z[k]) for k in keys}
+    z = load_rsa(cdir)
+    missing = [k for k in keys if k not in z]
+    if missing:
+        raise ValueError(f"{path} lacks arrays {missing} (it has {sorted(z)})")
+    out = {k: np.asarray(z[k]) for k in keys}
     n_layers = len(out["layers"])
     n_sub = len(out["sub_truth"]) if "sub_truth" in out else None
     expected = {"bins": None}

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from iclsft import __version__
+from iclsft.faults import fault_point, is_out_of_memory, out_of_memory
 from iclsft.spec import Condition, ModelSpec
 from iclsft.store import RunDir, atomic_write_bytes, atomic_write_json
 from iclsft.tasks import linear2d
@@ -78,7 +79,10 @@ def load_rsa(condition_dir: str | Path) -> dict[str, np.ndarray]:
 
 
 def _verified_bytes(cdir: Path, info: dict) -> bytes:
-    expected = info["files"][RSA_NPZ]
+    try:
+        expected = info["files"][RSA_NPZ]
+    except (KeyError, TypeError):
+        raise ValueError(f"{cdir / RSA_JSON} lists no checksum for {RSA_NPZ}; rerun the rsa step") from None
     data = (cdir / RSA_NPZ).read_bytes()
     if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
         raise ValueError(f"{cdir / RSA_NPZ} does not match the checksum in its {RSA_JSON}; rerun the rsa step")
@@ -119,6 +123,7 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", batch_size: int 
                 np.savez_compressed(buf, **arrays)
                 data = buf.getvalue()
                 atomic_write_bytes(cdir / RSA_NPZ, data)
+                fault_point("rsa")
                 atomic_write_json(cdir / RSA_JSON, {
                     "status": "ok", **base, "seconds": round(time.time() - t0, 2),
                     "layers": len(arrays["layers"]), "pairs": int(arrays["hist_resid"][0].sum()),
@@ -170,7 +175,14 @@ def condition_rsa(run: RunDir, cdir: Path, cond_json: dict, record: dict, models
         loaded = models.checkpoint(cond.model, run.path / "adapters" / record["checkpoint_dir"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with loaded as model:
-        resid, mlp = activations(model, prefix, query_ids, batch_size=batch_size, pad_id=pad_id, progress=progress)
+        try:
+            resid, mlp = activations(model, prefix, query_ids, batch_size=batch_size, pad_id=pad_id,
+                                     progress=progress)
+        except (MemoryError, RuntimeError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise out_of_memory(f"reading activations of {cdir.name}", "run `iclsft-eval rsa RUN --batch-size N` "
+                                "with a smaller N (queries per forward pass)", e) from e
     truth = points.truth.to_numpy()
     subset = balanced_subset(truth, SUBSET_PER_CLASS)
     out = {"layers": np.arange(resid.shape[0], dtype=np.int64), "bins": BINS.copy()}
@@ -224,10 +236,13 @@ class _Models:
     @contextmanager
     def checkpoint(self, spec: ModelSpec, path: Path):
         from iclsft.models import ModelRef, load_model
-        from iclsft.sft.adapters import is_finished
+        from iclsft.sft.adapters import checkpoint_problem, is_finished
 
         if not is_finished(path):
             raise FileNotFoundError(f"checkpoint {path} is missing or unfinished; rerun the sft command")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise ValueError(f"{problem}; delete it and the conditions scored with it, then rerun the sft arm")
         if not (path / "adapter_config.json").is_file():  # a full fine-tune: a model directory of its own
             model, _ = load_model(ModelRef(name=str(path), path=path, fingerprint=""), self.dtype)
             yield model

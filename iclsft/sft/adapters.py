@@ -4,7 +4,8 @@ A checkpoint directory is named by the hash of everything that determines its we
 model's fingerprint, the exact training token ids (exemplars, template, labels, BOS, in order),
 the method and hyper-parameters, the seed and the fraction of training. It is written under a
 temporary name and renamed into place after its marker file, so a directory without the marker
-is never used, and a finished one is never trained again.
+is never used, and a finished one is never trained again. The marker lists the size and sha256 of
+every file beside it: a checkpoint whose files no longer match is set aside and trained again.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from iclsft.faults import fault_point
 from iclsft.spec import HASH_VERSION, SftSpec
+from iclsft.store import file_digest, file_matches
 
 MARKER = "iclsft-adapter.json"
 ADAPTERS_DIR = "adapters"
@@ -64,7 +68,9 @@ def save_checkpoint(model, path: Path, info: dict, tokenizer_dir: Path | None = 
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
         if (tmp / "adapter_config.json").is_file():
             check_vllm_compatible(tmp)
-        (tmp / MARKER).write_text(json.dumps(info, indent=2, default=str))
+        files = {str(f.relative_to(tmp)): file_digest(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MARKER).write_text(json.dumps({**info, "files": files}, indent=2, default=str))
+        fault_point("adapter-save")
         try:
             os.replace(tmp, path)
         except OSError:
@@ -73,6 +79,36 @@ def save_checkpoint(model, path: Path, info: dict, tokenizer_dir: Path | None = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None for a finished checkpoint whose files match its marker (or an unfinished one); else what is
+    wrong. Markers written before checksums were recorded have no file list and pass."""
+    path = Path(path)
+    if not is_finished(path):
+        return None
+    try:
+        files = read_marker(path).get("files", {})
+    except (OSError, ValueError) as e:
+        return f"checkpoint {path} has an unreadable {MARKER} ({e})"
+    bad = sorted(name for name, info in files.items() if not file_matches(path / name, info))
+    if bad:
+        return f"checkpoint {path} is damaged ({', '.join(bad)} missing or not matching the checksum in {MARKER})"
+    return None
+
+
+def set_aside_damaged(paths: Sequence[Path], log: Callable[[str], None]) -> list[Path]:
+    """Rename each damaged checkpoint to `.damaged-<name>-<time>` beside it (kept for inspection, never
+    read), so that it counts as unfinished and is trained again. Call with the run's lock held."""
+    moved = []
+    for path in paths:
+        problem = checkpoint_problem(Path(path))
+        if problem:
+            aside = Path(path).with_name(f".damaged-{Path(path).name}-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(path, aside)
+            log(f"{problem}: set aside as {aside.name}; it is trained again")
+            moved.append(aside)
+    return moved
 
 
 def check_vllm_compatible(adapter_dir: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iclsft.faults import fault_point, is_out_of_memory, out_of_memory
 from iclsft.sft.adapters import is_finished, save_checkpoint
 from iclsft.spec import SftSpec
 
@@ -35,6 +36,10 @@ class TrainJob:
     checkpoints: list[tuple[float, str]]  # (fraction of training, directory to save it in)
     threads: int | None = None
     meta: dict = field(default_factory=dict)  # carried through for the driver (condition names, ...)
+
+
+OOM_TRAINING = ("lower the SFT batch size (sft --batch-size; sweep: sft.<method>.batch_size), train LoRA instead "
+                "of full weights, or give each training more memory (fewer trainings at once: --cpus-per-task)")
 
 
 def total_steps(n_examples: int, sft: SftSpec) -> int:
@@ -117,6 +122,10 @@ def train(job: TrainJob) -> dict:
         torch.set_num_threads(job.threads)
     try:
         _train_missing(job, missing, result, started)
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory(f"training {job.sft.method} on {len(job.examples)} examples", OOM_TRAINING, e) from e
     finally:
         torch.set_num_threads(threads_before)  # the local executor runs in the caller's process
     return result
@@ -147,6 +156,7 @@ def _train_missing(job: TrainJob, missing: list[tuple[float, str]], result: dict
         optimizer.step()
         scheduler.step()
         result["losses"].append(round(loss.item(), 6))
+        fault_point("train-step")
         for fraction in save_at.get(step + 1, ()):
             info = {"key": job.key, "fraction": fraction, "step": step + 1, "total_steps": steps,
                     "method": sft.method, "sft": sft.model_dump(mode="json"), "seed": job.seed,
