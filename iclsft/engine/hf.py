@@ -6,10 +6,14 @@ How one `score` call works:
    tokens past the longest common prefix are computed, and a shorter prefix is a free slice.
 2. Queries are sorted and packed into one sequence per forward pass, as a trie: queries that
    start with the same tokens (all queries with the same n1 share "n1 ") share those nodes, and
-   each label's tokens but its last hang below the query's last node. The attention mask lets a
-   node see the whole prefix and its own ancestors only; positions continue after the prefix by
-   depth. With no sharing this is the block-diagonal packing of independent queries.
-3. The output head runs only at the rows whose next token is a label token, on the full vocabulary
+   each label's tokens but its last hang below the query's last node. A node sees the whole
+   prefix and its own ancestors only; positions continue after the prefix by depth. With no
+   sharing this is the block-diagonal packing of independent queries.
+3. Attention (`attention="tree"`, the default on CPUs): prefix and tree parts are computed apart
+   and merged by their log-sum-exps (engine/tree_attention.py), so no node pair outside a path is
+   ever scored; `attention="mask"` is one SDPA call over a dense n x (prefix + n) boolean mask.
+4. An adapter's LoRA product is added into its base weights for the call (`merge_lora`).
+5. The output head runs only at the rows whose next token is a label token, on the full vocabulary
    (the log-softmax needs it), in fp32.
 """
 
@@ -18,10 +22,15 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from iclsft.engine import tree_attention
+
+ATTENTION = ("auto", "tree", "mask")
 
 
 @dataclass
@@ -113,14 +122,27 @@ def pack(
 class HFEngine:
     """Packed, prefix-sharing label scoring on a transformers causal LM (optionally with peft adapters)."""
 
-    def __init__(self, model, *, token_budget: int = 1024, progress: bool = True, threads: int | None = None):
+    def __init__(self, model, *, token_budget: int = 1024, progress: bool = True, threads: int | None = None,
+                 attention: str = "auto", merge_lora: bool = True):
+        """`attention`: "tree" (prefix and tree parts apart, no mask: engine/tree_attention.py), "mask" (one
+        SDPA call with a dense boolean mask), "auto" (tree where supported: transformers' attention interface,
+        CPU). `merge_lora`: score an adapter with its LoRA product added into the base weights for the call
+        (one matmul per projection instead of three; the original weights are put back untouched)."""
+        if attention not in ATTENTION:
+            raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION)}")
         if threads:
             torch.set_num_threads(threads)
         self.base = model
         self.model = model
         self.token_budget = token_budget
         self.progress = progress
+        self.merge_lora = merge_lora
         self.device = next(model.parameters()).device
+        if attention == "auto":
+            attention = "tree" if tree_attention.supported(model) else "mask"
+        elif attention == "tree" and not tree_attention.supported(model):
+            raise ValueError("attention='tree' needs a model on the CPU that uses transformers' attention interface")
+        self.attention = attention
         # adapter key -> (prefix tokens, per-layer (keys, values) of that prefix)
         self._prefix_kv: dict[str | None, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
 
@@ -167,7 +189,40 @@ class HFEngine:
 
         if key is None and self.model is not self.base:
             return self.model.disable_adapter()
+        if key is not None and self.merge_lora:
+            return self._merged(key)
         return nullcontext()
+
+    @contextmanager
+    def _merged(self, key: str):
+        """The adapter `key` folded into its base layers' weights, its LoRA branch switched off.
+
+        x(W + sBA) instead of xW + s(xA)B: one matmul per projection (the rank-r branch is three thin
+        ones), equal up to float rounding. The base layers get new weight tensors for the duration and
+        their own back afterwards, so the base weights never drift (unlike merge/unmerge in place).
+        Only plain LoRA linear layers; anything else (DoRA, LoRA bias, other layer types) is scored
+        unmerged."""
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLayer) and key in m.lora_A]
+        plain = all(type(m) is LoraLinear and not m.use_dora.get(key) and not getattr(m, "lora_bias", {}).get(key)
+                    and not m.merged for m in layers)
+        if not layers or not plain:
+            yield
+            return
+        swapped = []
+        try:
+            for m in layers:
+                base = m.get_base_layer()
+                swapped.append((base, base.weight))
+                merged = base.weight + m.get_delta_weight(key).to(base.weight.dtype)
+                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+            with self.model.disable_adapter():
+                yield
+        finally:
+            for base, weight in swapped:
+                base.weight = weight
 
     # -- prefix -----------------------------------------------------------------------------
     def _cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]] | None):
@@ -222,20 +277,22 @@ class HFEngine:
         return out
 
     def _score_batch(self, batch: PackedBatch, kv, prefix_len: int, out: np.ndarray) -> None:
-        n = len(batch)
-        tree = torch.from_numpy(batch.ancestor_mask())
-        mask = torch.cat([torch.ones(n, prefix_len, dtype=torch.bool), tree], dim=1)
         rows = sorted({row for _, per_label in batch.reads for pairs in per_label for row, _ in pairs})
         where = {row: i for i, row in enumerate(rows)}
-        output = self.model(
-            input_ids=torch.tensor([batch.tokens], device=self.device),
-            position_ids=torch.tensor([batch.depth], device=self.device) + prefix_len,
-            attention_mask=mask[None, None].to(self.device),
-            past_key_values=self._cache(kv) if prefix_len else None,
-            use_cache=bool(prefix_len),
-            logits_to_keep=torch.tensor(rows, device=self.device),
-        )
-        logprobs = torch.log_softmax(output.logits[0].float(), dim=-1)
+        inputs = dict(input_ids=torch.tensor([batch.tokens], device=self.device),
+                      position_ids=torch.tensor([batch.depth], device=self.device) + prefix_len,
+                      logits_to_keep=torch.tensor(rows, device=self.device))
+        if self.attention == "tree":
+            context = tree_attention.TreeContext.build(kv, batch.parent, self.device)
+            with tree_attention.activated(self.base.config):
+                output = self.model(**inputs, use_cache=False, iclsft_tree=context)
+        else:
+            n = len(batch)
+            tree = torch.from_numpy(batch.ancestor_mask())
+            mask = torch.cat([torch.ones(n, prefix_len, dtype=torch.bool), tree], dim=1)
+            output = self.model(**inputs, attention_mask=mask[None, None].to(self.device),
+                                past_key_values=self._cache(kv) if prefix_len else None, use_cache=bool(prefix_len))
+        logits = output.logits[0].float()
         row_idx, tok_idx, owners = [], [], []
         for q, per_label in batch.reads:
             for j, pairs in enumerate(per_label):
@@ -243,6 +300,8 @@ class HFEngine:
                     row_idx.append(where[row])
                     tok_idx.append(tok)
                     owners.append((q, j))
+        # log_softmax over the whole row, then a gather: on CPUs faster than logsumexp (one fused pass)
+        logprobs = torch.log_softmax(logits, dim=-1)
         values = logprobs[torch.tensor(row_idx), torch.tensor(tok_idx)].double().cpu().numpy()
         sums: dict[tuple[int, int], float] = {}
         for owner, value in zip(owners, values):
