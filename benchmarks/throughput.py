@@ -7,20 +7,16 @@ method is and how it is counted). Writes STEM.json and STEM.md.
     python benchmarks/throughput.py --queries 200 --shots 10 --adapters 1 --out /tmp/tp   # a quick check
     python benchmarks/throughput.py --table-only          # rewrite STEM.md from STEM.json
 
-OMP_WAIT_POLICY defaults to PASSIVE here (set before torch loads): with libgomp's default
-spin-waiting, two torch threads on a 2-core machine that other processes share ran 3.4x slower
-(docs/findings.md). Set it yourself to override.
+The environment is left as it is and recorded (OMP_WAIT_POLICY among it). On a machine that other
+processes share, libgomp's default spin-waiting made two torch threads 3.4x slower than
+OMP_WAIT_POLICY=PASSIVE; on a quiet one PASSIVE cost about 12% (docs/findings.md).
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch (libgomp reads it once, at load)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
