@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from iclsft.evaluate.runs import read_metrics
 from iclsft.implicit.data import TaskPrompts, demo_stream, eval_items, train_items
 from iclsft.implicit.run import implicit_metrics, make_implicit_spec, results_table, run_implicit
 from iclsft.spec import ExecutorSpec
@@ -54,6 +55,10 @@ def test_icl_arm_writes_every_condition_with_its_scores(icl_run):
     out, spec, _ = icl_run
     table = implicit_metrics(out)
     assert len(table) == len(TASKS) * 2 * 2  # tasks x K x variants
+    pd.testing.assert_frame_equal(read_metrics(out), table)  # written with its checksum
+    (out / "metrics.parquet").write_bytes((out / "metrics.parquet").read_bytes()[:-10])
+    assert read_metrics(out) is None  # a damaged table is not read
+    implicit_metrics(out)
     assert set(table["variant"]) == {"holds", "broken"}
     assert table["accuracy"].between(0, 1).all() and table["shortcut_rate"].between(0, 1).all()
     for cdir in (out / "conditions").iterdir():

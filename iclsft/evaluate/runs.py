@@ -46,12 +46,18 @@ def recompute_metrics(run: str | Path, *, verify: bool = True,
     table = pd.DataFrame(rows, columns=KEY_COLUMNS + list(METRIC_NAMES))
     table = table.sort_values(["task", "angle", "method", "order", "seed", "shots", "checkpoint"],
                               na_position="first").reset_index(drop=True)
-    fault_point("metrics")
-    atomic_write_bytes(rundir.path / "metrics.parquet", parquet_bytes(table))
-    atomic_write_json(rundir.path / "metrics.json",
-                      {"files": {"metrics.parquet": file_digest(rundir.path / "metrics.parquet")},
-                       "conditions": len(table)})
+    write_metrics(rundir.path, table)
     return table
+
+
+def write_metrics(run: str | Path, table: pd.DataFrame) -> None:
+    """RUN/metrics.parquet, then RUN/metrics.json with its size and sha256 (what `read_metrics` checks)."""
+    path = Path(run)
+    fault_point("metrics")
+    atomic_write_bytes(path / "metrics.parquet", parquet_bytes(table))
+    atomic_write_json(path / "metrics.json",
+                      {"files": {"metrics.parquet": file_digest(path / "metrics.parquet")},
+                       "conditions": len(table)})
 
 
 def read_metrics(run: str | Path) -> pd.DataFrame | None:

@@ -17,13 +17,14 @@ from pathlib import Path
 import pandas as pd
 
 from iclsft.engine.base import close_engine, open_engine
+from iclsft.evaluate.runs import write_metrics
 from iclsft.icl import ConditionsFailed
 from iclsft.implicit.data import TaskPrompts, demo_stream, eval_items, train_items
 from iclsft.implicit.evaluate import METRICS, item_metrics, score_items
 from iclsft.implicit.spec import ImplicitCondition, ImplicitSpec
 from iclsft.models import ModelRef, resolve_model
 from iclsft.spec import EngineSpec, ExecutorSpec, ModelSpec, sft_spec
-from iclsft.store import RunDir, atomic_write_bytes, parquet_bytes
+from iclsft.store import RunDir, parquet_bytes
 from iclsft.tasks.implicit import get_task
 
 Log = Callable[[str], None]
@@ -179,7 +180,8 @@ def _run_sft(spec: ImplicitSpec, run: RunDir, ref: ModelRef, prompts: dict, todo
 
 
 def implicit_metrics(path: str | Path, *, verify: bool = True) -> pd.DataFrame:
-    """Metrics of every finished condition, recomputed from its scores; written to RUN/metrics.parquet."""
+    """Metrics of every finished condition, recomputed from its scores; written to RUN/metrics.parquet
+    with its checksum in RUN/metrics.json."""
     run = RunDir(path)
     rows = []
     for cdir, cond, record in run.finished():
@@ -193,7 +195,7 @@ def implicit_metrics(path: str | Path, *, verify: bool = True) -> pd.DataFrame:
                      **item_metrics(table, record.get("answers") if answers else None)})
     table = pd.DataFrame(rows, columns=KEY_COLUMNS + list(METRICS))
     table = table.sort_values(["task", "variant", "method", "seed", "shots"]).reset_index(drop=True)
-    atomic_write_bytes(run.path / "metrics.parquet", parquet_bytes(table))
+    write_metrics(run.path, table)
     return table
 
 
