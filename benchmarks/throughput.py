@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--token-budget", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--vllm-block-size", type=int, default=None,
-                        help="our vllm engine's KV block size (prefix-cache granularity; CPU default 128)")
+                        help="our vllm engine's KV block size (prefix-cache granularity; default: 32 on CPU, "
+                             "vLLM's on GPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "throughput",
                         help="output stem: writes STEM.json and STEM.md")
     parser.add_argument("--table-only", action="store_true", help="rewrite STEM.md from STEM.json")

@@ -123,7 +123,7 @@ class BenchSpec:
     angle: float = 90.0
     token_budget: int = 1024
     threads: int | None = None
-    vllm_block_size: int | None = None  # our vllm engine's KV block size (prefix-cache granularity); None: vLLM's
+    vllm_block_size: int | None = None  # our vllm engine's KV block size (prefix-cache granularity); None: the engine's
     seed: int = 0
 
     def __post_init__(self):
@@ -199,7 +199,7 @@ def run_bench(spec: BenchSpec, *, log: Log | None = None) -> dict:
     log(f"  fp32 {peaks['float32']:.1f} GFLOP/s, bf16 {peaks['bfloat16']:.1f} GFLOP/s")
     with tempfile.TemporaryDirectory(prefix="iclsft-bench-") as folder:
         setup = _Setup(spec, Path(folder))
-        timings, starts = _run_methods(spec, setup, log)
+        timings, starts, blocks = _run_methods(spec, setup, log)
         config = setup.model.config
     rows = []
     for w in setup.work:
@@ -232,7 +232,8 @@ def run_bench(spec: BenchSpec, *, log: Log | None = None) -> dict:
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "versions": versions,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "spec": asdict(spec),
-            "grid_queries": len(setup.queries), "peak_gflops": peaks, "vllm_start_seconds": starts, "rows": rows}
+            "grid_queries": len(setup.queries), "peak_gflops": peaks, "vllm_start_seconds": starts,
+            "vllm_block_size": blocks, "rows": rows}
 
 
 class _Setup:
@@ -308,7 +309,7 @@ def _run_methods(spec: BenchSpec, s: _Setup, log: Log) -> tuple[dict[tuple[str, 
                 scores, seconds, tokens, flops = M.hf(s.model, w.prefix, s.queries, s.labels, adapter,
                                                       spec.token_budget, **HF_OPTIONS[method])
                 record(method, w, adapter, np.arange(len(s.queries)), scores, seconds, tokens, flops)
-    starts = {}
+    starts, blocks = {}, {}
     for kind, names in (("ours", ("vllm",)), ("plain", ("vllm-plain", "lm-eval"))):
         names = [m for m in names if m in spec.methods]
         if not names:
@@ -318,7 +319,8 @@ def _run_methods(spec: BenchSpec, s: _Setup, log: Log) -> tuple[dict[tuple[str, 
                               else None, s.builder.tokenizer, CPU_KV_CACHE_BYTES,
                               block_size=spec.vllm_block_size if kind == "ours" else None)
         starts[kind] = time.perf_counter() - t0
-        log(f"vLLM ({kind}) started in {starts[kind]:.0f} s")
+        blocks[kind] = runner.block_size
+        log(f"vLLM ({kind}) started in {starts[kind]:.0f} s, KV cache block {blocks[kind]} tokens")
         try:
             for method in names:
                 picked = s.sample["naive"] if method == "lm-eval" else s.sample["vllm"]
@@ -331,7 +333,7 @@ def _run_methods(spec: BenchSpec, s: _Setup, log: Log) -> tuple[dict[tuple[str, 
                         record(method, w, adapter, picked, scores, seconds, tokens, flops)
         finally:
             runner.close()
-    return timings, starts
+    return timings, starts, blocks
 
 
 def _pack(queries, labels, budget):
@@ -390,6 +392,9 @@ def markdown(results: dict) -> str:
     if results.get("vllm_start_seconds"):
         lines.append("vLLM engine start (not counted): " + ", ".join(
             f"{m} {s:.0f} s" for m, s in results["vllm_start_seconds"].items()) + ".")
+    if results.get("vllm_block_size"):
+        lines.append("vLLM KV cache block (prefix-cache granularity, tokens): " + ", ".join(
+            f"{m} {b}" for m, b in results["vllm_block_size"].items()) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -79,6 +79,7 @@ class VLLMRunner:
 
             extra = {} if torch.cuda.is_available() else {"kv_cache_memory_bytes": kv_cache_bytes}
             self.llm = LLM(model=str(model_path), dtype=dtype, **extra)
+        self.block_size = self.llm.llm_engine.vllm_config.cache_config.block_size
 
     def score(self, method: str, prefix, queries, labels, adapter, config) -> tuple[np.ndarray, float, float, float]:
         run = {"vllm": self._ours, "vllm-plain": self._plain, "lm-eval": self._lm_eval}[method]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iclsft.engine.reads import adapter_rank
-from iclsft.engine.vllm_engine import CPU_KV_CACHE_GIB
+from iclsft.engine.vllm_engine import CPU_BLOCK_SIZE, CPU_KV_CACHE_GIB
 from iclsft.sft.adapters import ADAPTERS_DIR, checkpoint_problem, is_finished, read_marker
 
 MAX_PROMPTS_PER_REQUEST = 256  # the vllm-server engine sends 64
@@ -98,6 +98,8 @@ def serve_command(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
     cmd = [sys.executable, "-m", "iclsft.engine.vllm_cli", "serve", str(base), "--host", host,
            "--port", str(port), "--served-model-name", spec["model"]["name"], "--dtype", dtype or spec["dtype"],
            "--enable-prefix-caching"]
+    if not _has_gpu() and not any(a == "--block-size" or a.startswith("--block-size=") for a in extra):
+        cmd += ["--block-size", str(CPU_BLOCK_SIZE)]  # prefix-cache granularity; vLLM's CPU default is 128
     if adapters or allow_adapter_loading:
         from iclsft.engine.reads import vllm_lora_rank
 

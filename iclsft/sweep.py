@@ -257,7 +257,9 @@ def _mean_prefix_tokens(conds) -> float:
 # Measured throughput, for estimates only (docs/sweep.md): per device kind, seconds per query
 # (a + b * prefix tokens), per training step (LoRA / full), and RSA as a second pass over queries.
 RATES = {
-    "cpu": {"query": 1 / 90, "per_prefix_token": (1 / 58 - 1 / 90) / 1484, "lora_step": 0.5, "full_step": 1.0},
+    # hf engine, fp32, 2 threads, full grid (docs/benchmarks/throughput.md): 132 q/s at a 166-token
+    # prefix, 97 at 1,650, 68 at 3,317 -> 7.2 ms + 2.26 us per prefix token
+    "cpu": {"query": 1 / 140, "per_prefix_token": 2.26e-6, "lora_step": 0.5, "full_step": 1.0},
     "gpu": {"query": 1 / 13_600, "per_prefix_token": 0.0, "lora_step": 0.05, "full_step": 0.08},
 }
 

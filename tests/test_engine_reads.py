@@ -268,6 +268,9 @@ def test_serve_command_without_adapters(tmp_path, fake_base):
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert cmd[cmd.index("--dtype") + 1] == "float32"
     assert "--enable-lora" not in cmd and "--lora-modules" not in cmd
+    assert cmd[cmd.index("--block-size") + 1] == "32"  # on CPUs: vLLM's 128-token default recomputes more
+    cmd, _ = serve_command(run, extra=("--block-size", "64"))
+    assert cmd.count("--block-size") == 1 and cmd[-2:] == ["--block-size", "64"]
 
     # runtime loading needs LoRA enabled even with nothing registered
     cmd, _ = serve_command(run, allow_adapter_loading=True)

@@ -35,8 +35,8 @@ class Engine(Protocol):
 
 def resolve_engine(name: str) -> str:
     """`auto`: vLLM where it is installed and a GPU is present; else `hf`, which on CPUs is the faster
-    of the two by far (docs/benchmarks/vllm_vs_hf.md: vLLM's 128-token CPU cache blocks make it
-    recompute most of each query's tail, and it cannot share tokens between queries)."""
+    of the two by far (docs/benchmarks/throughput.md: vLLM's CPU cache blocks make it recompute most of
+    each query's tail, and it cannot share tokens between queries)."""
     if name != "auto":
         if name not in ENGINES:
             raise ValueError(f"unknown engine {name!r}; available: auto, {', '.join(ENGINES)}")

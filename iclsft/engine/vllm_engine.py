@@ -4,7 +4,9 @@ Each read is a token-id prompt (`prefix + query [+ label head]`) asking for one 
 `logprob_token_ids` = the label tokens: vLLM returns their exact full-vocabulary log-probs (raw
 mode, before any sampling processor). All reads of one call are submitted together after one
 warm-up read that puts the prefix's blocks into the prefix cache; every later read recomputes only
-the tail past the last full cache block (128 tokens on CPU, 16 on GPU).
+the tail past the last full cache block: 16 tokens on GPU; on CPU we ask for 32 (vLLM's CPU
+default is 128, its CPU attention takes multiples of 32; 32 is 3.2–3.5× faster on the ICL grid,
+same log-probs: docs/findings.md).
 
 Adapters are named and numbered by their content hash (`reads.adapter_name`), never by path, so
 two adapters never share prefix-cache entries (vLLM keys the cache by adapter name).
@@ -21,6 +23,7 @@ import numpy as np
 from iclsft.engine.reads import adapter_name, adapter_rank, plan_reads, vllm_lora_rank
 
 CPU_KV_CACHE_GIB = 4  # vLLM's CPU default is half the machine's memory
+CPU_BLOCK_SIZE = 32  # the smallest cache block vLLM's CPU attention accepts (its default: 128)
 
 
 class VLLMEngine:
@@ -55,6 +58,7 @@ class VLLMEngine:
                 kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
+            kwargs.setdefault("block_size", CPU_BLOCK_SIZE)
         self.llm = LLM(**kwargs)
         self.max_lora_rank = kwargs.get("max_lora_rank")
         self.progress = progress
