@@ -5,7 +5,7 @@ Each read is a token-id prompt (`prefix + query [+ label head]`) asking for one 
 mode, before any sampling processor). All reads of one call are submitted together after one
 warm-up read that puts the prefix's blocks into the prefix cache; every later read recomputes only
 the tail past the last full cache block: 16 tokens on GPU; on CPU we ask for 32 (vLLM's CPU
-default is 128, its CPU attention takes multiples of 32; 32 is 3.2–3.5× faster on the ICL grid,
+default is 128, its CPU attention takes multiples of 32; 32 is 2.8–3.5× faster on the ICL grid,
 same log-probs: docs/findings.md).
 
 Adapters are named and numbered by their content hash (`reads.adapter_name`), never by path, so
