@@ -111,6 +111,13 @@ def test_icl_scores_agree_with_hf(vllm_engine, hf_engine, prompts):
     assert np.ptp(want[:, 0] - want[:, 1]) > 0.1  # the queries differ: a mix-up would show
 
 
+def test_cpu_cache_blocks_are_32_tokens(vllm_engine):
+    """vLLM's CPU default (128) recomputes up to 127 prefix tokens per query; 32 is its CPU minimum."""
+    if torch.cuda.is_available():
+        pytest.skip("the 32-token default is for CPUs")
+    assert vllm_engine.llm.llm_engine.vllm_config.cache_config.block_size == 32
+
+
 def test_scoring_twice_gives_the_same_values(vllm_engine, prompts):
     """The second call reads the prefix from vLLM's prefix cache."""
     prefix, queries, labels = prompts
