@@ -62,6 +62,16 @@ def task_truth(task: TaskSpec, n1: np.ndarray, n2: np.ndarray) -> np.ndarray:
     return t
 
 
+def has_boundary_angle(task_name: str) -> bool:
+    """Whether the task's classes are split by one line at its angle, so that an inferred boundary
+    angle means something: `linear2d` and `semantic` yes; `xor` (two perpendicular lines) no."""
+    if task_name in ("linear2d", "semantic"):
+        return True
+    if task_name == "xor":
+        return False
+    raise ValueError(f"task {task_name!r} is not known: use 'linear2d', 'xor' or 'semantic'")
+
+
 @cache
 def adjectives() -> tuple[str, ...]:
     """The semantic variant's 100 words, smallest to largest (iclsft/tasks/adjectives.txt)."""
