@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from iclsft.evaluate import student_t
 from iclsft.evaluate.metrics import METRIC_NAMES
 
 N_BOOT = 2000
 LEVEL = 0.95
+T_METHOD = "t over seeds"
+PAIRED_METHOD = "paired t over seeds"
+ONE_SAMPLE_METHOD = "one-sample t over seeds"
+RESULTANT_MIN = 1e-9
+"""Below this mean resultant length the doubled angles cancel and no mean direction exists."""
 BOOT_SEED = 0
 """Seed of the resampling generator. Each call restarts it, so a group's interval depends only on its
 own values (not on which other groups or metrics were computed alongside)."""
@@ -35,6 +42,168 @@ SUMMARY_METRICS: tuple[str, ...] = tuple(
     m for m in METRIC_NAMES
     if m not in ("inferred_angle", "cal_inferred_angle", "n_points", "n_boundary", "n_holdout")
 )
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean of the finite values with a two-sided interval; ``method`` names how it was made and
+    ``n`` counts the values (seeds) it rests on."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+    method: str
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A t-test of a mean difference: ``diff`` = a_mean − b_mean (for a one-sample test b_mean is the
+    null value), its interval [lo, hi], the two-sided ``p``, and ``n`` pairs (or values)."""
+
+    diff: float
+    lo: float
+    hi: float
+    p: float
+    n: int
+    a_mean: float
+    b_mean: float
+    method: str
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+
+
+def _finite(values: npt.ArrayLike) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    return v[np.isfinite(v)]
+
+
+def _t_test(d: np.ndarray, level: float) -> tuple[float, float, float, float]:
+    """(mean, lo, hi, two-sided p against 0) of the finite 1-D array ``d`` by Student's t."""
+    n = len(d)
+    if n == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    mean = float(d.mean())
+    if n == 1:
+        return mean, math.nan, math.nan, math.nan  # one value: no spread, so no interval and no test
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    if se <= 1e-12 * max(1.0, abs(mean)):
+        # No spread at all (every value identical up to rounding): the interval is the point, and the
+        # mean differs from 0 with certainty unless it is 0.
+        return mean, mean, mean, (1.0 if mean == 0.0 else 0.0)
+    half = student_t.quantile(0.5 + level / 2.0, n - 1) * se
+    p = float(student_t.two_sided_p(mean / se, n - 1))
+    return mean, mean - half, mean + half, p
+
+
+def t_interval(values: npt.ArrayLike, *, level: float = LEVEL) -> Interval:
+    """Student-t interval of the mean of the finite entries of ``values`` (seeds are the unit).
+
+    mean ± t_{(1+level)/2, n−1} · sd/√n. One finite value: lo and hi are NaN (no spread can be
+    estimated); none: everything NaN; all values equal: lo = hi = mean.
+    """
+    _check_level(level)
+    v = _finite(values)
+    mean, lo, hi, _ = _t_test(v, level)
+    return Interval(mean, lo, hi, len(v), T_METHOD)
+
+
+def paired_t_test(a: npt.ArrayLike, b: npt.ArrayLike, *, level: float = LEVEL) -> PairedTest:
+    """Paired t-test of mean(a − b) over the pairs where both are finite (pairs are seeds).
+
+    Fewer than 2 pairs: p, lo and hi are NaN. No spread in a − b: p = 0 when the difference is
+    nonzero, 1 when it is zero, and lo = hi = diff.
+    """
+    _check_level(level)
+    a = np.asarray(a, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_t_test needs a and b of equal length, got {len(a)} and {len(b)}")
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    diff, lo, hi, p = _t_test(a - b, level)
+    a_mean = float(a.mean()) if len(a) else math.nan
+    b_mean = float(b.mean()) if len(b) else math.nan
+    return PairedTest(diff, lo, hi, p, int(ok.sum()), a_mean, b_mean, PAIRED_METHOD)
+
+
+def one_sample_t_test(values: npt.ArrayLike, *, null: float = 0.0, level: float = LEVEL) -> PairedTest:
+    """One-sample t-test of mean(values) against the constant ``null`` (e.g. a rate against 0.5).
+
+    ``diff`` = mean − null with its interval; ``b_mean`` is ``null``. Edge cases as paired_t_test.
+    """
+    _check_level(level)
+    if not math.isfinite(null):
+        raise ValueError(f"null must be a finite number, got {null}")
+    v = _finite(values)
+    diff, lo, hi, p = _t_test(v - null, level)
+    a_mean = float(v.mean()) if len(v) else math.nan
+    return PairedTest(diff, lo, hi, p, len(v), a_mean, float(null), ONE_SAMPLE_METHOD)
+
+
+def holm(pvalues: npt.ArrayLike) -> np.ndarray:
+    """Holm–Bonferroni adjusted p-values, in the input order.
+
+    The family is the finite entries: NaN stays NaN and does not count toward m. The i-th smallest of
+    m p-values becomes max over j ≤ i of min(1, (m − j + 1)·p_(j)) — monotone in p, capped at 1.
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    flat = p.reshape(-1)
+    bad = flat[np.isfinite(flat) & ((flat < 0) | (flat > 1))]
+    if len(bad):
+        raise ValueError(f"p-values must lie in [0, 1] (or be NaN), got {bad[0]}")
+    out = np.full_like(flat, math.nan)
+    idx = np.flatnonzero(np.isfinite(flat))
+    m = len(idx)
+    if m:
+        order = idx[np.argsort(flat[idx], kind="stable")]
+        adjusted = np.minimum(1.0, (m - np.arange(m)) * flat[order])
+        out[order] = np.maximum.accumulate(adjusted)
+    return out.reshape(p.shape)
+
+
+def _resultant(doubled_rad: np.ndarray) -> complex:
+    return complex(np.cos(doubled_rad).mean(), np.sin(doubled_rad).mean())
+
+
+def circular_mean_axial(angles_deg: npt.ArrayLike) -> float:
+    """Mean of axial angles (period 180°, so 0° and 179° are neighbours), in [0, 180).
+
+    The angles are doubled onto the full circle, averaged as unit vectors, and the direction is
+    halved back. NaN when no value is finite or the resultant length is below 1e-9 (e.g. 0° and 90°:
+    no mean direction exists).
+    """
+    v = _finite(angles_deg)
+    if len(v) == 0:
+        return math.nan
+    r = _resultant(np.deg2rad(2.0 * v))
+    if abs(r) < RESULTANT_MIN:
+        return math.nan
+    return float(math.degrees(math.atan2(r.imag, r.real)) / 2.0 % 180.0) % 180.0
+
+
+def wrap_error(x: npt.ArrayLike) -> np.ndarray:
+    """Signed angle differences wrapped to (−90°, 90°], the range of angle_error."""
+    x = np.asarray(x, dtype=np.float64)
+    return 90.0 - np.mod(90.0 - x, 180.0)
+
+
+def circular_mean_error(errors_deg: npt.ArrayLike) -> float:
+    """Circular mean of signed axial errors (degrees), in (−90, 90].
+
+    Like circular_mean_axial, on the doubled circle; the result is wrapped to (−90, 90] like the
+    errors themselves, so +85° and −85° average to +90° (never −90°, never 0°). NaN as there.
+    """
+    v = _finite(errors_deg)
+    if len(v) == 0:
+        return math.nan
+    r = _resultant(np.deg2rad(2.0 * v))
+    if abs(r) < RESULTANT_MIN:
+        return math.nan
+    return float(wrap_error(math.degrees(math.atan2(r.imag, r.real)) / 2.0))
 
 
 def _check(n_boot: int, level: float) -> None:
