@@ -5,6 +5,12 @@ class (0, 1, or -1 for points exactly on the boundary), the model's
 full-vocabulary log-probabilities of the two labels (lp_0, lp_1) and whether
 the point was an in-context/training exemplar. Everything here is pure numpy;
 only the logistic fit behind the inferred angle is iterative.
+
+Raw predictions (class 0 iff d = lp_0 - lp_1 >= 0) carry the model's label
+preference; the calibrated ones (``cal_*``, threshold at the median of d) remove
+a constant preference without looking at the truth. Order-probe measures
+(``label_share``, ``pattern_following``) are taken on raw predictions on purpose:
+the median threshold forces a 50/50 split, which would hide pattern matching.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+
+from iclsft.tasks.linear2d import RANDOM_ORDER, check_order, has_boundary_angle
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("n1", "n2", "truth", "lp_0", "lp_1", "is_exemplar")
 
@@ -37,6 +45,14 @@ METRIC_NAMES: tuple[str, ...] = (
     "n_points",
     "n_boundary",
     "n_holdout",
+    "label_share",
+    "pattern_following",
+    "train_accuracy",
+    "abs_angle_error",
+    "cal_abs_angle_error",
+    "smoothness_rel",
+    "cal_smoothness_rel",
+    "cal_confidence",
 )
 
 CENTRE: float = 49.5
@@ -129,6 +145,48 @@ def smoothness(pred_grid: npt.ArrayLike) -> float:
     n_diff[:, 1:] += diff_cols
     n_diff[:, :-1] += diff_cols
     return float(1.0 - np.mean(n_diff >= 2))
+
+
+def perfect_smoothness(truth_grid: npt.ArrayLike) -> float:
+    """Return the smoothness of the perfect classifier: the truth labels, boundary points (-1) given
+    the first label (class 0), as a raw prediction with d = 0 would be.
+
+    A straight boundary through a lattice is a staircase wherever it is not axis-parallel, so even
+    this classifier is rough along it: 1.0 at 0 and 90 degrees, 0.988 at 30, 0.980 at 45 on the
+    full 100x100 grid (either class for the 45-degree diagonal gives the same value).
+    """
+    truth = np.asarray(truth_grid)
+    return smoothness(np.where(truth == -1, 0, truth))
+
+
+def label_share(pred: npt.ArrayLike) -> float:
+    """Return the share of raw predictions that are the first label (class 0), over all queries."""
+    pred = np.asarray(pred).reshape(-1)
+    return _mean_or_nan(pred == 0)
+
+
+def pattern_label(order: str, shots: int) -> int | None:
+    """Return the class (0 = first label) that an order pattern assigns to the query after K shots.
+
+    The prompt at K holds stream positions 0..2K-1 and position i carries label
+    ``order[i % len(order)]`` ('1' = class 0), so the query sits at position 2K.
+    None for random order (no pattern to follow).
+    """
+    check_order(order)
+    if order == RANDOM_ORDER:
+        return None
+    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
+        raise ValueError(f"shots must be a positive integer for order pattern {order!r}, got {shots!r}")
+    return 0 if order[(2 * int(shots)) % len(order)] == "1" else 1
+
+
+def pattern_following(pred: npt.ArrayLike, order: str, shots: int | None) -> float:
+    """Return the share of raw predictions equal to the label the order pattern gives the next
+    stream position (see ``pattern_label``), over all queries; NaN for random order."""
+    if order == RANDOM_ORDER:
+        return math.nan
+    label = pattern_label(order, shots)  # type: ignore[arg-type]  # validated there
+    return _mean_or_nan(np.asarray(pred).reshape(-1) == label)
 
 
 def _neg_log_lik(beta: FloatArray, x: FloatArray, y: FloatArray, penalty: FloatArray) -> float:
@@ -295,6 +353,19 @@ def decision_field(scores: pd.DataFrame) -> FloatArray:
     return _to_grid(sigmoid(d), i1, i2, (len(n1_values), len(n2_values)))
 
 
+def centred_field(scores: pd.DataFrame) -> FloatArray:
+    """Return the prior-corrected decision field: d - median(d) on the lattice (log-odds of the first
+    label centred at the condition's median), laid out exactly like ``decision_field``.
+
+    Zero is the calibrated decision threshold, so a model with a constant label preference shows
+    its ranking of the points here even where its raw field is one colour.
+    """
+    _check_columns(scores, ("n1", "n2", "lp_0", "lp_1"))
+    d = _score_margin(scores)
+    n1_values, n2_values, i1, i2 = lattice_index(scores["n1"].to_numpy(), scores["n2"].to_numpy())
+    return _to_grid(_centred(d), i1, i2, (len(n1_values), len(n2_values)))
+
+
 def _prediction_metrics(
     pred: np.ndarray,
     truth: np.ndarray,
@@ -303,27 +374,63 @@ def _prediction_metrics(
     grid_index: tuple[np.ndarray, np.ndarray, tuple[int, int]],
     n1: np.ndarray,
     n2: np.ndarray,
-    angle: float,
-) -> tuple[float, float, float, float, float]:
-    """Return (accuracy, holdout_accuracy, smoothness, inferred_angle, angle_error) for one prediction."""
+    angle: float | None,
+) -> dict[str, float]:
+    """Return the metrics computed alike for raw and calibrated predictions, keyed by raw name.
+
+    ``angle`` None: the task has no single boundary angle, so the angle metrics are NaN.
+    """
     correct = pred == truth
     i1, i2, shape = grid_index
-    inferred = fit_angle(n1, n2, pred == 0)
-    return (
-        _mean_or_nan(correct[labelled]),
-        _mean_or_nan(correct[holdout]),
-        smoothness(_to_grid(pred, i1, i2, shape)),
-        inferred,
-        angle_error(inferred, angle),
-    )
+    inferred = math.nan if angle is None else fit_angle(n1, n2, pred == 0)
+    err = math.nan if angle is None else angle_error(inferred, angle)
+    smooth = smoothness(_to_grid(pred, i1, i2, shape))
+    perfect = perfect_smoothness(_to_grid(truth, i1, i2, shape))
+    return {
+        "accuracy": _mean_or_nan(correct[labelled]),
+        "holdout_accuracy": _mean_or_nan(correct[holdout]),
+        "smoothness": smooth,
+        # A lattice too small or a truth too rough for any smooth classifier: no reference to divide by.
+        "smoothness_rel": smooth / perfect if perfect > 0 else math.nan,
+        "inferred_angle": inferred,
+        "angle_error": err,
+        "abs_angle_error": abs(err),
+    }
 
 
-def compute_metrics(scores: pd.DataFrame, angle: float) -> dict[str, float]:
+def _centred(d: FloatArray) -> FloatArray:
+    """Return d - median(d), with 0 where d equals the median (so an infinite median gives 0, not NaN)."""
+    med = np.median(d)
+    with np.errstate(invalid="ignore"):  # inf - inf is replaced by 0 right here
+        return np.where(d == med, 0.0, d - med)
+
+
+def _check_task_args(task: str, order: str, shots: int | None) -> None:
+    """Raise ValueError naming a bad task name, order pattern or shot count."""
+    has_boundary_angle(task)
+    check_order(order)
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1):
+        raise ValueError(f"shots must be a positive integer or None, got {shots!r}")
+    if order != RANDOM_ORDER and shots is None:
+        raise ValueError(f"order pattern {order!r} needs the shot count (shots) to place the query in the stream")
+
+
+def compute_metrics(
+    scores: pd.DataFrame,
+    angle: float,
+    *,
+    task: str = "linear2d",
+    order: str = RANDOM_ORDER,
+    shots: int | None = None,
+) -> dict[str, float]:
     """Compute all SPEC §5 metrics for one scored lattice and true boundary angle (degrees).
 
+    ``task`` decides whether the angle metrics exist (NaN for ``xor``); ``order`` and ``shots``
+    (the condition's K) place the query in the exemplar stream for ``pattern_following``.
     Returns a dict with keys ``METRIC_NAMES`` in order; counts are ints.
     Raises ValueError on missing columns, truth outside {-1, 0, 1}, an angle
-    outside [0, 180), NaN log-probs, or an incomplete/duplicated lattice.
+    outside [0, 180), NaN log-probs, an incomplete/duplicated lattice, an unknown
+    task, a bad order pattern, or an order pattern without a positive shot count.
     """
     _check_columns(scores, REQUIRED_COLUMNS)
     if len(scores) == 0:
@@ -331,6 +438,7 @@ def compute_metrics(scores: pd.DataFrame, angle: float) -> dict[str, float]:
     angle = float(angle)
     if not 0.0 <= angle < 180.0:
         raise ValueError(f"angle must be in [0, 180) degrees, got {angle}")
+    _check_task_args(task, order, shots)
     truth = scores["truth"].to_numpy()
     bad = np.setdiff1d(pd.unique(truth), [-1, 0, 1])
     if len(bad):
@@ -343,40 +451,49 @@ def compute_metrics(scores: pd.DataFrame, angle: float) -> dict[str, float]:
     grid_index = (i1, i2, (len(n1_values), len(n2_values)))
 
     labelled = truth != -1
-    holdout = labelled & ~scores["is_exemplar"].to_numpy(dtype=bool)
+    exemplar = scores["is_exemplar"].to_numpy(dtype=bool)
+    holdout = labelled & ~exemplar
     pred = predict(d)
-    # Confidence of the predicted label: max(p0, 1 - p0) = sigmoid(|d|).
+    # Confidence of the predicted label: max(p0, 1 - p0) = sigmoid(|d|). It rewards a label
+    # preference: a model that puts p = 0.99 on one label everywhere scores 0.99 whatever the input.
     conf = sigmoid(np.abs(d))
     lp_0 = scores["lp_0"].to_numpy(dtype=np.float64)
     lp_1 = scores["lp_1"].to_numpy(dtype=np.float64)
     # -log p(truth): truth 0 -> -log sigmoid(d); truth 1 -> -log sigmoid(-d).
     signed = np.where(truth == 0, d, -d)
 
-    acc, hold_acc, smooth, inferred, err = _prediction_metrics(
-        pred, truth, labelled, holdout, grid_index, n1, n2, angle
-    )
-    cal_acc, cal_hold_acc, cal_smooth, cal_inferred, cal_err = _prediction_metrics(
-        calibrated_predict(d), truth, labelled, holdout, grid_index, n1, n2, angle
-    )
+    boundary_angle = angle if has_boundary_angle(task) else None
+    raw = _prediction_metrics(pred, truth, labelled, holdout, grid_index, n1, n2, boundary_angle)
+    cal = _prediction_metrics(calibrated_predict(d), truth, labelled, holdout, grid_index, n1, n2, boundary_angle)
     metrics: dict[str, float] = {
-        "accuracy": acc,
-        "holdout_accuracy": hold_acc,
+        "accuracy": raw["accuracy"],
+        "holdout_accuracy": raw["holdout_accuracy"],
         "confidence": float(np.mean(conf)),
         "label_mass": float(np.mean(np.exp(lp_0) + np.exp(lp_1))),
-        "smoothness": smooth,
-        "inferred_angle": inferred,
-        "angle_error": err,
+        "smoothness": raw["smoothness"],
+        "inferred_angle": raw["inferred_angle"],
+        "angle_error": raw["angle_error"],
         "ece": expected_calibration_error(conf[labelled], (pred == truth)[labelled]),
         "log_loss": _mean_or_nan(-_log_sigmoid(signed[labelled])),
         "auc": roc_auc(d[labelled], truth[labelled] == 0),
-        "cal_accuracy": cal_acc,
-        "cal_holdout_accuracy": cal_hold_acc,
-        "cal_smoothness": cal_smooth,
-        "cal_inferred_angle": cal_inferred,
-        "cal_angle_error": cal_err,
+        "cal_accuracy": cal["accuracy"],
+        "cal_holdout_accuracy": cal["holdout_accuracy"],
+        "cal_smoothness": cal["smoothness"],
+        "cal_inferred_angle": cal["inferred_angle"],
+        "cal_angle_error": cal["angle_error"],
         "n_points": len(scores),
         "n_boundary": int(np.count_nonzero(~labelled)),
         "n_holdout": int(np.count_nonzero(holdout)),
+        "label_share": label_share(pred),
+        "pattern_following": pattern_following(pred, order, shots),
+        # Exemplars lie on the full grid; a sub-lattice run may query none of them (then NaN).
+        "train_accuracy": _mean_or_nan((pred == truth)[labelled & exemplar]),
+        "abs_angle_error": raw["abs_angle_error"],
+        "cal_abs_angle_error": cal["abs_angle_error"],
+        "smoothness_rel": raw["smoothness_rel"],
+        "cal_smoothness_rel": cal["smoothness_rel"],
+        # The same confidence after removing a constant label preference: distance from the median.
+        "cal_confidence": float(np.mean(sigmoid(np.abs(_centred(d))))),
     }
     assert tuple(metrics) == METRIC_NAMES
     return metrics

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -16,8 +16,11 @@ KEY_COLUMNS = ["task", "angle", "method", "shots", "seed", "checkpoint", "order"
 
 
 def condition_metrics(scores: pd.DataFrame, row: dict) -> dict:
-    """One metrics row: the condition's key columns, then every metric of SPEC §5."""
-    return {**{k: row[k] for k in KEY_COLUMNS}, **compute_metrics(scores, angle=row["angle"])}
+    """One metrics row: the condition's key columns, then every metric of SPEC §5 (the task decides
+    whether angles exist; the order pattern and K place the query in the exemplar stream)."""
+    metrics = compute_metrics(scores, angle=row["angle"], task=row["task"], order=row["order"],
+                              shots=int(row["shots"]))
+    return {**{k: row[k] for k in KEY_COLUMNS}, **metrics}
 
 
 def recompute_metrics(run: str | Path, *, verify: bool = True,
@@ -60,9 +63,10 @@ def write_metrics(run: str | Path, table: pd.DataFrame) -> None:
                        "conditions": len(table)})
 
 
-def read_metrics(run: str | Path) -> pd.DataFrame | None:
+def read_metrics(run: str | Path, columns: Sequence[str] = ()) -> pd.DataFrame | None:
     """RUN/metrics.parquet if it matches the size and sha256 in RUN/metrics.json, else None (missing,
-    cut short, altered, or written by a run killed before metrics.json)."""
+    cut short, altered, or written by a run killed before metrics.json). With `columns`, a table
+    lacking any of them (written by an older version) is outdated: None too, so callers recompute."""
     path = Path(run)
     try:
         info = json.loads((path / "metrics.json").read_text())["files"]["metrics.parquet"]
@@ -70,7 +74,8 @@ def read_metrics(run: str | Path) -> pd.DataFrame | None:
         return None
     if not file_matches(path / "metrics.parquet", info):
         return None
-    return pd.read_parquet(path / "metrics.parquet")
+    table = pd.read_parquet(path / "metrics.parquet")
+    return table if set(columns) <= set(table.columns) else None
 
 
 def compare_table(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
@@ -89,9 +94,11 @@ def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:
     """A compact text table for the terminal."""
     if columns is None:
         columns = ["angle", "method", "shots", "seed", "checkpoint", "accuracy", "holdout_accuracy", "auc",
-                   "cal_accuracy", "confidence", "label_mass", "smoothness", "inferred_angle"]
+                   "cal_accuracy", "confidence", "cal_confidence", "label_mass", "smoothness_rel", "angle_error"]
         # the task and order columns only where a table mixes several (sweeps)
         columns = [c for c in ("task", "order") if c in table and table[c].nunique() > 1] + columns
+        if "order" in table and (table["order"] != "random").any():  # order probes: what they measure
+            columns += ["label_share", "pattern_following"]
     shown = table[[c for c in columns if c in table.columns]].copy()
     if "checkpoint" in shown:  # ICL has no training checkpoint: show a blank, not None/NaN
         shown["checkpoint"] = [("" if pd.isna(v) else f"{v:g}") for v in shown["checkpoint"]]
