@@ -49,7 +49,8 @@ def score_condition(run: RunDir, cond: Condition, builder: PromptBuilder, engine
         raise RuntimeError(f"engine returned non-finite log-probs for {cond.dirname}")
     scores["lp_0"] = logprobs[:, 0]
     scores["lp_1"] = logprobs[:, 1]
-    metrics = compute_metrics(scores, angle=cond.task.angle)
+    metrics = compute_metrics(scores, angle=cond.task.angle, task=cond.task.name, order=cond.order,
+                              shots=cond.shots)
     files = {
         "scores.parquet": parquet_bytes(scores),
         "exemplars.parquet": parquet_bytes(exemplars),

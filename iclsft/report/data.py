@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from iclsft.evaluate.metrics import METRIC_NAMES
 from iclsft.evaluate.runs import read_metrics, recompute_metrics
 from iclsft.store import RunDir
 
@@ -89,7 +90,8 @@ class RunData:
 
 def load_run(run_dir: str | Path) -> RunData:
     """Read a run directory. The metrics table is recomputed from the stored scores (and rewritten)
-    when it is missing or does not list exactly the finished conditions."""
+    when it is missing, outdated (lacks a current metric column) or does not list exactly the
+    finished conditions."""
     rundir = RunDir(run_dir)
     if not (rundir.path / "spec.json").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no spec.json)")
@@ -106,7 +108,8 @@ def load_run(run_dir: str | Path) -> RunData:
     if conditions.empty:
         raise ValueError(f"{rundir.path} has no finished conditions: nothing to report")
 
-    metrics = read_metrics(rundir.path)  # None unless it matches the checksum in metrics.json
+    # None unless it matches the checksum in metrics.json and has every current metric column
+    metrics = read_metrics(rundir.path, columns=METRIC_NAMES)
     if metrics is None or set(metrics["condition"]) != set(conditions["condition"]):
         metrics = recompute_metrics(rundir.path)
     metrics = metrics.copy()
