@@ -79,7 +79,10 @@ def run_options(fn):
                      help="Run directory (resumed if it exists; ICL and SFT arms may share one)."),
         click.option("--task", type=click.Choice(["linear2d", "xor", "semantic"]), default="linear2d",
                      show_default=True, help="xor: XOR of the boundaries at angle and angle+90; semantic: "
-                                             "n1, n2 written as adjectives of size (SPEC §2)."),
+                                             "n1, n2 written as adjectives (SPEC §2)."),
+        click.option("--words", type=click.Choice(["sentiment", "size"]), default=None,
+                     help="semantic: the adjectives, ordered by sentiment intensity (default, the study's) "
+                          "or by size; part of the spec."),
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="Known model name, local HF model directory, or hub id."),
         click.option("--engine", type=click.Choice(["auto", "hf", "vllm", "vllm-server"]), default="auto",
@@ -134,6 +137,7 @@ def _common(o: dict) -> dict:
 
     return dict(
         model=o["model"], task=o["task"], angles=o["angle"], shots=o["shots"], seeds=o["seed"], labels=o["labels"],
+        words=o["words"],
         swap_labels=o["swap_labels"], grid_step=o["grid_step"], orders=tuple(o["order_pattern"].split(",")),
         dtype=o["dtype"],
         template=TemplateSpec(header=o["header"], exemplar=o["exemplar_template"], query=o["query_template"],
@@ -296,13 +300,12 @@ def rsa(run_dir, dtype, batch_size, quiet):
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for index.html and its figures (default RUN/report).")
-@click.option("--n-boot", default=2000, show_default=True, help="Bootstrap resamples for the intervals.")
 @user_errors
-def report(run_dir, out, n_boot):
+def report(run_dir, out):
     """HTML report of a run: figures and statistics across seeds (no model needed)."""
     from iclsft.report import build_report
 
-    click.echo(build_report(run_dir, out, n_boot=n_boot))
+    click.echo(build_report(run_dir, out))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -110,7 +110,7 @@ def builder_for(tokenizer, template: TemplateSpec, task) -> PromptBuilder:
 
 def builder_key(task) -> tuple:
     """Tasks with the same key share a builder."""
-    return (task.labels, task.name == "semantic")
+    return (task.labels, task.words if task.name == "semantic" else None)
 
 
 def prompt_builders(tokenizer, template: TemplateSpec, tasks) -> dict[tuple, PromptBuilder]:

@@ -21,6 +21,7 @@ def make_spec(
     labels: tuple[str, str] = (" Baz", " Rud"),
     swap_labels: bool = False,
     grid_step: int = 1,
+    words: str | None = None,
     orders: Sequence[str] = ("random",),
     dtype: str = "float32",
     template: TemplateSpec | None = None,
@@ -28,9 +29,10 @@ def make_spec(
     **arm_fields,
 ):
     """Validate the inputs, resolve the model, and build the frozen spec of `spec_cls` (nothing is
-    written). `arm_fields` are the arm's own fields (e.g. `sft`, `checkpoints`, `executor`)."""
+    written). `arm_fields` are the arm's own fields (e.g. `sft`, `checkpoints`, `executor`); `words` is
+    the semantic task's word list (None: its default)."""
     tasks = tuple(
-        TaskSpec(name=task, angle=a, labels=tuple(labels), swap_labels=swap_labels, grid_step=grid_step)
+        TaskSpec(name=task, angle=a, labels=tuple(labels), swap_labels=swap_labels, grid_step=grid_step, words=words)
         for a in angles
     )
     for order in orders:

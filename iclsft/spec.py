@@ -13,7 +13,7 @@ import json
 import string
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 HASH_VERSION = "v1"
 DTYPES = ("float32", "bfloat16")
@@ -73,17 +73,50 @@ def _fields(template: str, what: str) -> set[str]:
 
 
 TASKS = ("linear2d", "xor", "semantic")
+WORD_LISTS = ("sentiment", "size")  # the semantic variant's adjectives; the first is the default
 
 
 class TaskSpec(Frozen):
     """The 2D task at one angle (SPEC §2): `linear2d`; `xor`, the XOR of the linear tasks at
-    angle and angle + 90° (same centre); `semantic`, linear2d with n1, n2 written as adjectives."""
+    angle and angle + 90° (same centre); `semantic`, linear2d with n1, n2 written as adjectives:
+    `words` "sentiment" (default, the study's) or "size" (the earlier default); None for the others."""
 
     name: Literal["linear2d", "xor", "semantic"] = "linear2d"
     angle: float
     labels: tuple[str, str] = (" Baz", " Rud")
     swap_labels: bool = False
     grid_step: int = 1
+    words: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_words(cls, data):
+        # Filled in for `semantic`, so its condition ids always hash the list: runs made with the size
+        # list before the field existed (no "words") never match a new semantic condition or spec.
+        if isinstance(data, dict) and data.get("name") == "semantic" and data.get("words") is None:
+            data = {**data, "words": WORD_LISTS[0]}
+        return data
+
+    @field_validator("words")
+    @classmethod
+    def _words(cls, v: str | None) -> str | None:
+        if v is not None and v not in WORD_LISTS:
+            raise ValueError(f"words {v!r} is not allowed: choose one of {', '.join(WORD_LISTS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _words_for_semantic(self) -> TaskSpec:
+        if self.words is not None and self.name != "semantic":
+            raise ValueError(f"words {self.words!r} applies to task 'semantic' only, not {self.name!r}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_no_words(self, handler):
+        # Other tasks leave `words` out, so their stored specs and condition ids stay as they were.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("words", "") is None:
+            del data["words"]
+        return data
 
     @field_validator("angle")
     @classmethod

@@ -30,6 +30,7 @@ Log = Callable[[str], None]
 class SweepTask(Frozen):
     name: Literal["linear2d", "xor", "semantic"] = "linear2d"
     angles: tuple[float, ...] = (45.0,)
+    words: Literal["sentiment", "size"] | None = None  # semantic only: its adjectives (None: sentiment)
 
 
 class ImplicitSweep(Frozen):
@@ -175,9 +176,10 @@ def arm_specs(config: SweepConfig, model: str) -> list:
     engine = EngineSpec(name=resolve_engine(config.engine), **config.engine_options)
     specs = []
     for task in config.tasks:
-        common = dict(model=model, task=task.name, angles=task.angles, shots=config.shots, seeds=config.seeds,
-                      labels=config.labels, swap_labels=config.swap_labels, grid_step=config.grid_step,
-                      orders=config.orders, dtype=config.dtype, template=config.template, engine=engine)
+        common = dict(model=model, task=task.name, angles=task.angles, words=task.words, shots=config.shots,
+                      seeds=config.seeds, labels=config.labels, swap_labels=config.swap_labels,
+                      grid_step=config.grid_step, orders=config.orders, dtype=config.dtype,
+                      template=config.template, engine=engine)
         for method in config.methods:
             if method == "icl":
                 specs.append(make_icl_spec(**common))

@@ -330,16 +330,127 @@ def test_xor_exemplars_come_from_xor_classes():
 
 
 def test_semantic_shares_the_geometry_and_writes_words(smollm_tokenizer):
+    """The default list is the study's: adjectives by sentiment intensity, negative -> positive."""
     from iclsft.prompts import builder_for
     from iclsft.tasks.linear2d import adjectives, values
 
     words = adjectives()
     assert len(words) == len(set(words)) == 100 and all(w.isalpha() and w.islower() for w in words)
-    assert words[0] == "infinitesimal" and words[-1] == "infinite"
+    assert words[0] == "horrific" and words[-1] == "glorious"
+    # pairs whose order any reader agrees on, written down by hand (not read from the list)
+    for lower, higher in [("horrific", "bad"), ("bad", "okay"), ("okay", "good"), ("good", "great"),
+                          ("disgusting", "annoying"), ("annoying", "fine"), ("fine", "nice"), ("nice", "excellent"),
+                          ("terrible", "boring"), ("adequate", "superb")]:
+        assert words.index(lower) < words.index(higher), (lower, higher)
     sem, lin = TaskSpec(name="semantic", angle=60.0), TaskSpec(angle=60.0)
+    assert sem.words == "sentiment" and lin.words is None
     pd.testing.assert_frame_equal(queries(sem), queries(lin))
     pd.testing.assert_frame_equal(exemplars(sem, 0, 5), exemplars(lin, 0, 5))
     assert values(lin) is None and values(sem) == words
     builder = builder_for(smollm_tokenizer, TemplateSpec(), sem)
+    assert builder.text(builder.query(0, 99)) == "horrific glorious ->"
+    assert builder.text(builder.exemplar(20, 4, 1)) == "poor vile -> Rud\n"
+
+
+def test_sentiment_list_is_sorted_by_its_recorded_ratings():
+    """The shipped file's second column (the VADER mean rating) never decreases down the list, and
+    words of equal rating stand in alphabetical order: the order the file header states."""
+    from importlib import resources
+
+    text = resources.files("iclsft.tasks").joinpath("adjectives_sentiment.txt").read_text(encoding="utf-8")
+    rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
+    keys = [(float(rating), word) for word, rating in rows]
+    assert len(keys) == 100 and keys == sorted(keys)
+    assert keys[0][0] < -3 and keys[-1][0] > 3  # the whole range, strongly negative to strongly positive
+
+
+def test_size_words_reproduce_the_old_prompts(smollm_tokenizer):
+    """words=size writes exactly the prompts the semantic task wrote before sentiment became the default
+    (strings recorded from that version)."""
+    from iclsft.prompts import builder_for
+    from iclsft.tasks.linear2d import adjectives, values
+
+    size = TaskSpec(name="semantic", angle=60.0, words="size")
+    assert values(size) == adjectives("size") and adjectives("size")[0] == "infinitesimal"
+    assert adjectives("size")[-1] == "infinite"
+    builder = builder_for(smollm_tokenizer, TemplateSpec(), size)
     assert builder.text(builder.query(0, 99)) == "infinitesimal infinite ->"
     assert builder.text(builder.exemplar(20, 4, 1)) == "small tiny -> Rud\n"
+
+
+def _condition(**task):
+    from iclsft.spec import Condition, ModelSpec
+
+    return Condition(task=TaskSpec(**task), template=TemplateSpec(), model=ModelSpec(name="m", fingerprint="f"),
+                     method="icl", shots=5, seed=0, order="random", dtype="float32")
+
+
+def test_word_list_enters_the_condition_id():
+    # ids computed with the code before the field existed (HEAD ea4f968): linear2d and xor keep theirs;
+    # a semantic condition of that version (size words) matches neither new semantic condition.
+    assert _condition(angle=30.0).id == "v1-b7313823b0e9ad21"
+    assert _condition(name="xor", angle=30.0).id == "v1-498dc15f8d078738"
+    old_semantic = "v1-2340c81bb8f2ca9d"
+    ids = {_condition(name="semantic", angle=30.0, words=w).id for w in ("sentiment", "size")}
+    assert len(ids) == 2 and old_semantic not in ids
+    assert _condition(name="semantic", angle=30.0).id == _condition(name="semantic", angle=30.0, words="sentiment").id
+    assert "words" not in _condition(angle=30.0).model_dump(mode="json")["task"]
+
+
+def test_a_run_of_the_old_semantic_spec_is_refused(tmp_path):
+    """A run directory frozen before `words` existed: its linear2d arm resumes, its semantic arm is
+    refused (it was written with the size list), instead of mixing the two lists."""
+    import json
+
+    from iclsft.spec import IclRunSpec, ModelSpec
+    from iclsft.store import RunDir, SpecMismatchError
+
+    def spec(task: TaskSpec) -> IclRunSpec:
+        return IclRunSpec(tasks=(task,), model=ModelSpec(name="m", fingerprint="f"), shots=(1,))
+
+    for task, refused in [(TaskSpec(angle=30.0), False), (TaskSpec(name="semantic", angle=30.0), True),
+                          (TaskSpec(name="semantic", angle=30.0, words="size"), True)]:
+        out = tmp_path / f"{task.name}-{task.words}"
+        out.mkdir()
+        old = spec(task).model_dump(mode="json")
+        for t in old["tasks"]:
+            t.pop("words", None)  # as the earlier version stored it
+        (out / "spec.json").write_text(json.dumps({"arms": {"icl": old}}))
+        if refused:
+            with pytest.raises(SpecMismatchError, match="differs in: tasks"):
+                RunDir(out).open(spec(task))
+        else:
+            RunDir(out).open(spec(task))
+
+
+def test_bad_word_lists_are_named():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="words 'colour' is not allowed: choose one of sentiment, size"):
+        TaskSpec(name="semantic", angle=45.0, words="colour")
+    with pytest.raises(ValidationError, match="words 'size' applies to task 'semantic' only, not 'linear2d'"):
+        TaskSpec(angle=45.0, words="size")
+    from iclsft.tasks.linear2d import adjectives
+
+    with pytest.raises(ValueError, match="word list 'colour' is not allowed"):
+        adjectives("colour")
+
+
+def test_sweep_task_key_and_cli_option_choose_the_list(tmp_path, tiny_model_dir, monkeypatch):
+    from click.testing import CliRunner
+
+    from iclsft.cli import main
+    from iclsft.runspec import make_spec
+    from iclsft.spec import IclRunSpec
+    from iclsft.sweep import load_config
+
+    monkeypatch.setenv("ICLSFT_HOME", str(tmp_path / "home"))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"out: {tmp_path / 'o'}\ntasks: [{{name: semantic, angles: [45], words: size}}]\n")
+    assert load_config(config).tasks[0].words == "size"
+    with pytest.raises(ValueError, match="words"):
+        load_config(config, ["tasks.0.words=colour"])
+    spec, _ = make_spec(IclRunSpec, model=str(tiny_model_dir), task="semantic", words="size", shots=(1,))
+    assert [t.words for t in spec.tasks] == ["size"]
+    result = CliRunner().invoke(main, ["icl", "--help"])
+    assert "--words [sentiment|size]" in result.output

@@ -121,7 +121,7 @@ def full_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def full_report(full_run) -> Path:
-    return build_report(full_run, n_boot=500)
+    return build_report(full_run)
 
 
 def shown_images(index: Path) -> list[str]:
@@ -185,7 +185,7 @@ def test_report_tables_match_the_metrics(full_run, full_report):
 def test_report_omits_figures_without_data(tmp_path):
     """One order, one checkpoint, no RSA, no metrics.parquet yet: those sections say so in a line."""
     run = write_run(tmp_path / "small", angles=(45.0,), shots=(1, 2), seeds=(0,), metrics=False)
-    index = build_report(run, tmp_path / "out", n_boot=200)
+    index = build_report(run, tmp_path / "out")
     assert index == tmp_path / "out" / "index.html"
     assert (run / "metrics.parquet").is_file()  # recomputed from the stored scores
     assert_images_valid(index)
@@ -217,7 +217,7 @@ def test_report_rebuild_drops_stale_figures_and_reports_bad_rsa(tmp_path):
     arrays = dict(np.load(cdir / "rsa.npz"))
     np.savez(cdir / "rsa.npz", **{**arrays, "collapse_resid": arrays["collapse_resid"][:-1]})
     write_rsa_record(cdir)  # arrays of the wrong shape that verify: the reader must still refuse them
-    index = build_report(run, n_boot=200)
+    index = build_report(run)
     assert not (out / "fig-old.png").exists() and (out / "notes.txt").read_text() == "mine"
     assert_images_valid(index)
     html = index.read_text()

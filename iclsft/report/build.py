@@ -2,7 +2,7 @@
 
 Sections follow the study: decision fields per method and K; metrics against K; inferred against
 true angle (ICL's pull towards the diagonal); order probes; SFT training dynamics; RSA (histograms,
-sub-matrices, collapse index against layer); tables of means with bootstrap intervals and of the
+sub-matrices, collapse index against layer); tables of means with t-intervals over seeds and of the
 paired ICL − SFT differences. A section whose data the run lacks says so in one line instead of
 drawing an empty figure.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from iclsft import __version__
-from iclsft.evaluate.stats import N_BOOT, paired_differences, summarize
+from iclsft.evaluate.stats import paired_differences, summarize
 from iclsft.faults import fault_point
 from iclsft.report import rsa, tables
 from iclsft.report.data import RunData, is_final, load_run, method_color
@@ -40,7 +40,7 @@ ORDER_COLORS = ("#000000", "#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00"
 K_AXIS = "K (exemplars per class)"
 
 
-def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_boot: int = N_BOOT) -> Path:
+def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write `index.html`, its PNGs and the statistics as CSV into `out_dir` (default RUN/report);
     return the path of `index.html`. Needs no model: everything comes from the stored results.
     An implicit-pattern run gets its own page (iclsft.report.implicit)."""
@@ -51,8 +51,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_bo
     data = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else data.path / "report"
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(data.metrics, n_boot=n_boot)
-    diffs = paired_differences(data.metrics, n_boot=n_boot)
+    summary = summarize(data.metrics)
+    diffs = paired_differences(data.metrics)
     writer = FigureWriter(out)
     sections = [
         tables.run_section(data),
@@ -66,7 +66,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, n_bo
     ]
     n = len(data.conditions)
     meta = (f"{data.path} · {n} finished condition{'s' * (n != 1)} · methods {', '.join(data.methods)} · "
-            f"intervals: 95% percentile bootstrap over seeds ({n_boot} resamples) · iclsft {__version__} · "
+            f"intervals: 95% Student t over seeds (n = seeds; angles circular), ICL − SFT by paired t, "
+            f"Holm-adjusted · iclsft {__version__} · "
             f"{time.strftime('%Y-%m-%d %H:%M')}")
     markup = page(f"ICL vs SFT — {data.path.resolve().name}", meta, sections)
     _check_figures(markup, out, writer.written)

@@ -72,19 +72,29 @@ def has_boundary_angle(task_name: str) -> bool:
     raise ValueError(f"task {task_name!r} is not known: use 'linear2d', 'xor' or 'semantic'")
 
 
+# The semantic variant's word lists (SPEC §2), each file's header says its source and order.
+WORD_FILES = {"sentiment": "adjectives_sentiment.txt", "size": "adjectives.txt"}
+
+
 @cache
-def adjectives() -> tuple[str, ...]:
-    """The semantic variant's 100 words, smallest to largest (iclsft/tasks/adjectives.txt)."""
-    text = resources.files("iclsft.tasks").joinpath("adjectives.txt").read_text(encoding="utf-8")
-    words = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
-    if len(words) != GRID or len(set(words)) != GRID:
-        raise ValueError(f"adjectives.txt must hold {GRID} distinct words, one per line; it holds {len(words)}")
-    return words
+def adjectives(words: str = "sentiment") -> tuple[str, ...]:
+    """One of the semantic variant's 100-word lists, in axis order (value 0 first): "sentiment", most
+    negative to most positive (adjectives_sentiment.txt), or "size", smallest to largest (adjectives.txt)."""
+    if words not in WORD_FILES:
+        raise ValueError(f"word list {words!r} is not allowed: choose one of {', '.join(WORD_FILES)}")
+    name = WORD_FILES[words]
+    text = resources.files("iclsft.tasks").joinpath(name).read_text(encoding="utf-8")
+    # the first field of each line: a file may carry notes (e.g. ratings) after the word
+    found = tuple(line.split()[0] for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    if len(found) != GRID or len(set(found)) != GRID:
+        raise ValueError(f"{name} must hold {GRID} distinct words, one per line; it holds {len(found)}")
+    return found
 
 
 def values(task: TaskSpec) -> tuple[str, ...] | None:
-    """How n1 and n2 are written in prompts: words for `semantic`, None (the integers) otherwise."""
-    return adjectives() if task.name == "semantic" else None
+    """How n1 and n2 are written in prompts: the task's word list for `semantic`, None (the integers)
+    otherwise."""
+    return adjectives(task.words) if task.name == "semantic" else None
 
 
 def check_order(order: str) -> str:
