@@ -186,7 +186,7 @@ def test_non_ascii_paths(tiny_model_dir, tmp_path):
     assert code == 0, output
     code, output = invoke("metrics", out)
     assert code == 0 and len(output.strip().splitlines()) == 3, output
-    code, output = invoke("report", out, "--n-boot", "50")
+    code, output = invoke("report", out)
     assert code == 0, output
     html = (out / "report" / "index.html").read_text(encoding="utf-8")
     assert "résultats 実験 ü" in html
