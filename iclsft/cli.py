@@ -386,6 +386,9 @@ def query(point, url, api_key, run_dir, adapter, icl_run, shots, angle, seed):
               "evaluation set, so it identifies ICL conditions too).")
 @click.option("--eval-size", default=200, show_default=True, help="Evaluation items per task and variant.")
 @click.option("--faithful", is_flag=True, help="Reproduce the original generators' quirks (docs/implicit.md).")
+@click.option("--recipe", type=click.Choice(["ours", "original"]), default="ours", show_default=True,
+              help="Fine-tuning recipe. original (with --method full): the study's, one model per seed on the "
+                   "mixed items of every task, loss on every token, lr 1e-5, batch 16 (docs/implicit.md).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
 @click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
@@ -408,6 +411,7 @@ def implicit(**o):
         model=o["model"], method=o["method"], sft=hyper if o["method"] != "icl" else None,
         tasks=tuple(t.strip() for t in o["tasks"].split(",") if t.strip()), shots=o["shots"], seeds=o["seed"],
         train_size=o["train_size"], eval_size=o["eval_size"], faithful=o["faithful"], dtype=o["dtype"],
+        recipe=o["recipe"],
         engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"]),
         executor=ExecutorSpec(name=o["executor"]))
     log = None if o["quiet"] else functools.partial(click.echo, err=True)

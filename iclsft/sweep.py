@@ -45,6 +45,8 @@ class ImplicitSweep(Frozen):
     eval_size: int = 200
     faithful: bool = False
     sft: dict[str, dict] = Field(default_factory=dict)  # per-method overrides of IMPLICIT_SFT_DEFAULTS
+    # "original" adds the arm implicit-full-original, the study's recipe (overrides: sft.full-original)
+    recipes: tuple[Literal["ours", "original"], ...] = ("ours",)
     circuits: bool = True
     circuit_pairs: int = Field(default=32, ge=1)
     circuit_shots: int = Field(default=8, ge=1)
@@ -198,11 +200,14 @@ def implicit_specs(config: SweepConfig, model: str) -> list:
 
     imp = config.implicit
     engine = EngineSpec(name=resolve_engine(config.engine), **config.engine_options)
-    return [make_implicit_spec(model=model, method=method, sft=imp.sft.get(method), engine=engine,
-                               executor=config.executor, tasks=imp.tasks, shots=imp.shots, seeds=config.seeds,
-                               train_size=imp.train_size, eval_size=imp.eval_size, faithful=imp.faithful,
-                               dtype=config.dtype)
-            for method in imp.methods]
+    common = dict(model=model, engine=engine, executor=config.executor, tasks=imp.tasks, shots=imp.shots,
+                  seeds=config.seeds, train_size=imp.train_size, eval_size=imp.eval_size, faithful=imp.faithful,
+                  dtype=config.dtype)
+    arms = [make_implicit_spec(method=method, sft=imp.sft.get(method), **common)
+            for method in imp.methods if method == "icl" or "ours" in imp.recipes]  # recipes are fine-tunings
+    if "original" in imp.recipes:
+        arms.append(make_implicit_spec(method="full", recipe="original", sft=imp.sft.get("full-original"), **common))
+    return arms
 
 
 def implicit_dir(out: str | Path, model: str) -> Path:
@@ -242,10 +247,11 @@ def plan(config: SweepConfig) -> dict:
         run = RunDir(implicit_dir(config.out, model))
         for spec, _ in implicit_specs(config, model):
             todo = [c for c in spec.conditions() if not run.is_done(c)]
-            trainings = {(c.task, c.seed) for c in todo} if spec.sft else set()
+            trainings = {c.training_group for c in todo} if spec.sft else set()
+            per_model = total_steps(spec.examples_per_model, spec.sft) if spec.sft else 0
             rows.append({"model": model, "arm": spec.arm, "conditions": len(spec.conditions()), "todo": len(todo),
                          "trainings": len(trainings), "queries": sum(c.eval_size for c in todo),
-                         "train_steps": len(trainings) * (total_steps(spec.train_size, spec.sft) if spec.sft else 0),
+                         "train_steps": len(trainings) * per_model,
                          # ~40 tokens per demo across the four tasks (code: ~100, boolean: ~25)
                          "prefix_tokens": float(sum(40 * c.shots for c in todo) / len(todo)) if todo else 0.0})
     return {"rows": rows}

@@ -242,3 +242,84 @@ def test_answers_have_the_tokens_they_have_inside_a_demo(name, smollm_tokenizer)
         if prompts.label_ids is not None:
             label = prompts.label_ids[prompts.answers.index(item.answer)]
             assert demo[start: start + len(label)] == label
+
+
+# -- the original study's recipe (full fine-tuning, lr 1e-5, loss on every token, one mixed file) ---------
+def test_loss_on_every_token_is_the_causal_lm_loss(tiny_model):
+    """loss="all" against transformers' own causal-LM loss (labels = input ids: the mean next-token NLL
+    over every token after the first), computed per example and averaged; "label" covers the answer only."""
+    from iclsft.sft.train import label_nll, target_rows
+
+    # positions of the logits that predict a token, for a 4-token prompt and a 2-token answer
+    assert list(target_rows(4, 2, "all")) == [0, 1, 2, 3, 4]
+    assert list(target_rows(4, 2, "label")) == [3, 4]
+    with pytest.raises(ValueError, match="loss 'some' is not allowed"):
+        target_rows(4, 2, "some")
+    batch = [([1, 50, 60, 70], [80, 90]), ([1, 55], [66, 77, 88, 99, 111])]  # right-padded to one width
+    with torch.no_grad():
+        ours = label_nll(tiny_model, batch, pad_id=2, loss="all").item()
+        hf = [tiny_model(input_ids=torch.tensor([p + a]), labels=torch.tensor([p + a])).loss.item() for p, a in batch]
+        label_only = label_nll(tiny_model, batch[:1], pad_id=2, loss="label").item()
+        logp = torch.log_softmax(tiny_model(torch.tensor([batch[0][0] + batch[0][1]])).logits[0].double(), -1)
+    assert ours == pytest.approx(sum(hf) / 2, rel=1e-5)
+    assert label_only == pytest.approx(-(logp[3, 80] + logp[4, 90]).item(), rel=1e-5)
+
+
+def test_default_recipe_keeps_its_ids():
+    """Condition ids of the default recipe, recorded with the code before recipes existed (HEAD ea4f968)."""
+    from iclsft.implicit.spec import ImplicitSpec
+    from iclsft.spec import ModelSpec, sft_spec
+
+    model = ModelSpec(name="m", fingerprint="f")
+    full = ImplicitSpec(model=model, method="full", sft=sft_spec("full", epochs=1, min_steps=0),
+                        tasks=("expression", "relation"), train_size=24, eval_size=6)
+    assert [c.id for c in full.conditions()[:2]] == ["v1-ca855edbce26f8b5", "v1-67a7d7a043f677cc"]
+    icl = ImplicitSpec(model=model, method="icl", shots=(0, 2), train_size=24, eval_size=6)
+    assert icl.conditions()[0].id == "v1-2a12081b038c4081"
+    assert "recipe" not in full.model_dump(mode="json") and full.arm == "implicit-full"  # stored specs still match
+    original = full.model_copy(update={"recipe": "original"})
+    assert not {c.id for c in original.conditions()} & {c.id for c in full.conditions()}
+    with pytest.raises(ValueError, match="recipe 'original' is full fine-tuning, not method 'lora'"):
+        make_implicit_spec(model="x", method="lora", recipe="original")
+    with pytest.raises(ValueError, match="recipe 'theirs' is not allowed: choose one of ours, original"):
+        make_implicit_spec(model="x", method="full", recipe="theirs")
+
+
+def test_original_recipe_trains_one_model_for_every_task(home, tiny_model_dir, smollm_tokenizer, tmp_path):
+    from iclsft.implicit.data import mixed_training_examples
+    from iclsft.sft.adapters import MARKER
+    from iclsft.sweep import SweepConfig, plan
+
+    out = tmp_path / "run"
+    spec, ref = make_implicit_spec(model=str(tiny_model_dir), method="full", recipe="original",
+                                   executor=ExecutorSpec(name="local"), **SMALL)
+    assert (spec.sft.method, spec.sft.lr, spec.sft.batch_size, spec.recipe) == ("full", 1e-5, 16, "original")
+    run_implicit(spec, out, ref, progress=False)
+    stored = json.loads((out / "spec.json").read_text())["arms"]["implicit-full-original"]
+    assert stored["recipe"] == "original" and stored["sft"]["lr"] == 1e-5 and stored["sft"]["method"] == "full"
+    records = [json.loads(p.read_text()) for p in out.glob("conditions/*/record.json")]
+    assert len(records) == len(TASKS) * 2 and {r["status"] for r in records} == {"ok"}
+    assert len({r["checkpoint_dir"] for r in records}) == 1  # one model, scored on every task
+    assert {r["task"] for r in records} == set(TASKS)
+    for r in records:
+        assert (r["method"], r["recipe"], r["loss_on"]) == ("full-original", "original", "all")
+        assert r["mixture"] == ["expression", "boolean", "code"] and r["train_examples"] == 3 * 24
+    (adapter,) = (out / "adapters").iterdir()
+    marker = json.loads((adapter / MARKER).read_text())
+    assert marker["loss_on"] == "all" and marker["examples"] == 72 and marker["total_steps"] == 5  # ceil(72/16)
+    # the mixed file: each task's 24 training items, bare (BOS + question, no instruction), all together
+    prompts = {name: TaskPrompts(smollm_tokenizer, get_task(name)) for name in TASKS}
+    mixed = mixed_training_examples(prompts, ("expression", "boolean", "code"), 0, 24)
+    bos = [smollm_tokenizer.bos_token_id] if prompts["code"].bos else []
+    expect = [(bos + list(smollm_tokenizer(get_task(n).query(it), add_special_tokens=False)["input_ids"]),
+               prompts[n].answer_ids(it)) for n in TASKS for it in train_items(get_task(n), 0, 24)]
+    assert sorted(map(repr, mixed)) == sorted(map(repr, expect)) and mixed != expect  # shuffled together
+    table = implicit_metrics(out)
+    assert set(table["method"]) == {"full-original"} and set(table["recipe"]) == {"original"}
+    assert "SFT full-original" in results_table(table).columns
+    config = SweepConfig(out=str(tmp_path / "sw"), models=(str(tiny_model_dir),), tasks=(), methods=(),
+                         engine="hf", implicit=dict(tasks=TASKS, methods=("icl",), recipes=("original",),
+                                                    shots=(0,), train_size=24, eval_size=6))
+    rows = {r["arm"]: r for r in plan(config)["rows"]}
+    assert set(rows) == {"implicit-icl", "implicit-full-original"}  # ICL runs whatever the recipes
+    assert rows["implicit-full-original"]["trainings"] == 1 and rows["implicit-full-original"]["train_steps"] == 5

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from iclsft.implicit.spec import MAX_SHOTS
 from iclsft.tasks.implicit import ImplicitTask, Item
@@ -113,3 +115,20 @@ class TaskPrompts:
     def training_examples(self, items: Sequence[Item]) -> list[tuple[list[int], list[int]]]:
         """(zero-shot prompt, answer tokens) per item: the loss is on the answer tokens only."""
         return [(self.start + self.query(it), self.answer_ids(it)) for it in items]
+
+    def bare_examples(self, items: Sequence[Item]) -> list[tuple[list[int], list[int]]]:
+        """(BOS + question, answer tokens) per item: the bare example text of the study's training file
+        (no instruction), for a loss on every token."""
+        return [(self.bos + self.query(it), self.answer_ids(it)) for it in items]
+
+
+def mixed_training_examples(prompts: Mapping[str, TaskPrompts], tasks: Sequence[str], seed: int, n: int,
+                            faithful: bool = False) -> list[tuple[list[int], list[int]]]:
+    """The original recipe's one training file: the `n` training items of each task (the same items
+    the per-task recipe trains on, so every evaluation set stays disjoint from them), written bare,
+    shuffled together in an order fixed by the tasks and the seed."""
+    examples = [ex for name in tasks
+                for ex in prompts[name].bare_examples(train_items(prompts[name].task, seed, n, faithful))]
+    rng = np.random.default_rng(derived_seed("mixture", list(tasks), seed))
+    order = np.argsort(rng.random(len(examples)), kind="stable")  # as exemplar_stream: depends on PCG64 only
+    return [examples[i] for i in order]

@@ -4,11 +4,14 @@ condition written last, like the 2D arms).
 ICL: per (task, seed) one demo stream; the prompt at K is its first K demos; both variants' matched
 evaluation sets are scored after it. SFT: per (task, seed) one model trained on `train_size`
 pattern-holds items (zero-shot prompt -> answer, loss on the answer tokens), on Ray or locally,
-then scored zero-shot on both variants as it arrives.
+then scored zero-shot on both variants as it arrives. The original recipe: per seed one fully
+fine-tuned model on the mixed file of every task's items (bare text, loss on every token), scored on
+each task.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import traceback
 from collections.abc import Callable
@@ -19,7 +22,7 @@ import pandas as pd
 from iclsft.engine.base import close_engine, open_engine
 from iclsft.evaluate.runs import write_metrics
 from iclsft.icl import ConditionsFailed
-from iclsft.implicit.data import TaskPrompts, demo_stream, eval_items, train_items
+from iclsft.implicit.data import TaskPrompts, demo_stream, eval_items, mixed_training_examples, train_items
 from iclsft.implicit.evaluate import METRICS, item_metrics, score_items
 from iclsft.implicit.spec import ImplicitCondition, ImplicitSpec
 from iclsft.models import ModelRef, resolve_model
@@ -31,17 +34,22 @@ Log = Callable[[str], None]
 # One pass over hundreds to thousands of items (the study: ~100 steps of batch 16), not the 2D
 # arm's 5 epochs over 2K exemplars.
 IMPLICIT_SFT_DEFAULTS = {"epochs": 1, "min_steps": 0}
+# The study's full fine-tuning (notes/implicit-patterns-facts.md §5): lr 1e-5, effective batch 16,
+# 20 warm-up steps of the ~100 it evaluated (here a ratio); one pass over 4 x 400 items = 100 steps.
+ORIGINAL_SFT_DEFAULTS = {"lr": 1e-5, "epochs": 1, "min_steps": 0, "batch_size": 16, "warmup_ratio": 0.2}
 KEY_COLUMNS = ["task", "variant", "method", "shots", "seed", "train_size", "eval_size", "model", "dtype",
                "faithful", "condition"]
 
 
 def make_implicit_spec(*, model: str = "smollm2-135m", method: str = "icl", sft: dict | None = None,
                        engine: EngineSpec | None = None, executor: ExecutorSpec | None = None,
-                       **fields) -> tuple[ImplicitSpec, ModelRef]:
-    """Validate the inputs, resolve the model, build the frozen spec of one arm (nothing is written)."""
-    settings = sft_spec(method, **{**IMPLICIT_SFT_DEFAULTS, **(sft or {})}) if method != "icl" else None
+                       recipe: str = "ours", **fields) -> tuple[ImplicitSpec, ModelRef]:
+    """Validate the inputs, resolve the model, build the frozen spec of one arm (nothing is written).
+    recipe="original" (method full only): the study's fine-tuning, ORIGINAL_SFT_DEFAULTS then `sft`."""
+    defaults = ORIGINAL_SFT_DEFAULTS if recipe == "original" else IMPLICIT_SFT_DEFAULTS
+    settings = sft_spec(method, **{**defaults, **(sft or {})}) if method != "icl" else None
     spec = ImplicitSpec(model=ModelSpec(name=model, fingerprint="unresolved"), method=method, sft=settings,
-                        engine=engine or EngineSpec(), executor=executor or ExecutorSpec(), **fields)
+                        engine=engine or EngineSpec(), executor=executor or ExecutorSpec(), recipe=recipe, **fields)
     for name in spec.tasks:
         get_task(name)
     ref = resolve_model(model)
@@ -126,16 +134,23 @@ def _run_sft(spec: ImplicitSpec, run: RunDir, ref: ModelRef, prompts: dict, todo
 
     groups: dict[tuple, list[ImplicitCondition]] = {}
     for cond in todo:
-        groups.setdefault((cond.task, cond.seed), []).append(cond)
+        groups.setdefault(cond.training_group, []).append(cond)
     jobs = []
-    for (task, seed), conds in groups.items():
-        p = prompts[task]
-        examples = p.training_examples(train_items(p.task, seed, spec.train_size, spec.faithful))
+    for (what, seed), conds in groups.items():
+        if spec.recipe == "original":  # `what` is the mixture: one model for every task
+            examples = mixed_training_examples(prompts, what, seed, spec.train_size, spec.faithful)
+            loss, meta = "all", {"task": "mixture", "mixture": list(what), "recipe": spec.recipe}
+        else:
+            p = prompts[what]
+            examples = p.training_examples(train_items(p.task, seed, spec.train_size, spec.faithful))
+            loss, meta = "label", {"task": what}
         key = training_key(ref.fingerprint, examples, spec.sft, seed)
+        if loss != "label":  # the loss mask determines the weights too: keep such models apart
+            key = hashlib.sha256(f"{key}|loss={loss}".encode()).hexdigest()
         jobs.append(TrainJob(key=key, base_path=str(ref.path), examples=examples, sft=spec.sft, seed=seed,
                              checkpoints=[(1.0, str(checkpoint_dir(run.path, key, 1.0)))],
-                             threads=spec.executor.cpus_per_task,
-                             meta={"conditions": [c.id for c in conds], "task": task}))
+                             threads=spec.executor.cpus_per_task, loss=loss,
+                             meta={"conditions": [c.id for c in conds], **meta}))
     by_id = {c.id: c for c in todo}
     failed = 0
     engine = None
@@ -150,7 +165,8 @@ def _run_sft(spec: ImplicitSpec, run: RunDir, ref: ModelRef, prompts: dict, todo
                     continue
                 p = prompts[cond.task]
                 record = {"checkpoint_dir": Path(ckpt).name, "train_seconds": result.get("seconds"),
-                          "trained_now": bool(result.get("trained"))}
+                          "trained_now": bool(result.get("trained")), "train_examples": len(job.examples),
+                          "loss_on": job.loss, **({"mixture": cond.mixture} if cond.mixture else {})}
                 try:
                     if spec.method == "lora":
                         if engine is None:
@@ -191,9 +207,9 @@ def implicit_metrics(path: str | Path, *, verify: bool = True) -> pd.DataFrame:
             run.verify(cdir, record)
         table = pd.read_parquet(cdir / "scores.parquet")
         answers = [c for c in table.columns if c.startswith("lp_")]
-        rows.append({**{k: record[k] for k in KEY_COLUMNS},
+        rows.append({**{k: record[k] for k in KEY_COLUMNS}, "recipe": record.get("recipe", "ours"),
                      **item_metrics(table, record.get("answers") if answers else None)})
-    table = pd.DataFrame(rows, columns=KEY_COLUMNS + list(METRICS))
+    table = pd.DataFrame(rows, columns=KEY_COLUMNS + ["recipe"] + list(METRICS))
     table = table.sort_values(["task", "variant", "method", "seed", "shots"]).reset_index(drop=True)
     write_metrics(run.path, table)
     return table

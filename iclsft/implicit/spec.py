@@ -4,6 +4,11 @@ An arm is one method: `icl` (K solved demos in the prompt, K in `shots`) or an S
 `full`: one model per (task, seed) trained on `train_size` pattern-holds items, scored zero-shot).
 Every condition is evaluated on the same matched evaluation set of its (task, variant, seed): ICL at
 each K and the fine-tuned models see exactly the same questions, in both variants.
+
+Two fine-tuning recipes (`recipe`): "ours" (default) is the 2D arm's, one model per (task, seed), loss
+on the answer tokens; "original" is the study's (notes/implicit-patterns-facts.md §5): one fully
+fine-tuned model per seed trained on one mixed file of every task's items, written bare (no
+instruction), loss on every token, lr 1e-5; its conditions have method "full-original".
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ import hashlib
 import json
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from iclsft.spec import HASH_VERSION, EngineSpec, ExecutorSpec, Frozen, ModelSpec, SftSpec
 
 IMPLICIT_TASKS = ("expression", "relation", "boolean", "code")
 VARIANTS = ("holds", "broken")
 IMPLICIT_METHODS = ("icl", "lora", "full")
+RECIPES = ("ours", "original")
 MAX_SHOTS = 64  # the demo stream's length: prompts at every K are token prefixes of one stream
 TaskName = Literal["expression", "relation", "boolean", "code"]
 
@@ -38,6 +44,10 @@ class ImplicitCondition(Frozen):
     faithful: bool
     dtype: str
     sft: SftSpec | None = None
+    # the original recipe only (None otherwise, so the ids of "ours" stay as they were): the recipe and
+    # the tasks whose items make the one mixed training file
+    recipe: Literal["original"] | None = None
+    mixture: tuple[TaskName, ...] | None = None
 
     @property
     def id(self) -> str:
@@ -52,7 +62,13 @@ class ImplicitCondition(Frozen):
     def row(self) -> dict:
         return {"condition": self.id, "task": self.task, "variant": self.variant, "method": self.method,
                 "shots": self.shots, "seed": self.seed, "train_size": self.train_size, "eval_size": self.eval_size,
-                "model": self.model.name, "dtype": self.dtype, "faithful": self.faithful}
+                "model": self.model.name, "dtype": self.dtype, "faithful": self.faithful,
+                "recipe": self.recipe or "ours"}
+
+    @property
+    def training_group(self) -> tuple:
+        """Conditions with the same group are scored on one trained model."""
+        return (self.mixture or self.task, self.seed)
 
 
 class ImplicitSpec(Frozen):
@@ -70,10 +86,26 @@ class ImplicitSpec(Frozen):
     faithful: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
     sft: SftSpec | None = None
+    recipe: str = "ours"
     engine: EngineSpec = EngineSpec()
     executor: ExecutorSpec = ExecutorSpec()
 
     TRANSPORT: ClassVar[set[str]] = {"engine", "executor"}
+
+    @model_serializer(mode="wrap")
+    def _omit_default_recipe(self, handler):
+        # "ours" is left out, so the stored specs of runs made before recipes existed still match
+        data = handler(self)
+        if isinstance(data, dict) and data.get("recipe") == "ours":
+            del data["recipe"]
+        return data
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe(cls, v: str) -> str:
+        if v not in RECIPES:
+            raise ValueError(f"recipe {v!r} is not allowed: choose one of {', '.join(RECIPES)}")
+        return v
 
     @field_validator("tasks")
     @classmethod
@@ -103,21 +135,35 @@ class ImplicitSpec(Frozen):
             raise ValueError("the icl arm takes no SFT settings")
         if self.method != "icl" and (self.sft is None or self.sft.method != self.method):
             raise ValueError(f"the {self.method} arm needs SFT settings of method {self.method!r}")
+        if self.recipe == "original" and self.method != "full":
+            raise ValueError(f"recipe 'original' is full fine-tuning, not method {self.method!r}: use method full")
         return self
 
     @property
+    def label(self) -> str:
+        """The method as result tables name it: "full-original" for the original recipe."""
+        return f"{self.method}-original" if self.recipe == "original" else self.method
+
+    @property
     def arm(self) -> str:
-        return f"implicit-{self.method}"
+        return f"implicit-{self.label}"
+
+    @property
+    def examples_per_model(self) -> int:
+        """Training items of one model: every task's `train_size` items for the mixed file."""
+        return self.train_size * (len(self.tasks) if self.recipe == "original" else 1)
 
     def identity(self) -> dict:
         return self.model_dump(mode="json", exclude=self.TRANSPORT)
 
     def conditions(self) -> list[ImplicitCondition]:
         shots = self.shots if self.method == "icl" else (0,)
+        mixture = tuple(t for t in IMPLICIT_TASKS if t in self.tasks)  # one order, whatever order was asked
+        original = {"recipe": "original", "mixture": mixture} if self.recipe == "original" else {}
         return [
-            ImplicitCondition(task=task, variant=variant, model=self.model, method=self.method, shots=k, seed=seed,
+            ImplicitCondition(task=task, variant=variant, model=self.model, method=self.label, shots=k, seed=seed,
                               train_size=self.train_size, eval_size=self.eval_size, faithful=self.faithful,
-                              dtype=self.dtype, sft=self.sft)
+                              dtype=self.dtype, sft=self.sft, **original)
             for task in self.tasks
             for seed in self.seeds
             for k in shots

@@ -1,8 +1,10 @@
 """The SFT recipe: one model trained from the base model on the 2K exemplars of shot count K.
 
 Plain function, no framework: AdamW, linear warmup then cosine decay, gradient clipping, loss on
-the label tokens only. The examples are visited in stream order, epoch after epoch (the same order
-the ICL prompt shows them in); a batch is the next `batch_size` examples of that order.
+the label tokens only (or, with `TrainJob.loss = "all"`, on every token of the example: the implicit
+suite's original recipe, as the study's causal-LM fine-tuning did). The examples are visited in
+stream order, epoch after epoch (the same order the ICL prompt shows them in); a batch is the next
+`batch_size` examples of that order.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,6 +39,7 @@ class TrainJob:
     checkpoints: list[tuple[float, str]]  # (fraction of training, directory to save it in)
     threads: int | None = None
     meta: dict = field(default_factory=dict)  # carried through for the driver (condition names, ...)
+    loss: Literal["label", "all"] = "label"  # which tokens the loss covers (see `target_rows`)
 
 
 OOM_TRAINING = ("lower the SFT batch size (sft --batch-size; sweep: sft.<method>.batch_size), train LoRA instead "
@@ -58,8 +62,25 @@ def batch_indices(step: int, n_examples: int, batch_size: int) -> list[int]:
     return list(range(start, min(start + batch_size, n_examples)))
 
 
-def label_nll(model, batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> torch.Tensor:
-    """Mean over examples of -log p(label tokens | prompt): the exact quantity scoring reads."""
+LOSSES = ("label", "all")
+
+
+def target_rows(prompt_len: int, label_len: int, loss: str = "label") -> range:
+    """Positions of an example's logits whose next token enters the loss: those predicting the label
+    tokens ("label"), or every token after the first ("all": prompt and label alike)."""
+    if loss == "label":
+        return range(prompt_len - 1, prompt_len - 1 + label_len)
+    if loss == "all":
+        return range(0, prompt_len + label_len - 1)
+    raise ValueError(f"loss {loss!r} is not allowed: choose one of {', '.join(LOSSES)}")
+
+
+def label_nll(model, batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+              loss: str = "label") -> torch.Tensor:
+    """Mean over examples of -log p(label tokens | prompt): the exact quantity scoring reads.
+
+    loss="all": mean over examples of each example's mean -log p per token over all its tokens after
+    the first, the causal-LM loss of the study's trainer (HF Trainer, one example per device step)."""
     seqs = [list(p) + list(lab) for p, lab in batch]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -72,8 +93,14 @@ def label_nll(model, batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_i
     logprobs = torch.log_softmax(logits, dim=-1)
     total = torch.zeros((), device=device)
     for i, (prompt, label) in enumerate(batch):
-        rows = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(label), device=device)
-        total = total - logprobs[i, rows, torch.tensor(list(label), device=device)].sum()
+        if loss == "label":  # kept as it was, so label-only training stays bit for bit the same
+            rows = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(label), device=device)
+            total = total - logprobs[i, rows, torch.tensor(list(label), device=device)].sum()
+            continue
+        span = target_rows(len(prompt), len(label), loss)
+        rows = torch.arange(span.start, span.stop, device=device)
+        targets = torch.tensor(seqs[i][span.start + 1: span.stop + 1], device=device)
+        total = total - logprobs[i, rows, targets].sum() / len(span)
     return total / len(batch)
 
 
@@ -149,7 +176,7 @@ def _train_missing(job: TrainJob, missing: list[tuple[float, str]], result: dict
     pad_id = 0
     for step in range(last):
         batch = [job.examples[i] for i in batch_indices(step, len(job.examples), sft.batch_size)]
-        loss = label_nll(model, batch, pad_id)
+        loss = label_nll(model, batch, pad_id, job.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, sft.max_grad_norm)
@@ -161,7 +188,8 @@ def _train_missing(job: TrainJob, missing: list[tuple[float, str]], result: dict
             info = {"key": job.key, "fraction": fraction, "step": step + 1, "total_steps": steps,
                     "method": sft.method, "sft": sft.model_dump(mode="json"), "seed": job.seed,
                     "examples": len(job.examples), "base": job.base_path, "loss": result["losses"][-1],
-                    "seconds": round(time.time() - started, 2), **job.meta}
+                    "seconds": round(time.time() - started, 2), **job.meta,
+                    **({"loss_on": job.loss} if job.loss != "label" else {})}
             model.eval()
             save_checkpoint(model, Path(dirs[fraction]), info,
                             tokenizer_dir=None if sft.method == "lora" else Path(job.base_path))
