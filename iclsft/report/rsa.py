@@ -1,9 +1,13 @@
 """RSA figures (SPEC §7): collapse index against layer, cosine-similarity histograms and the
-label-sorted 400×400 sub-matrices, from each condition's `rsa.npz`.
+400×400 sub-matrices, from each condition's `rsa.npz` (exemplar/test similarity and collapse against
+training fraction: iclsft.report.rsa_measures).
 
 `rsa.npz` holds `layers` (L,), `bins` (B+1,) edges on [−1, 1], `hist_{resid,mlp}` (L, B) pair counts,
-`sub_{resid,mlp}` (L, n, n) cosines over a label-balanced subset with labels `sub_truth` (n,), and
-`collapse_{resid,mlp}` (L,) = mean within-class − mean between-class cosine. Arrays are read only for
+`sub_{resid,mlp}` (L, n, n) cosines over the matrix points (by default the condition's exemplars,
+then test inputs, each kind sorted by label; `sub_is_exemplar`, `sub_truth` (n,) say which is which),
+`collapse_{resid,mlp}` (L,) = mean within-class − mean between-class cosine, and
+`{within_exemplar,within_test,exemplar_test}_{resid,mlp}` (L,). Intervals over seeds are Student-t
+(`iclsft.evaluate.stats.t_interval`); every caption says so and gives n. Arrays are read only for
 the figures that need them (a sweep's sub-matrices run to gigabytes); a file that cannot be read or
 has the wrong shapes is reported in the page, never silently dropped.
 """
@@ -17,18 +21,19 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from iclsft.evaluate.stats import bootstrap_interval
+from iclsft.evaluate.stats import T_METHOD, t_interval
 from iclsft.report.data import method_color
 from iclsft.report.figures import FigureWriter, new_figure
 
 STREAMS = (("resid", "residual stream"), ("mlp", "MLP output"))
+BLOCKS = ("within_exemplar", "within_test", "exemplar_test")
 MAX_LAYERS_SHOWN = 6
 MAX_SHOTS_SHOWN = 5
 
 
-def read_rsa(cdir: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+def read_rsa(cdir: Path, keys: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Named arrays of `cdir/rsa.npz` (checked against the checksum in rsa.json), shape-checked against
-    each other; ValueError otherwise."""
+    each other; ValueError otherwise. `optional` arrays are included where the file has them."""
     from iclsft.rsa.run import load_rsa
 
     path = Path(cdir) / "rsa.npz"
@@ -37,12 +42,15 @@ def read_rsa(cdir: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
     missing = [k for k in keys if k not in z]
     if missing:
         raise ValueError(f"{path} lacks arrays {missing} (it has {sorted(z)})")
-    out = {k: np.asarray(z[k]) for k in keys}
+    out = {k: np.asarray(z[k]) for k in [*keys, *(k for k in optional if k in z and k not in keys)]}
     n_layers = len(out["layers"])
     n_sub = len(out["sub_truth"]) if "sub_truth" in out else None
     expected = {"bins": None}
+    if n_sub is not None:
+        expected["sub_is_exemplar"] = (n_sub,)
     for stream, _ in STREAMS:
-        expected[f"collapse_{stream}"] = (n_layers,)
+        for stat in ("collapse", *BLOCKS):
+            expected[f"{stat}_{stream}"] = (n_layers,)
         if "bins" in out:
             expected[f"hist_{stream}"] = (n_layers, len(out["bins"]) - 1)
         if n_sub is not None:
@@ -56,9 +64,10 @@ def read_rsa(cdir: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def _read(cond: pd.Series, keys: Sequence[str], problems: list[str]) -> dict[str, np.ndarray] | None:
+def _read(cond: pd.Series, keys: Sequence[str], problems: list[str],
+          optional: Sequence[str] = ()) -> dict[str, np.ndarray] | None:
     try:
-        return read_rsa(Path(cond["dir"]), keys)
+        return read_rsa(Path(cond["dir"]), keys, optional)
     except (OSError, ValueError) as e:
         problems.append(f"{Path(cond['dir']).name}: {e}")
         return None
@@ -72,10 +81,30 @@ def spread(values: Sequence[int], n: int) -> list[int]:
     return [values[i] for i in sorted(set(np.round(np.linspace(0, len(values) - 1, n)).astype(int)))]
 
 
+def seed_band(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Mean over seeds (axis 0) of `values` (seeds, points) with the 95% t-interval over seeds per
+    point (NaN with one seed); and the number of seeds."""
+    intervals = [t_interval(values[:, j]) for j in range(values.shape[1])]
+    return (np.array([iv.mean for iv in intervals]), np.array([iv.lo for iv in intervals]),
+            np.array([iv.hi for iv in intervals]), values.shape[0])
+
+
+def band_note(counts: Sequence[int]) -> str:
+    """How a figure's bands were made, for its caption: "band: 95% t over seeds, n = 2–3", with the
+    lines of a single seed named as having none."""
+    counts = sorted(set(int(n) for n in counts))
+    if not counts or counts[-1] < 2:
+        return "one seed: no band"
+    many = [n for n in counts if n >= 2]
+    text = f"band: 95% {T_METHOD}, n = {many[0]}" + (f"–{many[-1]}" if len(many) > 1 else "")
+    return text + ("; lines with one seed: no band" if counts[0] < 2 else "")
+
+
 def draw_collapse(writer: FigureWriter, name: str, title: str, conds: pd.DataFrame, methods: Sequence[str],
-                  problems: list[str]) -> str | None:
+                  problems: list[str]) -> tuple[str, str] | None:
     """Collapse index against layer: a column per K, a row per stream, a line per method (mean over
-    seeds with its bootstrap band). None when no file could be read (each failure is in `problems`)."""
+    seeds with its t-interval band). Returns (figure name, band note), or None when no file could be
+    read (each failure is in `problems`)."""
     arrays = {}
     for _, cond in conds.iterrows():
         got = _read(cond, ["collapse_resid", "collapse_mlp"], problems)
@@ -88,7 +117,7 @@ def draw_collapse(writer: FigureWriter, name: str, title: str, conds: pd.DataFra
     fig, axes = new_figure(len(STREAMS), len(shots), (3.0, 2.4), sharey="row")
     fig.suptitle(title)
     n_data = 0
-    handles = {}
+    handles, counts = {}, []
     for c, k in enumerate(shots):
         for r, (stream, stream_label) in enumerate(STREAMS):
             ax = axes[r, c]
@@ -99,10 +128,10 @@ def draw_collapse(writer: FigureWriter, name: str, title: str, conds: pd.DataFra
                     continue
                 layers = runs[0]["layers"]
                 runs = [a for a in runs if np.array_equal(a["layers"], layers)]
-                values = np.stack([a[f"collapse_{stream}"].astype(np.float64) for a in runs])
-                band = np.array([bootstrap_interval(values[:, j]) for j in range(values.shape[1])])
-                (h,) = ax.plot(layers, values.mean(axis=0), color=method_color(method), marker=".", label=method)
-                ax.fill_between(layers, band[:, 0], band[:, 1], color=method_color(method), alpha=0.18, lw=0)
+                mean, lo, hi, n = seed_band(np.stack([a[f"collapse_{stream}"].astype(np.float64) for a in runs]))
+                (h,) = ax.plot(layers, mean, color=method_color(method), marker=".", label=method)
+                ax.fill_between(layers, lo, hi, color=method_color(method), alpha=0.18, lw=0)
+                counts.append(n)
                 handles[method] = h
                 n_data += len(layers)
             ax.axhline(0, color="grey", lw=0.8, ls=":")
@@ -116,7 +145,7 @@ def draw_collapse(writer: FigureWriter, name: str, title: str, conds: pd.DataFra
                 ax.set_xlabel("layer", fontsize=9)
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=9)
-    return writer.save(fig, name, n_data)
+    return writer.save(fig, name, n_data), band_note(counts)
 
 
 def draw_histograms(writer: FigureWriter, name: str, title: str, picks: Mapping[str, pd.Series],
@@ -165,12 +194,41 @@ def draw_histograms(writer: FigureWriter, name: str, title: str, picks: Mapping[
     return writer.save(fig, name, n_data)
 
 
+def matrix_description(picks: Mapping[str, pd.Series]) -> str:
+    """What the picked conditions' sub-matrices hold, from their rsa.json: "exemplars + test points
+    (icl: 4 + 92)" or "the fixed balanced grid subset (400 points)"."""
+    from iclsft.rsa.run import read_rsa_record
+
+    parts, kinds = [], set()
+    for method, cond in picks.items():
+        info = read_rsa_record(Path(cond["dir"])) or {}
+        kinds.add(info.get("rsa_subset", "grid"))  # version-1 files held the grid subset
+        n, n_ex = info.get("subset"), info.get("subset_exemplars", 0)
+        if isinstance(n, int):
+            parts.append(f"{method}: {n_ex} + {n - n_ex}" if info.get("rsa_subset") == "exemplars" else f"{method}: {n}")
+    if kinds == {"exemplars"}:
+        return f"the condition's exemplars + hold-out test points ({', '.join(parts)})"
+    if kinds == {"grid"}:
+        return f"the fixed label-balanced grid subset ({', '.join(parts)} points)"
+    return f"mixed: exemplars + test points or the grid subset ({', '.join(parts)})"
+
+
+def blocks(truth: np.ndarray, is_exemplar: np.ndarray) -> tuple[list[int], list[int]]:
+    """Where the matrix's blocks start: (kind boundaries, label boundaries inside a kind), as row
+    positions in the stored order (exemplars, then test points; each kind by label)."""
+    kind = [i for i in range(1, len(truth)) if is_exemplar[i] != is_exemplar[i - 1]]
+    label = [i for i in range(1, len(truth)) if truth[i] != truth[i - 1] and i not in kind]
+    return kind, label
+
+
 def draw_submatrices(writer: FigureWriter, name: str, title: str, picks: Mapping[str, pd.Series], stream: str,
                      problems: list[str]) -> str | None:
-    """Label-sorted cosine sub-matrices: a row per method, a column per (spread) layer; one colour
-    scale per column (the layers differ in scale, the methods are what a column compares). None when
-    no file could be read."""
-    arrays = {m: a for m, c in picks.items() if (a := _read(c, [f"sub_{stream}", "sub_truth"], problems))}
+    """Cosine sub-matrices in their stored order (exemplars, then test points, each by label): a row
+    per method, a column per (spread) layer; solid lines separate exemplars from test points, dashed
+    lines the classes. One colour scale per column (the layers differ in scale, the methods are what
+    a column compares). None when no file could be read."""
+    arrays = {m: a for m, c in picks.items()
+              if (a := _read(c, [f"sub_{stream}", "sub_truth"], problems, optional=["sub_is_exemplar"]))}
     if not arrays:
         return None
     n_layers = min((len(a["layers"]) for a in arrays.values()), default=0)
@@ -179,25 +237,25 @@ def draw_submatrices(writer: FigureWriter, name: str, title: str, picks: Mapping
     fig.suptitle(title)
     n_data = 0
     for c, layer in enumerate(shown):
-        mats = {}
-        for method, a in arrays.items():
-            order = np.argsort(a["sub_truth"], kind="stable")  # sorted by label already; make sure
-            m = a[f"sub_{stream}"][layer].astype(np.float32)[np.ix_(order, order)]
-            mats[method] = (m, np.searchsorted(a["sub_truth"][order], a["sub_truth"][order][-1]))
-        off = np.concatenate([m[~np.eye(len(m), dtype=bool)] for m, _ in mats.values()])
+        mats = {method: a[f"sub_{stream}"][layer].astype(np.float32) for method, a in arrays.items()}
+        off = np.concatenate([m[~np.eye(len(m), dtype=bool)] for m in mats.values()])
         off = off[np.isfinite(off)]
         vmin, vmax = (np.percentile(off, [1, 99]) if len(off) else (-1.0, 1.0))
         image = None
-        for r, (method, (m, split)) in enumerate(mats.items()):
+        for r, (method, m) in enumerate(mats.items()):
             ax = axes[r, c]
             image = ax.imshow(m, cmap="viridis", vmin=vmin, vmax=max(vmax, vmin + 1e-6), interpolation="nearest")
-            for pos in (split - 0.5,):
-                ax.axhline(pos, color="white", lw=0.8)
-                ax.axvline(pos, color="white", lw=0.8)
+            a = arrays[method]
+            # files of RSA version 1 hold no membership: every point there is a grid point
+            is_exemplar = a.get("sub_is_exemplar", np.zeros(len(m), dtype=bool))
+            kind, label = blocks(a["sub_truth"], is_exemplar)
+            for pos, style in [(p, "-") for p in kind] + [(p, "--") for p in label]:
+                ax.axhline(pos - 0.5, color="white", lw=0.8, ls=style)
+                ax.axvline(pos - 0.5, color="white", lw=0.8, ls=style)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(f"layer {int(arrays[method]['layers'][layer])}", fontsize=10)
+                ax.set_title(f"layer {int(a['layers'][layer])}", fontsize=10)
             if c == 0:
                 ax.set_ylabel(method, fontsize=9)
             n_data += 1

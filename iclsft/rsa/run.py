@@ -2,18 +2,26 @@
 
 For each finished condition (record status ok) it writes, beside the condition's scores:
 
-    rsa.npz    np.savez_compressed arrays (L = decoder layers, M = subset points, N = lattice points)
+    rsa.npz    np.savez_compressed arrays (L = decoder layers, M = matrix points, N = lattice points)
                layers (L,)                   layer index
                bins (101,)                   histogram bin edges over [-1, 1]
-               hist_resid, hist_mlp (L, 100) pair counts over all N(N-1)/2 pairs i < j
-               sub_resid, sub_mlp (L, M, M)  float16 cosine matrix of the fixed subset, sorted by label
-               sub_n1, sub_n2, sub_truth (M,) the subset's points (class 0 first); M = 2 x min(200, smallest class)
+               hist_resid, hist_mlp (L, 100) pair counts over all N(N-1)/2 lattice pairs i < j
+               sub_resid, sub_mlp (L, M, M)  float16 cosine matrix of the matrix points, in their order
+               sub_n1, sub_n2, sub_truth, sub_is_exemplar (M,)  the matrix points (iclsft.rsa.points):
+                                             by default the condition's exemplars (at most 200) then
+                                             test points (M = 400 where the lattice allows), each
+                                             kind class 0 first; with subset "grid" the fixed
+                                             balanced lattice subset, M = 2 x min(200, smallest class)
                collapse_resid, within_resid, between_resid, collapse_mlp, within_mlp, between_mlp (L,)
-    rsa.json   status, seconds, and size + sha256 of rsa.npz; written last. On failure: status error
-               and the message.
+                                             over the lattice: mean within- minus between-class cosine
+               within_exemplar_resid, within_test_resid, exemplar_test_resid, and the same _mlp (L,)
+                                             mean matrix cosine over off-diagonal pairs of two
+                                             exemplars, two test points, one of each (NaN if none)
+    rsa.json   status, seconds, the matrix subset ("rsa_subset"), and size + sha256 of rsa.npz;
+               written last. On failure: status error and the message.
 
-Only an rsa.json with status ok, the same condition id, RSA version and dtype, whose rsa.npz
-matches its checksum, is trusted; anything else is recomputed. Each file is written to a temporary
+Only an rsa.json with status ok, the same condition id, RSA version, dtype and matrix subset, whose
+rsa.npz matches its checksum, is trusted; anything else is recomputed. Each file is written to a temporary
 name and renamed into place, and the old rsa.json is removed before anything else, so an
 interrupted pass never leaves a file that is later trusted.
 """
@@ -34,11 +42,12 @@ import pandas as pd
 
 from iclsft import __version__
 from iclsft.faults import fault_point, is_out_of_memory, out_of_memory
+from iclsft.rsa.points import DEFAULT_SUBSET, check_subset, matrix_points
 from iclsft.spec import Condition, ModelSpec
 from iclsft.store import RunDir, atomic_write_bytes, atomic_write_json
 from iclsft.tasks import linear2d
 
-RSA_VERSION = 1  # bump when what rsa.npz holds, or how it is computed, changes
+RSA_VERSION = 2  # bump when what rsa.npz holds, or how it is computed, changes (2: exemplars in the matrix)
 RSA_NPZ = "rsa.npz"
 RSA_JSON = "rsa.json"
 Log = Callable[[str], None]
@@ -51,13 +60,14 @@ def read_rsa_record(condition_dir: str | Path) -> dict | None:
         return None
 
 
-def rsa_is_current(condition_dir: str | Path, condition_id: str, dtype: str = "float32") -> bool:
-    """True when the condition's rsa.json says ok for this condition, version and dtype, and rsa.npz
-    matches its size and checksum."""
+def rsa_is_current(condition_dir: str | Path, condition_id: str, dtype: str = "float32",
+                   subset: str = DEFAULT_SUBSET) -> bool:
+    """True when the condition's rsa.json says ok for this condition, version, dtype and matrix
+    subset, and rsa.npz matches its size and checksum."""
     info = read_rsa_record(condition_dir)
     if not info or info.get("status") != "ok" or info.get("condition") != condition_id:
         return False
-    if info.get("rsa_version") != RSA_VERSION or info.get("dtype") != dtype:
+    if info.get("rsa_version") != RSA_VERSION or info.get("dtype") != dtype or info.get("rsa_subset") != subset:
         return False
     try:
         _verified_bytes(Path(condition_dir), info)
@@ -89,15 +99,18 @@ def _verified_bytes(cdir: Path, info: dict) -> bytes:
     return data
 
 
-def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", batch_size: int | None = None,
-                progress: bool = True, log: Log | None = None) -> list[str]:
+def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", subset: str = DEFAULT_SUBSET,
+                batch_size: int | None = None, progress: bool = True, log: Log | None = None) -> list[str]:
     """Compute RSA for every finished condition of the run that lacks a current rsa.npz.
 
     Returns the names of the conditions computed now. A failing condition gets an rsa.json with
     status error and the others go on; afterwards `ConditionsFailed` is raised if any failed.
-    `batch_size`: queries per forward pass (default: as many as fit a fixed KV budget)."""
+    `subset`: the matrix's points, "exemplars" (the condition's exemplars plus test inputs) or "grid"
+    (the fixed balanced lattice subset); see iclsft.rsa.points. `batch_size`: queries per forward
+    pass (default: as many as fit a fixed KV budget)."""
     from iclsft.icl import ConditionsFailed
 
+    check_subset(subset)
     log = log or (lambda _msg: None)
     run = RunDir(run_dir)
     if not (run.path / "spec.json").is_file():
@@ -107,7 +120,7 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", batch_size: int 
     models = None
     try:
         finished = run.finished()
-        todo = [(cdir, cj, rec) for cdir, cj, rec in finished if not rsa_is_current(cdir, rec["condition"], dtype)]
+        todo = [(cdir, cj, rec) for cdir, cj, rec in finished if not rsa_is_current(cdir, rec["condition"], dtype, subset)]
         log(f"RSA: {len(finished)} finished conditions, {len(finished) - len(todo)} already done, "
             f"{len(todo)} to compute")
         models = _Models(dtype)
@@ -115,9 +128,9 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", batch_size: int 
             t0 = time.time()
             (cdir / RSA_JSON).unlink(missing_ok=True)  # from here on, nothing of an earlier pass is trusted
             base = {"condition": record["condition"], "rsa_version": RSA_VERSION, "dtype": dtype,
-                    "version": __version__}
+                    "rsa_subset": subset, "version": __version__}
             try:
-                arrays = condition_rsa(run, cdir, cond_json, record, models, batch_size=batch_size,
+                arrays = condition_rsa(run, cdir, cond_json, record, models, subset=subset, batch_size=batch_size,
                                        progress=progress)
                 buf = io.BytesIO()
                 np.savez_compressed(buf, **arrays)
@@ -127,7 +140,8 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", batch_size: int 
                 atomic_write_json(cdir / RSA_JSON, {
                     "status": "ok", **base, "seconds": round(time.time() - t0, 2),
                     "layers": len(arrays["layers"]), "pairs": int(arrays["hist_resid"][0].sum()),
-                    "subset": len(arrays["sub_truth"]), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "subset": len(arrays["sub_truth"]), "subset_exemplars": int(arrays["sub_is_exemplar"].sum()),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "files": {RSA_NPZ: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}})
             except Exception as e:  # one condition's failure is recorded and the pass goes on
                 failed.append(cdir.name)
@@ -138,7 +152,8 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", batch_size: int 
             done.append(cdir.name)
             mid = len(arrays["layers"]) // 2
             log(f"[{i}/{len(todo)}] RSA {cdir.name}: {time.time() - t0:.1f} s, collapse (resid) layer {mid} "
-                f"{arrays['collapse_resid'][mid]:.3f}, last {arrays['collapse_resid'][-1]:.3f}")
+                f"{arrays['collapse_resid'][mid]:.3f}, last {arrays['collapse_resid'][-1]:.3f}; within exemplars "
+                f"{arrays['within_exemplar_resid'][mid]:.3f}, within tests {arrays['within_test_resid'][mid]:.3f}")
     finally:
         if models is not None:
             models.close()
@@ -150,11 +165,12 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", batch_size: int 
 
 
 def condition_rsa(run: RunDir, cdir: Path, cond_json: dict, record: dict, models: _Models, *,
-                  batch_size: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+                  subset: str = DEFAULT_SUBSET, batch_size: int | None = None,
+                  progress: bool = False) -> dict[str, np.ndarray]:
     """The rsa.npz arrays of one finished condition, from the same prompts as its scoring."""
     from iclsft.prompts import builder_for
     from iclsft.rsa.activations import activations
-    from iclsft.rsa.stats import BINS, SUBSET_PER_CLASS, balanced_subset, layer_stats
+    from iclsft.rsa.stats import BINS, layer_stats
 
     cond = Condition.model_validate({k: v for k, v in cond_json.items() if k != "id"})
     if cond.id != record["condition"]:
@@ -162,11 +178,19 @@ def condition_rsa(run: RunDir, cdir: Path, cond_json: dict, record: dict, models
     run.verify(cdir, record)
     tokenizer = models.tokenizer(cond.model)
     builder = builder_for(tokenizer, cond.template, cond.task)  # as scoring: labels, and words for `semantic`
-    points = linear2d.queries(cond.task)
-    query_ids = builder.queries(points.n1, points.n2)
+    # the condition's 2K points, as scoring and training take them: the ICL prompt's exemplars and the SFT data
+    exemplars = linear2d.exemplars(cond.task, cond.seed, cond.shots, cond.order)
+    points = linear2d.queries(cond.task, exemplars)
+    matrix = matrix_points(points, exemplars, subset)
+    # the lattice, then the matrix points off it (exemplars), each read as a query after the same prefix
+    query_ids = builder.queries(np.concatenate([points.n1.to_numpy(), matrix.extra.n1.to_numpy()]),
+                                np.concatenate([points.n2.to_numpy(), matrix.extra.n2.to_numpy()]))
     if cond.method == "icl":
-        exemplars = pd.read_parquet(cdir / "exemplars.parquet")
-        prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
+        stored = pd.read_parquet(cdir / "exemplars.parquet")
+        if not stored[["n1", "n2", "truth"]].reset_index(drop=True).equals(exemplars[["n1", "n2", "truth"]]):
+            raise ValueError(f"{cdir / 'exemplars.parquet'} is not the exemplar stream of seed {cond.seed} at "
+                             f"K={cond.shots} (order {cond.order}); the condition was scored with other exemplars")
+        prefix = builder.prefix(stored.n1, stored.n2, stored.truth)
         loaded = _nothing_to_release(models.base(cond.model))
     else:  # a fine-tuned model is scored zero-shot: the prompt is BOS/header + query
         if not record.get("checkpoint_dir"):
@@ -184,12 +208,11 @@ def condition_rsa(run: RunDir, cdir: Path, cond_json: dict, record: dict, models
             raise out_of_memory(f"reading activations of {cdir.name}", "run `iclsft-eval rsa RUN --batch-size N` "
                                 "with a smaller N (queries per forward pass)", e) from e
     truth = points.truth.to_numpy()
-    subset = balanced_subset(truth, SUBSET_PER_CLASS)
     out = {"layers": np.arange(resid.shape[0], dtype=np.int64), "bins": BINS.copy()}
     for name, acts in (("resid", resid), ("mlp", mlp)):
-        stats = layer_stats(acts, truth, subset)
+        stats = layer_stats(acts, truth, matrix.source, matrix.is_exemplar)
         out.update({f"{key}_{name}": value for key, value in stats.items()})
-    out.update(sub_n1=points.n1.to_numpy()[subset], sub_n2=points.n2.to_numpy()[subset], sub_truth=truth[subset])
+    out.update(sub_n1=matrix.n1, sub_n2=matrix.n2, sub_truth=matrix.truth, sub_is_exemplar=matrix.is_exemplar)
     return out
 
 

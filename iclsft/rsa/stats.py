@@ -2,7 +2,9 @@
 
 - Histogram of cosine similarity over all pairs i < j, in fixed bins, computed a block of rows at a
   time against the rows after them (upper triangle only).
-- The cosine matrix of a fixed label-balanced subset, sorted by label.
+- The cosine matrix of the matrix points (iclsft.rsa.points: the condition's exemplars plus test
+  inputs, or a fixed label-balanced grid subset), in the order given, with the mean similarity
+  within the exemplars, within the test points and between the two (off-diagonal pairs only).
 - Collapse index = mean within-class cosine - mean between-class cosine over off-boundary pairs
   (i != j), exactly from class sums of the unit vectors: sum over ordered pairs i != j in class c of
   u_i.u_j = ||sum u||^2 - sum ||u_i||^2, and between classes sum u_i.u_j = S_0.S_1.
@@ -81,16 +83,48 @@ def balanced_subset(truth: np.ndarray, per_class: int = SUBSET_PER_CLASS, seed: 
     return np.concatenate(picks).astype(np.int64)
 
 
-def layer_stats(acts: torch.Tensor, truth: np.ndarray, subset: np.ndarray) -> dict[str, np.ndarray]:
-    """Histogram, subset matrix and collapse index of every layer of `acts` (layers, N, hidden)."""
-    hist, sub, collapse, within, between = [], [], [], [], []
-    index = torch.as_tensor(subset, device=acts.device)
+def block_means(sims: torch.Tensor, is_exemplar: np.ndarray) -> tuple[float, float, float]:
+    """(within exemplars, within test points, exemplar-test): mean of `sims` (M, M) over ordered pairs
+    i != j with both rows exemplars, both not, and one of each. NaN where a block has no such pair."""
+    ex = torch.as_tensor(np.array(is_exemplar, dtype=bool), device=sims.device)
+    sims = sims.double()
+
+    def mean(rows: torch.Tensor, cols: torch.Tensor, same: bool) -> float:
+        block = sims[rows][:, cols]
+        total, pairs = block.sum(), block.numel()
+        if same:  # a square block of one kind: leave its diagonal (a point with itself) out
+            total, pairs = total - block.diagonal().sum(), pairs - block.shape[0]
+        return float(total) / pairs if pairs > 0 else float("nan")
+
+    return mean(ex, ex, True), mean(~ex, ~ex, True), mean(ex, ~ex, False)
+
+
+def layer_stats(acts: torch.Tensor, truth: np.ndarray, subset: np.ndarray,
+                is_exemplar: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Histogram, collapse index, matrix and block means of every layer of `acts` (layers, rows, hidden).
+
+    The first len(truth) rows are the query lattice (histogram and collapse index are over them);
+    `subset` picks the matrix's rows, which may lie beyond the lattice (exemplars off the lattice);
+    `is_exemplar` marks the matrix's exemplar rows (default: none)."""
+    n = len(truth)
+    if acts.shape[1] < n or (len(subset) and int(np.max(subset)) >= acts.shape[1]):
+        raise ValueError(f"activations have {acts.shape[1]} rows; the lattice needs {n} and the matrix rows "
+                         f"up to {int(np.max(subset, initial=-1))}")
+    is_exemplar = np.zeros(len(subset), dtype=bool) if is_exemplar is None else np.asarray(is_exemplar, dtype=bool)
+    if is_exemplar.shape != (len(subset),):
+        raise ValueError(f"is_exemplar has shape {is_exemplar.shape}; the matrix has {len(subset)} rows")
+    keys = ("hist", "sub", "collapse", "within", "between", "within_exemplar", "within_test", "exemplar_test")
+    out: dict[str, list] = {k: [] for k in keys}
+    index = torch.as_tensor(np.asarray(subset, dtype=np.int64), device=acts.device)
     for layer in acts:
         u = unit_rows(layer.float())
-        hist.append(cosine_histogram(u))
+        lattice = u[:n]
+        out["hist"].append(cosine_histogram(lattice))
         s = u[index]
-        sub.append((s @ s.T).clamp_(-1.0, 1.0).to(torch.float16).cpu().numpy())
-        c, w, b = collapse_index(u, truth)
-        collapse.append(c), within.append(w), between.append(b)
-    return {"hist": np.stack(hist), "sub": np.stack(sub), "collapse": np.array(collapse),
-            "within": np.array(within), "between": np.array(between)}
+        sims = (s @ s.T).clamp_(-1.0, 1.0)
+        out["sub"].append(sims.to(torch.float16).cpu().numpy())
+        for key, value in zip(keys[2:5], collapse_index(lattice, truth)):
+            out[key].append(value)
+        for key, value in zip(keys[5:], block_means(sims, is_exemplar)):
+            out[key].append(value)
+    return {k: np.stack(v) if k in ("hist", "sub") else np.array(v, dtype=np.float64) for k, v in out.items()}
