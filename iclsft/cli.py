@@ -285,14 +285,17 @@ def sweep(config, overrides, dry_run, estimate_for, quiet):
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Queries per forward pass (default: from a token budget).")
+@click.option("--subset", type=click.Choice(["exemplars", "grid"]), default="exemplars", show_default=True,
+              help="Points of the 400x400 matrix: the condition's exemplars plus test inputs (as in the study), "
+              "or the fixed label-balanced grid subset.")
 @click.option("--quiet", is_flag=True)
 @user_errors
-def rsa(run_dir, dtype, batch_size, quiet):
+def rsa(run_dir, dtype, batch_size, subset, quiet):
     """Layer-wise RSA (SPEC §7) for every finished condition of a run that has none yet."""
     from iclsft.rsa import compute_rsa
 
     log = None if quiet else functools.partial(click.echo, err=True)
-    done = compute_rsa(run_dir, dtype=dtype, batch_size=batch_size, progress=not quiet, log=log)
+    done = compute_rsa(run_dir, dtype=dtype, subset=subset, batch_size=batch_size, progress=not quiet, log=log)
     click.echo(f"RSA computed for {len(done)} condition(s) in {run_dir}")
 
 

@@ -73,6 +73,7 @@ class SweepConfig(Frozen):
     sft: dict[str, dict] = Field(default_factory=dict)
     executor: ExecutorSpec = ExecutorSpec()
     rsa: bool = False
+    rsa_subset: Literal["exemplars", "grid"] = "exemplars"  # the 400x400 matrix's points (iclsft.rsa.points)
     report: bool = True
     implicit: ImplicitSweep | None = None
 
@@ -425,7 +426,8 @@ def _finish_2d(config: SweepConfig, path: Path, failures: list, started: float, 
 
         log(f"== {model} · RSA · {_elapsed(started)}")
         try:
-            compute_rsa(path, dtype=config.dtype, progress=progress, log=lambda m: log(f"  [rsa] {m}"))
+            compute_rsa(path, dtype=config.dtype, subset=config.rsa_subset, progress=progress,
+                        log=lambda m: log(f"  [rsa] {m}"))
         except ConditionsFailed as e:
             failures.append(f"{model} rsa: {e}")
             log(f"  [rsa] {e}")

@@ -19,7 +19,7 @@ import pandas as pd
 from iclsft import __version__
 from iclsft.evaluate.stats import paired_differences, summarize
 from iclsft.faults import fault_point
-from iclsft.report import rsa, tables
+from iclsft.report import rsa, rsa_measures, tables
 from iclsft.report.data import RunData, is_final, load_run, method_color
 from iclsft.report.figures import (
     CURVE_METRICS,
@@ -247,11 +247,30 @@ def _rsa_pick(conds: pd.DataFrame) -> tuple[int, dict[str, pd.Series]]:
     return k, picks
 
 
+def _rsa_dynamics(s: Section, data: RunData, task: str, angle: float, writer: FigureWriter,
+                  problems: list[str]) -> None:
+    """Collapse against fraction of training for the SFT checkpoints (the study's dynamics control)."""
+    conds = _panel(data.conditions[data.conditions["rsa"] & (data.conditions["order"] == data.main_order)],
+                   task, angle)
+    got = rsa_measures.draw_collapse_dynamics(writer, slug("rsa-dynamics", task, f"a{angle:g}"),
+                                              f"{_where(task, angle)} · order {data.main_order}", conds, problems)
+    if got:
+        s.figure(got[0], f"Collapse index (residual stream, {rsa_measures.LATE_LAYERS}) against fraction of "
+                 f"training, a line per SFT method, ICL at the same K dashed; mean over seeds, {got[1]}.")
+    elif rsa_measures.dynamics_methods(conds):
+        s.note(f"{_where(task, angle)}: collapse against training fraction omitted: its RSA arrays are unreadable.")
+    else:
+        s.note(f"{_where(task, angle)}: no SFT method has RSA at two or more checkpoints.")
+
+
 def _rsa_section(data: RunData, writer: FigureWriter) -> Section:
-    s = Section("Representations (RSA)", "Cosine similarity between the last query token's activations of grid "
-                "points, per layer (residual stream and MLP output). Collapse index = mean within-class − mean "
-                "between-class cosine: SFT collapsing representations onto the label axis shows as a rising "
-                "index in middle layers and as two blocks in the label-sorted sub-matrices.")
+    s = Section("Representations (RSA)", "Cosine similarity between the last query token's activations, per "
+                "layer (residual stream and MLP output). Collapse index = mean within-class − mean between-class "
+                "cosine over all grid points: SFT collapsing representations onto the label axis shows as a rising "
+                "index in middle layers and as two blocks in the sub-matrices. The sub-matrices hold the "
+                "condition's exemplars (at most 200) then hold-out test points, 400 in all, each sorted by label, "
+                "as in the study; its finding that ICL's in-context exemplars are more similar to each other "
+                "shows as a bright top-left block and in the within-exemplar line.")
     conds = data.conditions[data.conditions["rsa"] & is_final(data.conditions["checkpoint"])
                             & (data.conditions["order"] == data.main_order)]
     if conds.empty:
@@ -260,6 +279,8 @@ def _rsa_section(data: RunData, writer: FigureWriter) -> Section:
         return s
     problems: list[str] = []
     methods = [m for m in data.methods if (conds["method"] == m).any()]
+    dynamics = rsa_measures.dynamics_methods(data.conditions[data.conditions["rsa"]
+                                                             & (data.conditions["order"] == data.main_order)])
     missing = [_where(task, angle) for task, angle in data.panels if _panel(conds, task, angle).empty]
     if missing:
         s.note(f"No RSA arrays (order {data.main_order}) at: {'; '.join(missing)}.")
@@ -268,10 +289,10 @@ def _rsa_section(data: RunData, writer: FigureWriter) -> Section:
         if sel.empty:
             continue
         s.heading(_where(task, angle))
-        name = rsa.draw_collapse(writer, slug("rsa-collapse", task, f"a{angle:g}"), _where(task, angle), sel,
-                                 methods, problems)
-        if name:
-            s.figure(name, f"Collapse index against layer, {_where(task, angle)} (mean over seeds, bootstrap band).")
+        got = rsa.draw_collapse(writer, slug("rsa-collapse", task, f"a{angle:g}"), _where(task, angle), sel,
+                                methods, problems)
+        if got:
+            s.figure(got[0], f"Collapse index against layer, {_where(task, angle)} (mean over seeds; {got[1]}).")
         k, picks = _rsa_pick(sel)
         picks = {m: picks[m] for m in methods if m in picks}
         seeds = ", ".join(sorted({str(int(c["seed"])) for c in picks.values()}))
@@ -283,7 +304,19 @@ def _rsa_section(data: RunData, writer: FigureWriter) -> Section:
             name = rsa.draw_submatrices(writer, slug("rsa-sub", stream, task, f"a{angle:g}"), f"{label} · {where}",
                                         picks, stream, problems)
             if name:
-                s.figure(name, f"Label-sorted cosine sub-matrices ({label}; lines separate the classes), {where}.")
+                s.figure(name, f"Cosine sub-matrices ({label}; {rsa.matrix_description(picks)}; solid lines "
+                         f"separate exemplars from test points, dashed lines the classes), {where}.")
+        at_k = f"{_where(task, angle)} · K={k}"
+        got = rsa_measures.draw_block_means(writer, slug("rsa-blocks", task, f"a{angle:g}"), at_k,
+                                            sel[sel["shots"] == k], methods, problems)
+        if got:
+            s.figure(got[0], f"Mean cosine within the exemplars, within the test points and between the two "
+                     f"(off-diagonal pairs of the sub-matrix), {at_k}; mean over seeds, {got[1]}.")
+        if dynamics:
+            _rsa_dynamics(s, data, task, angle, writer, problems)
+    if not dynamics:
+        s.note("No collapse against training fraction: no SFT method has RSA at two or more checkpoints "
+               "(sft --checkpoints 0.25,0.5,1, then the rsa step).")
     for problem in dict.fromkeys(problems):
         s.note(f"Skipped unreadable RSA arrays: {problem}")
     return s
