@@ -349,12 +349,3 @@ def paired_differences(table: pd.DataFrame, metrics: Sequence[str] | None = None
             out.loc[idx, "p_holm"] = holm(out.loc[idx, "p"].to_numpy(dtype=np.float64))
     return out
 
-
-def bootstrap_interval(values: npt.ArrayLike, **_ignored: object) -> tuple[float, float]:
-    """Deprecated: (lo, hi) of t_interval, under the old name that iclsft/report/rsa.py still imports.
-
-    The percentile bootstrap it once was undercovers at a handful of seeds (docs/statistics.md); new
-    code calls t_interval. One value gives (NaN, NaN), not the point.
-    """
-    iv = t_interval(values)
-    return iv.lo, iv.hi
