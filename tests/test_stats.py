@@ -302,7 +302,7 @@ def test_paired_t_false_positive_rate_at_3_seeds(skewed):
     sft = _accuracies(rng, shared + rng.normal(0, 0.03, (N_SIM, 3)))
     rejected = np.mean([paired_t_test(icl[i], sft[i]).p < 0.05 for i in range(N_SIM)])
     assert 0.025 <= rejected <= 0.075, rejected
-    assert abs(rejected - 0.05) < 0.01  # measured 0.048 for both
+    assert abs(rejected - 0.05) < 0.01  # measured 0.0497 (normal), 0.0512 (skewed)
 
 
 @pytest.mark.parametrize("n", [2, 3, 5, 10])
