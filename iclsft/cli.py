@@ -305,7 +305,8 @@ def rsa(run_dir, dtype, batch_size, subset, quiet):
               help="Folder for index.html and its figures (default RUN/report).")
 @user_errors
 def report(run_dir, out):
-    """HTML report of a run: figures and statistics across seeds (no model needed)."""
+    """HTML report of a run: figures and statistics across seeds (no model needed). Given a sweep's out
+    folder (OUT/<model>/ run directories), each model's report and a cross-model page in OUT/report."""
     from iclsft.report import build_report
 
     click.echo(build_report(run_dir, out))

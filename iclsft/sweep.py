@@ -376,6 +376,10 @@ def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out
             _finish_2d(config, path, failures, started, log, progress)
         if planned_implicit[model]:
             _run_implicit_arms(config, model, planned_implicit[model], failures, started, log, progress)
+    if config.report and sum(bool(arms) for arms in planned.values()) > 1:
+        from iclsft.report.models import build_models_report
+
+        log(f"== models compared: {build_models_report(out, model_reports=False)}")  # reports built above
     if failures:
         raise ConditionsFailed("; ".join(failures))
     return tables

@@ -83,10 +83,10 @@ def fake_rsa(cond, collapse: float) -> dict[str, np.ndarray]:
 
 
 def write_run(path: Path, *, angles=(0.0, 45.0), shots=(1, 2, 5), seeds=(0, 1, 2), orders=("random",),
-              checkpoints=(1.0,), grid_step=4, rsa_for=None, metrics=True) -> Path:
+              checkpoints=(1.0,), grid_step=4, rsa_for=None, metrics=True, task="linear2d") -> Path:
     """A run directory as `icl` + `sft --method lora` write it, with synthetic scores."""
     run = RunDir(path)
-    tasks = tuple(TaskSpec(angle=a, grid_step=grid_step) for a in angles)
+    tasks = tuple(TaskSpec(name=task, angle=a, grid_step=grid_step) for a in angles)
     common = dict(tasks=tasks, model=MODEL, shots=shots, seeds=seeds)
     specs = [IclRunSpec(**common, orders=orders),
              SftRunSpec(**common, sft=sft_spec("lora"), checkpoints=checkpoints)]
@@ -148,10 +148,11 @@ def test_report_shows_every_figure_it_wrote(full_run, full_report):
     assert full_report == full_run / "report" / "index.html"
     assert_images_valid(full_report)
     names = set(shown_images(full_report))
-    expected = {f"fig-{kind}-linear2d-a{a}.png" for kind in ("fields", "curves", "orders", "order-fields", "dynamics")
-                for a in (0, 45)}
-    expected |= {"fig-angles-linear2d.png", "fig-rsa-collapse-linear2d-a45.png", "fig-rsa-hist-linear2d-a45.png",
-                 "fig-rsa-sub-resid-linear2d-a45.png", "fig-rsa-sub-mlp-linear2d-a45.png"}
+    expected = {f"fig-{kind}-linear2d-a{a}.png" for kind in ("fields", "cfields", "curves", "orders", "order-fields",
+                                                             "dynamics") for a in (0, 45)}
+    expected |= {"fig-angles-linear2d.png", "fig-theta-linear2d.png", "fig-rsa-collapse-linear2d-a45.png",
+                 "fig-rsa-hist-linear2d-a45.png", "fig-rsa-sub-resid-linear2d-a45.png",
+                 "fig-rsa-sub-mlp-linear2d-a45.png"}
     assert names == expected
     html = full_report.read_text()
     assert "<title>ICL vs SFT — run</title>" in html
@@ -189,13 +190,14 @@ def test_report_omits_figures_without_data(tmp_path):
     assert index == tmp_path / "out" / "index.html"
     assert (run / "metrics.parquet").is_file()  # recomputed from the stored scores
     assert_images_valid(index)
-    assert set(shown_images(index)) == {"fig-fields-linear2d-a45.png", "fig-curves-linear2d-a45.png",
-                                        "fig-angles-linear2d.png"}
+    assert set(shown_images(index)) == {"fig-fields-linear2d-a45.png", "fig-cfields-linear2d-a45.png",
+                                        "fig-curves-linear2d-a45.png", "fig-angles-linear2d.png"}
     html = index.read_text()
     assert "Omitted: the run has one order pattern (random)" in html
     assert "Omitted: no SFT method has more than one checkpoint" in html
     assert "Omitted: no condition has RSA arrays" in html
     assert "the run has one angle" in html
+    assert "Omitted: no task was run at two or more angles" in html
     assert "0.000 [" not in html  # one seed: means only, no interval
 
 
@@ -238,3 +240,145 @@ def test_figure_writer_refuses_an_empty_figure(tmp_path):
     with pytest.raises(AssertionError, match="no data"):
         FigureWriter(tmp_path).save(Figure(), "empty", 0)
     assert not list(tmp_path.iterdir())
+
+
+# -- issue 18: prior-corrected fields, accuracy against θ, angles of xor, intervals named, cross-model page --
+
+def _captions(index: Path) -> dict[str, str]:
+    """Caption of each figure on the page, by image name."""
+    import html as html_lib
+
+    pairs = re.findall(r'<img src="([^"]+)"[^>]*><figcaption>(.*?)</figcaption>', index.read_text())
+    return {name: html_lib.unescape(text) for name, text in pairs}
+
+
+def test_prior_corrected_field_draws_the_centred_log_odds(full_run, full_report, monkeypatch, tmp_path):
+    """The centred field image is on the page, and the array drawn in each panel is d − median(d)
+    of that condition's scores, computed here with pandas from lp_0 and lp_1 (not by the metrics code)."""
+    from matplotlib.axes import Axes
+
+    from iclsft.report.data import load_run
+    from iclsft.report.fields import CLIP_PERCENTILE, draw_fields
+
+    captions = _captions(full_report)
+    assert "fig-cfields-linear2d-a45.png" in captions
+    assert captions["fig-cfields-linear2d-a45.png"].startswith("Prior-corrected decision fields (d − median d")
+    assert "one colour" in captions["fig-cfields-linear2d-a45.png"]
+
+    drawn: list[tuple[np.ndarray, float, float]] = []
+    imshow = Axes.imshow
+
+    def spy(self, X, *args, **kwargs):
+        drawn.append((np.asarray(X), kwargs["vmin"], kwargs["vmax"]))
+        return imshow(self, X, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "imshow", spy)
+    conds = load_run(full_run).conditions
+    sel = conds[(conds.angle == 45.0) & (conds.seed == 0) & (conds.order == "random")
+                & conds.checkpoint.isna()].sort_values("shots")  # ICL: label-biased synthetic scores
+    grid = {"icl": {int(c["shots"]): c for _, c in sel.iterrows()}}
+    draw_fields(FigureWriter(tmp_path), "spy", "spy", grid, "linear2d", 45.0, " Baz", centred=True)
+    assert len(drawn) == len(sel) == 3
+    for (image, vmin, vmax), (_, cond) in zip(drawn, sel.iterrows()):
+        scores = pd.read_parquet(Path(cond["dir"]) / "scores.parquet")
+        d = scores["lp_0"] - scores["lp_1"]
+        expected = scores.assign(c=d - d.median()).pivot(index="n2", columns="n1", values="c")  # rows n2: image.T
+        assert image.shape == expected.shape == (25, 25)
+        np.testing.assert_allclose(image, expected.to_numpy(), rtol=0, atol=1e-12)
+        # Symmetric around 0, clipped at the stated percentile of |d − median d|.
+        assert vmin == -vmax and vmax == pytest.approx(np.percentile(np.abs(expected.to_numpy()), CLIP_PERCENTILE))
+        # The synthetic ICL prefers the first label: the raw field is mostly one side of 0.5, the centred one is
+        # split in half (that is what the figure is for).
+        assert (d >= 0).mean() > 0.55 and (image >= 0).mean() == pytest.approx(0.5, abs=0.02)
+
+
+def test_accuracy_against_theta_and_captions_name_the_interval(full_run, full_report):
+    captions = _captions(full_report)
+    theta = captions["fig-theta-linear2d.png"]
+    assert theta.startswith("Accuracy against θ, linear2d, K 1, 2, 5")
+    assert "<h2>Accuracy against angle</h2>" in full_report.read_text()
+    # Every figure drawn from the across-seed summary says how its interval was made and over how many seeds.
+    summary_figures = [n for n in captions if re.match(r"fig-(curves|theta|angles|orders|dynamics)-", n)]
+    assert len(summary_figures) == 8
+    for name in summary_figures:
+        assert re.search(r"; (band|bars): 95% t over seeds.*, n = [23–]+[ .]", captions[name]), captions[name]
+    # Accuracies have a value at every seed; angle errors are circular and lack the one-class seeds.
+    assert theta.endswith("; band: 95% t over seeds, n = 3.")
+    assert captions["fig-angles-linear2d.png"].startswith("Inferred against true angle and mean |angle error|")
+    assert captions["fig-angles-linear2d.png"].endswith(
+        "; bars: 95% t over seeds, circular (doubled angles) [abs_angle_error, cal_abs_angle_error: 95% t over seeds], "
+        "n = 3.")
+
+
+def test_report_one_seed_says_no_interval(tmp_path):
+    run = write_run(tmp_path / "one", angles=(0.0, 90.0), shots=(2,), seeds=(0,))
+    index = build_report(run)
+    captions = _captions(index)
+    assert captions["fig-theta-linear2d.png"].endswith("; one seed: no interval.")
+    assert captions["fig-curves-linear2d-a90.png"].endswith("; one seed: no interval.")
+    assert "t over seeds" not in "".join(captions.values())
+
+
+def test_interval_note_names_method_and_n():
+    from iclsft.report.figures import interval_note
+
+    def table(n, method="95% t over seeds"):
+        return pd.DataFrame({"mean": [0.5] * len(n), "n_seeds": n, "ci_method": [method] * len(n)})
+
+    assert interval_note(table([3, 3])) == "band: 95% t over seeds, n = 3"
+    assert interval_note(table([2, 4]), "bars") == "bars: 95% t over seeds, n = 2–4"
+    assert interval_note(table([1, 3])) == "band: 95% t over seeds, n = 2–3 (where one seed: no interval)"
+    assert interval_note(table([1, 1])) == "one seed: no interval"
+    nan_mean = table([3, 1]).assign(mean=[np.nan, 0.5])  # a metric without value gives no n
+    assert interval_note(nan_mean) == "one seed: no interval"
+
+
+def test_angle_figure_is_omitted_for_xor(tmp_path):
+    run = write_run(tmp_path / "xor", task="xor", angles=(0.0, 30.0), shots=(2,), seeds=(0, 1))
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    assert metrics["angle_error"].isna().all()  # SPEC §5: no boundary angle, no angle metrics
+    index = build_report(run)
+    names = set(shown_images(index))
+    assert not any(n.startswith("fig-angles") for n in names)
+    assert {"fig-theta-xor.png", "fig-cfields-xor-a30.png"} <= names
+    html = index.read_text()
+    assert "xor: no angle figure: its classes are split by two perpendicular lines" in html
+    assert_images_valid(index)
+
+
+def test_cross_model_page_for_a_sweep_folder(tmp_path):
+    """A sweep's out folder with two model run directories: `report OUT` builds both models' reports and
+    OUT/report/index.html, one figure per key metric, linking each model's report."""
+    from click.testing import CliRunner
+
+    from iclsft.cli import main
+    from iclsft.report.models import is_sweep_dir
+
+    out = tmp_path / "sweep"
+    for model in ("model-a", "model-b"):
+        write_run(out / model, angles=(45.0,), shots=(1, 4), seeds=(0, 1))
+    (out / "sweep.json").write_text("{}")
+    assert is_sweep_dir(out) and not is_sweep_dir(out / "model-a")
+    result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    index = out / "report" / "index.html"
+    assert result.output.strip() == str(index)
+    assert_images_valid(index)
+    assert set(shown_images(index)) == {f"fig-models-{m}.png" for m in
+                                        ("accuracy", "holdout_accuracy", "cal_accuracy", "auc", "confidence")}
+    html = index.read_text()
+    for model in ("model-a", "model-b"):
+        assert f'<a href="../{model}/report/index.html">{model} report</a>' in html
+        assert (out / model / "report" / "index.html").is_file()  # the link leads somewhere
+    for caption in _captions(index).values():
+        assert "models model-a, model-b" in caption and caption.endswith("band: 95% t over seeds, n = 2.")
+    # A run directory inside it still gets its own report, as before.
+    assert build_report(out / "model-a") == out / "model-a" / "report" / "index.html"
+
+
+def test_cross_model_page_needs_run_directories(tmp_path):
+    from iclsft.report.models import build_models_report
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no run directory"):
+        build_models_report(tmp_path / "empty")

@@ -21,20 +21,24 @@ from iclsft.evaluate.stats import paired_differences, summarize
 from iclsft.faults import fault_point
 from iclsft.report import rsa, rsa_measures, tables
 from iclsft.report.data import RunData, is_final, load_run, method_color
+from iclsft.report.fields import CLIP_PERCENTILE, draw_fields
 from iclsft.report.figures import (
+    ANGLE_ROWS,
     CURVE_METRICS,
     DYNAMICS_METRICS,
     ORDER_METRICS,
+    THETA_METRICS,
     FigureWriter,
     available_metrics,
     draw_angles,
-    draw_fields,
     draw_lines,
+    interval_note,
     k_colors,
     slug,
 )
 from iclsft.report.html import Section, page
 from iclsft.store import atomic_write_bytes
+from iclsft.tasks.linear2d import has_boundary_angle
 
 ORDER_COLORS = ("#000000", "#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628")
 K_AXIS = "K (exemplars per class)"
@@ -43,7 +47,13 @@ K_AXIS = "K (exemplars per class)"
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write `index.html`, its PNGs and the statistics as CSV into `out_dir` (default RUN/report);
     return the path of `index.html`. Needs no model: everything comes from the stored results.
-    An implicit-pattern run gets its own page (iclsft.report.implicit)."""
+    An implicit-pattern run gets its own page (iclsft.report.implicit); a sweep's out folder holding
+    several model run directories gets the cross-model page and each model's report
+    (iclsft.report.models)."""
+    from iclsft.report.models import build_models_report, is_sweep_dir
+
+    if is_sweep_dir(run_dir):
+        return build_models_report(run_dir, out_dir)
     if _is_implicit(run_dir):
         from iclsft.report.implicit import build_implicit_report
 
@@ -58,6 +68,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         tables.run_section(data),
         _fields_section(data, writer),
         _curves_section(data, summary, writer),
+        _theta_section(data, summary, writer),
         _angles_section(data, summary, writer),
         _orders_section(data, summary, writer),
         _dynamics_section(data, summary, writer),
@@ -120,7 +131,10 @@ def _fields_section(data: RunData, writer: FigureWriter) -> Section:
     s = Section("Decision fields", f"p({data.first_label.strip()}) over the query lattice for each method (rows) "
                 "and shot count K (columns); dots are the 2K exemplars (white: first label, black: second), the "
                 "dashed line is the true boundary. ICL's seen-feature and comparison biases show as fields that "
-                "follow rows/columns or the diagonal instead of the boundary.")
+                "follow rows/columns or the diagonal instead of the boundary. Beside each raw figure, the same "
+                "conditions prior-corrected: the log-odds d = lp₀ − lp₁ minus its median over the lattice "
+                "(SPEC §5). On a model with a label preference the raw field is one colour while the centred "
+                "field shows how the model ranks the points.")
     conds = data.conditions[is_final(data.conditions["checkpoint"]) & (data.conditions["order"] == data.main_order)]
     for task, angle in data.panels:
         sel = _panel(conds, task, angle)
@@ -137,13 +151,23 @@ def _fields_section(data: RunData, writer: FigureWriter) -> Section:
                            f"{_where(task, angle)} · order {data.main_order} · seed {seed_text}",
                            grid, task, angle, data.first_label)
         s.figure(name, f"Decision fields, {_where(task, angle)}, order {data.main_order}, seed {seed_text}.")
+        name = draw_fields(writer, slug("cfields", task, f"a{angle:g}"),
+                           f"prior-corrected · {_where(task, angle)} · order {data.main_order} · seed {seed_text}",
+                           grid, task, angle, data.first_label, centred=True)
+        s.figure(name, f"Prior-corrected decision fields (d − median d, d = lp₀ − lp₁), {_where(task, angle)}, "
+                 f"order {data.main_order}, seed {seed_text}: red where the model ranks a point above its median "
+                 f"towards {data.first_label.strip()}, blue below; each panel's colours are clipped at "
+                 f"±P{CLIP_PERCENTILE:g} of its |d − median d| (value in the panel title). With a label "
+                 "preference the raw field is one colour while this one shows the ranking.")
     return s
 
 
 def _curves_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter) -> Section:
-    s = Section("Metrics against K", "Mean over seeds with the 95% bootstrap band, one line per method "
-                "(final SFT checkpoints). Calibrated accuracy thresholds lp₀ − lp₁ at its median over the grid "
-                "(SPEC §5), which removes a label prior without using the truth; dotted lines mark chance.")
+    s = Section("Metrics against K", "Mean over seeds with its 95% interval as a band (method and n in each "
+                "caption), one line per method (final SFT checkpoints). Calibrated accuracy thresholds lp₀ − lp₁ "
+                "at its median over the grid (SPEC §5), which removes a label prior without using the truth; "
+                "train accuracy is over the exemplars; dotted lines mark chance (for smoothness / perfect: the "
+                "perfect classifier).")
     final = summary[is_final(summary["checkpoint"]) & (summary["order"] == data.main_order)]
     colors = {m: method_color(m) for m in data.methods}
     for task, angle in data.panels:
@@ -155,37 +179,71 @@ def _curves_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter) 
                           f"{_where(task, angle)} · order {data.main_order}", sel, x="shots", series="method",
                           metrics=CURVE_METRICS, colors=colors, logx=True, xticks=sorted(sel["shots"].unique()),
                           xlabel=K_AXIS)
-        s.figure(name, f"Metrics against K, {_where(task, angle)}.")
+        s.figure(name, f"Metrics against K, {_where(task, angle)}; {interval_note(sel, metrics=CURVE_METRICS)}.")
+    return s
+
+
+def _theta_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter) -> Section:
+    s = Section("Accuracy against angle", "Accuracy and hold-out accuracy (raw, and calibrated hold-out) against "
+                "the boundary angle θ, one row of panels per K, a line per method (final SFT checkpoints), mean "
+                "over seeds with its 95% interval as a band. The study finds ICL better at 0°, 45° and 90° than "
+                "between them.")
+    final = summary[is_final(summary["checkpoint"]) & (summary["order"] == data.main_order)]
+    colors = {m: method_color(m) for m in data.methods}
+    drawn = False
+    for task in sorted(final["task"].unique()):
+        sel = final[final["task"] == task]
+        angles = sorted(sel["angle"].unique())
+        if len(angles) < 2 or not available_metrics(sel, THETA_METRICS):
+            continue
+        shots = sorted(sel["shots"].unique())
+        name = draw_lines(writer, slug("theta", task), f"{task} · order {data.main_order}", sel, x="angle",
+                          series="method", rows="shots", row_values=shots, row_labels={k: f"K={k}" for k in shots},
+                          metrics=THETA_METRICS, colors=colors, xticks=angles, xlabel="true angle θ (°)")
+        s.figure(name, f"Accuracy against θ, {task}, K {', '.join(str(k) for k in shots)}; "
+                 f"{interval_note(sel, metrics=THETA_METRICS)}.")
+        drawn = True
+    if not drawn:
+        s.note("Omitted: no task was run at two or more angles (a sweep over angles draws accuracy against θ).")
     return s
 
 
 def _angles_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter) -> Section:
     s = Section("Inferred against true angle", "The boundary angle recovered by a logistic fit to each method's "
-                "predictions (raw, then calibrated), drawn as θ + mean angle error with its bootstrap interval; "
-                "the dashed diagonal is a perfect learner. A pull towards 45° (comparison bias) bends ICL's "
-                "lines towards the diagonal n1 = n2 direction.")
+                "predictions (raw, then calibrated), drawn as θ + the mean angle error (averaged on the circle of "
+                "doubled angles, as angles are axial), with the mean absolute error beside it; bars are 95% "
+                "intervals over seeds (method and n in each caption). The dashed diagonal is a perfect learner. A "
+                "pull towards 45° (comparison bias) bends ICL's lines towards the diagonal n1 = n2 direction.")
     final = summary[is_final(summary["checkpoint"]) & (summary["order"] == data.main_order)
-                    & summary["metric"].isin(["angle_error", "cal_angle_error"])]
-    for task in sorted(final["task"].unique()):
+                    & summary["metric"].isin([row[0] for row in ANGLE_ROWS])]
+    for task in sorted({task for task, _ in data.panels}):
+        if not has_boundary_angle(task):
+            s.note(f"{task}: no angle figure: its classes are split by two perpendicular lines (θ and θ + 90°), "
+                   "so there is no single boundary angle to infer.")
+            continue
         sel = final[final["task"] == task]
         methods = [m for m in data.methods if np.isfinite(sel.loc[sel["method"] == m, "mean"]).any()]
         if not methods:
             s.note(f"{task}: every prediction was a single class, so no angle could be inferred.")
             continue
         angles = sorted(sel["angle"].unique())
+        what = " and mean |angle error|" if np.isfinite(sel.loc[sel["metric"].str.contains("abs_"), "mean"]).any() \
+            else ""
         name = draw_angles(writer, slug("angles", task), f"{task} · order {data.main_order}", sel, methods)
-        s.figure(name, f"Inferred against true angle, {task}, angles {', '.join(f'{a:g}' for a in angles)}°.")
+        s.figure(name, f"Inferred against true angle{what}, {task}, angles {', '.join(f'{a:g}' for a in angles)}°; "
+                 f"{interval_note(sel, 'bars')}.")
         if len(angles) == 1:
             s.note(f"{task}: the run has one angle; a sweep over angles shows the pull towards the diagonal.")
-    if final.empty:
-        s.note("Omitted: no angle-error values in this run.")
     return s
 
 
 def _orders_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter) -> Section:
     s = Section("Order probes", "Metrics against K for each periodic label pattern of the exemplar stream "
-                "(1 = first label, 2 = second) beside random order. A short period can make ICL switch from "
-                "classifying to continuing the pattern.")
+                "(1 = first label, 2 = second) beside random order, mean over seeds with its 95% interval as a "
+                "band. A short period can make ICL switch from classifying to continuing the pattern: pattern "
+                "following is the share of raw predictions equal to the label the pattern assigns to the next "
+                "position (0.5 dotted: no pattern), and the share of first-label predictions is read against the "
+                "random-order line (both on raw predictions: the prior correction would hide them).")
     if len(data.orders) < 2:
         s.note(f"Omitted: the run has one order pattern ({data.main_order}); run with --order-pattern or a sweep "
                "with several orders to probe order.")
@@ -203,7 +261,8 @@ def _orders_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter) 
                           sel[sel["method"].isin(multi)], x="shots", series="order", rows="method", row_values=multi,
                           metrics=ORDER_METRICS, colors=colors, logx=True, xticks=sorted(sel["shots"].unique()),
                           xlabel=K_AXIS)
-        s.figure(name, f"Metrics against K per order pattern, {_where(task, angle)}.")
+        s.figure(name, f"Metrics against K per order pattern, {_where(task, angle)}; "
+                 f"{interval_note(sel[sel['method'].isin(multi)], metrics=ORDER_METRICS)}.")
         method = "icl" if "icl" in multi else multi[0]
         mc = _panel(conds, task, angle)
         mc = mc[mc["method"] == method]
@@ -217,7 +276,8 @@ def _orders_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter) 
 
 def _dynamics_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter) -> Section:
     s = Section("SFT training dynamics", "SFT metrics at the saved fractions of training, one line per K "
-                "(a control of the study: SFT's behaviour as it learns, at a fixed set of exemplars).")
+                "(a control of the study: SFT's behaviour as it learns, at a fixed set of exemplars); mean over seeds "
+                "with its 95% interval as a band.")
     ckpt = summary[summary["checkpoint"].notna() & (summary["order"] == data.main_order)]
     methods = [m for m in data.methods if ckpt.loc[ckpt["method"] == m, "checkpoint"].nunique() > 1]
     if not methods:
@@ -233,7 +293,8 @@ def _dynamics_section(data: RunData, summary: pd.DataFrame, writer: FigureWriter
                           f"{data.main_order}", sel, x="checkpoint", series="shots", rows="method", row_values=methods,
                           metrics=DYNAMICS_METRICS, colors=k_colors(shots), labels={k: f"K={k}" for k in shots},
                           xticks=sorted(sel["checkpoint"].unique()), xlabel="fraction of training")
-        s.figure(name, f"SFT metrics along training, {_where(task, angle)}.")
+        s.figure(name, f"SFT metrics along training, {_where(task, angle)}; "
+                 f"{interval_note(sel, metrics=DYNAMICS_METRICS)}.")
     return s
 
 

@@ -1,5 +1,5 @@
-"""The report's behavioural figures: decision fields, metrics against K (per method, per order
-pattern, along SFT training) and inferred against true angle.
+"""The report's behavioural figures: metrics against K (per method, per order pattern, along SFT
+training) or θ, and inferred against true angle; decision fields are in iclsft.report.fields.
 
 Figures are drawn on `matplotlib.figure.Figure` objects, never through pyplot, so building a report
 neither needs nor changes a global backend (PNGs are rendered by Agg). Each drawing function counts
@@ -27,21 +27,40 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from iclsft.store import atomic_write_bytes
 
 DPI = 100
-FIELD_CMAP = "RdBu_r"  # p(first label): 1 red, 0 blue, 0.5 white
-CENTRE = 49.5
 WRAP = 3  # metric panels per row in figures without row facets
 
-# (metric, axis label, reference line or None)
-CURVE_METRICS = (
+# (metric, axis label, reference line or None). A metric the run's table lacks (an older metrics
+# version) or that is NaN throughout (angle metrics of xor) gets no panel: see available_metrics.
+METRIC_AXES: dict[str, tuple[str, str, float | None]] = {m[0]: m for m in (
     ("accuracy", "accuracy", 0.5),
+    ("holdout_accuracy", "hold-out accuracy", 0.5),
+    ("train_accuracy", "train accuracy", 0.5),
     ("auc", "ROC AUC", 0.5),
     ("cal_accuracy", "calibrated accuracy", 0.5),
+    ("cal_holdout_accuracy", "calibrated hold-out accuracy", 0.5),
     ("confidence", "confidence", 0.5),
+    ("cal_confidence", "prior-corrected confidence", 0.5),
     ("smoothness", "smoothness", None),
+    ("smoothness_rel", "smoothness / perfect", 1.0),
     ("angle_error", "angle error (°)", 0.0),
-)
-ORDER_METRICS = (CURVE_METRICS[0], CURVE_METRICS[2], CURVE_METRICS[1], CURVE_METRICS[4])
-DYNAMICS_METRICS = (CURVE_METRICS[0], CURVE_METRICS[2], CURVE_METRICS[3], CURVE_METRICS[4])
+    ("abs_angle_error", "|angle error| (°)", 0.0),
+    ("pattern_following", "pattern following", 0.5),
+    ("label_share", "share of first label", 0.5),
+)}
+
+
+def _axes(*names: str) -> tuple[tuple[str, str, float | None], ...]:
+    return tuple(METRIC_AXES[n] for n in names)
+
+
+CURVE_METRICS = _axes("accuracy", "holdout_accuracy", "train_accuracy", "auc", "cal_accuracy", "confidence",
+                      "cal_confidence", "smoothness", "smoothness_rel", "angle_error", "abs_angle_error")
+ORDER_METRICS = _axes("accuracy", "cal_accuracy", "auc", "smoothness", "pattern_following", "label_share")
+DYNAMICS_METRICS = _axes("accuracy", "train_accuracy", "cal_accuracy", "confidence", "smoothness")
+THETA_METRICS = _axes("accuracy", "holdout_accuracy", "cal_holdout_accuracy")
+
+# How an interval is named when the summary has no ci_method column (a table from elsewhere): honestly unknown.
+DEFAULT_CI_METHOD = "95% interval over seeds (method not recorded)"
 
 
 def slug(*parts: object) -> str:
@@ -88,68 +107,27 @@ def k_colors(shots: Sequence[int]) -> dict[int, tuple]:
     return {k: cmap(i / max(1, len(ks) - 1) * 0.9) for i, k in enumerate(ks)}
 
 
-# -- decision fields ---------------------------------------------------------------------------------
-
-def _boundary(ax, task: str, angle: float) -> None:
-    """The true boundary: the line through the centre at `angle` (and its perpendicular for xor)."""
-    for a in (angle, angle + 90.0) if task == "xor" else (angle,):
-        t = math.radians(a)
-        d = np.array([math.cos(t), math.sin(t)]) * 150.0
-        ax.plot([CENTRE - d[0], CENTRE + d[0]], [CENTRE - d[1], CENTRE + d[1]], color="k", lw=1.2, ls="--")
-
-
-def load_field(cond: pd.Series) -> np.ndarray:
-    field = np.load(Path(cond["dir"]) / "field.npy", allow_pickle=False)
-    n = len(range(0, 100, int(cond["grid_step"])))
-    if field.shape != (n, n):
-        raise ValueError(f"{cond['dir']}/field.npy has shape {field.shape}; its lattice (grid_step "
-                         f"{cond['grid_step']}) needs ({n}, {n})")
-    return field
-
-
-def draw_fields(writer: FigureWriter, name: str, title: str, grid: Mapping[str, Mapping[int, pd.Series]],
-                task: str, angle: float, label: str) -> str:
-    """A grid of decision fields: one row per entry of `grid` (label → {K: condition}), one column
-    per K; exemplars drawn as dots (white: first label, black: second), true boundary dashed."""
-    shots = sorted({k for row in grid.values() for k in row})
-    fig, axes = new_figure(len(grid), len(shots), (1.75, 1.75))
-    fig.suptitle(title)
-    image = None
-    n_data = 0
-    for r, (row_label, cells) in enumerate(grid.items()):
-        for c, k in enumerate(shots):
-            ax = axes[r, c]
-            ax.set_aspect("equal")
-            if r == 0:
-                ax.set_title(f"K={k}", fontsize=10)
-            if c == 0:
-                ax.set_ylabel(f"{row_label}\nn2", fontsize=9)
-            if k not in cells:
-                ax.set_axis_off()
-                continue
-            cond = cells[k]
-            field = load_field(cond)
-            step = int(cond["grid_step"])
-            lo, hi = -step / 2, (field.shape[0] - 1) * step + step / 2
-            # field[i, j] is (n1_i, n2_j): transpose so that n1 runs along x, n2 up the y axis.
-            image = ax.imshow(field.T, origin="lower", extent=(lo, hi, lo, hi), cmap=FIELD_CMAP, vmin=0, vmax=1,
-                              interpolation="nearest")
-            ex = pd.read_parquet(Path(cond["dir"]) / "exemplars.parquet")
-            for cls, face, edge in ((0, "white", "black"), (1, "black", "white")):
-                pts = ex[ex["truth"] == cls]
-                ax.scatter(pts["n1"], pts["n2"], s=9, c=face, edgecolors=edge, linewidths=0.5, zorder=3)
-            _boundary(ax, task, angle)
-            ax.set_xlim(lo, hi)
-            ax.set_ylim(lo, hi)
-            ax.set_xticks([0, 50, 99])
-            ax.set_yticks([0, 50, 99])
-            ax.tick_params(labelsize=7)
-            if r == len(grid) - 1:
-                ax.set_xlabel("n1", fontsize=9)
-            n_data += 1
-    if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.6, label=f"p({label.strip()})")
-    return writer.save(fig, name, n_data)
+def interval_note(summary: pd.DataFrame, what: str = "band", metrics: Sequence[tuple] | None = None) -> str:
+    """How the intervals drawn from `summary` (its rows of `metrics`, default all) were made and over
+    how many seeds, for a caption: "band: 95% t over seeds, n = 3"; metrics with another method are
+    named in brackets; "one seed: no interval" where no value has two seeds (nothing drawn then)."""
+    if metrics is not None:
+        summary = summary[summary["metric"].isin([m[0] for m in metrics])]
+    finite = summary[np.isfinite(summary["mean"]) & (pd.to_numeric(summary["n_seeds"]) > 0)]
+    n = pd.to_numeric(finite["n_seeds"]).astype(int)
+    if n.empty or n.max() <= 1:
+        return "one seed: no interval"
+    text = DEFAULT_CI_METHOD
+    if "ci_method" in finite:
+        by_method = finite[n > 1].groupby("ci_method", sort=False)["metric" if "metric" in finite else "mean"]
+        ranked = sorted(by_method, key=lambda item: -len(item[1]))  # the most common method first, unqualified
+        others = [f"{', '.join(dict.fromkeys(map(str, rows)))}: {method}" for method, rows in ranked[1:]]
+        text = str(ranked[0][0]) + (f" [{'; '.join(others)}]" if others else "")
+    if n.min() == n.max():
+        return f"{what}: {text}, n = {n.max()}"
+    if n.min() > 1:
+        return f"{what}: {text}, n = {n.min()}–{n.max()}"
+    return f"{what}: {text}, n = 2–{n.max()} (where one seed: no interval)"
 
 
 # -- lines over K / checkpoints ---------------------------------------------------------------------
@@ -162,12 +140,13 @@ def available_metrics(summary: pd.DataFrame, metrics: Sequence[tuple]) -> list[t
 
 def draw_lines(writer: FigureWriter, name: str, title: str, summary: pd.DataFrame, *, x: str, series: str,
                metrics: Sequence[tuple], colors: Mapping, labels: Mapping | None = None, rows: str | None = None,
-               row_values: Sequence | None = None, logx: bool = False, xlabel: str = "",
-               xticks: Sequence | None = None) -> str:
-    """One panel per (row, metric); in each, a line per value of `series` with its bootstrap band.
+               row_values: Sequence | None = None, row_labels: Mapping | None = None, logx: bool = False,
+               xlabel: str = "", xticks: Sequence | None = None) -> str:
+    """One panel per (row, metric); in each, a line per value of `series` with its interval band
+    (`lo`..`hi` of the summary; none where they are NaN, e.g. one seed).
 
     `summary` is the long output of `iclsft.evaluate.stats.summarize` restricted to what this figure
-    shows; `series` values are drawn in the order of `colors`.
+    shows; `series` values are drawn in the order of `colors`; `row_labels` names the row facets.
     """
     metrics = available_metrics(summary, metrics)
     row_values = list(row_values) if rows else [None]
@@ -201,7 +180,7 @@ def draw_lines(writer: FigureWriter, name: str, title: str, summary: pd.DataFram
         if xticks is not None:  # plain values (1, 2, 5, …) rather than powers of ten
             ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
             ax.minorticks_off()
-        ax.set_ylabel(ylabel if rows is None else f"{row}\n{ylabel}", fontsize=9)
+        ax.set_ylabel(ylabel if rows is None else f"{(row_labels or {}).get(row, row)}\n{ylabel}", fontsize=9)
         ax.tick_params(labelsize=8, labelbottom=True)
         ax.grid(alpha=0.3)
         if i + n_cols >= len(panels):  # nothing below this panel
@@ -213,23 +192,37 @@ def draw_lines(writer: FigureWriter, name: str, title: str, summary: pd.DataFram
 
 # -- inferred vs true angle --------------------------------------------------------------------------
 
-def draw_angles(writer: FigureWriter, name: str, title: str, summary: pd.DataFrame, methods: Sequence[str]) -> str:
-    """Inferred against true angle, one panel per (raw/calibrated, method), a line per K.
+ANGLE_ROWS = (  # (metric, axis label, drawn as inferred angle θ + error, or as the error itself)
+    ("angle_error", "inferred angle (°)", True),
+    ("abs_angle_error", "mean |angle error| (°)", False),
+    ("cal_angle_error", "calibrated inferred angle (°)", True),
+    ("cal_abs_angle_error", "calibrated mean |angle error| (°)", False),
+)
 
-    The inferred angle is drawn as θ + mean angle error (the error is wrapped into (−90°, 90°], so
-    its mean is meaningful where the inferred angle itself wraps around 0°/180°); bars are the
-    bootstrap interval across seeds. The dashed diagonal is a perfect learner.
+
+def _bars(line: pd.DataFrame) -> np.ndarray:
+    """(2, n) error-bar lengths from lo/hi; 0 where the interval is NaN (one seed: a bare point)."""
+    err = np.vstack([line["mean"] - line["lo"], line["hi"] - line["mean"]])
+    return np.nan_to_num(np.maximum(err, 0.0), nan=0.0)
+
+
+def draw_angles(writer: FigureWriter, name: str, title: str, summary: pd.DataFrame, methods: Sequence[str]) -> str:
+    """Against the true angle, one panel per (row, method), a line per K: the inferred angle (raw, then
+    calibrated) and, where the summary has it, the mean absolute angle error beside it.
+
+    The inferred angle is drawn as θ + mean angle error (the error is wrapped into (−90°, 90°] and
+    averaged as the stats module does, so the mean means something where the inferred angle wraps
+    around 0°/180°); bars are the summary's interval across seeds. The dashed diagonal is a perfect
+    learner; the mean |error| shows a spread that signed errors of opposite sign would cancel.
     """
-    kinds = [(m, lab) for m, lab in (("angle_error", "inferred angle (°)"),
-                                     ("cal_angle_error", "calibrated inferred angle (°)"))
-             if np.isfinite(summary.loc[summary["metric"] == m, "mean"]).any()]
+    kinds = [row for row in ANGLE_ROWS if np.isfinite(summary.loc[summary["metric"] == row[0], "mean"]).any()]
     colors = k_colors(summary["shots"])
     fig, axes = new_figure(len(kinds), len(methods), (3.0, 2.9))
     fig.suptitle(title)
     n_data = 0
     handles = {}
     y_range = [-10.0, 190.0]
-    for r, (metric, ylabel) in enumerate(kinds):
+    for r, (metric, ylabel, inferred) in enumerate(kinds):
         for c, method in enumerate(methods):
             ax = axes[r, c]
             sel = summary[(summary["metric"] == metric) & (summary["method"] == method) & np.isfinite(summary["mean"])]
@@ -237,17 +230,21 @@ def draw_angles(writer: FigureWriter, name: str, title: str, summary: pd.DataFra
                 line = sel[sel["shots"] == k].sort_values("angle")
                 if line.empty:
                     continue
-                y = line["angle"] + line["mean"]
-                err = np.vstack([line["mean"] - line["lo"], line["hi"] - line["mean"]])
+                y = line["angle"] + line["mean"] if inferred else line["mean"]
+                err = _bars(line)
                 h = ax.errorbar(line["angle"], y, yerr=err, marker="o", ms=4, capsize=2, color=color, label=f"K={k}")
                 handles[f"K={k}"] = h
                 n_data += len(line)
-                y_range = [min(y_range[0], float((y - err[0]).min()) - 5),
-                           max(y_range[1], float((y + err[1]).max()) + 5)]
-            ax.plot([0, 180], [0, 180], color="k", lw=0.8, ls="--")
+                if inferred:
+                    y_range = [min(y_range[0], float((y - err[0]).min()) - 5),
+                               max(y_range[1], float((y + err[1]).max()) + 5)]
+            if inferred:
+                ax.plot([0, 180], [0, 180], color="k", lw=0.8, ls="--")
+                ax.set_yticks([0, 45, 90, 135, 180])
+            else:
+                ax.axhline(0.0, color="k", lw=0.8, ls="--")
             ax.set_xlim(-8, 188)
             ax.set_xticks([0, 45, 90, 135, 180])
-            ax.set_yticks([0, 45, 90, 135, 180])
             ax.tick_params(labelsize=8)
             ax.grid(alpha=0.3)
             if r == 0:
@@ -256,8 +253,10 @@ def draw_angles(writer: FigureWriter, name: str, title: str, summary: pd.DataFra
                 ax.set_ylabel(ylabel, fontsize=9)
             if r == len(kinds) - 1:
                 ax.set_xlabel("true angle θ (°)", fontsize=9)
-    for ax in axes.flat:
-        ax.set_ylim(*y_range)
+    for r, (_, _, inferred) in enumerate(kinds):
+        top = max(ax.get_ylim()[1] for ax in axes[r])  # one scale per row, so methods compare
+        for ax in axes[r]:
+            ax.set_ylim(*(y_range if inferred else (0.0, top)))
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=9)
     return writer.save(fig, name, n_data)
