@@ -382,3 +382,25 @@ def test_cross_model_page_needs_run_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no run directory"):
         build_models_report(tmp_path / "empty")
+
+
+def test_sweep_with_two_models_ends_with_the_cross_model_page(tmp_path, tiny_model_dir, monkeypatch, one_thread):
+    """run_sweep over two models (the tiny model under two paths) writes each model's report, then OUT/report."""
+    from iclsft.sweep import SweepConfig, model_dir, run_sweep
+
+    monkeypatch.setenv("ICLSFT_HOME", str(tmp_path / "home"))
+    twin = tmp_path / "tiny-twin"
+    twin.symlink_to(tiny_model_dir, target_is_directory=True)
+    models = [str(tiny_model_dir), str(twin)]
+    config = SweepConfig(out=str(tmp_path / "out"), models=models, tasks=[{"name": "linear2d", "angles": [45]}],
+                         methods=["icl"], shots=[1], seeds=[0, 1], orders=["random"], grid_step=20, engine="hf",
+                         executor={"name": "local"}, rsa=False, report=True)
+    messages: list[str] = []
+    run_sweep(config, log=messages.append, progress=False)
+    index = tmp_path / "out" / "report" / "index.html"
+    assert f"== models compared: {index}" in messages
+    assert_images_valid(index)
+    html = index.read_text()
+    for model in models:
+        own = model_dir(config.out, model) / "report" / "index.html"
+        assert own.is_file() and f'<a href="../{own.parent.parent.name}/report/index.html">' in html

@@ -139,7 +139,9 @@ def _metrics_section(summary: pd.DataFrame, writer: FigureWriter) -> Section:
 
 def draw_models(writer: FigureWriter, name: str, ylabel: str, summary: pd.DataFrame, models: Sequence[str],
                 methods: Sequence[str], ref: float | None) -> str:
-    """One panel per (task, angle) of `summary` (one metric), a line per (model, method) with its band."""
+    """One panel per (task, angle) of `summary` (one metric), a line per (model, method) with its band;
+    the legend, below the panels, keys colours to models and line styles to methods (model names are
+    folder names and can be long: beside the panels they would squeeze them)."""
     panels = sorted({(str(t), float(a)) for t, a in summary[["task", "angle"]].itertuples(index=False)})
     n_cols = min(WRAP, len(panels))
     fig, axes = new_figure(math.ceil(len(panels) / n_cols), n_cols, (3.3, 2.6))
@@ -148,7 +150,8 @@ def draw_models(writer: FigureWriter, name: str, ylabel: str, summary: pd.DataFr
         ax.set_axis_off()
     colors = {m: MODEL_COLORS[i % len(MODEL_COLORS)] for i, m in enumerate(models)}
     styles = {m: METHOD_STYLES[min(method_key(m)[0], len(METHOD_ORDER)) % len(METHOD_STYLES)] for m in methods}
-    handles, n_data = {}, 0
+    n_data = 0
+    drawn: set[tuple[str, str]] = set()
     for ax, (task, angle) in zip(axes.flat, panels):
         sel = summary[(summary["task"] == task) & (summary["angle"] == angle)]
         for model in models:
@@ -156,11 +159,9 @@ def draw_models(writer: FigureWriter, name: str, ylabel: str, summary: pd.DataFr
                 line = sel[(sel["model"] == model) & (sel["method"] == method)].sort_values("shots")
                 if line.empty:
                     continue
-                label = f"{model} · {method}"
-                (h,) = ax.plot(line["shots"], line["mean"], marker="o", ms=3, color=colors[model],
-                               ls=styles[method], label=label)
+                ax.plot(line["shots"], line["mean"], marker="o", ms=3, color=colors[model], ls=styles[method])
                 ax.fill_between(line["shots"], line["lo"], line["hi"], color=colors[model], alpha=0.12, lw=0)
-                handles[label] = h
+                drawn.add((model, method))
                 n_data += len(line)
         if ref is not None:
             ax.axhline(ref, color="grey", lw=0.8, ls=":")
@@ -173,6 +174,12 @@ def draw_models(writer: FigureWriter, name: str, ylabel: str, summary: pd.DataFr
         ax.set_ylabel(ylabel, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    if handles:
-        fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=8)
+    if drawn:
+        from matplotlib.lines import Line2D  # here: iclsft.report.figures names the package when it is missing
+
+        keys = [Line2D([], [], color=colors[m], lw=2) for m in models if any(d[0] == m for d in drawn)]
+        labels = [m for m in models if any(d[0] == m for d in drawn)]
+        shown = [m for m in methods if any(d[1] == m for d in drawn)]
+        keys += [Line2D([], [], color="k", ls=styles[m]) for m in shown]
+        fig.legend(keys, labels + shown, loc="outside lower center", ncols=min(4, len(keys)), fontsize=8)
     return writer.save(fig, name, n_data)
