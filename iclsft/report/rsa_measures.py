@@ -131,7 +131,7 @@ def draw_collapse_dynamics(writer: FigureWriter, name: str, title: str, conds: p
     if sft.empty:
         return None
     shots = spread(sft["shots"], MAX_SHOTS_SHOWN)
-    fig, axes = new_figure(1, len(shots), (3.0, 2.6), sharey="row")
+    fig, axes = new_figure(1, len(shots), (3.6, 2.8), sharey="row")
     fig.suptitle(title)
     n_data, handles = 0, {}
     for c, k in enumerate(shots):
