@@ -66,11 +66,13 @@ def test_shipped_configs_are_valid(name, tiny_model_dir, tmp_path):
     assert {r["arm"] for r in rows} == {"icl" if m == "icl" else f"sft-{m}" for m in config.methods}
     if config.implicit is not None:  # per task, seed and variant: each K (ICL) or one model (SFT)
         imp = config.implicit
-        assert {r["arm"] for r in implicit} == {f"implicit-{m}" for m in imp.methods}
+        original = {"implicit-full-original"} if "original" in imp.recipes else set()  # one model per seed
+        assert {r["arm"] for r in implicit} == {f"implicit-{m}" for m in imp.methods} | original
         for r in implicit:
             per = len(imp.tasks) * len(config.seeds) * 2
             assert r["conditions"] == r["todo"] == per * (len(imp.shots) if r["arm"] == "implicit-icl" else 1)
-            assert r["trainings"] == (0 if r["arm"] == "implicit-icl" else per // 2)
+            models = len(config.seeds) if r["arm"] in original else per // 2
+            assert r["trainings"] == (0 if r["arm"] == "implicit-icl" else models)
             assert r["queries"] == r["todo"] * imp.eval_size
     else:
         assert not implicit
