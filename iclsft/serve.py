@@ -186,7 +186,7 @@ def query_points(url: str, points: list[tuple[int, int]], *, run_dir: str | Path
 
     from iclsft.engine.vllm_server import VLLMServerEngine
     from iclsft.prompts import builder_for, builder_key
-    from iclsft.spec import TaskSpec, TemplateSpec
+    from iclsft.spec import TaskSpec, TemplateSpec, stored_task
     from iclsft.tasks import linear2d
 
     run = icl_run or run_dir
@@ -197,7 +197,7 @@ def query_points(url: str, points: list[tuple[int, int]], *, run_dir: str | Path
     else:
         spec, base = None, _server_root(engine)
     template = TemplateSpec(**spec["template"]) if spec else TemplateSpec()
-    tasks = [TaskSpec(**t) for t in spec["tasks"]] if spec else [TaskSpec(angle=angle or 45.0)]
+    tasks = [stored_task(t) for t in spec["tasks"]] if spec else [TaskSpec(angle=angle or 45.0)]
     if icl_run is not None or len({builder_key(t) for t in tasks}) > 1:
         task = _pick_task(tasks, angle)
     else:

@@ -140,6 +140,14 @@ class TaskSpec(Frozen):
         return v
 
 
+def stored_task(data: dict) -> TaskSpec:
+    """The TaskSpec of a task as a run directory stored it: a semantic task stored before `words`
+    existed was written with the size list (TaskSpec alone would read it as the new default)."""
+    if data.get("name") == "semantic" and "words" not in data:
+        data = {**data, "words": "size"}
+    return TaskSpec(**data)
+
+
 class ModelSpec(Frozen):
     name: str
     fingerprint: str

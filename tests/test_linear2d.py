@@ -454,3 +454,15 @@ def test_sweep_task_key_and_cli_option_choose_the_list(tmp_path, tiny_model_dir,
     assert [t.words for t in spec.tasks] == ["size"]
     result = CliRunner().invoke(main, ["icl", "--help"])
     assert "--words [sentiment|size]" in result.output
+
+
+def test_stored_semantic_task_without_words_is_the_size_list():
+    """A run directory written before `words` existed stored semantic tasks without it: they used the
+    size list, and readers of stored specs (serve, claims) must render those words, not the new default."""
+    from iclsft.spec import TaskSpec, stored_task
+
+    old = stored_task({"name": "semantic", "angle": 45.0})
+    assert old.words == "size"
+    assert stored_task({"name": "semantic", "angle": 45.0, "words": "sentiment"}).words == "sentiment"
+    assert TaskSpec(name="semantic", angle=45.0).words == "sentiment"
+    assert stored_task({"name": "linear2d", "angle": 30.0}) == TaskSpec(angle=30.0)
