@@ -312,6 +312,21 @@ def report(run_dir, out):
     click.echo(build_report(run_dir, out))
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--json", "json_", is_flag=True, help="Print the JSON instead of the table.")
+@user_errors
+def claims(run_dir, json_):
+    """The studies' headline claims checked on a run: test, verdict, effect, interval and n per claim.
+    Writes RUN/claims.json and RUN/claims.txt (no model needed; docs/claims.md)."""
+    from iclsft.claims import format_table, run_claims, write_claims
+    from iclsft.claims.core import to_json
+
+    results = run_claims(run_dir)
+    write_claims(run_dir, results)
+    click.echo(to_json(results) if json_ else format_table(results))
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")

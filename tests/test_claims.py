@@ -49,7 +49,8 @@ def table(plant: dict | None = None, *, angles=ANGLES, shots=SHOTS, methods=METH
                             acc += 0.08
                         if not icl and plant.get("sft_worse"):
                             acc -= 0.2
-                        conf = 0.7 + seed_shift + rng.normal(0, noise) + (0.1 if not icl and plant.get("confident") else 0)
+                        conf = 0.7 + seed_shift + rng.normal(0, noise)
+                        conf += 0.1 if not icl and plant.get("confident") else 0.0
                         err = rng.normal(0, 0.3)
                         if angle not in (0.0, 45.0, 90.0):
                             pull = 6.0 if icl else 1.0

@@ -76,7 +76,7 @@ def load_linear2d(path: Path) -> linear2d.Evidence:
     from iclsft.evaluate.seen import seen_feature_effect
     from iclsft.report.data import load_run
     from iclsft.rsa.run import load_rsa
-    from iclsft.spec import TaskSpec
+    from iclsft.spec import stored_task
     from iclsft.tasks import linear2d as task2d
 
     data = load_run(path)
@@ -90,7 +90,7 @@ def load_linear2d(path: Path) -> linear2d.Evidence:
             row["collapse_late"] = float(collapse[half:].mean())
         if cond["order"] == task2d.RANDOM_ORDER:
             spec = json.loads((Path(cond["dir"]) / "condition.json").read_text())
-            task = TaskSpec(**spec["task"])
+            task = stored_task(spec["task"])
             exemplars = task2d.exemplars(task, int(cond["seed"]), int(cond["shots"]), cond["order"])
             scores = pd.read_parquet(Path(cond["dir"]) / "scores.parquet")
             row["seen_feature_effect"] = seen_feature_effect(scores, exemplars)

@@ -268,7 +268,8 @@ def _order(m: pd.DataFrame, claim: Claim, period_ok) -> Result:
         want = "12 (period 2)" if claim is PERIOD2 else "a pattern of period ≥ 4 (e.g. 1221)"
         return untestable(claim, f"needs ICL conditions with order {want}")
     if "pattern_following" not in m or "label_share" not in m:
-        return untestable(claim, "the metrics table predates pattern_following/label_share: run `iclsft-eval metrics RUN`")
+        return untestable(claim, "the metrics table predates pattern_following/label_share: "
+                          "run `iclsft-eval metrics RUN`")
     base = icl[icl["order"] == RANDOM_ORDER][["task", "angle", "shots", "seed", "label_share", "n_points"]]
     if base.empty:
         return untestable(claim, "needs ICL conditions in random order as the reference")

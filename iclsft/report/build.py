@@ -20,6 +20,7 @@ from iclsft import __version__
 from iclsft.evaluate.stats import paired_differences, summarize
 from iclsft.faults import fault_point
 from iclsft.report import rsa, rsa_measures, tables
+from iclsft.report.claims import claims_section
 from iclsft.report.data import RunData, is_final, load_run, method_color
 from iclsft.report.fields import CLIP_PERCENTILE, draw_fields
 from iclsft.report.figures import (
@@ -74,6 +75,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         _dynamics_section(data, summary, writer),
         _rsa_section(data, writer),
         tables.stats_section(data, summary, diffs, out),
+        claims_section(data.path, "linear2d"),
     ]
     n = len(data.conditions)
     meta = (f"{data.path} · {n} finished condition{'s' * (n != 1)} · methods {', '.join(data.methods)} · "

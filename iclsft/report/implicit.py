@@ -12,6 +12,7 @@ import pandas as pd
 from iclsft import __version__
 from iclsft.implicit.circuits import load_shift
 from iclsft.implicit.run import implicit_metrics, results_table
+from iclsft.report.claims import claims_section
 from iclsft.report.data import method_color
 from iclsft.report.figures import FigureWriter, new_figure, slug
 from iclsft.report.html import Section, fmt, page, table
@@ -28,7 +29,8 @@ def build_implicit_report(run_dir: str | Path, out_dir: str | Path | None = None
     out = Path(out_dir) if out_dir is not None else path / "report"
     out.mkdir(parents=True, exist_ok=True)
     writer = FigureWriter(out)
-    sections = [_results_section(metrics), _curves_section(metrics, writer), _circuits_section(path, writer)]
+    sections = [_results_section(metrics), _curves_section(metrics, writer), _circuits_section(path, writer),
+                claims_section(path, "implicit")]
     meta = (f"{path} · {len(metrics)} finished conditions · accuracy = exact answer; means over seeds · "
             f"iclsft {__version__} · {time.strftime('%Y-%m-%d %H:%M')}")
     markup = page(f"Implicit patterns: ICL vs fine-tuning — {path.resolve().name}", meta, sections)
