@@ -277,6 +277,14 @@ class SftSpec(Frozen):
     lora_alpha: float = Field(default=16.0, gt=0)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    # "bf16-mixed": fp32 weights and optimizer state, forward/backward under bf16 autocast. It changes
+    # results, so it enters ids; "fp32" (default) is left out, so existing ids and stored specs stay.
+    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    # Memory knobs that leave out no id: checkpointing recomputes activations exactly; `workers` > 1
+    # shards a full fine-tune over Ray Train workers (FSDP2), which changes only the reduction order
+    # (fp32 rounding; tests/test_sft_scale.py bounds it). Never serialized, so never hashed.
+    gradient_checkpointing: bool = Field(default=False, exclude=True)
+    workers: int = Field(default=1, ge=1, exclude=True)
 
     @model_validator(mode="after")
     def _lora_fields(self) -> SftSpec:
@@ -284,7 +292,17 @@ class SftSpec(Frozen):
             8, 16.0, 0.0, DEFAULT_TARGETS
         ):
             raise ValueError(f"LoRA settings apply to method 'lora' only, not {self.method!r}")
+        if self.workers > 1 and self.method == "lora":
+            raise ValueError(f"workers {self.workers} applies to full fine-tunes only (sharded training); LoRA "
+                             "trains in one process: use workers 1 or method full / full-frozen-unembed")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_fp32(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("precision") == "fp32":
+            del data["precision"]
+        return data
 
 
 # Defaults per method, from the sweep in docs/sft.md (benchmarks/sft_defaults.py).
