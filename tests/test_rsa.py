@@ -365,7 +365,8 @@ def check_arrays(arrays: dict, n_points: int, n_exemplars: int, per_class: int) 
     np.testing.assert_array_equal(arrays["layers"], np.arange(N_LAYERS))
     np.testing.assert_array_equal(arrays["bins"], BINS)
     np.testing.assert_array_equal(arrays["sub_is_exemplar"], np.arange(m) < n_exemplars)
-    np.testing.assert_array_equal(arrays["sub_truth"], np.repeat([0, 1, 0, 1], [n_exemplars // 2] * 2 + [per_class] * 2))
+    expected = np.repeat([0, 1, 0, 1], [n_exemplars // 2] * 2 + [per_class] * 2)
+    np.testing.assert_array_equal(arrays["sub_truth"], expected)
     for hook in ("resid", "mlp"):
         assert arrays[f"hist_{hook}"].shape == (N_LAYERS, 100)
         assert (arrays[f"hist_{hook}"].sum(axis=1) == n_points * (n_points - 1) // 2).all()
@@ -580,7 +581,8 @@ def sft_run(icl_run, tiny_model_dir, tmp_path_factory):
 
 
 def sft_dirs(run) -> dict[tuple[int, float], object]:
-    return {(rec["seed"], cj["checkpoint"]): cdir for cdir, cj, rec in RunDir(run).finished() if rec["method"] == "lora"}
+    finished = RunDir(run).finished()
+    return {(rec["seed"], cj["checkpoint"]): cdir for cdir, cj, rec in finished if rec["method"] == "lora"}
 
 
 def test_sft_condition_uses_its_adapter(sft_run, tiny_model_dir, smollm_tokenizer):

@@ -24,6 +24,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("the report needs matplotlib: pip install matplotlib") from e
 
+from iclsft.faults import fault_point
 from iclsft.store import atomic_write_bytes
 
 DPI = 100
@@ -93,6 +94,20 @@ class FigureWriter:
         atomic_write_bytes(self.out_dir / name, buf.getvalue())
         self.written.append(name)
         return name
+
+    def publish(self, markup: str) -> Path:
+        """Write the page as index.html beside its figures, after checking that every PNG written is
+        shown and every image shown exists; then remove the figures of an earlier page in this folder
+        that this one no longer draws (only now, so a failed build leaves the previous page whole)."""
+        shown = re.findall(r'<img src="([^"]+)"', markup)
+        if sorted(shown) != sorted(self.written) or not all((self.out_dir / n).is_file() for n in shown):
+            raise AssertionError(f"report figures out of step: shown {sorted(shown)}, written {sorted(self.written)}")
+        fault_point("report")
+        index = self.out_dir / "index.html"
+        atomic_write_bytes(index, markup.encode("utf-8"))
+        for old in set(self.out_dir.glob(f"{self.PREFIX}*.png")) - {self.out_dir / n for n in self.written}:
+            old.unlink()
+        return index
 
 
 def new_figure(n_rows: int, n_cols: int, panel: tuple[float, float], **kw):

@@ -16,7 +16,6 @@ from iclsft.report.claims import claims_section
 from iclsft.report.data import method_color
 from iclsft.report.figures import FigureWriter, new_figure, slug
 from iclsft.report.html import Section, fmt, page, table
-from iclsft.store import atomic_write_bytes
 
 VARIANT_STYLE = {"holds": "-", "broken": "--"}
 CURVES = (("accuracy", "accuracy"), ("shortcut_rate", "answers = shortcut's"))
@@ -34,11 +33,7 @@ def build_implicit_report(run_dir: str | Path, out_dir: str | Path | None = None
     meta = (f"{path} · {len(metrics)} finished conditions · accuracy = exact answer; means over seeds · "
             f"iclsft {__version__} · {time.strftime('%Y-%m-%d %H:%M')}")
     markup = page(f"Implicit patterns: ICL vs fine-tuning — {path.resolve().name}", meta, sections)
-    index = out / "index.html"
-    atomic_write_bytes(index, markup.encode("utf-8"))
-    for old in set(out.glob(f"{FigureWriter.PREFIX}*.png")) - {out / name for name in writer.written}:
-        old.unlink()
-    return index
+    return writer.publish(markup)
 
 
 def _results_section(metrics: pd.DataFrame) -> Section:

@@ -20,11 +20,9 @@ import numpy as np
 import pandas as pd
 
 from iclsft.evaluate.stats import summarize
-from iclsft.faults import fault_point
 from iclsft.report.data import METHOD_ORDER, RunData, is_final, load_run, method_key
 from iclsft.report.figures import METRIC_AXES, WRAP, FigureWriter, interval_note, new_figure, slug
 from iclsft.report.html import Section, esc, page
-from iclsft.store import atomic_write_bytes
 
 KEY_METRICS = tuple(METRIC_AXES[m] for m in ("accuracy", "holdout_accuracy", "cal_accuracy", "auc", "confidence"))
 MODEL_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -54,7 +52,7 @@ def build_models_report(sweep_dir: str | Path, out_dir: str | Path | None = None
     sweep passes False, having just built them. A model whose run cannot be read (no finished
     condition yet) is listed with the reason instead of failing the page.
     """
-    from iclsft.report.build import _check_figures, _is_implicit, build_report
+    from iclsft.report.build import _is_implicit, build_report
 
     runs = {name: path for name, path in model_runs(sweep_dir).items() if not _is_implicit(path)}
     if not runs:
@@ -77,13 +75,7 @@ def build_models_report(sweep_dir: str | Path, out_dir: str | Path | None = None
     sections = [_models_section(runs, loaded, problems, out), _metrics_section(summary, writer)]
     meta = f"{Path(sweep_dir)} · {len(loaded)} model run{'s' * (len(loaded) != 1)} · final SFT checkpoints, main order"
     markup = page(f"Models compared — {Path(sweep_dir).resolve().name}", meta, sections)
-    _check_figures(markup, out, writer.written)
-    fault_point("report")
-    index = out / "index.html"
-    atomic_write_bytes(index, markup.encode("utf-8"))
-    for old in set(out.glob(f"{FigureWriter.PREFIX}*.png")) - {out / name for name in writer.written}:
-        old.unlink()  # figures of an earlier page that this one no longer draws
-    return index
+    return writer.publish(markup)
 
 
 def _summaries(loaded: dict[str, RunData]) -> pd.DataFrame:

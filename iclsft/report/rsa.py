@@ -205,7 +205,8 @@ def matrix_description(picks: Mapping[str, pd.Series]) -> str:
         kinds.add(info.get("rsa_subset", "grid"))  # version-1 files held the grid subset
         n, n_ex = info.get("subset"), info.get("subset_exemplars", 0)
         if isinstance(n, int):
-            parts.append(f"{method}: {n_ex} + {n - n_ex}" if info.get("rsa_subset") == "exemplars" else f"{method}: {n}")
+            exemplars = info.get("rsa_subset") == "exemplars"
+            parts.append(f"{method}: {n_ex} + {n - n_ex}" if exemplars else f"{method}: {n}")
     if kinds == {"exemplars"}:
         return f"the condition's exemplars + hold-out test points ({', '.join(parts)})"
     if kinds == {"grid"}:

@@ -23,7 +23,8 @@ from iclsft.report.data import method_color
 from iclsft.report.figures import FigureWriter, new_figure
 from iclsft.report.rsa import BLOCKS, MAX_SHOTS_SHOWN, STREAMS, _read, band_note, seed_band, spread
 
-MEASURES = {"within_exemplar": ("within exemplars", "#d62728", "-"), "within_test": ("within test points", "#1f77b4", "-"),
+MEASURES = {"within_exemplar": ("within exemplars", "#d62728", "-"),
+            "within_test": ("within test points", "#1f77b4", "-"),
             "exemplar_test": ("exemplar–test", "#7f7f7f", "--")}
 LATE_LAYERS = "mean over the second half of the layers (L//2 … L−1)"
 TABLE_COLUMNS = ["mean", "lo", "hi", "n"]

@@ -120,7 +120,8 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", subset: str = DE
     models = None
     try:
         finished = run.finished()
-        todo = [(cdir, cj, rec) for cdir, cj, rec in finished if not rsa_is_current(cdir, rec["condition"], dtype, subset)]
+        todo = [(cdir, cj, rec) for cdir, cj, rec in finished
+                if not rsa_is_current(cdir, rec["condition"], dtype, subset)]
         log(f"RSA: {len(finished)} finished conditions, {len(finished) - len(todo)} already done, "
             f"{len(todo)} to compute")
         models = _Models(dtype)
