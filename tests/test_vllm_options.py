@@ -1,0 +1,99 @@
+"""The vLLM engine-option builder (no vLLM needed): keyword arguments for `vllm.LLM` on a CPU and on
+a faked GPU, `vllm serve` flags, the max_model_len default for given prompt lengths (expected values
+worked out by hand below), and one clear line for each bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from iclsft.engine.vllm_options import (
+    VLLMOptions,
+    default_max_model_len,
+    engine_kwargs,
+    options_from,
+    serve_flags,
+)
+
+
+def test_cpu_kwargs():
+    # 3000-token prompt + 8 label tokens + 1 generated = 3009 -> next multiple of 32 is 95 * 32 = 3040
+    got = engine_kwargs("/m", VLLMOptions(), gpu=False, longest_prompt=3000)
+    assert got == {"model": "/m", "dtype": "float32", "enable_prefix_caching": True, "seed": 0, "block_size": 32,
+                   "tensor_parallel_size": 1, "enforce_eager": False, "max_model_len": 3040,
+                   "kv_cache_memory_bytes": 4 * 2**30}
+
+
+def test_gpu_kwargs():
+    # same prompt on a GPU: 16-token blocks, 3009 -> 189 * 16 = 3024; bf16; vLLM sizes the KV cache itself
+    options = VLLMOptions(tensor_parallel_size=4, max_num_seqs=128, enforce_eager=True, gpu_memory_utilization=0.8,
+                          max_loras=3, kv_cache_gib=2)
+    got = engine_kwargs("/m", options, gpu=True, longest_prompt=3000, lora_rank=12, seed=5)
+    assert got == {"model": "/m", "dtype": "bfloat16", "enable_prefix_caching": True, "seed": 5, "block_size": 16,
+                   "tensor_parallel_size": 4, "enforce_eager": True, "max_model_len": 3024, "max_num_seqs": 128,
+                   "gpu_memory_utilization": 0.8, "enable_lora": True, "max_lora_rank": 16, "max_loras": 3,
+                   "max_cpu_loras": 4}
+
+
+def test_explicit_values_win():
+    options = VLLMOptions(max_model_len=1000, dtype="float32", block_size=64, max_cpu_loras=9)
+    got = engine_kwargs("/m", options, gpu=True, longest_prompt=3000, lora_rank=8)
+    assert (got["max_model_len"], got["dtype"], got["block_size"], got["max_cpu_loras"]) == (1000, "float32", 64, 9)
+    # each device's memory option is ignored on the other device
+    assert "gpu_memory_utilization" not in engine_kwargs("/m", VLLMOptions(gpu_memory_utilization=0.5), gpu=False)
+    assert "max_model_len" not in engine_kwargs("/m", VLLMOptions(), gpu=False)  # nothing known: vLLM decides
+
+
+@pytest.mark.parametrize(("longest", "labels", "block", "context", "want"), [
+    (100, None, 16, None, 2048),     # short prompts: the 2048 floor
+    (2040, None, 16, None, 2064),    # 2040 + 8 + 1 = 2049 -> 129 * 16
+    (2040, 1, 16, None, 2048),       # 2040 + 1 + 1 = 2042 -> 128 * 16
+    (4000, 2, 32, None, 4032),       # 4003 -> 126 * 32
+    (4000, None, 16, 131072, 4016),  # a long-context model: far below its 131k
+    (1500, None, 16, 1024 + 512, 1536),  # capped at the model's context (the floor does not apply)
+    (4080, None, 16, 4096, 4096),    # 4089 -> 4096 = the context: still fits
+])
+def test_max_model_len_default(longest, labels, block, context, want):
+    got = default_max_model_len(longest, label_tokens=labels, block_size=block, model_context=context)
+    assert got == want
+    assert got % block == 0 or got == context
+
+
+def test_prompt_longer_than_the_model_is_one_clear_line():
+    with pytest.raises(ValueError, match=r"^a prompt of 4090 tokens \(plus 8 label tokens\) exceeds the model's "
+                                         r"context of 4096 tokens"):
+        default_max_model_len(4090, block_size=16, model_context=4096)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size 0 is not allowed: give a positive whole number"),
+    ({"max_num_seqs": 2.5}, "max_num_seqs 2.5 is not allowed"),
+    ({"max_model_len": True}, "max_model_len True is not allowed"),
+    ({"block_size": 20}, "block_size 20 is not allowed: use a multiple of 16"),
+    ({"dtype": "int8"}, "dtype 'int8' is not allowed: use one of float32, bfloat16, float16"),
+    ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization 1.5 is not allowed: give a fraction in \(0, 1\]"),
+    ({"kv_cache_gib": -1}, "kv_cache_gib -1 is not allowed"),
+    ({"max_loras": 4, "max_cpu_loras": 2}, "max_cpu_loras 2 is below max_loras 4"),
+])
+def test_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        VLLMOptions(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_serve_flags_leave_the_users_own_to_them():
+    flags = serve_flags(VLLMOptions(enforce_eager=True, max_loras=2), gpu=False, lora_rank=8, longest_prompt=100,
+                        given=("--max-model-len", "8192", "--max-cpu-loras=16"))
+    assert flags == ["--dtype", "float32", "--enable-prefix-caching", "--block-size", "32",
+                     "--tensor-parallel-size", "1", "--enforce-eager", "--enable-lora", "--max-lora-rank", "8",
+                     "--max-loras", "2"]
+    gpu = serve_flags(VLLMOptions(), gpu=True, longest_prompt=3000)
+    assert gpu[gpu.index("--max-model-len") + 1] == "3024" and gpu[gpu.index("--dtype") + 1] == "bfloat16"
+    assert "--enforce-eager" not in gpu and "--enable-lora" not in gpu
+
+
+def test_options_from_an_engine_spec():
+    from iclsft.spec import EngineSpec
+
+    spec = EngineSpec(name="vllm", max_loras=3, block_size=64, gpu_memory_utilization=0.7)
+    o = options_from(spec)
+    assert (o.max_loras, o.block_size, o.gpu_memory_utilization, o.max_model_len) == (3, 64, 0.7, None)
