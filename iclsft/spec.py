@@ -156,6 +156,10 @@ class ModelSpec(Frozen):
 ENGINES = ("hf", "vllm", "vllm-server")
 
 
+VLLM_SCALE_DEFAULTS = {"max_model_len": None, "tensor_parallel_size": 1, "max_num_seqs": None, "enforce_eager": False,
+                       "max_cpu_loras": None}
+
+
 class EngineSpec(Frozen):
     """Engine choice and transport knobs: none of these may change results beyond float noise.
 
@@ -170,11 +174,26 @@ class EngineSpec(Frozen):
     block_size: int | None = Field(default=None, ge=16)
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     kv_cache_gib: float | None = Field(default=None, gt=0)
+    # vllm on large models (iclsft.engine.vllm_options); left out of the stored spec at their defaults
+    max_model_len: int | None = Field(default=None, ge=16)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    enforce_eager: bool = False
+    max_cpu_loras: int | None = Field(default=None, ge=1)
     url: str | None = None
     api_key: str | None = Field(default=None, exclude=True, repr=False)
     timeout: float = Field(default=300.0, gt=0)
     retries: int = Field(default=3, ge=0)
     concurrency: int = Field(default=4, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _omit_vllm_defaults(self, handler):
+        data = handler(self)
+        if isinstance(data, dict):
+            for name, default in VLLM_SCALE_DEFAULTS.items():
+                if name in data and data[name] == default:
+                    del data[name]
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> EngineSpec:

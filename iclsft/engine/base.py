@@ -62,9 +62,9 @@ def open_engine(engine: EngineSpec, model_path: str | Path, dtype: str = "float3
         from iclsft.engine.vllm_engine import VLLMEngine
 
         rank = engine.max_lora_rank or lora_rank
-        return VLLMEngine(model_path, dtype=dtype, lora_rank=rank, max_loras=engine.max_loras,
-                          block_size=engine.block_size, gpu_memory_utilization=engine.gpu_memory_utilization,
-                          kv_cache_gib=engine.kv_cache_gib, progress=progress)
+        from iclsft.engine.vllm_options import options_from
+
+        return VLLMEngine(model_path, dtype=dtype, lora_rank=rank, options=options_from(engine), progress=progress)
     if engine.name == "vllm-server":
         from iclsft.engine.vllm_server import VLLMServerEngine
 
