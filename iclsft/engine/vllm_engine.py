@@ -2,28 +2,37 @@
 
 Each read is a token-id prompt (`prefix + query [+ label head]`) asking for one token with
 `logprob_token_ids` = the label tokens: vLLM returns their exact full-vocabulary log-probs (raw
-mode, before any sampling processor). All reads of one call are submitted together after one
-warm-up read that puts the prefix's blocks into the prefix cache; every later read recomputes only
-the tail past the last full cache block: 16 tokens on GPU; on CPU we ask for 32 (vLLM's CPU
-default is 128, its CPU attention takes multiples of 32; 32 is 2.8–3.5× faster on the ICL grid,
-same log-probs: docs/findings.md).
+mode, before any sampling processor; vLLM >= 0.28, docs/vllm.md). All reads of one call are
+submitted together after one warm-up read per adapter that puts the prefix's blocks into the prefix
+cache; every later read recomputes only the tail past the last full cache block: 16 tokens on GPU;
+on CPU we ask for 32 (vLLM's CPU default is 128, its CPU attention takes multiples of 32; 32 is
+2.8–3.5× faster on the ICL grid, same log-probs: docs/findings.md).
+
+Engine options come from `vllm_options` (one builder with `serve`). Unless `max_model_len` is given,
+the `vllm.LLM` starts at the first read, sized for the longest prompt it must read (plus labels, at
+least MIN_MODEL_LEN), not for the model's whole context; a later, longer prompt restarts it at
+least twice as long (so a run of growing K restarts it a few times at most; pass max_prompt_tokens
+to start it once).
 
 Adapters are named and numbered by their content hash (`reads.adapter_name`), never by path, so
-two adapters never share prefix-cache entries (vLLM keys the cache by adapter name).
+two adapters never share prefix-cache entries (vLLM keys the cache by adapter name). `score_adapters`
+scores several adapters in one `generate` call (one LoRARequest per read; up to max_loras adapters
+share a batch).
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from iclsft.engine.reads import adapter_name, adapter_rank, plan_reads, vllm_lora_rank
+from iclsft.engine.reads import adapter_name, adapter_rank, plan_reads
+from iclsft.engine.vllm_options import CPU_BLOCK_SIZE, CPU_KV_CACHE_GIB, MIN_MODEL_LEN, VLLMOptions, engine_kwargs
 
-CPU_KV_CACHE_GIB = 4  # vLLM's CPU default is half the machine's memory
-CPU_BLOCK_SIZE = 32  # the smallest cache block vLLM's CPU attention accepts (its default: 128)
+__all__ = ["CPU_BLOCK_SIZE", "CPU_KV_CACHE_GIB", "VLLMEngine"]
 
 
 class VLLMEngine:
@@ -31,40 +40,83 @@ class VLLMEngine:
         self,
         model_path: str | Path,
         *,
-        dtype: str = "float32",
+        dtype: str | None = None,
         lora_rank: int | None = None,
         max_loras: int = 1,
         block_size: int | None = None,
         gpu_memory_utilization: float | None = None,
         kv_cache_gib: float | None = None,
+        options: VLLMOptions | None = None,
+        max_prompt_tokens: int | None = None,
         progress: bool = True,
         seed: int = 0,
     ):
+        """`options` holds every engine option; the loose keywords (dtype, max_loras, block_size,
+        gpu_memory_utilization, kv_cache_gib) override its fields when given. `dtype` None: bf16 on
+        GPUs, fp32 on CPUs. `max_prompt_tokens`: the longest prompt the engine will read, if known."""
         try:
-            from vllm import LLM
+            import vllm  # noqa: F401
         except ImportError as e:
             raise ImportError("the vllm engine needs vLLM: pip install 'iclsft-eval[cpu]' on CPUs "
                               "or 'iclsft-eval[gpu]' on NVIDIA GPUs") from e
         import torch
 
-        kwargs: dict = {"model": str(model_path), "dtype": dtype, "enable_prefix_caching": True, "seed": seed}
-        if lora_rank is not None:
-            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(lora_rank), max_loras=max_loras,
-                          max_cpu_loras=max(max_loras, 4))
-        if block_size is not None:
-            kwargs["block_size"] = block_size
-        if torch.cuda.is_available():
-            if gpu_memory_utilization is not None:
-                kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        else:
-            kwargs["kv_cache_memory_bytes"] = int((kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
-            kwargs.setdefault("block_size", CPU_BLOCK_SIZE)
-        self.llm = LLM(**kwargs)
-        self.max_lora_rank = kwargs.get("max_lora_rank")
+        o = options or VLLMOptions()
+        given = {"dtype": dtype, "block_size": block_size, "gpu_memory_utilization": gpu_memory_utilization,
+                 "kv_cache_gib": kv_cache_gib}
+        fields = {**o.__dict__, **{k: v for k, v in given.items() if v is not None}}
+        if max_loras != 1:
+            fields["max_loras"] = max_loras
+        self.options = VLLMOptions(**fields)
+        self.model_path, self.seed, self.lora_rank = str(model_path), seed, lora_rank
+        self.gpu = torch.cuda.is_available()
         self.progress = progress
+        self._llm = None
+        self._model_context = _model_context(model_path)
+        self.max_lora_rank = engine_kwargs("", self.options, gpu=self.gpu, lora_rank=lora_rank).get("max_lora_rank")
         self._lora_ids: dict[str, int] = {}
         self.last_stats: dict = {}  # of the last score call: reads, prompt tokens, tokens read from the cache
+        if self.options.max_model_len is not None or max_prompt_tokens is not None:
+            self._start(max_prompt_tokens)
 
+    # -- the vllm.LLM -------------------------------------------------------------------------
+    @property
+    def llm(self):
+        """The running `vllm.LLM` (started now, at the default length, if no read started it yet)."""
+        if self._llm is None:
+            self._start(None)
+        return self._llm
+
+    @property
+    def max_model_len(self) -> int | None:
+        return None if self._llm is None else self._llm.llm_engine.vllm_config.model_config.max_model_len
+
+    def _start(self, longest: int | None, at_least: int = MIN_MODEL_LEN) -> None:
+        from vllm import LLM
+
+        kwargs = engine_kwargs(self.model_path, self.options, gpu=self.gpu, lora_rank=self.lora_rank,
+                               longest_prompt=longest or 1, model_context=self._model_context,
+                               floor=at_least, seed=self.seed)
+        self._llm = LLM(**kwargs)
+
+    def _fit(self, longest: int) -> None:
+        """Start the engine for reads of up to `longest` tokens (each generates one more), or restart it
+        when they do not fit."""
+        if self._llm is None:
+            self._start(longest)
+            return
+        current = self.max_model_len
+        if longest + 1 <= current:
+            return
+        if self.options.max_model_len is not None:
+            raise ValueError(f"a read of {longest} tokens does not fit max_model_len {current}: raise "
+                             "max_model_len or leave it unset (then the engine sizes itself)")
+        print(f"vllm: restarting the engine for reads of {longest} tokens (max_model_len was {current})",
+              file=sys.stderr)
+        self.close()
+        self._start(longest, at_least=2 * current)
+
+    # -- adapters -------------------------------------------------------------------------------
     def _lora_request(self, adapter: str | None):
         if adapter is None:
             return None
@@ -80,6 +132,7 @@ class VLLMEngine:
         lora_id = self._lora_ids.setdefault(name, len(self._lora_ids) + 1)
         return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(Path(adapter).resolve()))
 
+    # -- scoring --------------------------------------------------------------------------------
     def score(
         self,
         prefix: Sequence[int],
@@ -87,36 +140,73 @@ class VLLMEngine:
         labels: Sequence[Sequence[int]],
         adapter: str | None = None,
     ) -> np.ndarray:
+        return self.score_adapters(prefix, queries, labels, [adapter])[0]
+
+    def score_adapters(
+        self,
+        prefix: Sequence[int],
+        queries: Sequence[Sequence[int]],
+        labels: Sequence[Sequence[int]],
+        adapters: Sequence[str | None],
+    ) -> list[np.ndarray]:
+        """`score` for each adapter in `adapters` (None: the base model), all reads in one `generate`
+        call with one LoRARequest per read, so that up to max_loras adapters share each batch."""
         from vllm import SamplingParams, TokensPrompt
 
         plan = plan_reads(prefix, queries, labels)
         if not plan.prompts:
-            return np.zeros((0, len(labels)))
-        lora = self._lora_request(adapter)
+            return [np.zeros((0, len(labels))) for _ in adapters]
+        loras = [self._lora_request(a) for a in adapters]
+        self._fit(max(len(p) for p in plan.prompts))
         prompts = [TokensPrompt(prompt_token_ids=p) for p in plan.prompts]
         params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, logprob_token_ids=ids)
                   for ids in plan.token_ids]
-        # one read alone first: its prefix blocks enter the cache before the others are scheduled
-        outputs = self.llm.generate(prompts[:1], params[:1], lora_request=lora, use_tqdm=False)
-        if len(prompts) > 1:
-            outputs += self.llm.generate(prompts[1:], params[1:], lora_request=lora,
-                                         use_tqdm=self.progress and len(prompts) >= 2000)
-        self.last_stats = {"reads": len(outputs), "prompt_tokens": sum(len(p) for p in plan.prompts),
-                           "cached_tokens": sum(getattr(o, "num_cached_tokens", 0) or 0 for o in outputs)}
-        values = []
-        for i, out in enumerate(outputs):
-            if not out.outputs or not out.outputs[0].logprobs:
-                raise RuntimeError(f"vLLM returned no log-probs for read {i}")
-            values.append({t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()})
-        return plan.assemble(values, len(queries), len(labels))
+        n = len(prompts)
+        # one read per adapter alone first: its prefix blocks enter the cache before the others are scheduled
+        first = self.llm.generate([prompts[0]] * len(loras), [params[0]] * len(loras), lora_request=loras,
+                                  use_tqdm=False)
+        outputs = [[out] for out in first]
+        if n > 1:
+            rest = self.llm.generate(prompts[1:] * len(loras), params[1:] * len(loras),
+                                     lora_request=[lora for lora in loras for _ in range(n - 1)],
+                                     use_tqdm=self.progress and n * len(loras) >= 2000)
+            for k in range(len(loras)):
+                outputs[k] += rest[k * (n - 1):(k + 1) * (n - 1)]
+        flat = [o for per_adapter in outputs for o in per_adapter]
+        self.last_stats = {"reads": len(flat), "prompt_tokens": len(loras) * sum(len(p) for p in plan.prompts),
+                           "cached_tokens": sum(getattr(o, "num_cached_tokens", 0) or 0 for o in flat)}
+        results = []
+        for k, per_adapter in enumerate(outputs):
+            values = []
+            for i, out in enumerate(per_adapter):
+                if not out.outputs or not out.outputs[0].logprobs:
+                    raise RuntimeError(f"vLLM returned no log-probs for read {i} (adapter {adapters[k]})")
+                values.append({t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()})
+            results.append(plan.assemble(values, len(queries), len(labels)))
+        return results
 
     def release(self, adapter: str | None) -> None:
         """Nothing to do: vLLM keeps adapters in an LRU cache (max_cpu_loras) and evicts them itself."""
 
     def close(self) -> None:
-        engine = getattr(self.llm, "llm_engine", None)
+        if self._llm is None:
+            return
+        engine = getattr(self._llm, "llm_engine", None)
         core = getattr(engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
-        del self.llm
+        self._llm = None
         gc.collect()
+
+
+def _model_context(model_path: str | Path) -> int | None:
+    """The model's context length from its config.json, when it says (vLLM refuses a longer max_model_len)."""
+    import json
+
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    data = data.get("text_config", data)
+    value = data.get("max_position_embeddings") or data.get("n_positions") or data.get("seq_length")
+    return int(value) if isinstance(value, int) and value > 0 else None
