@@ -5,6 +5,11 @@ the label tokens only (or, with `TrainJob.loss = "all"`, on every token of the e
 suite's original recipe, as the study's causal-LM fine-tuning did). The examples are visited in
 stream order, epoch after epoch (the same order the ICL prompt shows them in); a batch is the next
 `batch_size` examples of that order.
+
+`SftSpec.precision` "bf16-mixed" keeps weights and optimizer state in fp32 and runs forward and
+backward under bf16 autocast (checkpoints are saved in the weights' dtype, fp32, either way);
+`gradient_checkpointing` recomputes activations in backward instead of keeping them.
+`SftSpec.workers` > 1 trains the same recipe sharded over Ray Train workers (`iclsft.sft.distributed`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -104,14 +110,38 @@ def label_nll(model, batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_i
     return total / len(batch)
 
 
-def prepare_model(base_path: str, sft: SftSpec, seed: int):
-    """The base model made trainable as the method says."""
+def autocast(precision: str, device_type: str) -> AbstractContextManager:
+    """The forward/backward context of a precision: bf16 autocast for "bf16-mixed", nothing for "fp32"."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    raise ValueError(f"precision {precision!r} is not allowed: choose fp32 or bf16-mixed")
+
+
+def batch_loss(model, batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, loss: str,
+               precision: str) -> torch.Tensor:
+    """`label_nll` under the precision's autocast (the loss itself is taken from fp32 logits)."""
+    with autocast(precision, next(model.parameters()).device.type):
+        return label_nll(model, batch, pad_id, loss)
+
+
+def prepare_model(base_path: str, sft: SftSpec, seed: int, device: str | None = None):
+    """The base model made trainable as the method says, in fp32 (also for bf16-mixed: master weights).
+    `device`: where to put it (default: the current CUDA device when there is one, else the CPU)."""
     from transformers import AutoModelForCausalLM
 
     seed_everything(seed)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, attn_implementation="sdpa")
-    if torch.cuda.is_available():
-        model.to("cuda")
+    device = device or ("cuda" if torch.cuda.is_available() else None)
+    if device:
+        model.to(device)
+    if sft.gradient_checkpointing:
+        # non-reentrant: recomputes exactly and needs no input that requires grad; LoRA freezes the
+        # embeddings, so the inputs are made to require grad anyway, as peft's own recipe does
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if sft.method == "lora":
+            model.enable_input_require_grads()
     if sft.method == "lora":
         import warnings
 
@@ -176,7 +206,7 @@ def _train_missing(job: TrainJob, missing: list[tuple[float, str]], result: dict
     pad_id = 0
     for step in range(last):
         batch = [job.examples[i] for i in batch_indices(step, len(job.examples), sft.batch_size)]
-        loss = label_nll(model, batch, pad_id, job.loss)
+        loss = batch_loss(model, batch, pad_id, job.loss, sft.precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, sft.max_grad_norm)
@@ -185,11 +215,7 @@ def _train_missing(job: TrainJob, missing: list[tuple[float, str]], result: dict
         result["losses"].append(round(loss.item(), 6))
         fault_point("train-step")
         for fraction in save_at.get(step + 1, ()):
-            info = {"key": job.key, "fraction": fraction, "step": step + 1, "total_steps": steps,
-                    "method": sft.method, "sft": sft.model_dump(mode="json"), "seed": job.seed,
-                    "examples": len(job.examples), "base": job.base_path, "loss": result["losses"][-1],
-                    "seconds": round(time.time() - started, 2), **job.meta,
-                    **({"loss_on": job.loss} if job.loss != "label" else {})}
+            info = marker_info(job, fraction, step + 1, steps, result["losses"][-1], started)
             model.eval()
             save_checkpoint(model, Path(dirs[fraction]), info,
                             tokenizer_dir=None if sft.method == "lora" else Path(job.base_path))
@@ -197,6 +223,18 @@ def _train_missing(job: TrainJob, missing: list[tuple[float, str]], result: dict
     result["seconds"] = round(time.time() - started, 2)
     result["finished"] = time.time()
     result["steps"] = steps
+
+
+def marker_info(job: TrainJob, fraction: float, step: int, steps: int, loss: float, started: float) -> dict:
+    """What a checkpoint's marker records (the memory knobs only when set, so default markers stay)."""
+    sft = job.sft
+    knobs = {k: v for k, v in (("gradient_checkpointing", sft.gradient_checkpointing), ("workers", sft.workers))
+             if v != SftSpec.model_fields[k].default}
+    return {"key": job.key, "fraction": fraction, "step": step, "total_steps": steps,
+            "method": sft.method, "sft": sft.model_dump(mode="json"), "seed": job.seed,
+            "examples": len(job.examples), "base": job.base_path, "loss": loss,
+            "seconds": round(time.time() - started, 2), **job.meta,
+            **({"loss_on": job.loss} if job.loss != "label" else {}), **knobs}
 
 
 def _injected_fault(job: TrainJob) -> None:
