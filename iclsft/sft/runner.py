@@ -179,6 +179,15 @@ def execute_jobs(jobs: list[TrainJob], executor: ExecutorSpec, log: Log):
             yield job, {"seconds": 0.0, "losses": [], "trained": False}, None
     if not pending:
         return
+    if pending[0].sft.workers > 1:  # sharded: each training takes all its Ray Train workers, one at a time
+        from iclsft.sft.distributed import train_distributed
+
+        for job in pending:
+            try:
+                yield job, train_distributed(job, executor), None
+            except Exception:
+                yield job, {}, traceback.format_exc()
+        return
     if executor.name == "local":
         for job in pending:
             try:
