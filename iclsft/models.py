@@ -252,15 +252,43 @@ def list_models() -> list[dict[str, str]]:
     return rows
 
 
-def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None):
-    """Load tokenizer and causal LM from a resolved model directory (eval mode, sdpa attention)."""
+def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None, device_map: str | None = None):
+    """Load tokenizer and causal LM from a resolved model directory (eval mode, sdpa attention).
+
+    `device_map` (None: the whole model on `device`, default CUDA when present): handed to
+    `from_pretrained`, which places the layers with accelerate ("auto", "balanced", "sequential", or one
+    device such as "cuda:1"). With "auto"/"balanced"/"sequential" and several GPUs visible, each GPU
+    gets 80% of its free memory for weights (engine/budget.py `max_memory_plan`): the rest holds the
+    prefix cache and the packed batches."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
-    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype, attn_implementation="sdpa")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
-    return model, tokenizer
+    if device_map is None:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype, attn_implementation="sdpa")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device).eval()
+        return model, tokenizer
+    check_device_map(device_map)
+    kwargs = {}
+    if device_map in SPREAD_MAPS and torch.cuda.device_count() > 1:
+        from iclsft.engine.budget import free_cuda_bytes, max_memory_plan
+
+        kwargs["max_memory"] = max_memory_plan({i: free_cuda_bytes(i) for i in range(torch.cuda.device_count())})
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype, attn_implementation="sdpa",
+                                                 device_map=device_map, **kwargs)
+    return model.eval(), tokenizer
+
+
+SPREAD_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: str) -> None:
+    """Raise ValueError unless `device_map` is a placement strategy or one device name."""
+    import re
+
+    if device_map in SPREAD_MAPS or re.fullmatch(r"cpu|cuda(:\d+)?|mps", device_map):
+        return
+    raise ValueError(f"device_map {device_map!r} is not one of {', '.join(SPREAD_MAPS)}, cpu, cuda, cuda:N")

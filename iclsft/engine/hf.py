@@ -12,6 +12,8 @@ How one `score` call works:
 3. Attention (`attention="tree"`, the default on CPUs): prefix and tree parts are computed apart
    and merged by their log-sum-exps (engine/tree_attention.py), so no node pair outside a path is
    ever scored; `attention="mask"` is one SDPA call over a dense n x (prefix + n) boolean mask.
+   Both apply the model's sliding windows per layer (engine/windows.py): a custom mask replaces the
+   model's own, window included.
 4. An adapter's LoRA product is added into its base weights for the call (`merge_lora`).
 5. The output head runs only at the rows whose next token is a label token, on the full vocabulary
    (the log-softmax needs it), in fp32.
@@ -28,7 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from iclsft.engine import tree_attention
+from iclsft.engine import tree_attention, windows
+from iclsft.engine.budget import auto_token_budget, model_devices
 
 ATTENTION = ("auto", "tree", "mask")
 
@@ -122,22 +125,28 @@ def pack(
 class HFEngine:
     """Packed, prefix-sharing label scoring on a transformers causal LM (optionally with peft adapters)."""
 
-    def __init__(self, model, *, token_budget: int = 1024, progress: bool = True, threads: int | None = None,
-                 attention: str = "auto", merge_lora: bool = True):
-        """`attention`: "tree" (prefix and tree parts apart, no mask: engine/tree_attention.py), "mask" (one
-        SDPA call with a dense boolean mask), "auto" (tree where supported: transformers' attention interface,
-        CPU). `merge_lora`: score an adapter with its LoRA product added into the base weights for the call
-        (one matmul per projection instead of three; the original weights are put back untouched)."""
+    def __init__(self, model, *, token_budget: int | None = None, progress: bool = True,
+                 threads: int | None = None, attention: str = "auto", merge_lora: bool = True):
+        """`token_budget`: tree nodes per packed forward; None chooses it for the device (engine/budget.py:
+        1,024 on CPUs, from free memory on CUDA). `attention`: "tree" (prefix and tree parts apart, no mask:
+        engine/tree_attention.py), "mask" (one SDPA call with a dense boolean mask), "auto" (tree where
+        supported: transformers' attention interface, CPU). `merge_lora`: score an adapter with its LoRA
+        product added into the base weights for the call (one matmul per projection instead of three; the
+        original weights are put back untouched). The model may be spread over devices (`device_map`):
+        inputs go to its embedding's device."""
         if attention not in ATTENTION:
             raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION)}")
         if threads:
             torch.set_num_threads(threads)
         self.base = model
         self.model = model
-        self.token_budget = token_budget
         self.progress = progress
         self.merge_lora = merge_lora
-        self.device = next(model.parameters()).device
+        self.device = model.get_input_embeddings().weight.device  # the first layer's, under a device_map
+        # the rows to read are indexed on the last layer's device: a CPU index works on any device
+        self.rows_device = self.device if len(model_devices(model)) == 1 else torch.device("cpu")
+        self.windows = windows.layer_windows(model.config)
+        self.token_budget = auto_token_budget(model) if token_budget is None else token_budget
         if attention == "auto":
             attention = "tree" if tree_attention.supported(model) else "mask"
         elif attention == "tree" and not tree_attention.supported(model):
@@ -228,10 +237,12 @@ class HFEngine:
     def _cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]] | None):
         from transformers import DynamicCache
 
-        config = self.base.config
+        # full layers, never the config's sliding-window layers: those keep only the last window - 1
+        # tokens, and the engine slices the prefix per layer (the model's own masks still apply the
+        # window when it computes the prefix; the engine's masks do it for the batches)
         if not kv:
-            return DynamicCache(config=config)
-        return DynamicCache(ddp_cache_data=kv, config=config)
+            return DynamicCache()
+        return DynamicCache(ddp_cache_data=kv)
 
     @torch.inference_mode()
     def prefix_kv(self, prefix: Sequence[int], key: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -281,16 +292,15 @@ class HFEngine:
         where = {row: i for i, row in enumerate(rows)}
         inputs = dict(input_ids=torch.tensor([batch.tokens], device=self.device),
                       position_ids=torch.tensor([batch.depth], device=self.device) + prefix_len,
-                      logits_to_keep=torch.tensor(rows, device=self.device))
+                      logits_to_keep=torch.tensor(rows, device=self.rows_device))
         if self.attention == "tree":
-            context = tree_attention.TreeContext.build(kv, batch.parent, self.device)
+            context = tree_attention.TreeContext.build(kv, batch.parent, self.device, self.windows)
             with tree_attention.activated(self.base.config):
                 output = self.model(**inputs, use_cache=False, iclsft_tree=context)
         else:
-            n = len(batch)
-            tree = torch.from_numpy(batch.ancestor_mask())
-            mask = torch.cat([torch.ones(n, prefix_len, dtype=torch.bool), tree], dim=1)
-            output = self.model(**inputs, attention_mask=mask[None, None].to(self.device),
+            mask = windows.model_masks(self.base.config, self.windows, prefix_len, batch.depth, batch.ancestor_mask(),
+                                       self.device)
+            output = self.model(**inputs, attention_mask=mask,
                                 past_key_values=self._cache(kv) if prefix_len else None, use_cache=bool(prefix_len))
         logits = output.logits[0].float()
         row_idx, tok_idx, owners = [], [], []
@@ -301,8 +311,9 @@ class HFEngine:
                     tok_idx.append(tok)
                     owners.append((q, j))
         # log_softmax over the whole row, then a gather: on CPUs faster than logsumexp (one fused pass)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        values = logprobs[torch.tensor(row_idx), torch.tensor(tok_idx)].double().cpu().numpy()
+        logprobs = torch.log_softmax(logits, dim=-1)  # on the output head's device (the last, under a device_map)
+        at = logprobs.device
+        values = logprobs[torch.tensor(row_idx, device=at), torch.tensor(tok_idx, device=at)].double().cpu().numpy()
         sums: dict[tuple[int, int], float] = {}
         for owner, value in zip(owners, values):
             sums[owner] = sums.get(owner, 0.0) + value

@@ -13,6 +13,10 @@ away: at a 1,024-node batch that is 24% of the attention work at K=200 (P = 3,31
 - merge: the two partial softmaxes combined by their log-sum-exps (exact, as in flash attention's
   blockwise softmax).
 
+Sliding-window layers (engine/windows.py): a node at depth d sits at position P + d, so it sees
+the prefix from P + d - window + 1 on: nodes are grouped by depth, one flash call per depth on
+that slice of the prefix; ancestors more than window - 1 steps up are masked out of the tree part.
+
 It plugs into transformers through `AttentionInterface` (models with
 `_supports_attention_backend`: Llama, Qwen2, Mistral, ...): the engine runs the model without a
 KV cache and passes the prefix K/V and the ancestor table in the `iclsft_tree` keyword, which
@@ -24,10 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from iclsft.engine.windows import cuts
 
 NAME = "iclsft_tree"
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -40,12 +46,29 @@ class TreeContext:
     prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values): [1, G, P, D]
     ancestors: torch.Tensor  # [n, L] node indices: the node itself, its parent, ... (padded)
     bias: torch.Tensor  # [n, L] fp32: 0 where `ancestors` holds a real ancestor, -inf on padding
+    windows: Sequence[int | None] = ()  # per layer: its sliding window (None: full attention); () = all full
+    depth: torch.Tensor | None = None  # [n] each node's depth (position P + depth)
+    # window -> per depth, (node indices at that depth, first visible prefix position): only for windows that cut
+    prefix_slices: dict[int, list[tuple[torch.Tensor, int]]] = field(default_factory=dict)
+    window_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> `bias` with far ancestors -inf
 
     @classmethod
-    def build(cls, prefix_kv, parent: Sequence[int], device) -> TreeContext:
+    def build(cls, prefix_kv, parent: Sequence[int], device, windows: Sequence[int | None] = ()) -> TreeContext:
         ancestors, valid = ancestor_table(parent)
         bias = np.where(valid, 0.0, -np.inf).astype(np.float32)
-        return cls(prefix_kv, torch.from_numpy(ancestors).to(device), torch.from_numpy(bias).to(device))
+        depth = valid.sum(axis=1) - 1
+        prefix_len = prefix_kv[0][0].shape[2] if prefix_kv else 0
+        slices, window_bias = {}, {}
+        for window in {w for w in windows if w is not None}:
+            if not cuts(window, prefix_len, int(depth.max()) if len(depth) else 0):
+                continue
+            slices[window] = [(torch.from_numpy(np.flatnonzero(depth == d)).to(device),
+                               max(0, prefix_len + int(d) - window + 1)) for d in np.unique(depth)]
+            far = bias.copy()
+            far[:, window:] = -np.inf  # column c holds the ancestor c steps up: c >= window is out of reach
+            window_bias[window] = torch.from_numpy(far).to(device)
+        return cls(prefix_kv, torch.from_numpy(ancestors).to(device), torch.from_numpy(bias).to(device),
+                   tuple(windows), torch.from_numpy(depth).to(device), slices, window_bias)
 
 
 def ancestor_table(parent: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -66,14 +89,12 @@ def ancestor_table(parent: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def supported(model) -> bool:
-    """The model routes attention through transformers' AttentionInterface with plain full attention (no
-    sliding window, no score soft-capping), and runs on a CPU that has the kernel."""
-    device = next(model.parameters()).device
-    if _FLASH is None or device.type != "cpu" or not getattr(model, "_supports_attention_backend", False):
+    """The model routes attention through transformers' AttentionInterface with full or sliding-window
+    attention (no score soft-capping), and runs on a CPU that has the kernel."""
+    devices = {p.device.type for p in model.parameters()}
+    if _FLASH is None or devices != {"cpu"} or not getattr(model, "_supports_attention_backend", False):
         return False
-    config = model.config
-    windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
-    return not windowed and getattr(config, "attn_logit_softcapping", None) is None
+    return getattr(model.config, "attn_logit_softcapping", None) is None
 
 
 @contextmanager
@@ -106,9 +127,14 @@ def tree_attention(module, query, key, value, attention_mask=None, scaling=None,
     Returns [1, n, H, D], as transformers' attention functions do."""
     if iclsft_tree is None:
         raise RuntimeError("tree attention called without its iclsft_tree context")
-    unsupported = [k for k in ("sliding_window", "softcap", "s_aux") if kwargs.get(k) is not None]
+    unsupported = [k for k in ("softcap", "s_aux") if kwargs.get(k) is not None]
     if unsupported:  # `supported` keeps such models on the mask path; never compute something else silently
         raise NotImplementedError(f"tree attention does not implement {', '.join(unsupported)}")
+    ctx = iclsft_tree
+    window = ctx.windows[module.layer_idx] if ctx.windows else None
+    if kwargs.get("sliding_window") != window:  # the layer's own window must be the one the engine read
+        raise NotImplementedError(f"layer {module.layer_idx} asks for sliding window {kwargs.get('sliding_window')}"
+                                  f" but the engine read {window} from the config")
     _, heads, n, dim = query.shape
     groups = key.shape[1]
     rep = heads // groups
@@ -117,17 +143,20 @@ def tree_attention(module, query, key, value, attention_mask=None, scaling=None,
     q = query.reshape(1, groups, rep * n, dim)
 
     # tree part, in fp32: scores of each node against itself and its ancestors, [G, n, rep, L]
-    ctx = iclsft_tree
     k_anc = key[0][:, ctx.ancestors].float()  # [G, n, L, D]
     v_anc = value[0][:, ctx.ancestors].float()
     qf = q[0].float().view(groups, rep, n, dim).transpose(1, 2)  # [G, n, rep, D]
-    scores = torch.matmul(qf, k_anc.transpose(-1, -2)).mul_(scale).add_(ctx.bias[:, None, :])
+    bias = ctx.window_bias.get(window, ctx.bias)
+    scores = torch.matmul(qf, k_anc.transpose(-1, -2)).mul_(scale).add_(bias[:, None, :])
     top = scores.amax(-1)  # [G, n, rep]; the node itself is always there, so finite
     prefix_k, prefix_v = ctx.prefix_kv[module.layer_idx] if ctx.prefix_kv else (None, None)
     if prefix_k is not None and prefix_k.shape[2]:
-        o_pre, lse_pre = _FLASH(q, prefix_k, prefix_v, scale=scale)[:2]
-        o_pre = o_pre[0].float().view(groups, rep, n, dim).transpose(1, 2)  # [G, n, rep, D]
-        lse_pre = lse_pre[0].float().view(groups, rep, n).transpose(1, 2)
+        if window in ctx.prefix_slices:
+            o_pre, lse_pre = _windowed_prefix(query, prefix_k, prefix_v, scale, ctx.prefix_slices[window])
+        else:
+            o_pre, lse_pre = _FLASH(q, prefix_k, prefix_v, scale=scale)[:2]
+            o_pre = o_pre[0].float().view(groups, rep, n, dim).transpose(1, 2)  # [G, n, rep, D]
+            lse_pre = lse_pre[0].float().view(groups, rep, n).transpose(1, 2)
         top = torch.maximum(top, lse_pre)
         w_pre = (lse_pre - top).exp_()
     weights = (scores - top[..., None]).exp_()
@@ -140,3 +169,24 @@ def tree_attention(module, query, key, value, attention_mask=None, scaling=None,
     out = out.div_(total[..., None])
     # [G, n, rep, D] -> [1, n, H, D] with h = g * rep + j
     return out.permute(1, 0, 2, 3).reshape(1, n, heads, dim).to(query.dtype), None
+
+
+def _windowed_prefix(query, prefix_k, prefix_v, scale: float, slices) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefix part under a sliding window: per depth, its nodes against the prefix slice they see.
+    Returns outputs [G, n, rep, D] and log-sum-exps [G, n, rep] (-inf, with zero outputs, for a node
+    that sees no prefix key: its weight in the merge is then 0)."""
+    _, heads, n, dim = query.shape
+    groups = prefix_k.shape[1]
+    rep = heads // groups
+    out = query.new_zeros((groups, n, rep, dim), dtype=torch.float32)
+    lse = torch.full((groups, n, rep), -torch.inf, dtype=torch.float32, device=query.device)
+    prefix_len = prefix_k.shape[2]
+    for nodes, start in slices:
+        if start >= prefix_len:
+            continue
+        m = len(nodes)
+        q = query[:, :, nodes].reshape(1, groups, rep * m, dim)
+        o, s = _FLASH(q, prefix_k[:, :, start:], prefix_v[:, :, start:], scale=scale)[:2]
+        out[:, nodes] = o[0].float().view(groups, rep, m, dim).transpose(1, 2)
+        lse[:, nodes] = s[0].float().view(groups, rep, m).transpose(1, 2)
+    return out, lse
