@@ -2,7 +2,11 @@
 
 `serve` starts vLLM's OpenAI-compatible server for the run's base model with every finished LoRA
 checkpoint of the run registered under a readable name (`linear2d-a45-K10-lora-s0`, plus `-c0.5`
-for a checkpoint at half of training). It binds to 127.0.0.1 unless told otherwise; the API key
+for a checkpoint at half of training). Registration reads no weights: an adapter is loaded at its
+first request and at most --max-cpu-loras stay in memory (iclsft.engine.vllm_cli), so the 2,304
+checkpoints per method of the paper's configuration cost nothing at start-up. Engine options come
+from iclsft.engine.vllm_options as for the in-process engine: max_model_len from the run's longest
+prompt (at least 2048), --max-loras adapters per batch. It binds to 127.0.0.1 unless told otherwise; the API key
 travels in the environment (`VLLM_API_KEY`), never on the command line. Adapters come only from
 the run directory: runtime adapter loading stays off unless `--allow-adapter-loading` (which the
 `vllm-server` engine needs) is given, and then accepts only a checkpoint directory directly under
@@ -25,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iclsft.engine.reads import adapter_rank
-from iclsft.engine.vllm_engine import CPU_BLOCK_SIZE, CPU_KV_CACHE_GIB
+from iclsft.engine.vllm_cli import LAZY_ENV
+from iclsft.engine.vllm_options import CPU_KV_CACHE_GIB, VLLMOptions, serve_flags
 from iclsft.sft.adapters import ADAPTERS_DIR, checkpoint_problem, is_finished, read_marker
 
 MAX_PROMPTS_PER_REQUEST = 256  # the vllm-server engine sends 64
@@ -88,27 +93,65 @@ def run_base_model(run_dir: str | Path) -> tuple[dict, Path]:
 
 def serve_command(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, dtype: str | None = None,
                   allow_adapter_loading: bool = False, max_lora_rank: int | None = None,
-                  extra: tuple[str, ...] = ()) -> tuple[list[str], list]:
+                  options: VLLMOptions | None = None, extra: tuple[str, ...] = ()) -> tuple[list[str], list]:
     """The `vllm serve` command line for a run, and the adapters it registers. `max_lora_rank`: the
-    largest rank of adapters loaded later at run time (default: the run's largest, at least 8)."""
+    largest rank of adapters loaded later at run time (default: the run's largest, at least 8).
+    `options`: engine options (dtype default: the run's, so that served scores match stored ones);
+    a flag also given in `extra` is left to `extra`."""
     check_extra_args(extra)
     arms, base = run_base_model(run_dir)
     adapters = run_adapters(run_dir)
     spec = next(iter(arms.values()))
-    cmd = [sys.executable, "-m", "iclsft.engine.vllm_cli", "serve", str(base), "--host", host,
-           "--port", str(port), "--served-model-name", spec["model"]["name"], "--dtype", dtype or spec["dtype"],
-           "--enable-prefix-caching"]
-    if not _has_gpu() and not any(a == "--block-size" or a.startswith("--block-size=") for a in extra):
-        cmd += ["--block-size", str(CPU_BLOCK_SIZE)]  # prefix-cache granularity; vLLM's CPU default is 128
+    options = options or VLLMOptions()
+    if options.dtype is None:
+        options = VLLMOptions(**{**options.__dict__, "dtype": dtype or spec["dtype"]})
+    rank = None
     if adapters or allow_adapter_loading:
-        from iclsft.engine.reads import vllm_lora_rank
-
         rank = max([a.rank for a in adapters] + [max_lora_rank or 8])
-        cmd += ["--enable-lora", "--max-lora-rank", str(vllm_lora_rank(rank)), "--max-loras", "1",
-                "--max-cpu-loras", str(max(4, len(adapters)))]
-        if adapters:
-            cmd += ["--lora-modules", *[f"{a.name}={a.path.resolve()}" for a in adapters]]
+    from iclsft.engine.vllm_engine import _model_context
+
+    longest = run_longest_prompt(run_dir) if options.max_model_len is None else None
+    cmd = [sys.executable, "-m", "iclsft.engine.vllm_cli", "serve", str(base), "--host", host,
+           "--port", str(port), "--served-model-name", spec["model"]["name"]]
+    cmd += serve_flags(options, gpu=_has_gpu(), lora_rank=rank, longest_prompt=longest and longest[0],
+                       label_tokens=longest and longest[1], model_context=_model_context(base), given=extra)
+    if adapters:
+        cmd += ["--lora-modules", *[f"{a.name}={a.path.resolve()}" for a in adapters]]
     return cmd + list(extra), adapters
+
+
+def run_longest_prompt(run_dir: str | Path) -> tuple[int, int] | None:
+    """(tokens of the run's longest prompt, of its longest label): the ICL prefix at the largest K for
+    every task, seed and order, plus the longest grid query. None when this run's prompts cannot be
+    rebuilt here (then vLLM's own max_model_len applies)."""
+    from transformers import AutoTokenizer
+
+    from iclsft.prompts import builder_for
+    from iclsft.spec import TemplateSpec, stored_task
+    from iclsft.tasks import linear2d
+
+    try:
+        arms, base = run_base_model(run_dir)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        longest, label = 0, 1
+        for arm, spec in arms.items():
+            template = TemplateSpec(**spec["template"])
+            for stored in spec["tasks"]:
+                task = stored_task(stored)
+                builder = builder_for(tokenizer, template, task)
+                grid = linear2d.queries(task)
+                query = max(len(q) for q in builder.queries(grid.n1, grid.n2))
+                label = max([label, *(len(ids) for ids in builder.label_ids)])
+                prefix = len(builder.start())
+                if arm == "icl":
+                    for seed in spec["seeds"]:
+                        for order in spec.get("orders", ["random"]):
+                            ex = linear2d.exemplars(task, seed, max(spec["shots"]), order)
+                            prefix = max(prefix, len(builder.prefix(ex.n1, ex.n2, ex.truth)))
+                longest = max(longest, prefix + query)
+        return (longest, label) if longest else None
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
 
 
 def check_extra_args(extra: tuple[str, ...]) -> None:
@@ -132,13 +175,15 @@ def server_env(run_dir: str | Path, api_key: str | None, allow_adapter_loading: 
     if allow_adapter_loading:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env[ADAPTER_ROOT_ENV] = str((Path(run_dir) / ADAPTERS_DIR).resolve())
+    env[LAZY_ENV] = "1"  # the run's adapters load at their first request, not at start-up
     env.setdefault("VLLM_MAX_COMPLETION_PROMPTS", str(MAX_PROMPTS_PER_REQUEST))
     env.setdefault("VLLM_MAX_N_SEQUENCES", str(MAX_SEQUENCES_PER_PROMPT))
     return env
 
 
 def serve(run_dir: str | Path, *, host: str, port: int, api_key: str | None, allow_adapter_loading: bool,
-          dtype: str | None, extra: tuple[str, ...], echo, max_lora_rank: int | None = None) -> int:
+          dtype: str | None, extra: tuple[str, ...], echo, max_lora_rank: int | None = None,
+          options: VLLMOptions | None = None) -> int:
     """Run the server in the foreground (Ctrl-C stops it); return its exit code."""
     import importlib.util
     import subprocess
@@ -147,11 +192,11 @@ def serve(run_dir: str | Path, *, host: str, port: int, api_key: str | None, all
         raise ModuleNotFoundError("serve needs vLLM: pip install 'iclsft-eval[cpu]' (CPU) or 'iclsft-eval[gpu]'")
     cmd, adapters = serve_command(run_dir, host=host, port=port, dtype=dtype,
                                   allow_adapter_loading=allow_adapter_loading, max_lora_rank=max_lora_rank,
-                                  extra=extra)
+                                  options=options, extra=extra)
     env = server_env(run_dir, api_key, allow_adapter_loading)
     if not _has_gpu():
         # vLLM's CPU backend reserves half the machine's memory for its KV cache by default
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{(options and options.kv_cache_gib) or CPU_KV_CACHE_GIB:g}")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     echo(f"serving the base model of {run_dir} with {len(adapters)} adapter(s) at {url}:")
     for a in adapters:

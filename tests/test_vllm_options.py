@@ -25,10 +25,11 @@ def test_cpu_kwargs():
 
 def test_gpu_kwargs():
     # same prompt on a GPU: 16-token blocks, 3009 -> 189 * 16 = 3024; bf16; vLLM sizes the KV cache itself
+    # and its attention backend picks the block size (no block_size passed)
     options = VLLMOptions(tensor_parallel_size=4, max_num_seqs=128, enforce_eager=True, gpu_memory_utilization=0.8,
                           max_loras=3, kv_cache_gib=2)
     got = engine_kwargs("/m", options, gpu=True, longest_prompt=3000, lora_rank=12, seed=5)
-    assert got == {"model": "/m", "dtype": "bfloat16", "enable_prefix_caching": True, "seed": 5, "block_size": 16,
+    assert got == {"model": "/m", "dtype": "bfloat16", "enable_prefix_caching": True, "seed": 5,
                    "tensor_parallel_size": 4, "enforce_eager": True, "max_model_len": 3024, "max_num_seqs": 128,
                    "gpu_memory_utilization": 0.8, "enable_lora": True, "max_lora_rank": 16, "max_loras": 3,
                    "max_cpu_loras": 4}
@@ -97,3 +98,72 @@ def test_options_from_an_engine_spec():
     spec = EngineSpec(name="vllm", max_loras=3, block_size=64, gpu_memory_utilization=0.7)
     o = options_from(spec)
     assert (o.max_loras, o.block_size, o.gpu_memory_utilization, o.max_model_len) == (3, 64, 0.7, None)
+
+
+class _Counter:
+    def __init__(self):
+        self.n = 0
+
+    def inc(self, k: int) -> int:
+        self.n += k
+        return self.n
+
+
+class _Request:
+    def __init__(self, lora_name, lora_int_id, lora_path):
+        self.lora_name, self.lora_int_id, self.lora_path, self.base_model_name = lora_name, lora_int_id, lora_path, None
+
+
+class _Models:
+    """vLLM's OpenAIServingModels as far as start-up registration sees it; loading would fail."""
+
+    def __init__(self, modules):
+        import types
+
+        self.static_lora_modules = [types.SimpleNamespace(name=n, path=p, base_model_name=b) for n, p, b in modules]
+        self.lora_requests, self.lora_id_counter = {}, _Counter()
+
+    def is_base_model(self, name):
+        return name == "base"
+
+    async def init_static_loras(self):
+        raise AssertionError("vLLM's start-up loading ran")
+
+
+def test_lazy_registration_reads_no_weights():
+    import asyncio
+
+    from iclsft.engine.vllm_cli import install_lazy_static_loras
+
+    original = _Models.init_static_loras
+    try:
+        install_lazy_static_loras(_Models, _Request)
+        models = _Models([("a", "/run/adapters/x", None), ("b", "/run/adapters/y", "base"), ("c", "/z", "other")])
+        asyncio.run(models.init_static_loras())
+    finally:
+        _Models.init_static_loras = original
+    got = {n: (r.lora_int_id, r.lora_path, r.base_model_name) for n, r in models.lora_requests.items()}
+    assert got == {"a": (1, "/run/adapters/x", None), "b": (2, "/run/adapters/y", "base"), "c": (3, "/z", None)}
+
+
+def test_serve_command_sizes_the_server_for_the_run(tiny_model_dir, tmp_path, monkeypatch):
+    from iclsft import serve as serve_mod
+    from iclsft.engine.vllm_cli import LAZY_ENV
+    from iclsft.icl import make_icl_spec
+    from iclsft.store import RunDir
+
+    monkeypatch.setenv("ICLSFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(serve_mod, "_has_gpu", lambda: False)
+    run = tmp_path / "run"
+    spec, _ = make_icl_spec(model=str(tiny_model_dir), angles=(30.0,), shots=(1, 300), grid_step=20)
+    RunDir(run).open(spec)
+    longest, label = serve_mod.run_longest_prompt(run)
+    assert longest > 2048 and label >= 1  # 600 exemplars of several tokens each
+    cmd, _ = serve_mod.serve_command(run, options=VLLMOptions(max_loras=3), allow_adapter_loading=True)
+    length = int(cmd[cmd.index("--max-model-len") + 1])
+    assert length % 32 == 0 and longest + label + 1 <= length < longest + label + 1 + 32
+    assert cmd[cmd.index("--max-loras") + 1] == "3" and cmd[cmd.index("--max-cpu-loras") + 1] == "4"
+    assert cmd[cmd.index("--dtype") + 1] == "float32"  # the run's dtype, so that served scores match stored ones
+    cmd, _ = serve_mod.serve_command(run, extra=("--max-model-len", "9000"))
+    assert cmd.count("--max-model-len") == 1 and cmd[-1] == "9000"
+    assert serve_mod.server_env(run, None, False, base={})[LAZY_ENV] == "1"

@@ -9,6 +9,11 @@ With $ICLSFT_ADAPTER_ROOT set (`iclsft-eval serve --allow-adapter-loading`), run
 accepts only a checkpoint directory directly under that root, named as iclsft names checkpoints
 (20 hex digits): a request cannot point the server at any other path. The check runs in this process,
 which is vLLM's API server (serve refuses --api-server-count, which would start others).
+
+With $ICLSFT_LAZY_ADAPTERS set (always, by `iclsft-eval serve`), the adapters named by --lora-modules
+are registered by name without being loaded: vLLM reads an adapter's weights at its first request
+and keeps at most --max-cpu-loras of them in memory (least recently used first out), so a run with
+thousands of checkpoints starts as fast as one with none.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 CHECKPOINT_NAME = re.compile(r"[0-9a-f]{20}")  # sft.adapters.checkpoint_name
+LAZY_ENV = "ICLSFT_LAZY_ADAPTERS"
 
 
 def _version(name: str, _original=importlib.metadata.version) -> str:
@@ -58,6 +64,23 @@ def install_adapter_guard(models_cls, error_response, root: str) -> None:
     models_cls._check_load_lora_adapter_request = checked
 
 
+def install_lazy_static_loras(models_cls, lora_request_cls) -> None:
+    """Replace vLLM's start-up loading of --lora-modules (`models_cls.init_static_loras`, which loads
+    every adapter through `load_lora_adapter`) by registration alone: each name maps to a LoRARequest
+    with its path and a fresh id; vLLM's workers load the weights when a request first uses it (as
+    for any LoRARequest they have not seen)."""
+
+    async def register(self) -> None:
+        for lora in self.static_lora_modules or ():
+            request = lora_request_cls(lora_name=lora.name, lora_int_id=self.lora_id_counter.inc(1),
+                                       lora_path=lora.path)
+            if lora.base_model_name and self.is_base_model(lora.base_model_name):
+                request.base_model_name = lora.base_model_name
+            self.lora_requests[lora.name] = request
+
+    models_cls.init_static_loras = register
+
+
 def main() -> None:
     importlib.metadata.version = _version
     root = os.environ.get("ICLSFT_ADAPTER_ROOT")
@@ -66,6 +89,11 @@ def main() -> None:
         from vllm.entrypoints.serve import create_error_response
 
         install_adapter_guard(OpenAIServingModels, create_error_response, root)
+    if os.environ.get(LAZY_ENV):
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.lora.request import LoRARequest
+
+        install_lazy_static_loras(OpenAIServingModels, LoRARequest)
     from vllm.entrypoints.cli.main import main as vllm_main
 
     sys.argv = ["vllm", *sys.argv[1:]]

@@ -111,9 +111,11 @@ def engine_kwargs(model: str, options: VLLMOptions, *, gpu: bool, lora_rank: int
     """Keyword arguments for `vllm.LLM`: prefix caching on, adapters enabled when `lora_rank` is given."""
     o = resolve(options, gpu=gpu, longest_prompt=longest_prompt, label_tokens=label_tokens,
                 model_context=model_context, floor=floor)
-    kwargs: dict = {"model": model, "dtype": o.dtype, "enable_prefix_caching": True, "seed": seed,
-                    "block_size": o.block_size, "tensor_parallel_size": o.tensor_parallel_size,
-                    "enforce_eager": o.enforce_eager}
+    kwargs: dict = {"model": model, "dtype": o.dtype, "enable_prefix_caching": True, "seed": seed}
+    if options.block_size is not None or not gpu:
+        # on GPUs the attention backend picks its block (16 on most; MLA backends need 64)
+        kwargs["block_size"] = o.block_size
+    kwargs.update(tensor_parallel_size=o.tensor_parallel_size, enforce_eager=o.enforce_eager)
     for name in ("max_model_len", "max_num_seqs", "gpu_memory_utilization"):
         if getattr(o, name) is not None:
             kwargs[name] = getattr(o, name)
