@@ -184,11 +184,6 @@ def icl(**o):
 @click.option("--lora-alpha", type=float, default=None)
 @click.option("--lora-dropout", type=float, default=None)
 @click.option("--target-modules", default=None, help="Comma-separated module names for LoRA.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16-mixed"]), default="fp32", show_default=True,
-              help="bf16-mixed: fp32 weights, bf16 autocast forward/backward (part of the condition ids).")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
-@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
-              help="Full fine-tunes: shard each training over this many Ray Train workers (FSDP2).")
 @click.option("--checkpoints", default="1", callback=_number_list(float, "checkpoints"), show_default=True,
               help="Fractions of training to save and score, e.g. 0.25,0.5,1.")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
@@ -206,7 +201,6 @@ def sft(**o):
                                "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout") if o[k] is not None}
     if o["target_modules"]:
         hyper["target_modules"] = tuple(m.strip() for m in o["target_modules"].split(",") if m.strip())
-    hyper.update(precision=o["precision"], gradient_checkpointing=o["gradient_checkpointing"], workers=o["workers"])
     executor = ExecutorSpec(name=o["executor"], ray_address=o["ray_address"], cpus_per_task=o["cpus_per_task"],
                             max_retries=o["max_retries"])
     spec, ref = make_sft_spec(**_common(o), sft=sft_spec(o["method"], **hyper), checkpoints=o["checkpoints"],
@@ -345,27 +339,33 @@ def claims(run_dir, json_):
               help="Let clients load adapters at run time (needed by --engine vllm-server; off by default).")
 @click.option("--max-lora-rank", type=click.IntRange(1, 512), default=None,
               help="Largest rank of adapters loaded at run time (default: the run's largest, at least 8).")
+@click.option("--max-loras", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Adapters per batch (each loaded at its first request; --max-cpu-loras, default "
+                   "max(4, this), stay in memory). Other vLLM options, e.g. --max-model-len (default: the "
+                   "run's longest prompt, at least 2048) or --tensor-parallel-size, pass on to vLLM.")
 @click.option("--dry-run", is_flag=True, help="Print the vLLM command and the adapters, start nothing.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
-def serve(run_dir, host, port, api_key, dtype, allow_adapter_loading, max_lora_rank, dry_run, vllm_args):
+def serve(run_dir, host, port, api_key, dtype, allow_adapter_loading, max_lora_rank, max_loras, dry_run, vllm_args):
     """Serve a run's base model and its finished adapters with vLLM (extra args go to `vllm serve`)."""
     import shlex
 
+    from iclsft.engine.vllm_options import VLLMOptions
     from iclsft.serve import serve as serve_run
     from iclsft.serve import serve_command
 
+    options = VLLMOptions(max_loras=max_loras)
     if dry_run:
         cmd, adapters = serve_command(run_dir, host=host, port=port, dtype=dtype,
                                       allow_adapter_loading=allow_adapter_loading, max_lora_rank=max_lora_rank,
-                                      extra=vllm_args)
+                                      options=options, extra=vllm_args)
         for a in adapters:
             click.echo(f"{a.name}\t{a.path}")
         click.echo(shlex.join(cmd))
         return
     code = serve_run(run_dir, host=host, port=port, api_key=api_key, allow_adapter_loading=allow_adapter_loading,
                      dtype=dtype, extra=vllm_args, echo=functools.partial(click.echo, err=True),
-                     max_lora_rank=max_lora_rank)
+                     max_lora_rank=max_lora_rank, options=options)
     sys.exit(code)
 
 
