@@ -184,6 +184,11 @@ def icl(**o):
 @click.option("--lora-alpha", type=float, default=None)
 @click.option("--lora-dropout", type=float, default=None)
 @click.option("--target-modules", default=None, help="Comma-separated module names for LoRA.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16-mixed"]), default="fp32", show_default=True,
+              help="bf16-mixed: fp32 weights, bf16 autocast forward/backward (part of the condition ids).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Full fine-tunes: shard each training over this many Ray Train workers (FSDP2).")
 @click.option("--checkpoints", default="1", callback=_number_list(float, "checkpoints"), show_default=True,
               help="Fractions of training to save and score, e.g. 0.25,0.5,1.")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
@@ -201,6 +206,7 @@ def sft(**o):
                                "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout") if o[k] is not None}
     if o["target_modules"]:
         hyper["target_modules"] = tuple(m.strip() for m in o["target_modules"].split(",") if m.strip())
+    hyper.update(precision=o["precision"], gradient_checkpointing=o["gradient_checkpointing"], workers=o["workers"])
     executor = ExecutorSpec(name=o["executor"], ray_address=o["ray_address"], cpus_per_task=o["cpus_per_task"],
                             max_retries=o["max_retries"])
     spec, ref = make_sft_spec(**_common(o), sft=sft_spec(o["method"], **hyper), checkpoints=o["checkpoints"],
