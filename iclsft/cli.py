@@ -121,7 +121,12 @@ def run_options(fn):
         click.option("--query-template", default="{x1} {x2} ->", show_default=True),
         click.option("--bos", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
                      help="Prepend the BOS token: as the tokenizer does by default, always, or never."),
-        click.option("--token-budget", default=1024, show_default=True, help="Tokens per packed forward pass."),
+        click.option("--token-budget", type=int, default=None,
+                     help="hf engine: tokens per packed forward pass (default: 1024 on CPUs, from free memory on "
+                          "CUDA; docs/large_models.md)."),
+        click.option("--device-map", default=None,
+                     help="hf engine: spread the model over GPUs ('auto', 'balanced', 'sequential') or put it on "
+                          "one device ('cuda:1'); default: one device (docs/large_models.md)."),
         click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."),
         click.option("--quiet", is_flag=True, help="No progress output."),
     ]
@@ -143,6 +148,7 @@ def _common(o: dict) -> dict:
         template=TemplateSpec(header=o["header"], exemplar=o["exemplar_template"], query=o["query_template"],
                               bos=o["bos"]),
         engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"],
+                          device_map=o["device_map"],
                           url=o["vllm_url"], api_key=o["vllm_api_key"], timeout=o["vllm_timeout"],
                           retries=o["vllm_retries"], concurrency=o["vllm_concurrency"], max_loras=o["max_loras"],
                           max_lora_rank=o["max_lora_rank"], block_size=o["block_size"],
@@ -427,7 +433,8 @@ def query(point, url, api_key, run_dir, adapter, icl_run, shots, angle, seed):
 @click.option("--epochs", type=int, default=None, help="SFT passes over the training items (default 1).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True)
-@click.option("--token-budget", default=1024, show_default=True, help="Tokens per packed forward pass.")
+@click.option("--token-budget", type=int, default=None,
+              help="Tokens per packed forward pass (default: 1024 on CPUs, from free memory on CUDA).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--quiet", is_flag=True)
 @user_errors

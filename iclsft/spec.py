@@ -163,12 +163,16 @@ VLLM_SCALE_DEFAULTS = {"max_model_len": None, "tensor_parallel_size": 1, "max_nu
 class EngineSpec(Frozen):
     """Engine choice and transport knobs: none of these may change results beyond float noise.
 
-    `hf`: token_budget, threads. `vllm`: max_loras, max_lora_rank, block_size, gpu_memory_utilization,
+    `hf`: token_budget (None: chosen for the device, engine/budget.py), threads, device_map (None: one
+    device; "auto" etc.: layers spread over GPUs by accelerate).
+    `vllm`: max_loras, max_lora_rank, block_size, gpu_memory_utilization,
     kv_cache_gib (CPU). `vllm-server`: url, api_key (never stored), timeout, retries, concurrency."""
 
     name: Literal["hf", "vllm", "vllm-server"] = "hf"
-    token_budget: int = Field(default=1024, ge=16)
+    token_budget: int | None = Field(default=None, ge=16)
     threads: int | None = Field(default=None, ge=1)
+    device_map: str | None = Field(default=None,
+                                   pattern=r"^(auto|balanced|balanced_low_0|sequential|cpu|cuda(:\d+)?)$")
     max_loras: int = Field(default=1, ge=1)
     max_lora_rank: int | None = Field(default=None, ge=1, le=512)
     block_size: int | None = Field(default=None, ge=16)

@@ -56,7 +56,8 @@ def open_engine(engine: EngineSpec, model_path: str | Path, dtype: str = "float3
         from iclsft.engine.hf import HFEngine
         from iclsft.models import ModelRef, load_model
 
-        model, _ = load_model(ModelRef(name=str(model_path), path=Path(model_path), fingerprint=""), dtype)
+        model, _ = load_model(ModelRef(name=str(model_path), path=Path(model_path), fingerprint=""), dtype,
+                              device_map=engine.device_map)
         return HFEngine(model, token_budget=engine.token_budget, threads=engine.threads, progress=progress)
     if engine.name == "vllm":
         from iclsft.engine.vllm_engine import VLLMEngine
