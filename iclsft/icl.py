@@ -19,6 +19,7 @@ from iclsft.scoring import score_condition
 from iclsft.spec import IclRunSpec
 from iclsft.store import RunDir
 from iclsft.tasks import linear2d
+from iclsft.tokenizers_check import check_run
 
 Log = Callable[[str], None]
 
@@ -40,6 +41,7 @@ def run_icl(spec: IclRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
     log = log or (lambda _msg: None)
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
     builders = prompt_builders(tokenizer, spec.template, spec.tasks)
+    spec = check_run(spec, builders, log)  # prompts == the tokenizer's ids for their text; token counts
     run = RunDir(out)
     run.open(spec)  # only now, with every input checked, does anything get written
     run.acquire_lock()  # one process per run directory (store.RunDir.acquire_lock)

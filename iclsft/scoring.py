@@ -37,7 +37,7 @@ def score_condition(run: RunDir, cond: Condition, builder: PromptBuilder, engine
     decision field and the record (last). Returns the condition's metrics."""
     t0 = time.time()
     scores = linear2d.queries(cond.task, exemplars)
-    query_ids = builder.queries(scores.n1, scores.n2)
+    query_ids = builder.queries_after(prefix, scores.n1, scores.n2)  # K=0 (SFT): tokenized after the start
     try:
         logprobs = engine.score(prefix, query_ids, builder.label_ids, adapter=adapter)
     except (MemoryError, RuntimeError) as e:

@@ -74,6 +74,11 @@ def run_section(data: RunData) -> Section:
           f"<code>{esc(repr(tpl.get('exemplar', '')))}</code>, query <code>{esc(repr(tpl.get('query', '')))}</code>, "
           f"BOS {esc(tpl.get('bos', '?'))}. Model fingerprint <code>{esc(str(model.get('fingerprint', '?'))[:16])}"
           "</code>.</p>")
+    for counts in arm0.get("tokens") or []:  # one line per way of writing values (tokenizers_check.split_warning)
+        if counts.get("integer_max", 1) > 1:
+            s.note(f"Integers take {counts['integer_min']}-{counts['integer_max']} tokens with this tokenizer (mean "
+                   f"{counts['integer_mean']:g}{', ' + counts['words'] + ' words' if counts.get('words') else ''}): "
+                   "the 2D study assumes one token per integer.")
     record = data.record or {}
     if record:
         failed = f", {esc(record['failed'])} failed" if record.get("failed") else ""
