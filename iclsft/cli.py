@@ -121,6 +121,8 @@ def run_options(fn):
         click.option("--query-template", default="{x1} {x2} ->", show_default=True),
         click.option("--bos", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
                      help="Prepend the BOS token: as the tokenizer does by default, always, or never."),
+        click.option("--chat", is_flag=True, help="Wrap header, exemplars and query as the user's turn of the "
+                     "model's chat template (instruct models; docs/tokenization.md)."),
         click.option("--token-budget", type=int, default=None,
                      help="hf engine: tokens per packed forward pass (default: 1024 on CPUs, from free memory on "
                           "CUDA; docs/large_models.md)."),
@@ -146,7 +148,7 @@ def _common(o: dict) -> dict:
         swap_labels=o["swap_labels"], grid_step=o["grid_step"], orders=tuple(o["order_pattern"].split(",")),
         dtype=o["dtype"],
         template=TemplateSpec(header=o["header"], exemplar=o["exemplar_template"], query=o["query_template"],
-                              bos=o["bos"]),
+                              bos=o["bos"], chat=o["chat"]),
         engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"],
                           device_map=o["device_map"],
                           url=o["vllm_url"], api_key=o["vllm_api_key"], timeout=o["vllm_timeout"],

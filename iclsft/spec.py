@@ -31,9 +31,22 @@ class TemplateSpec(Frozen):
     exemplar: str = "{x1} {x2} ->{label}\n"
     query: str = "{x1} {x2} ->"
     bos: Literal["auto", "always", "never"] = "auto"
+    # Wrap header + exemplars + query as the user's turn of the model's chat template (instruct
+    # models); the label follows the generation prompt. Left out of the stored spec when False.
+    chat: bool = False
+
+    @model_serializer(mode="wrap")
+    def _omit_no_chat(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("chat") is False:
+            del data["chat"]
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TemplateSpec:
+        if self.chat and self.bos != "auto":
+            raise ValueError(f"template bos={self.bos!r} is not allowed with chat=True: the chat template writes "
+                             "the BOS itself; use bos 'auto'")
         query_fields = _fields(self.query, "query")
         exemplar_fields = _fields(self.exemplar, "exemplar")
         if _fields(self.header, "header"):
@@ -208,6 +221,19 @@ class EngineSpec(Frozen):
         return self
 
 
+class TokenCounts(Frozen):
+    """How the model's tokenizer writes one task's values and labels, in the query's context: tokens
+    per integer 0..99 (as x1 and as x2; min, max, mean) and per label. Recorded, never hashed: it
+    follows from model, template and task."""
+
+    labels: tuple[str, str]
+    words: str | None = None
+    integer_min: int
+    integer_max: int
+    integer_mean: float
+    label_tokens: tuple[int, int]
+
+
 class RunSpecBase(Frozen):
     """Fields every arm shares: what is learned (tasks, stream) and how it is shown (template, model)."""
 
@@ -220,8 +246,17 @@ class RunSpecBase(Frozen):
     orders: tuple[str, ...] = ("random",)
     dtype: Literal["float32", "bfloat16"] = "float32"
     engine: EngineSpec = EngineSpec()
+    tokens: tuple[TokenCounts, ...] | None = None  # filled in at run start (iclsft.tokenizers_check)
 
-    TRANSPORT: ClassVar[set[str]] = {"engine"}
+    # `tokens` is no knob but a record derived from model and template: out of identities all the same
+    TRANSPORT: ClassVar[set[str]] = {"engine", "tokens"}
+
+    @model_serializer(mode="wrap")
+    def _omit_no_tokens(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and data.get("tokens", "") is None:
+            del data["tokens"]
+        return data
 
     @field_validator("shots")
     @classmethod
@@ -360,7 +395,7 @@ class SftRunSpec(RunSpecBase):
     checkpoints: tuple[float, ...] = (1.0,)
     executor: ExecutorSpec = ExecutorSpec()
 
-    TRANSPORT: ClassVar[set[str]] = {"engine", "executor"}
+    TRANSPORT: ClassVar[set[str]] = {"engine", "executor", "tokens"}
 
     @field_validator("checkpoints")
     @classmethod

@@ -29,6 +29,7 @@ from iclsft.sft.train import TrainJob, train
 from iclsft.spec import ExecutorSpec, SftRunSpec, SftSpec
 from iclsft.store import RunDir
 from iclsft.tasks import linear2d
+from iclsft.tokenizers_check import check_run
 
 Log = Callable[[str], None]
 
@@ -62,9 +63,10 @@ def plan_jobs(spec: SftRunSpec, run: RunDir, ref: ModelRef, builders: dict) -> t
 
 
 def training_examples(builder: PromptBuilder, exemplars: pd.DataFrame) -> list[tuple[list[int], list[int]]]:
-    """The 2K exemplars as (start + query ids, label ids): token for token the ICL prompt's exemplars."""
+    """The 2K exemplars as (start + query ids, label ids): the natural tokenization of each example's
+    text, so token for token the prompt it is scored with at K=0 and the first exemplar of an ICL prompt."""
     start = builder.start()
-    return [(start + builder.query(a, b), list(builder.label_ids[y]))
+    return [(start + builder.query(a, b, first=True), list(builder.label_ids[y]))
             for a, b, y in zip(exemplars.n1, exemplars.n2, exemplars.truth)]
 
 
@@ -76,6 +78,7 @@ def run_sft(spec: SftRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
     log = log or (lambda _msg: None)
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
     builders = prompt_builders(tokenizer, spec.template, spec.tasks)
+    spec = check_run(spec, builders, log)  # prompts == the tokenizer's ids for their text; token counts
     run = RunDir(out)
     run.open(spec)
     run.acquire_lock()  # one process per run directory (store.RunDir.acquire_lock)
