@@ -184,8 +184,8 @@ def condition_rsa(run: RunDir, cdir: Path, cond_json: dict, record: dict, models
     points = linear2d.queries(cond.task, exemplars)
     matrix = matrix_points(points, exemplars, subset)
     # the lattice, then the matrix points off it (exemplars), each read as a query after the same prefix
-    query_ids = builder.queries(np.concatenate([points.n1.to_numpy(), matrix.extra.n1.to_numpy()]),
-                                np.concatenate([points.n2.to_numpy(), matrix.extra.n2.to_numpy()]))
+    n1 = np.concatenate([points.n1.to_numpy(), matrix.extra.n1.to_numpy()])
+    n2 = np.concatenate([points.n2.to_numpy(), matrix.extra.n2.to_numpy()])
     if cond.method == "icl":
         stored = pd.read_parquet(cdir / "exemplars.parquet")
         if not stored[["n1", "n2", "truth"]].reset_index(drop=True).equals(exemplars[["n1", "n2", "truth"]]):
@@ -198,6 +198,7 @@ def condition_rsa(run: RunDir, cdir: Path, cond_json: dict, record: dict, models
             raise ValueError(f"the record of SFT condition {cdir.name} names no checkpoint_dir")
         prefix = builder.start()
         loaded = models.checkpoint(cond.model, run.path / "adapters" / record["checkpoint_dir"])
+    query_ids = builder.queries_after(prefix, n1, n2)  # tokenized in their context, as scoring does
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with loaded as model:
         try:
