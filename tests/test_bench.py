@@ -211,15 +211,16 @@ def test_bench_command(tiny_model_dir, fast_peak, tmp_path):
     assert bad.exit_code == 1 and "queries 0" in bad.output
 
 
-def test_windowed_attention_stays_on_the_mask_path(smollm_tokenizer):
-    """Tree attention implements plain full attention only: a sliding-window model keeps SDPA with the
-    mask, and the attention function refuses such arguments rather than ignore them."""
+def test_softcapped_attention_stays_on_the_mask_path(smollm_tokenizer):
+    """Tree attention implements full and sliding-window attention (tests/test_engine_window.py), not score
+    soft-capping: such a model keeps SDPA with the mask; and the attention function refuses a window it
+    was not given rather than ignore it."""
     model = make_tiny_llama(len(smollm_tokenizer))
-    model.config.sliding_window = 64
+    model.config.attn_logit_softcapping = 50.0
     assert not tree_attention.supported(model) and HFEngine(model, progress=False).attention == "mask"
     with pytest.raises(ValueError, match="attention='tree' needs"):
         HFEngine(model, attention="tree")
     context = tree_attention.TreeContext.build([], [-1], "cpu")
-    with pytest.raises(NotImplementedError, match="sliding_window"):
+    with pytest.raises(NotImplementedError, match="sliding window 64"):
         q, kv = torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 1, 16)
         tree_attention.tree_attention(None, q, kv, kv, iclsft_tree=context, sliding_window=64)

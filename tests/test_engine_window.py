@@ -117,6 +117,37 @@ def test_unknown_layer_type_is_refused_by_name():
         windows.layer_windows(config)
 
 
+def test_model_windows_read_from_the_models_own_masks(ids):
+    """The probe agrees with the config where the model uses its window, and finds none where the
+    model ignores a window its config carries (a Llama config with a stray sliding_window)."""
+    from conftest import make_tiny_llama
+
+    assert windows.model_windows(make_model("mistral", ids["vocab"], 16)) == [16, 16]
+    assert windows.model_windows(make_model("gemma3", ids["vocab"], 16)) == [16, None, 16, None]
+    assert windows.model_windows(make_model("qwen2", ids["vocab"], 8)) == [None, 8, 8]
+    llama = make_tiny_llama(ids["vocab"])
+    llama.config.sliding_window = 4
+    assert windows.layer_windows(llama.config) == [4, 4]  # what the config alone would say
+    assert windows.model_windows(llama) == [None, None]
+    assert llama.config.sliding_window == 4 and "forward" not in vars(llama.model.layers[0])  # all put back
+    engine = HFEngine(llama, token_budget=16, attention="mask", progress=False)
+    prefix = ids["prefix"][2]
+    got = engine.score(prefix, ids["queries"][:3], ids["labels"])
+    assert np.abs(got - naive_score(llama, prefix, ids["queries"][:3], ids["labels"])).max() < TOL
+
+
+def test_band_width_of_hand_made_masks():
+    n = 6
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    causal = (k <= q)[None, None]
+    band = ((k <= q) & (k > q - 3))[None, None]
+    chunked = ((k <= q) & (k // 3 == q // 3))[None, None]
+    additive = torch.where(band, 0.0, torch.finfo(torch.float32).min)
+    assert windows._band_width(None, n) is None and windows._band_width(causal, n) is None
+    assert windows._band_width(band, n) == 3 and windows._band_width(additive, n) == 3
+    assert windows._band_width(chunked, n) == -1 and windows._band_width(causal[..., :4], n) == -1
+
+
 @pytest.mark.parametrize("window", [None, 1, 3, 5, 12, 100])
 def test_tree_mask_against_positions(window):
     """Every (node, key) pair by hand: positions along the flat sequence the naive forward sees."""

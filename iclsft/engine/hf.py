@@ -145,7 +145,7 @@ class HFEngine:
         self.device = model.get_input_embeddings().weight.device  # the first layer's, under a device_map
         # the rows to read are indexed on the last layer's device: a CPU index works on any device
         self.rows_device = self.device if len(model_devices(model)) == 1 else torch.device("cpu")
-        self.windows = windows.layer_windows(model.config)
+        self.windows = windows.model_windows(model)  # what the model's own masks do, per layer
         self.token_budget = auto_token_budget(model) if token_budget is None else token_budget
         if attention == "auto":
             attention = "tree" if tree_attention.supported(model) else "mask"

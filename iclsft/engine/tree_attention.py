@@ -131,10 +131,11 @@ def tree_attention(module, query, key, value, attention_mask=None, scaling=None,
     if unsupported:  # `supported` keeps such models on the mask path; never compute something else silently
         raise NotImplementedError(f"tree attention does not implement {', '.join(unsupported)}")
     ctx = iclsft_tree
-    window = ctx.windows[module.layer_idx] if ctx.windows else None
+    layer = getattr(module, "layer_idx", None)
+    window = ctx.windows[layer] if ctx.windows else None
     if kwargs.get("sliding_window") != window:  # the layer's own window must be the one the engine read
-        raise NotImplementedError(f"layer {module.layer_idx} asks for sliding window {kwargs.get('sliding_window')}"
-                                  f" but the engine read {window} from the config")
+        raise NotImplementedError(f"layer {layer} asks for sliding window {kwargs.get('sliding_window')}"
+                                  f" but the engine read {window} from the model's masks")
     _, heads, n, dim = query.shape
     groups = key.shape[1]
     rep = heads // groups

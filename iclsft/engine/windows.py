@@ -49,6 +49,95 @@ def layer_windows(config) -> list[int | None]:
     return out
 
 
+PROBE_WINDOW = 8  # the stand-in window while probing: a 2 x 8-token sequence shows which layers slide
+
+
+def model_windows(model) -> list[int | None]:
+    """Per decoder layer, the window the model's own masks apply (None: full causal attention).
+
+    The config says how big a window is, but not always whether the model uses it: a Llama config may
+    carry a `sliding_window` its attention ignores, while Mistral windows every layer. So when the
+    config names a window, the model's decoder is run once on 16 tokens with its layers stood in by
+    recorders, the config's window set to 8 for the duration: a layer that gets an 8-wide band mask
+    slides (with the config's real window), one that gets a causal mask (or none: SDPA's causal
+    shortcut) does not; any other mask is refused by name."""
+    claimed = layer_windows(model.config)
+    if all(w is None for w in claimed):
+        return claimed
+    text = model.config.get_text_config(decoder=True)
+    window = int(text.sliding_window)
+    seen = _probe_masks(model, text, 2 * PROBE_WINDOW)
+    out: list[int | None] = []
+    for i, mask in enumerate(seen):
+        width = _band_width(mask, 2 * PROBE_WINDOW)
+        if width not in (None, PROBE_WINDOW):
+            raise ValueError(f"layer {i}'s attention mask is neither causal nor a sliding window (config "
+                             f"sliding_window {window}); the hf engine cannot score this model")
+        out.append(window if width == PROBE_WINDOW else None)
+    return out
+
+
+class _Probed(Exception):
+    pass
+
+
+@torch.inference_mode()
+def _probe_masks(model, text_config, length: int) -> list:
+    """The attention_mask each decoder layer receives for a plain forward of `length` tokens."""
+    layers = model.get_decoder().layers
+    seen: dict[int, object] = {}
+
+    def recorder(i: int):
+        def forward(hidden_states, *args, **kwargs):
+            seen[i] = kwargs.get("attention_mask", "not given")
+            if i == len(layers) - 1:
+                raise _Probed  # nothing after the last layer is needed
+            return hidden_states
+        return forward
+
+    before = text_config.sliding_window
+    # a layer's own instance `forward` (accelerate's device hooks put one there) is put back afterwards
+    own = [layer.__dict__.get("forward") for layer in layers]
+    try:
+        text_config.sliding_window = PROBE_WINDOW
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)
+        ids = torch.zeros((1, length), dtype=torch.long, device=model.get_input_embeddings().weight.device)
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    except _Probed:
+        pass
+    finally:
+        text_config.sliding_window = before
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward  # back to the class's forward
+            else:
+                layer.forward = forward
+    missing = [i for i in range(len(layers)) if isinstance(seen.get(i, "not given"), str)]
+    if missing:
+        raise ValueError(f"layer {missing[0]} was called without an attention_mask keyword; the hf engine cannot "
+                         "read this model's sliding windows")
+    return [seen[i] for i in range(len(layers))]
+
+
+def _band_width(mask, length: int) -> int | None:
+    """None for a plain causal mask (or no mask); w for a causal band of width w; -1 for anything else."""
+    if mask is None:
+        return None
+    if isinstance(mask, dict) or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return -1
+    m = mask[0, 0].cpu()
+    if m.dtype != torch.bool:  # additive masks: 0 where seen, the dtype's minimum where not
+        m = m > torch.finfo(m.dtype).min / 2
+    if tuple(m.shape) != (length, length):
+        return -1
+    width = int(m[-1].sum())
+    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    if not torch.equal(m, (k <= q) & (k > q - width)):
+        return -1
+    return None if width >= length else width
+
+
 def cuts(window: int | None, prefix_len: int, max_depth: int) -> bool:
     """Whether `window` hides any key from any token: the last position is P + max_depth."""
     return window is not None and prefix_len + max_depth >= window
