@@ -82,7 +82,8 @@ class VLLMEngine:
     # -- the vllm.LLM -------------------------------------------------------------------------
     @property
     def llm(self):
-        """The running `vllm.LLM` (started now, at the default length, if no read started it yet)."""
+        """The running `vllm.LLM`. Taken before any read (a caller that keeps it, as the benchmark does),
+        it starts at vLLM's own max_model_len, the model's context, so that no read restarts it."""
         if self._llm is None:
             self._start(None)
         return self._llm
@@ -95,7 +96,7 @@ class VLLMEngine:
         from vllm import LLM
 
         kwargs = engine_kwargs(self.model_path, self.options, gpu=self.gpu, lora_rank=self.lora_rank,
-                               longest_prompt=longest or 1, model_context=self._model_context,
+                               longest_prompt=longest, model_context=self._model_context,
                                floor=at_least, seed=self.seed)
         self._llm = LLM(**kwargs)
 
