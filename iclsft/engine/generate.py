@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from iclsft.engine import windows
 from iclsft.engine.hf import HFEngine, pack
 
 
@@ -24,6 +25,14 @@ def generate(engine: HFEngine, prefix: Sequence[int], queries: Sequence[Sequence
     """Greedy continuation of prefix + each query, up to a token in `stop` (left out) or the limit."""
     if any(len(q) == 0 for q in queries):
         raise ValueError("every query needs at least one token")
+    longest = len(prefix) + max(len(q) for q in queries) + max_new_tokens
+    narrowest = min((w for w in engine.windows if w is not None), default=None)
+    if narrowest is not None and windows.cuts(narrowest, 0, longest - 1):
+        # The step masks below are plain causal-tree masks: past the window they would let a token see
+        # keys the model's own attention hides, so refuse rather than generate from another model.
+        raise ValueError(f"greedy generation does not apply sliding-window attention: the model's window is "
+                         f"{narrowest} tokens and prompt + answer reach {longest}; use a shorter prompt (fewer "
+                         "shots) or a model without sliding-window layers")
     key = engine._activate(adapter)
     stop_ids = torch.tensor(sorted(set(int(t) for t in stop)), dtype=torch.long)
     out: list[list[int]] = [[] for _ in queries]
