@@ -38,7 +38,7 @@ def circuit_pairs(prompts: TaskPrompts, n: int, seed: int, prefix: list[int]) ->
     """Up to `n` pairs of equal token length whose answers differ (read where they first differ)."""
     out = []
     drawn = pair(prompts.task, n, derived_seed("circuits", prompts.task.name, seed),
-                 count_tokens=lambda text: len(prompts.encode(text)))
+                 count_tokens=lambda text: len(prompts.questions([text])[0]))  # as in a prompt
     for holds, broken in drawn:
         clean, corrupt = prompts.query(holds), prompts.query(broken)
         target, foil = prompts.answer_ids(holds), prompts.answer_ids(broken)

@@ -28,7 +28,7 @@ def score_items(engine, prompts: TaskPrompts, prefix: Sequence[int], items: Sequ
         "answer": [it.answer for it in items],
         "shortcut": [it.shortcut for it in items],
     })
-    queries = [prompts.query(it) for it in items]
+    queries = prompts.queries(items)  # each as it follows the prefix (a demo or the instruction)
     if prompts.label_ids is not None:
         logprobs = engine.score(prefix, queries, prompts.label_ids, adapter=adapter)
         if not np.isfinite(logprobs).all():

@@ -22,7 +22,8 @@ import pandas as pd
 from iclsft.engine.base import close_engine, open_engine
 from iclsft.evaluate.runs import write_metrics
 from iclsft.icl import ConditionsFailed
-from iclsft.implicit.data import TaskPrompts, demo_stream, eval_items, mixed_training_examples, train_items
+from iclsft.implicit.data import (TaskPrompts, check_prompts, demo_stream, eval_items, mixed_training_examples,
+                                  train_items)
 from iclsft.implicit.evaluate import METRICS, item_metrics, score_items
 from iclsft.implicit.spec import ImplicitCondition, ImplicitSpec
 from iclsft.models import ModelRef, resolve_model
@@ -64,6 +65,8 @@ def run_implicit(spec: ImplicitSpec, out: str | Path, ref: ModelRef, *, log: Log
     log = log or (lambda _msg: None)
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
     prompts = {name: TaskPrompts(tokenizer, get_task(name)) for name in spec.tasks}  # label checks first
+    for p in prompts.values():  # prompts == the tokenizer's ids for their text, before anything is written
+        check_prompts(p, spec.seeds[0], max(spec.shots) if spec.method == "icl" else 0, spec.faithful)
     run = RunDir(out)
     run.open(spec)
     run.acquire_lock()
