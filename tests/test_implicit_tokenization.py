@@ -16,8 +16,15 @@ import pytest
 import torch
 from tokenizer_families import FAMILIES, load_tokenizer, tiny_model_dir
 
-from iclsft.implicit.data import (TaskPrompts, check_prompts, demo_stream, derived_seed, eval_items,
-                                  mixed_training_examples, train_items)
+from iclsft.implicit.data import (
+    TaskPrompts,
+    check_prompts,
+    demo_stream,
+    derived_seed,
+    eval_items,
+    mixed_training_examples,
+    train_items,
+)
 from iclsft.tasks.implicit import TASKS, get_task
 from iclsft.tokenizers_check import TokenizationError
 

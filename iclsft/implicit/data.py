@@ -74,8 +74,9 @@ class TaskPrompts:
     blank line "\\n\\n" as one token at the end of a text but as two before a word. The contexts:
 
     - the start (BOS if the tokenizer adds one, the instruction) and every query are cut from
-      instruction + question; a demo (question, answer, newline, gap) from instruction + demo +
-      the next question. Every piece follows a newline, in a prompt as in its context;
+      instruction + question; a demo (question, answer, newline, gap) from instruction + demo + a
+      question (its own, standing for the next one: every question of a task starts alike). Every
+      piece follows a newline, in a prompt as in its context, so one context serves every position;
     - a closed label is what it adds after instruction + question (the lm-eval convention);
     - the answer a fine-tuned model learns is what the completion adds there, up to and including
       the first token that holds a newline (merged with the blank line where the task puts one and
@@ -156,7 +157,8 @@ class TaskPrompts:
         return self.questions([self.task.query(it) for it in items])
 
     def demos(self, items: Sequence[Item]) -> list[list[int]]:
-        """Each demo's ids (question, answer, newline, gap) as it stands in a prompt, a question after it."""
+        """Each demo's ids (question, answer, newline, gap) as it stands in a prompt, a question after it
+        (its own: what follows the gap decides how a blank line is tokenized)."""
         keys = [(it.question, it.answer) for it in items]
         missing = {k: it for k, it in zip(keys, items) if k not in self._demos}
         if missing:
@@ -254,7 +256,8 @@ def check_prompts(prompts: TaskPrompts, seed: int, shots: int, faithful: bool = 
             for label, ids in [("", [])] + labels:
                 got.append(prefix + query + ids)
                 texts.append(text + item.question + label)
-                where.append(f"{len(demos)} demos, question {item.question[:40]!r}" + (f", label {label!r}" * bool(label)))
+                where.append(f"{len(demos)} demos, question {item.question[:40]!r}"
+                             + (f", label {label!r}" if label else ""))
                 whole.append(True)
     train = train_items(task, seed, n, faithful)
     for name, head, examples in (("SFT example", prompts.head, prompts.training_examples(train)),

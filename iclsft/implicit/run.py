@@ -22,8 +22,14 @@ import pandas as pd
 from iclsft.engine.base import close_engine, open_engine
 from iclsft.evaluate.runs import write_metrics
 from iclsft.icl import ConditionsFailed
-from iclsft.implicit.data import (TaskPrompts, check_prompts, demo_stream, eval_items, mixed_training_examples,
-                                  train_items)
+from iclsft.implicit.data import (
+    TaskPrompts,
+    check_prompts,
+    demo_stream,
+    eval_items,
+    mixed_training_examples,
+    train_items,
+)
 from iclsft.implicit.evaluate import METRICS, item_metrics, score_items
 from iclsft.implicit.spec import ImplicitCondition, ImplicitSpec
 from iclsft.models import ModelRef, resolve_model
