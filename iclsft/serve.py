@@ -264,7 +264,8 @@ def query_points(url: str, points: list[tuple[int, int]], *, run_dir: str | Path
         if adapter not in served:
             raise ValueError(f"adapter {adapter!r} is not served at {url}; served: {', '.join(sorted(served))}")
         model = adapter
-    lp = engine.score_served(model, prefix, [builder.query(a, b) for a, b in points], builder.label_ids)
+    queries = builder.queries_after(prefix, [a for a, _ in points], [b for _, b in points])  # as scoring does
+    lp = engine.score_served(model, prefix, queries, builder.label_ids)
     labels = task.labels
     return [{"n1": a, "n2": b, labels[0]: float(np.exp(row[0])), labels[1]: float(np.exp(row[1]))}
             for (a, b), row in zip(points, lp)]
