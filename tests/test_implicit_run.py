@@ -273,9 +273,9 @@ def test_default_recipe_keeps_its_ids():
     model = ModelSpec(name="m", fingerprint="f")
     full = ImplicitSpec(model=model, method="full", sft=sft_spec("full", epochs=1, min_steps=0),
                         tasks=("expression", "relation"), train_size=24, eval_size=6)
-    assert [c.id for c in full.conditions()[:2]] == ["v1-ca855edbce26f8b5", "v1-67a7d7a043f677cc"]
+    assert [c.id for c in full.conditions()[:2]] == ["v2-ca855edbce26f8b5", "v2-67a7d7a043f677cc"]
     icl = ImplicitSpec(model=model, method="icl", shots=(0, 2), train_size=24, eval_size=6)
-    assert icl.conditions()[0].id == "v1-2a12081b038c4081"
+    assert icl.conditions()[0].id == "v2-2a12081b038c4081"
     assert "recipe" not in full.model_dump(mode="json") and full.arm == "implicit-full"  # stored specs still match
     original = full.model_copy(update={"recipe": "original"})
     assert not {c.id for c in original.conditions()} & {c.id for c in full.conditions()}
@@ -323,3 +323,24 @@ def test_original_recipe_trains_one_model_for_every_task(home, tiny_model_dir, s
     rows = {r["arm"]: r for r in plan(config)["rows"]}
     assert set(rows) == {"implicit-icl", "implicit-full-original"}  # ICL runs whatever the recipes
     assert rows["implicit-full-original"]["trainings"] == 1 and rows["implicit-full-original"]["train_steps"] == 5
+
+
+def test_an_implicit_run_of_the_piecewise_prompts_is_refused(tmp_path):
+    """Runs made before the prompts were natural (condition ids v1) scored other ids for relation,
+    boolean and code: resuming one is refused, never mixed with new scores."""
+    import json
+
+    from iclsft.implicit.spec import ImplicitSpec
+    from iclsft.spec import ModelSpec
+    from iclsft.store import RunDir, SpecMismatchError
+
+    spec = ImplicitSpec(model=ModelSpec(name="m", fingerprint="f"), method="icl", shots=(0, 2), train_size=24,
+                        eval_size=6)
+    run = RunDir(tmp_path / "run")
+    run.open(spec)
+    run.release_lock()
+    stored = json.loads((tmp_path / "run" / "spec.json").read_text())
+    stored["arms"][spec.arm]["hash_version"] = "v1"
+    (tmp_path / "run" / "spec.json").write_text(json.dumps(stored))
+    with pytest.raises(SpecMismatchError, match="made by another version of iclsft-eval"):
+        RunDir(tmp_path / "run").open(spec)

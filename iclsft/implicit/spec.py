@@ -19,7 +19,12 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
-from iclsft.spec import HASH_VERSION, EngineSpec, ExecutorSpec, Frozen, ModelSpec, SftSpec
+from iclsft.spec import EngineSpec, ExecutorSpec, Frozen, ModelSpec, SftSpec
+
+# v2 (2026-12-01): prompts are the natural tokenization of their text (docs/tokenization.md), which
+# changed one or two ids per prompt of relation, boolean and code on SmolLM2; a run directory of v1
+# is refused ("made by another version") instead of mixing old and new scores in one table.
+IMPLICIT_HASH_VERSION = "v2"
 
 IMPLICIT_TASKS = ("expression", "relation", "boolean", "code")
 VARIANTS = ("holds", "broken")
@@ -52,7 +57,7 @@ class ImplicitCondition(Frozen):
     @property
     def id(self) -> str:
         blob = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
-        return f"{HASH_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+        return f"{IMPLICIT_HASH_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
     @property
     def dirname(self) -> str:
@@ -75,7 +80,7 @@ class ImplicitSpec(Frozen):
     """Everything one arm of the suite computes."""
 
     kind: Literal["implicit"] = "implicit"
-    hash_version: str = HASH_VERSION
+    hash_version: str = IMPLICIT_HASH_VERSION
     model: ModelSpec
     method: Literal["icl", "lora", "full"] = "icl"
     tasks: tuple[TaskName, ...] = IMPLICIT_TASKS
