@@ -6,16 +6,19 @@ Operational measure, from raw predictions and the condition's exemplars alone:
     For every hold-out point q and exemplar e whose label is wrong for q (truth(q) != label(e)),
     count an error towards e when the prediction for q is label(e). Compare the rate of such errors
     for exemplars that share a row or column with q (e.n1 == q.n1 or e.n2 == q.n2: a "seen"
-    feature value) with the rate for exemplars that share neither, at the same distance from q
-    (Euclidean distance in bins of DISTANCE_BIN lattice units, weighted by the aligned pairs).
+    feature value) with the rate for exemplars that share neither, within strata of the same
+    exemplar label and the same distance from q (Euclidean, bins of DISTANCE_BIN lattice units),
+    weighted by the aligned pairs of each stratum:
 
-    seen_feature_effect = Σ_b w_b (rate_aligned,b − rate_other,b),   w_b ∝ aligned pairs in bin b
+    seen_feature_effect = Σ_s w_s (rate_aligned,s − rate_other,s),   s = (label(e), distance bin)
 
-A perfect classifier makes no error (effect 0); a constant or a random predictor errs alike for
-aligned and other exemplars (effect ≈ 0: the lattice's point reflection through its centre swaps the
-classes and keeps alignment and distance); a model that copies an exemplar's label along its row or
-column errs towards aligned exemplars only (effect > 0). Conditioning on pairs whose exemplar label is
-wrong for q removes the trivial agreement of nearby points that share a label.
+A perfect classifier makes no error, and a constant predictor errs towards every exemplar of one
+label and none of the other, aligned or not: both give exactly 0, whatever the exemplars' label mix
+(the label strata make the constant case exact). A random predictor gives ≈ 0; a model that copies
+an exemplar's label along its row or column errs towards aligned exemplars only (effect > 0).
+Conditioning on pairs whose exemplar label is wrong for q removes the trivial agreement of nearby
+points that share a label. A classifier that depends on q alone can still differ a little between a
+stratum's aligned and other queries (geometry): docs/claims.md gives the measured spread.
 """
 
 from __future__ import annotations
@@ -48,19 +51,21 @@ def seen_feature_effect(scores: pd.DataFrame, exemplars: pd.DataFrame) -> float:
     e2 = exemplars["n2"].to_numpy(dtype=np.float64)
     et = exemplars["truth"].to_numpy(dtype=np.int64)
     n_bins = int(math.ceil(100 * math.sqrt(2) / DISTANCE_BIN)) + 1
-    # counts[kind, bin] of mismatched pairs and of errors towards the exemplar; kind 0 aligned, 1 other
-    pairs = np.zeros((2, n_bins))
-    errors = np.zeros((2, n_bins))
+    # counts[kind, stratum] of mismatched pairs and of errors towards the exemplar; kind 0 aligned,
+    # 1 other; stratum = label(e) * n_bins + distance bin
+    n_strata = 2 * n_bins
+    pairs = np.zeros((2, n_strata))
+    errors = np.zeros((2, n_strata))
     for a in range(0, len(q1), CHUNK):
         s = slice(a, a + CHUNK)
         mismatch = qt[s, None] != et[None, :]
         aligned = (q1[s, None] == e1[None, :]) | (q2[s, None] == e2[None, :])
         towards = qp[s, None] == et[None, :]
         dist = np.hypot(q1[s, None] - e1[None, :], q2[s, None] - e2[None, :])
-        b = np.minimum((dist / DISTANCE_BIN).astype(np.int64), n_bins - 1)
+        b = np.minimum((dist / DISTANCE_BIN).astype(np.int64), n_bins - 1) + n_bins * et[None, :]
         for kind, sel in enumerate((mismatch & aligned, mismatch & ~aligned)):
-            pairs[kind] += np.bincount(b[sel], minlength=n_bins)
-            errors[kind] += np.bincount(b[sel], weights=towards[sel].astype(np.float64), minlength=n_bins)
+            pairs[kind] += np.bincount(b[sel], minlength=n_strata)
+            errors[kind] += np.bincount(b[sel], weights=towards[sel].astype(np.float64), minlength=n_strata)
     usable = (pairs[0] > 0) & (pairs[1] > 0)
     if not usable.any():
         return math.nan
