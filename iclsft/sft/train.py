@@ -136,6 +136,12 @@ def prepare_model(base_path: str, sft: SftSpec, seed: int, device: str | None = 
     device = device or ("cuda" if torch.cuda.is_available() else None)
     if device:
         model.to(device)
+    return make_trainable(model, sft)
+
+
+def make_trainable(model, sft: SftSpec):
+    """`model` made trainable as the method says: gradient checkpointing if asked, LoRA adapters, or
+    the unembedding frozen (used on loaded checkpoints and, by the GPU benchmark, on random models)."""
     if sft.gradient_checkpointing:
         # non-reentrant: recomputes exactly and needs no input that requires grad; LoRA freezes the
         # embeddings, so the inputs are made to require grad anyway, as peft's own recipe does
