@@ -207,3 +207,17 @@ def test_claims_cli_refuses_a_non_run(tmp_path):
 
     out = CliRunner().invoke(main, ["claims", str(tmp_path)])
     assert out.exit_code != 0 and "not a run directory" in out.output
+
+
+def test_order_claims_are_inconclusive_for_a_model_that_gives_one_label():
+    """Under random order the model answers the first label everywhere: no order can change that, so
+    "long periods barely matter" would hold trivially; the verdict is inconclusive and says why."""
+    one_label = table().assign(label_share=1.0)
+    one_label["pattern_following"] = [
+        (1.0 if pattern_label(o, int(k)) == 0 else 0.0) if o != "random" else math.nan
+        for o, k in zip(one_label["order"], one_label["shots"])]
+    r = by_id(c2d.evaluate(c2d.Evidence(one_label)))
+    for claim in ("long_periods_barely_matter", "period2_pattern_matching"):
+        assert r[claim].verdict == INCONCLUSIVE, r[claim]
+        assert "one label" in r[claim].details
+    assert r["long_periods_barely_matter"].effect == pytest.approx(0.0, abs=1e-12)

@@ -10,18 +10,19 @@ SFT checkpoints count; RSA claims use the collapse index of the residual stream.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
-from iclsft.claims.core import Claim, Result, judge, untestable
+from iclsft.claims.core import INCONCLUSIVE, UNTESTABLE, Claim, Result, judge, untestable
 from iclsft.tasks.linear2d import RANDOM_ORDER
 
 SFT_PREFERENCE = ("full", "lora", "full-frozen-unembed")  # the study's main SFT is full fine-tuning
 CARDINAL = (0.0, 45.0, 90.0, 135.0)  # the axes and the diagonals (135° mirrors 45°)
 PAIR_KEYS = ["task", "angle", "order", "shots", "seed"]
 ANGLE_TASKS = ("linear2d", "semantic")  # tasks with one boundary angle (xor has none)
+ONE_LABEL = 0.02  # a condition whose raw predictions are ≥ 98% one label has no task behaviour to probe
 
 STUDY = "linear2d"
 SIMILAR_HOLDOUT = Claim(
@@ -279,7 +280,15 @@ def _order(m: pd.DataFrame, claim: Claim, period_ok) -> Result:
     label = np.array([pattern_label(str(o), int(k)) for o, k in zip(p["order"], p["shots"])])
     share_random = np.where(label == 0, p["label_share@random"], 1.0 - p["label_share@random"])
     effect = p["pattern_following"] - share_random
-    return judge(claim, _per_seed(p, effect), n=_n(p), conditions=_describe(p, ["icl"], "vs random order"))
+    result = judge(claim, _per_seed(p, effect), n=_n(p), conditions=_describe(p, ["icl"], "vs random order"))
+    one_label = float(np.mean(np.minimum(p["label_share@random"], 1.0 - p["label_share@random"]) <= ONE_LABEL))
+    if one_label > 0.5 and result.verdict != UNTESTABLE:
+        # A model that gives every query one label under random order has no task behaviour for an
+        # order to change: "no effect" would be trivially true and says nothing about order.
+        return replace(result, verdict=INCONCLUSIVE,
+                       details=f"ICL gives one label to ≥ {1 - ONE_LABEL:.0%} of the grid under random order in "
+                               f"{one_label:.0%} of these cells: no task behaviour for an order to change")
+    return result
 
 
 def _seen(m: pd.DataFrame, sft: str | None) -> Result:
