@@ -11,7 +11,6 @@ each task.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import traceback
 from collections.abc import Callable
@@ -137,7 +136,7 @@ def _run_icl(spec: ImplicitSpec, run: RunDir, ref: ModelRef, prompts: dict, todo
 
 def _run_sft(spec: ImplicitSpec, run: RunDir, ref: ModelRef, prompts: dict, todo: list, log: Log,
              progress: bool) -> int:
-    from iclsft.sft.adapters import checkpoint_dir, training_key
+    from iclsft.sft.adapters import resume_dir, stream_order_key, training_key
     from iclsft.sft.runner import execute_jobs
     from iclsft.sft.train import TrainJob
 
@@ -153,11 +152,11 @@ def _run_sft(spec: ImplicitSpec, run: RunDir, ref: ModelRef, prompts: dict, todo
             p = prompts[what]
             examples = p.training_examples(train_items(p.task, seed, spec.train_size, spec.faithful))
             loss, meta = "label", {"task": what}
-        key = training_key(ref.fingerprint, examples, spec.sft, seed)
-        if loss != "label":  # the loss mask determines the weights too: keep such models apart
-            key = hashlib.sha256(f"{key}|loss={loss}".encode()).hexdigest()
+        # the loss mask enters the key; a checkpoint an earlier version named by stream order is still used
+        key, ckpt = resume_dir(run.path, training_key(ref.fingerprint, examples, spec.sft, seed, loss),
+                               stream_order_key(ref.fingerprint, examples, spec.sft, seed, loss), 1.0)
         jobs.append(TrainJob(key=key, base_path=str(ref.path), examples=examples, sft=spec.sft, seed=seed,
-                             checkpoints=[(1.0, str(checkpoint_dir(run.path, key, 1.0)))],
+                             checkpoints=[(1.0, str(ckpt))],
                              threads=spec.executor.cpus_per_task, loss=loss,
                              meta={"conditions": [c.id for c in conds], **meta}))
     by_id = {c.id: c for c in todo}

@@ -1,8 +1,12 @@
 """Trained-model artifacts: content-hash names, atomic saves, vLLM compatibility.
 
 A checkpoint directory is named by the hash of everything that determines its weights: the base
-model's fingerprint, the exact training token ids (exemplars, template, labels, BOS, in order),
-the method and hyper-parameters, the seed and the fraction of training. It is written under a
+model's fingerprint, the exact training token ids (exemplars, template, labels, BOS) in the order
+training takes them (each batch's examples sorted: `iclsft.sft.train.canonical_order`), the method
+and hyper-parameters, the seed and the fraction of training. Trainings whose batches hold the same
+examples (an order probe whose pairs never cross a batch boundary) thus have one name and are
+trained once. A run directory's checkpoints named before the sort (examples in stream order,
+`stream_order_key`) are still found and used by `resume_dir`. It is written under a
 temporary name and renamed into place after its marker file, so a directory without the marker
 is never used, and a finished one is never trained again. The marker lists the size and sha256 of
 every file beside it: a checkpoint whose files no longer match is set aside and trained again.
@@ -26,15 +30,41 @@ MARKER = "iclsft-adapter.json"
 ADAPTERS_DIR = "adapters"
 
 
-def training_key(base_fingerprint: str, examples: Sequence[tuple[Sequence[int], Sequence[int]]],
-                 sft: SftSpec, seed: int) -> str:
-    """Identity of one training run (all its checkpoints)."""
+Examples = Sequence[tuple[Sequence[int], Sequence[int]]]
+
+
+def training_key(base_fingerprint: str, examples: Examples, sft: SftSpec, seed: int, loss: str = "label") -> str:
+    """Identity of one training run (all its checkpoints): base, recipe, seed, loss mask and the sequence of
+    batches as multisets of examples (`examples` in stream order; hashed in `canonical_order`, which is
+    the order training takes them in, so the key names exactly what is trained)."""
+    from iclsft.sft.train import canonical_order  # train.py imports this module
+
+    return stream_order_key(base_fingerprint, canonical_order(examples, sft.batch_size), sft, seed, loss)
+
+
+def stream_order_key(base_fingerprint: str, examples: Examples, sft: SftSpec, seed: int, loss: str = "label") -> str:
+    """The hash of `examples` in the order given: `training_key` of the canonical order, and the key
+    checkpoints were named by before training sorted its batches (stream order; `resume_dir`)."""
     h = hashlib.sha256()
     h.update(json.dumps({"v": HASH_VERSION, "base": base_fingerprint, "sft": sft.model_dump(mode="json"),
                          "seed": seed}, sort_keys=True).encode())
     for prompt, label in examples:
         h.update(json.dumps([list(map(int, prompt)), list(map(int, label))]).encode())
-    return h.hexdigest()
+    key = h.hexdigest()
+    if loss != "label":  # the loss mask determines the weights too: keep such models apart
+        key = hashlib.sha256(f"{key}|loss={loss}".encode()).hexdigest()
+    return key
+
+
+def resume_dir(run_path: Path, key: str, old_key: str, fraction: float) -> tuple[str, Path]:
+    """The key and directory that serve checkpoint `fraction`: the one named by `old_key` (a stream-order
+    key) where an earlier version finished it there and it is undamaged, else the one named by `key`.
+    Such an older checkpoint was trained in stream order: it differs from the sorted training's only
+    by floating-point summation order, and it is what the run's finished conditions were scored with."""
+    old = checkpoint_dir(run_path, old_key, fraction)
+    if old_key != key and is_finished(old) and checkpoint_problem(old) is None:
+        return old_key, old
+    return key, checkpoint_dir(run_path, key, fraction)
 
 
 def checkpoint_name(key: str, fraction: float) -> str:

@@ -1,13 +1,16 @@
 """The SFT arm: train one model per (task, K, seed) on Ray, score each as it arrives.
 
-The driver plans one training job per (task, seed, K), submits the jobs whose checkpoints are not
-all finished, and scores every finished checkpoint with the engine while the other jobs train.
+The driver plans one training job per distinct training (`training_key`: base, recipe, seed and the
+batches as multisets of examples, so order probes whose pairs never cross a batch boundary share
+one), submits the jobs whose checkpoints are not all finished, and scores every finished checkpoint
+with the engine while the other jobs train.
 Only the driver writes records. A failed training is retried by Ray (bounded), then recorded as an
 error with its traceback for each of its conditions; the other conditions go on.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import traceback
@@ -24,8 +27,15 @@ from iclsft.models import ModelRef
 from iclsft.prompts import PromptBuilder, builder_key, prompt_builders
 from iclsft.runspec import make_spec
 from iclsft.scoring import score_condition
-from iclsft.sft.adapters import checkpoint_dir, is_finished, read_marker, set_aside_damaged, training_key
-from iclsft.sft.train import TrainJob, train
+from iclsft.sft.adapters import (
+    is_finished,
+    read_marker,
+    resume_dir,
+    set_aside_damaged,
+    stream_order_key,
+    training_key,
+)
+from iclsft.sft.train import TrainJob, batch_indices, in_training_order, train
 from iclsft.spec import ExecutorSpec, SftRunSpec, SftSpec
 from iclsft.store import RunDir
 from iclsft.tasks import linear2d
@@ -41,25 +51,67 @@ def make_sft_spec(*, sft: SftSpec | None = None, checkpoints: Sequence[float] = 
 
 
 def plan_jobs(spec: SftRunSpec, run: RunDir, ref: ModelRef, builders: dict) -> tuple[list[TrainJob], dict]:
-    """One job per (task, seed, K) with unfinished conditions; and each condition's checkpoint dir."""
+    """One job per distinct training with unfinished conditions (conditions whose trainings have one
+    `training_key` share it); and each condition's (condition, checkpoint dir, exemplars)."""
     todo = [c for c in spec.conditions() if not run.is_done(c)]
     groups: dict[tuple, list] = defaultdict(list)
     for cond in todo:
         groups[(cond.task, cond.order, cond.seed, cond.shots)].append(cond)
-    jobs, where = [], {}
+    merged: dict[str, dict] = {}  # training key -> what its job holds, in planning order
+    where = {}
     for (task, order, seed, k), conds in groups.items():
         builder = builders[builder_key(task)]
         exemplars = linear2d.exemplars(task, seed, k, order)
         examples = training_examples(builder, exemplars)
         key = training_key(ref.fingerprint, examples, spec.sft, seed)
-        checkpoints = [(c.checkpoint, str(checkpoint_dir(run.path, key, c.checkpoint))) for c in conds]
-        for c, (_, d) in zip(conds, checkpoints):
-            where[c.id] = (c, d, exemplars)
-        jobs.append(TrainJob(key=key, base_path=str(ref.path), examples=examples, sft=spec.sft, seed=seed,
-                             checkpoints=checkpoints, threads=spec.executor.cpus_per_task,
-                             meta={"conditions": [c.id for c in conds], "task": task.name, "angle": task.angle,
-                                   "shots": k}))
+        old = stream_order_key(ref.fingerprint, examples, spec.sft, seed)
+        for c in conds:
+            used, ckpt = resume_dir(run.path, key, old, c.checkpoint)
+            job = merged.setdefault(used, {"examples": examples, "seed": seed, "checkpoints": {}, "conditions": [],
+                                           "meta": {"task": task.name, "angle": task.angle, "shots": k}})
+            job["checkpoints"].setdefault(c.checkpoint, str(ckpt))
+            job["conditions"].append(c.id)
+            job["meta"].setdefault("orders", [])
+            if order not in job["meta"]["orders"]:
+                job["meta"]["orders"].append(order)
+            where[c.id] = (c, str(ckpt), exemplars)
+    jobs = [TrainJob(key=key, base_path=str(ref.path), examples=j["examples"], sft=spec.sft, seed=j["seed"],
+                     checkpoints=list(j["checkpoints"].items()), threads=spec.executor.cpus_per_task,
+                     meta={"conditions": j["conditions"], **_meta(j["meta"])})
+            for key, j in merged.items()]
     return jobs, where
+
+
+def _meta(meta: dict) -> dict:
+    # "orders" only where a training serves several, so a single order's marker stays as it was
+    orders = meta.get("orders", [])
+    return {k: v for k, v in meta.items() if k != "orders"} | ({"orders": orders} if len(orders) > 1 else {})
+
+
+def training_groups(conds: Sequence, sft: SftSpec) -> dict[tuple, list]:
+    """SFT conditions grouped by training as planning sees it, without a tokenizer: task, seed, shots and
+    each batch of one epoch as a multiset of exemplars (n1, n2, truth). An example's token ids depend
+    on its exemplar alone, so conditions grouped here share a `training_key` in `plan_jobs`."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for c in conds:
+        ex = linear2d.exemplars(c.task, c.seed, c.shots, c.order)
+        rows = list(zip(ex.n1.tolist(), ex.n2.tolist(), ex.truth.tolist()))
+        batches = tuple(tuple(sorted(rows[i] for i in batch_indices(s, len(rows), sft.batch_size)))
+                        for s in range(math.ceil(len(rows) / sft.batch_size)))
+        groups[(c.task, c.seed, c.shots, batches)].append(c)
+    return dict(groups)
+
+
+def sharing(jobs: Sequence[TrainJob], where: dict) -> dict[str, list[str]]:
+    """Condition id -> the directory names of the other conditions scored with the same checkpoint (one
+    training serving several conditions, e.g. order probes); conditions that share nothing are left out."""
+    by_dir: dict[str, list] = defaultdict(list)
+    for job in jobs:
+        for cond_id in job.meta["conditions"]:
+            cond, ckpt, _ = where[cond_id]
+            by_dir[ckpt].append(cond)
+    return {c.id: [o.dirname for o in conds if o.id != c.id]
+            for conds in by_dir.values() if len(conds) > 1 for c in conds}
 
 
 def training_examples(builder: PromptBuilder, exemplars: pd.DataFrame) -> list[tuple[list[int], list[int]]]:
@@ -87,8 +139,11 @@ def run_sft(spec: SftRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
         jobs, where = plan_jobs(spec, run, ref, builders)
         set_aside_damaged([Path(d) for j in jobs for _, d in j.checkpoints], log)  # trained again, never read
         to_train = [j for j in jobs if not all(is_finished(Path(d)) for _, d in j.checkpoints)]
+        shared = sharing(jobs, where)
         log(f"{len(conditions)} conditions, {len(conditions) - len(where)} already finished; "
-            f"{len(to_train)} models to train, {len(jobs) - len(to_train)} reused")
+            f"{len(to_train)} models to train, {len(jobs) - len(to_train)} reused"
+            + (f"; {len(shared)} conditions share their model with another condition (identical training)"
+               if shared else ""))
         started = time.time()
         run.write_run_record("running", arm=spec.arm, conditions=len(conditions), todo=len(where))
         failed, first_error = 0, ""
@@ -106,16 +161,21 @@ def run_sft(spec: SftRunSpec, out: str | Path, ref: ModelRef, *, log: Log | None
                         continue
                     try:
                         builder = builders[builder_key(cond.task)]
-                        metrics = scorer.score(run, cond, builder, ckpt, exemplars, result)
+                        others = {"shared_with": shared[cond_id]} if cond_id in shared else {}
+                        metrics = scorer.score(run, cond, builder, ckpt, exemplars, result, **others)
                     except (RuntimeError, ValueError, MemoryError, OSError) as e:
                         failed += 1
                         first_error = first_error or f"{type(e).__name__}: {e}"
                         run.write_condition_error(cond, f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
                         log(f"scoring {cond.dirname} FAILED: {type(e).__name__}: {e}")
                         continue
-                    log(f"angle {cond.task.angle:g} K={cond.shots} seed {cond.seed} {cond.method} "
-                        f"ckpt {cond.checkpoint:g}: trained {result.get('seconds', 0):.0f} s, accuracy "
-                        f"{metrics['accuracy']:.3f}, auc {metrics['auc']:.3f}")
+                    how = (f"trained {result.get('seconds', 0):.0f} s" if result.get("trained")
+                           else "reused a finished checkpoint")
+                    if cond_id in shared:
+                        how += f", shared with {', '.join(shared[cond_id])}"
+                    log(f"angle {cond.task.angle:g} K={cond.shots} seed {cond.seed} order {cond.order} {cond.method} "
+                        f"ckpt {cond.checkpoint:g}: {how}, accuracy {metrics['accuracy']:.3f}, "
+                        f"auc {metrics['auc']:.3f}")
         except BaseException as e:
             run.write_run_record("interrupted", arm=spec.arm, error=f"{type(e).__name__}: {e}",
                                  seconds=time.time() - started)
@@ -141,11 +201,12 @@ class _Scorer:
         self.spec, self.ref, self.progress = spec, ref, progress
         self._engine = None
 
-    def score(self, run: RunDir, cond, builder: PromptBuilder, ckpt: str, exemplars, result: dict) -> dict:
+    def score(self, run: RunDir, cond, builder: PromptBuilder, ckpt: str, exemplars, result: dict,
+              **extra: object) -> dict:
         marker = read_marker(Path(ckpt))  # this checkpoint's own step, loss and time, trained now or before
         record = {"checkpoint_dir": Path(ckpt).name, "train_seconds": marker.get("seconds"),
                   "train_steps": marker.get("step"), "total_steps": marker.get("total_steps"),
-                  "final_loss": marker.get("loss"), "trained_now": bool(result.get("trained"))}
+                  "final_loss": marker.get("loss"), "trained_now": bool(result.get("trained")), **extra}
         if self.spec.sft.method == "lora":
             if self._engine is None:
                 self._engine = open_engine(self.spec.engine, self.ref.path, self.spec.dtype, progress=self.progress,
@@ -187,7 +248,7 @@ def execute_jobs(jobs: list[TrainJob], executor: ExecutorSpec, log: Log):
 
         for job in pending:
             try:
-                yield job, train_distributed(job, executor), None
+                yield job, train_distributed(in_training_order(job), executor), None
             except Exception:
                 yield job, {}, traceback.format_exc()
         return

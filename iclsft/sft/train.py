@@ -4,7 +4,8 @@ Plain function, no framework: AdamW, linear warmup then cosine decay, gradient c
 the label tokens only (or, with `TrainJob.loss = "all"`, on every token of the example: the implicit
 suite's original recipe, as the study's causal-LM fine-tuning did). The examples are visited in
 stream order, epoch after epoch (the same order the ICL prompt shows them in); a batch is the next
-`batch_size` examples of that order.
+`batch_size` examples of that order, and within a batch they are taken sorted by their ids
+(`canonical_order`), so that batches holding the same examples give bit-identical weights.
 
 `SftSpec.precision` "bf16-mixed" keeps weights and optimizer state in fp32 and runs forward and
 backward under bf16 autocast (checkpoints are saved in the weights' dtype, fp32, either way);
@@ -14,6 +15,7 @@ backward under bf16 autocast (checkpoints are saved in the weights' dtype, fp32,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -66,6 +68,25 @@ def batch_indices(step: int, n_examples: int, batch_size: int) -> list[int]:
     per_epoch = math.ceil(n_examples / batch_size)
     start = (step % per_epoch) * batch_size
     return list(range(start, min(start + batch_size, n_examples)))
+
+
+def canonical_order(examples: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int) -> list:
+    """`examples` (stream order) with each batch's examples sorted by (prompt ids, label ids): the order
+    training takes them in. The loss is a mean over a batch, so only which examples a batch holds can
+    change the gradient; but the padded batch's row order changes the summation order (loss total,
+    weight gradients), hence the last bits of the weights. Sorting makes equal multisets train alike."""
+    n = len(examples)
+    ordered: list = []
+    for step in range(math.ceil(n / batch_size)):  # one epoch: every later epoch repeats its batches
+        batch = [examples[i] for i in batch_indices(step, n, batch_size)]
+        ordered += sorted(batch, key=lambda e: (list(map(int, e[0])), list(map(int, e[1]))))
+    return ordered
+
+
+def in_training_order(job: TrainJob) -> TrainJob:
+    """`job` with its examples in `canonical_order` (what `training_key` hashes); idempotent."""
+    ordered = canonical_order(job.examples, job.sft.batch_size)
+    return job if ordered == list(job.examples) else dataclasses.replace(job, examples=ordered)
 
 
 LOSSES = ("label", "all")
@@ -180,6 +201,7 @@ def train(job: TrainJob) -> dict:
     if not missing:
         return result
     _injected_fault(job)
+    job = in_training_order(job)
     threads_before = torch.get_num_threads()
     if job.threads:
         torch.set_num_threads(job.threads)
