@@ -228,7 +228,9 @@ def _merge_tasks(specs: list) -> list:
 
 def plan(config: SweepConfig) -> dict:
     """What the sweep computes and what is left, per model and arm: conditions, trainings (one per
-    task, order, seed and K with a condition left; at most that many), training steps, queries."""
+    distinct training with a condition left: conditions whose batches hold the same exemplars share
+    one, `iclsft.sft.runner.training_groups`; at most that many), training steps, queries."""
+    from iclsft.sft.runner import training_groups
     from iclsft.sft.train import total_steps
     from iclsft.store import RunDir
     from iclsft.tasks.linear2d import GRID
@@ -240,8 +242,8 @@ def plan(config: SweepConfig) -> dict:
             conds = spec.conditions()
             todo = [c for c in conds if not run.is_done(c)]
             queries = sum((GRID // c.task.grid_step) ** 2 for c in todo)
-            trainings = {(c.task, c.order, c.seed, c.shots) for c in todo} if spec.kind == "sft" else set()
-            steps = sum(total_steps(2 * k, spec.sft) for (_, _, _, k) in trainings)
+            trainings = training_groups(todo, spec.sft) if spec.kind == "sft" else {}
+            steps = sum(total_steps(2 * k, spec.sft) for (_, _, k, _) in trainings)
             rows.append({"model": model, "arm": spec.arm, "conditions": len(conds), "todo": len(todo),
                          "trainings": len(trainings), "train_steps": steps, "queries": queries,
                          "prefix_tokens": _mean_prefix_tokens(todo) if spec.kind == "icl" else 0})

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from iclsft.spec import sft_spec
 from iclsft.sweep import SweepConfig, apply_override, load_config, model_dir, plan, run_sweep
 
 pytest.importorskip("peft")
@@ -81,7 +82,13 @@ def test_shipped_configs_are_valid(name, tiny_model_dir, tmp_path):
     for r in rows:
         checkpoints = 1 if r["arm"] == "icl" else len(config.checkpoints)
         assert r["conditions"] == r["todo"] == per_method * checkpoints
-        assert r["trainings"] == (0 if r["arm"] == "icl" else per_method)
+        if r["arm"] == "icl":
+            assert r["trainings"] == 0
+            continue
+        method = r["arm"].removeprefix("sft-")
+        # an even batch never splits an exemplar pair: every order probe shares the others' training
+        assert sft_spec(method, **config.sft.get(method, {})).batch_size % 2 == 0
+        assert r["trainings"] == per_method // len(config.orders)
 
 
 def test_paper_config_is_the_papers_design():
