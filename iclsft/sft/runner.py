@@ -92,13 +92,20 @@ def training_groups(conds: Sequence, sft: SftSpec) -> dict[tuple, list]:
     """SFT conditions grouped by training as planning sees it, without a tokenizer: task, seed, shots and
     each batch of one epoch as a multiset of exemplars (n1, n2, truth). An example's token ids depend
     on its exemplar alone, so conditions grouped here share a `training_key` in `plan_jobs`."""
+    streams: dict[tuple, list] = {}
+    keys: dict[tuple, tuple] = {}  # conditions differ by checkpoint too: one key per training input
     groups: dict[tuple, list] = defaultdict(list)
     for c in conds:
-        ex = linear2d.exemplars(c.task, c.seed, c.shots, c.order)
-        rows = list(zip(ex.n1.tolist(), ex.n2.tolist(), ex.truth.tolist()))
-        batches = tuple(tuple(sorted(rows[i] for i in batch_indices(s, len(rows), sft.batch_size)))
-                        for s in range(math.ceil(len(rows) / sft.batch_size)))
-        groups[(c.task, c.seed, c.shots, batches)].append(c)
+        what = (c.task, c.order, c.seed, c.shots)
+        if what not in keys:
+            if (c.task, c.seed, c.order) not in streams:
+                s = linear2d.exemplar_stream(c.task, c.seed, c.order)
+                streams[(c.task, c.seed, c.order)] = list(zip(s.n1.tolist(), s.n2.tolist(), s.truth.tolist()))
+            rows = streams[(c.task, c.seed, c.order)][: 2 * c.shots]  # linear2d.exemplars: the first K pairs
+            batches = tuple(tuple(sorted(rows[i] for i in batch_indices(s, len(rows), sft.batch_size)))
+                            for s in range(math.ceil(len(rows) / sft.batch_size)))
+            keys[what] = (c.task, c.seed, c.shots, batches)
+        groups[keys[what]].append(c)
     return dict(groups)
 
 
