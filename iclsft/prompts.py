@@ -17,11 +17,10 @@ label) minus ids(context). `prefix()` checks itself against the tokenizer on the
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 
 from iclsft.spec import TemplateSpec
-from iclsft.tokenizers_check import TokenizationError, mismatch
+from iclsft.tokenizers_check import TokenizationError, cut_ids, mismatch
 
 CHAT_SLOT = "@@ICLSFT-USER-TURN@@"  # stands for the user's turn while the chat template is split
 
@@ -119,25 +118,8 @@ class PromptBuilder:
 
     def splits(self, texts: Sequence[str], cuts: Sequence[int]) -> list[list[list[int]]]:
         """`split` for many texts at the same cuts; an error when a token spans a cut."""
-        try:
-            enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
-        except NotImplementedError as e:
-            raise ValueError("prompts need a fast tokenizer (one with a tokenizer.json): this one gives no "
-                             "token offsets") from e
-        out = []
-        for text, ids, offsets in zip(texts, enc["input_ids"], enc["offset_mapping"]):
-            parts: list[list[int]] = [[] for _ in range(len(cuts) + 1)]
-            for tok, (s, e) in zip(ids, offsets):
-                cut = next((c for c in cuts if s < c < e), None)
-                if cut is not None:
-                    raise TokenizationError(
-                        f"this tokenizer makes one token {self.tokenizer.convert_ids_to_tokens([tok])} of "
-                        f"{text[s:e]!r} across the boundary of two prompt pieces ({text[max(0, cut - 20):cut]!r} | "
-                        f"{text[cut:cut + 20]!r}), so the pieces cannot be shared between prompts; change the "
-                        "template (e.g. a separator or query end the tokenizer keeps apart)")
-                parts[bisect.bisect_right(cuts, s)].append(tok)
-            out.append(parts)
-        return out
+        return cut_ids(self.tokenizer, texts, [cuts] * len(texts),
+                       "; change the template (e.g. a separator or query end the tokenizer keeps apart)")
 
     def _bos_ids(self) -> list[int]:
         bos = self.tokenizer.bos_token_id

@@ -9,6 +9,7 @@ and a run warns when integers take several tokens (the 2D study assumes one toke
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,30 @@ SAMPLE_QUERIES = 16  # plus the four corners of the grid
 
 class TokenizationError(ValueError):
     """The ids built from pieces are not the tokenizer's ids for the rendered text."""
+
+
+def cut_ids(tokenizer, texts: Sequence[str], cuts: Sequence[Sequence[int]], hint: str = "") -> list[list[list[int]]]:
+    """The tokenizer's ids of each text, cut at that text's character positions `cuts[i]` (sorted) by the
+    tokens' offsets: the pieces of a prompt as the tokenizer makes them in their real context. An error
+    when a token spans a cut (the pieces could not be shared between prompts); `hint` ends it."""
+    try:
+        enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:
+        raise ValueError("prompts need a fast tokenizer (one with a tokenizer.json): this one gives no "
+                         "token offsets") from e
+    out = []
+    for text, at, ids, offsets in zip(texts, cuts, enc["input_ids"], enc["offset_mapping"]):
+        parts: list[list[int]] = [[] for _ in range(len(at) + 1)]
+        for tok, (s, e) in zip(ids, offsets):
+            cut = next((c for c in at if s < c < e), None)
+            if cut is not None:
+                raise TokenizationError(
+                    f"this tokenizer makes one token {tokenizer.convert_ids_to_tokens([tok])} of {text[s:e]!r} "
+                    f"across the boundary of two prompt pieces ({text[max(0, cut - 20):cut]!r} | "
+                    f"{text[cut:cut + 20]!r}), so the pieces cannot be shared between prompts{hint}")
+            parts[bisect.bisect_right(at, s)].append(tok)
+        out.append(parts)
+    return out
 
 
 def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:

@@ -16,7 +16,6 @@ so that a prompt's ids are the tokenizer's ids for its text (SPEC §4, docs/toke
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -25,7 +24,7 @@ import numpy as np
 
 from iclsft.implicit.spec import MAX_SHOTS
 from iclsft.tasks.implicit import VARIANTS, ImplicitTask, Item
-from iclsft.tokenizers_check import TokenizationError, mismatch
+from iclsft.tokenizers_check import TokenizationError, cut_ids, mismatch
 
 SAMPLE_ITEMS = 8  # per variant, and as many training items, in the run-start check
 
@@ -94,7 +93,7 @@ class TaskPrompts:
         self.bos = [bos] if bos is not None and probe and probe[0] == bos else []
         self.head = task.instruction + "\n" + task.gap  # the text before the first demo or the query
         self.sample = task.generate(1, 0, "holds")[0].question  # stands for "a question follows"
-        self.header = _cut(tokenizer, [self.head + self.sample], [[len(self.head)]])[0][0]
+        self.header = cut_ids(tokenizer, [self.head + self.sample], [[len(self.head)]])[0][0]
         self.start = self.bos + self.header
         self._queries: dict[str, list[int]] = {}
         self._demos: dict[tuple[str, str], list[int]] = {}
@@ -144,7 +143,7 @@ class TaskPrompts:
         """Each question's ids as it ends a prompt (after the instruction or a demo)."""
         missing = list(dict.fromkeys(q for q in questions if q not in self._queries))
         if missing:
-            parts = _cut(self.tokenizer, [self.head + q for q in missing], [[len(self.head)]] * len(missing))
+            parts = cut_ids(self.tokenizer, [self.head + q for q in missing], [[len(self.head)]] * len(missing))
             for q, (before, ids) in zip(missing, parts):
                 self._same_header(before, q)
                 self._queries[q] = ids
@@ -163,7 +162,7 @@ class TaskPrompts:
         missing = {k: it for k, it in zip(keys, items) if k not in self._demos}
         if missing:
             texts = [self.task.demo(it) + self.task.gap for it in missing.values()]
-            parts = _cut(self.tokenizer, [self.head + t + it.question for t, it in zip(texts, missing.values())],
+            parts = cut_ids(self.tokenizer, [self.head + t + it.question for t, it in zip(texts, missing.values())],
                          [[len(self.head), len(self.head) + len(t)] for t in texts])
             for key, (before, ids, _) in zip(missing, parts):
                 self._same_header(before, key[0])
@@ -278,24 +277,3 @@ def check_prompts(prompts: TaskPrompts, seed: int, shots: int, faithful: bool = 
     return len(got)
 
 
-def _cut(tokenizer, texts: Sequence[str], cuts: Sequence[Sequence[int]]) -> list[list[list[int]]]:
-    """The tokenizer's ids of each text, cut at its character positions (by token offsets); an error
-    when a token spans a cut (the pieces could not be shared between prompts)."""
-    try:
-        enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError as e:
-        raise ValueError("implicit-task prompts need a fast tokenizer (one with a tokenizer.json): this one gives "
-                         "no token offsets") from e
-    out = []
-    for text, at, ids, offsets in zip(texts, cuts, enc["input_ids"], enc["offset_mapping"]):
-        parts: list[list[int]] = [[] for _ in range(len(at) + 1)]
-        for tok, (s, e) in zip(ids, offsets):
-            cut = next((c for c in at if s < c < e), None)
-            if cut is not None:
-                raise TokenizationError(
-                    f"this tokenizer makes one token {tokenizer.convert_ids_to_tokens([tok])} of {text[s:e]!r} "
-                    f"across the boundary of two prompt pieces ({text[max(0, cut - 20):cut]!r} | "
-                    f"{text[cut:cut + 20]!r}), so the pieces cannot be shared between prompts")
-            parts[bisect.bisect_right(at, s)].append(tok)
-        out.append(parts)
-    return out
