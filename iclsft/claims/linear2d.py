@@ -281,14 +281,22 @@ def _order(m: pd.DataFrame, claim: Claim, period_ok) -> Result:
     share_random = np.where(label == 0, p["label_share@random"], 1.0 - p["label_share@random"])
     effect = p["pattern_following"] - share_random
     result = judge(claim, _per_seed(p, effect), n=_n(p), conditions=_describe(p, ["icl"], "vs random order"))
-    one_label = float(np.mean(np.minimum(p["label_share@random"], 1.0 - p["label_share@random"]) <= ONE_LABEL))
-    if one_label > 0.5 and result.verdict != UNTESTABLE:
-        # A model that gives every query one label under random order has no task behaviour for an
-        # order to change: "no effect" would be trivially true and says nothing about order.
-        return replace(result, verdict=INCONCLUSIVE,
-                       details=f"ICL gives one label to ≥ {1 - ONE_LABEL:.0%} of the grid under random order in "
-                               f"{one_label:.0%} of these cells: no task behaviour for an order to change")
-    return result
+    # A model that gives every query one label under random order has no task behaviour for an order
+    # to change: "no effect" would be trivially true and says nothing about order.
+    return _one_label_guard(result, p["label_share@random"], "under random order", "an order to change")
+
+
+def _one_label_guard(result: Result, label_share: pd.Series | None, where: str, what: str) -> Result:
+    """Inconclusive, saying why, when ICL's raw predictions are one label in most cells used."""
+    if label_share is None:  # a table from before label_share: nothing to check
+        return result
+    share = pd.to_numeric(label_share).to_numpy(dtype=np.float64)
+    one_label = float(np.mean(np.minimum(share, 1.0 - share) <= ONE_LABEL)) if len(share) else 0.0
+    if one_label <= 0.5 or result.verdict == UNTESTABLE:
+        return result
+    return replace(result, verdict=INCONCLUSIVE,
+                   details=f"ICL gives one label to ≥ {1 - ONE_LABEL:.0%} of the grid {where} in {one_label:.0%} of "
+                           f"these cells: no task behaviour for {what}")
 
 
 def _seen(m: pd.DataFrame, sft: str | None) -> Result:
@@ -297,13 +305,17 @@ def _seen(m: pd.DataFrame, sft: str | None) -> Result:
     sel = _random(m)
     if not (sel["method"] == "icl").any():
         return untestable(SEEN_FEATURE, "needs ICL conditions in random order")
+    # a constant prediction has no seen-feature effect by construction (exactly 0): no evidence either way
+    why = ("(raw predictions)", "a seen-feature bias to show")
     if sft is not None and (sel["method"] == sft).any():
         p = _pairs(sel, "icl", sft, ["seen_feature_effect"])
-        return judge(SEEN_FEATURE, _per_seed(p, p["seen_feature_effect"] - p["seen_feature_effect@b"]), n=_n(p),
-                     conditions=_describe(p, ["icl", sft]))
+        result = judge(SEEN_FEATURE, _per_seed(p, p["seen_feature_effect"] - p["seen_feature_effect@b"]), n=_n(p),
+                       conditions=_describe(p, ["icl", sft]))
+        return _one_label_guard(result, p.get("label_share"), *why)
     icl = sel[sel["method"] == "icl"]
-    return judge(SEEN_FEATURE, _per_seed(icl, icl["seen_feature_effect"]), n=_n(icl),
-                 conditions=_describe(icl, ["icl"], "no SFT arm: ICL alone"))
+    result = judge(SEEN_FEATURE, _per_seed(icl, icl["seen_feature_effect"]), n=_n(icl),
+                   conditions=_describe(icl, ["icl"], "no SFT arm: ICL alone"))
+    return _one_label_guard(result, icl.get("label_share"), *why)
 
 
 def _collapse(m: pd.DataFrame, claim: Claim, a: str | None, b: str) -> Result:
