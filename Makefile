@@ -36,7 +36,7 @@ demo: $(VENV)/.installed
 	$(BIN)/iclsft-eval icl --angle 45 --shots 1,2,5,10 --seed 0 --out $(DEMO_OUT)
 
 test: $(VENV)/.installed-vllm
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean-venv:
 	rm -rf $(VENV)
