@@ -217,7 +217,8 @@ def test_order_claims_are_inconclusive_for_a_model_that_gives_one_label():
         (1.0 if pattern_label(o, int(k)) == 0 else 0.0) if o != "random" else math.nan
         for o, k in zip(one_label["order"], one_label["shots"])]
     r = by_id(c2d.evaluate(c2d.Evidence(one_label)))
-    for claim in ("long_periods_barely_matter", "period2_pattern_matching", "icl_seen_feature_bias"):
+    for claim in ("long_periods_barely_matter", "period2_pattern_matching", "icl_seen_feature_bias",
+                  "icl_better_at_cardinal_angles"):
         assert r[claim].verdict == INCONCLUSIVE, r[claim]
         assert "one label" in r[claim].details
     assert r["long_periods_barely_matter"].effect == pytest.approx(0.0, abs=1e-12)

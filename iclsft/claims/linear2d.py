@@ -215,7 +215,9 @@ def _cardinal(m: pd.DataFrame) -> Result:
     a = icl[on].groupby("seed")["holdout_accuracy"].mean()
     b = icl[~on].groupby("seed")["holdout_accuracy"].mean()
     effect = (a - b).dropna()
-    return judge(CARDINAL_BETTER, effect.to_numpy(), n=_n(icl), conditions=_describe(icl, ["icl"]))
+    result = judge(CARDINAL_BETTER, effect.to_numpy(), n=_n(icl), conditions=_describe(icl, ["icl"]))
+    # accuracy of a one-label prediction is that label's share of the grid at every angle: no evidence
+    return _one_label_guard(result, icl.get("label_share"), "(raw predictions)", "an angle to favour")
 
 
 def _towards_diagonal(angle: pd.Series, error: pd.Series) -> pd.Series:
