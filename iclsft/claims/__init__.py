@@ -23,7 +23,7 @@ from iclsft.claims import implicit, linear2d
 from iclsft.claims.core import Result, format_table, to_json, untestable, with_holm
 from iclsft.store import atomic_write_bytes
 
-__all__ = ["Result", "format_table", "run_claims", "write_claims", "evaluate_all"]
+__all__ = ["Result", "evaluate_all", "format_table", "run_claims", "study_claims", "write_claims"]
 
 
 def evaluate_all(two_d: linear2d.Evidence | None, imp: implicit.Evidence | None) -> list[Result]:
@@ -70,16 +70,17 @@ def _is_implicit(arms: dict) -> bool:
     return bool(arms) and all(str(a).startswith("implicit-") for a in arms)
 
 
-def load_linear2d(path: Path) -> linear2d.Evidence:
+def load_linear2d(path: Path, data=None) -> linear2d.Evidence:
     """The metrics table with each condition's late/early collapse index (where RSA is done) and its
-    seen-feature effect (random-order conditions on the full task lattice) merged in."""
+    seen-feature effect (random-order conditions) merged in. `data`: the run as
+    `iclsft.report.data.load_run` read it, when the caller (the report) has it already."""
     from iclsft.evaluate.seen import seen_feature_effect
     from iclsft.report.data import load_run
     from iclsft.rsa.run import load_rsa
     from iclsft.spec import stored_task
     from iclsft.tasks import linear2d as task2d
 
-    data = load_run(path)
+    data = load_run(path) if data is None else data
     extra = []
     for _, cond in data.conditions.iterrows():
         row = {"condition": cond["condition"]}
@@ -99,12 +100,20 @@ def load_linear2d(path: Path) -> linear2d.Evidence:
     return linear2d.Evidence(metrics=data.metrics.merge(table, on="condition", how="left"))
 
 
-def load_implicit(path: Path) -> implicit.Evidence:
+def load_implicit(path: Path, metrics: pd.DataFrame | None = None) -> implicit.Evidence:
+    """The implicit run's metrics table (`metrics`, when the caller has it already) and circuit shifts."""
     from iclsft.evaluate.runs import read_metrics
     from iclsft.implicit.circuits import load_shift
     from iclsft.implicit.run import implicit_metrics
 
-    metrics = read_metrics(path)
+    if metrics is None:
+        metrics = read_metrics(path)
     if metrics is None or "variant" not in metrics:
         metrics = implicit_metrics(path)
     return implicit.Evidence(metrics=metrics, shift=load_shift(path))
+
+
+def study_claims(evidence: linear2d.Evidence | implicit.Evidence) -> list[Result]:
+    """The claims of one study (the one `evidence` belongs to), with Holm p over them: a report page's table."""
+    study = linear2d if isinstance(evidence, linear2d.Evidence) else implicit
+    return with_holm(study.evaluate(evidence))

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from iclsft import __version__
+from iclsft.claims import load_linear2d, study_claims
 from iclsft.evaluate.stats import paired_differences, summarize
 from iclsft.report import rsa, rsa_measures, tables
 from iclsft.report.claims import claims_section
@@ -72,7 +73,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         _dynamics_section(data, summary, writer),
         _rsa_section(data, writer),
         tables.stats_section(data, summary, diffs, out),
-        claims_section(data.path, "linear2d"),
+        claims_section(lambda: study_claims(load_linear2d(data.path, data))),
     ]
     n = len(data.conditions)
     meta = (f"{data.path} · {n} finished condition{'s' * (n != 1)} · methods {', '.join(data.methods)} · "

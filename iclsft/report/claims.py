@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 from iclsft.claims.core import FAILS, HOLDS, UNTESTABLE, Result
 from iclsft.report.html import Section, fmt, table
@@ -12,19 +11,17 @@ from iclsft.report.html import Section, fmt, table
 VERDICT_CLASS = {HOLDS: "pos", FAILS: "neg"}
 
 
-def claims_section(run_dir: str | Path, study: str) -> Section:
-    """The claims of `study` ("linear2d" or "implicit") evaluated on the run, as a table."""
-    from iclsft.claims import run_claims
-
+def claims_section(evaluate: Callable[[], Sequence[Result]]) -> Section:
+    """The table of the claims `evaluate()` returns (one study's, from the data the page has loaded)."""
     s = Section("Claims", "Each headline claim of the study as an operational test on this run. Effects are "
                 "oriented so that positive means 'as claimed'; the interval is a 95% t-interval over the "
                 "replication units (seeds, or tasks × seeds) with n given; holds = interval above 0 and beyond "
                 "the negligible margin (similarity claims: inside ±margin), does not hold = below 0 or shown "
                 "negligible, untestable = the run lacks the conditions named. p: one-sided (similarity: TOST); "
-                "p_H: Holm-adjusted over the claims with a p. Definitions: docs/claims.md; also RUN/claims.json "
-                "via `iclsft-eval claims RUN`.")
+                "p_H: Holm-adjusted over this table's claims with a p. Definitions: docs/claims.md; also "
+                "RUN/claims.json via `iclsft-eval claims RUN`.")
     try:
-        results = [r for r in run_claims(run_dir) if r.study == study]
+        results = evaluate()
     except (ValueError, OSError) as e:  # the rest of the report stands without this section
         s.note(f"claims could not be evaluated: {e}")
         return s

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from iclsft import __version__
+from iclsft.claims import load_implicit, study_claims
 from iclsft.implicit.circuits import load_shift
 from iclsft.implicit.run import implicit_metrics, results_table
 from iclsft.report.claims import claims_section
@@ -29,7 +30,7 @@ def build_implicit_report(run_dir: str | Path, out_dir: str | Path | None = None
     out.mkdir(parents=True, exist_ok=True)
     writer = FigureWriter(out)
     sections = [_results_section(metrics), _curves_section(metrics, writer), _circuits_section(path, writer),
-                claims_section(path, "implicit")]
+                claims_section(lambda: study_claims(load_implicit(path, metrics)))]
     meta = (f"{path} · {len(metrics)} finished conditions · accuracy = exact answer; means over seeds · "
             f"iclsft {__version__} · {time.strftime('%Y-%m-%d %H:%M')}")
     markup = page(f"Implicit patterns: ICL vs fine-tuning — {path.resolve().name}", meta, sections)
