@@ -21,7 +21,8 @@ _FIT_GTOL = 1e-10
 _FIT_MAX_ITER = 100
 
 
-def _log_sigmoid(x: FloatArray) -> FloatArray:
+def log_sigmoid(x: FloatArray) -> FloatArray:
+    """Return log(sigmoid(x)) without overflow for large |x|."""
     return -np.logaddexp(0.0, -x)
 
 
@@ -51,7 +52,7 @@ def fit_logistic(z: npt.ArrayLike, y: npt.ArrayLike, C: float = LOGREG_C) -> tup
     obj = _neg_log_lik(beta, x, y, penalty)
     for _ in range(_FIT_MAX_ITER):
         eta = x @ beta
-        p = np.exp(_log_sigmoid(eta))
+        p = np.exp(log_sigmoid(eta))
         grad = x.T @ (p - y) + penalty * beta
         if np.linalg.norm(grad) < _FIT_GTOL:
             break
@@ -102,6 +103,12 @@ def fit_angle(n1: npt.ArrayLike, n2: npt.ArrayLike, y: npt.ArrayLike, C: float =
     return 0.0 if angle >= 180.0 else angle
 
 
+def wrap_error(x: npt.ArrayLike) -> np.ndarray:
+    """Signed angle differences wrapped to (−90°, 90°] (angles are axial, period 180°)."""
+    x = np.asarray(x, dtype=np.float64)
+    return 90.0 - np.mod(90.0 - x, 180.0)
+
+
 def angle_error(estimated: float, true: float) -> float:
     """Return estimated - true wrapped into (-90, 90] degrees (angles are axial, period 180)."""
-    return 90.0 - ((90.0 - (estimated - true)) % 180.0)
+    return float(wrap_error(estimated - true))

@@ -23,7 +23,14 @@ import numpy.typing as npt
 import pandas as pd
 
 # the angle fit lives in its own module; its names stay importable from here
-from iclsft.evaluate.angles import CENTRE, LOGREG_C, angle_error, fit_angle, fit_logistic  # noqa: F401
+from iclsft.evaluate.angles import (  # noqa: F401
+    CENTRE,
+    LOGREG_C,
+    angle_error,
+    fit_angle,
+    fit_logistic,
+    log_sigmoid,
+)
 from iclsft.tasks.linear2d import RANDOM_ORDER, check_order, has_boundary_angle
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("n1", "n2", "truth", "lp_0", "lp_1", "is_exemplar")
@@ -62,14 +69,9 @@ ECE_BINS: int = 10
 FloatArray = npt.NDArray[np.float64]
 
 
-def _log_sigmoid(x: FloatArray) -> FloatArray:
-    """Return log(sigmoid(x)) without overflow for large |x|."""
-    return -np.logaddexp(0.0, -x)
-
-
 def sigmoid(x: npt.ArrayLike) -> FloatArray:
     """Return the logistic function of ``x``, stable for large |x|."""
-    return np.exp(_log_sigmoid(np.asarray(x, dtype=np.float64)))
+    return np.exp(log_sigmoid(np.asarray(x, dtype=np.float64)))
 
 
 def predict(d: npt.ArrayLike) -> npt.NDArray[np.int64]:
@@ -385,7 +387,7 @@ def compute_metrics(
         "inferred_angle": raw["inferred_angle"],
         "angle_error": raw["angle_error"],
         "ece": expected_calibration_error(conf[labelled], (pred == truth)[labelled]),
-        "log_loss": _mean_or_nan(-_log_sigmoid(signed[labelled])),
+        "log_loss": _mean_or_nan(-log_sigmoid(signed[labelled])),
         "auc": roc_auc(d[labelled], truth[labelled] == 0),
         "cal_accuracy": cal["accuracy"],
         "cal_holdout_accuracy": cal["holdout_accuracy"],

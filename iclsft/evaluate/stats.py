@@ -20,6 +20,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from iclsft.evaluate import student_t
+from iclsft.evaluate.angles import wrap_error
 from iclsft.evaluate.metrics import METRIC_NAMES
 
 LEVEL = 0.95
@@ -168,8 +169,16 @@ def holm(pvalues: npt.ArrayLike) -> np.ndarray:
     return out.reshape(p.shape)
 
 
-def _resultant(doubled_rad: np.ndarray) -> complex:
-    return complex(np.cos(doubled_rad).mean(), np.sin(doubled_rad).mean())
+def _mean_direction(angles_deg: npt.ArrayLike) -> float:
+    """Half the direction of the mean unit vector of the doubled finite angles, in (−90°, 90°]; NaN
+    when none is finite or the resultant length is below RESULTANT_MIN (no mean direction exists)."""
+    v = np.deg2rad(2.0 * _finite(angles_deg))
+    if len(v) == 0:
+        return math.nan
+    r = complex(np.cos(v).mean(), np.sin(v).mean())
+    if abs(r) < RESULTANT_MIN:
+        return math.nan
+    return float(wrap_error(math.degrees(math.atan2(r.imag, r.real)) / 2.0))
 
 
 def circular_mean_axial(angles_deg: npt.ArrayLike) -> float:
@@ -179,19 +188,7 @@ def circular_mean_axial(angles_deg: npt.ArrayLike) -> float:
     halved back. NaN when no value is finite or the resultant length is below 1e-9 (e.g. 0° and 90°:
     no mean direction exists).
     """
-    v = _finite(angles_deg)
-    if len(v) == 0:
-        return math.nan
-    r = _resultant(np.deg2rad(2.0 * v))
-    if abs(r) < RESULTANT_MIN:
-        return math.nan
-    return float(math.degrees(math.atan2(r.imag, r.real)) / 2.0 % 180.0) % 180.0
-
-
-def wrap_error(x: npt.ArrayLike) -> np.ndarray:
-    """Signed angle differences wrapped to (−90°, 90°], the range of angle_error."""
-    x = np.asarray(x, dtype=np.float64)
-    return 90.0 - np.mod(90.0 - x, 180.0)
+    return float(_mean_direction(angles_deg) % 180.0) % 180.0
 
 
 def circular_mean_error(errors_deg: npt.ArrayLike) -> float:
@@ -200,15 +197,7 @@ def circular_mean_error(errors_deg: npt.ArrayLike) -> float:
     Like circular_mean_axial, on the doubled circle; the result is wrapped to (−90, 90] like the
     errors themselves, so +85° and −85° average to +90° (never −90°, never 0°). NaN as there.
     """
-    v = _finite(errors_deg)
-    if len(v) == 0:
-        return math.nan
-    r = _resultant(np.deg2rad(2.0 * v))
-    if abs(r) < RESULTANT_MIN:
-        return math.nan
-    return float(wrap_error(math.degrees(math.atan2(r.imag, r.real)) / 2.0))
-
-
+    return _mean_direction(errors_deg)
 
 
 def circular_t_interval(values: npt.ArrayLike, *, axial: bool, level: float = LEVEL) -> Interval:
