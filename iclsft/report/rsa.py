@@ -100,6 +100,18 @@ def band_note(counts: Sequence[int]) -> str:
     return text + ("; lines with one seed: no band" if counts[0] < 2 else "")
 
 
+def layer_axes(ax, r: int, c: int, title: str, ylabel: str) -> None:
+    """Grid and labels of one panel of a (stream rows × columns) against-layer figure."""
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+    if r == 0:
+        ax.set_title(title, fontsize=10)
+    if c == 0:
+        ax.set_ylabel(ylabel, fontsize=9)
+    if r == len(STREAMS) - 1:
+        ax.set_xlabel("layer", fontsize=9)
+
+
 def draw_collapse(writer: FigureWriter, name: str, title: str, conds: pd.DataFrame, methods: Sequence[str],
                   problems: list[str]) -> tuple[str, str] | None:
     """Collapse index against layer: a column per K, a row per stream, a line per method (mean over
@@ -135,14 +147,7 @@ def draw_collapse(writer: FigureWriter, name: str, title: str, conds: pd.DataFra
                 handles[method] = h
                 n_data += len(layers)
             ax.axhline(0, color="grey", lw=0.8, ls=":")
-            ax.grid(alpha=0.3)
-            ax.tick_params(labelsize=8)
-            if r == 0:
-                ax.set_title(f"K={k}", fontsize=10)
-            if c == 0:
-                ax.set_ylabel(f"{stream_label}\ncollapse index", fontsize=9)
-            if r == len(STREAMS) - 1:
-                ax.set_xlabel("layer", fontsize=9)
+            layer_axes(ax, r, c, f"K={k}", f"{stream_label}\ncollapse index")
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=9)
     return writer.save(fig, name, n_data), band_note(counts)

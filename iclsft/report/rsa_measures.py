@@ -21,7 +21,7 @@ import pandas as pd
 
 from iclsft.report.data import method_color
 from iclsft.report.figures import FigureWriter, new_figure
-from iclsft.report.rsa import BLOCKS, MAX_SHOTS_SHOWN, STREAMS, _read, band_note, seed_band, spread
+from iclsft.report.rsa import BLOCKS, MAX_SHOTS_SHOWN, STREAMS, _read, band_note, layer_axes, seed_band, spread
 
 MEASURES = {"within_exemplar": ("within exemplars", "#d62728", "-"),
             "within_test": ("within test points", "#1f77b4", "-"),
@@ -84,14 +84,7 @@ def draw_block_means(writer: FigureWriter, name: str, title: str, conds: pd.Data
                 ax.fill_between(t["layer"], t["lo"], t["hi"], color=color, alpha=0.18, lw=0)
                 handles[label] = h
                 n_data += len(t)
-            ax.grid(alpha=0.3)
-            ax.tick_params(labelsize=8)
-            if r == 0:
-                ax.set_title(method, fontsize=10)
-            if c == 0:
-                ax.set_ylabel(f"{stream_label}\nmean cosine", fontsize=9)
-            if r == len(STREAMS) - 1:
-                ax.set_xlabel("layer", fontsize=9)
+            layer_axes(ax, r, c, method, f"{stream_label}\nmean cosine")
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=9)
     return writer.save(fig, name, n_data), band_note(table["n"])
