@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_metrics import lattice as grid  # all (n1, n2) of the lattice, n1-major
 
 from iclsft.evaluate.metrics import (
     METRIC_NAMES,
@@ -26,12 +27,6 @@ from iclsft.report.data import load_run
 from iclsft.spec import IclRunSpec, ModelSpec, TaskSpec
 from iclsft.store import RunDir, npy_bytes, parquet_bytes
 from iclsft.tasks import linear2d
-
-
-def grid(step: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    values = np.arange(0, 100, step)
-    g1, g2 = np.meshgrid(values, values, indexing="ij")
-    return g1.ravel(), g2.ravel()
 
 
 def table(n1, n2, truth, d, is_exemplar=None) -> pd.DataFrame:
