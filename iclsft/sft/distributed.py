@@ -27,7 +27,6 @@ import math
 import os
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -37,10 +36,9 @@ from iclsft.sft.train import (
     TrainJob,
     batch_indices,
     batch_loss,
-    checkpoint_steps,
     marker_info,
+    optimization,
     prepare_model,
-    total_steps,
 )
 from iclsft.spec import ExecutorSpec
 
@@ -124,7 +122,6 @@ def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import get_cosine_schedule_with_warmup
 
     job: TrainJob = config["job"]
     sft = job.sft
@@ -136,13 +133,7 @@ def _worker_loop(config: dict) -> None:
     model = prepare_model(job.base_path, sft, job.seed, device=str(device))
     shard(model, device.type)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=sft.lr, weight_decay=sft.weight_decay)
-    steps = total_steps(len(job.examples), sft)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(sft.warmup_ratio * steps), steps)
-    save_at: dict[int, list[float]] = defaultdict(list)
-    for fraction, at in checkpoint_steps(steps, [f for f, _ in config["missing"]]).items():
-        save_at[at].append(fraction)
+    params, optimizer, scheduler, steps, save_at = optimization(model, job, config["missing"])
     dirs = dict(config["missing"])
     losses: list[float] = []
     shell = None  # worker 0's unsharded copy of the model, loaded at the first save

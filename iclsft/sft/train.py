@@ -216,23 +216,31 @@ def train(job: TrainJob) -> dict:
     return result
 
 
-def _train_missing(job: TrainJob, missing: list[tuple[float, str]], result: dict, started: float) -> None:
+def optimization(model, job: TrainJob, missing: Sequence[tuple[float, str]]):
+    """The recipe's optimisation for `model`, shared by single-process and sharded training: its
+    trainable parameters, AdamW, the cosine schedule with warmup, the total steps and the steps after
+    which the `missing` checkpoint fractions are saved ({step: [fractions]}; two may round to one)."""
     from transformers import get_cosine_schedule_with_warmup
 
     sft = job.sft
-    model = prepare_model(job.base_path, sft, job.seed)
-    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=sft.lr, weight_decay=sft.weight_decay)
     steps = total_steps(len(job.examples), sft)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(sft.warmup_ratio * steps), steps)
-    save_at: dict[int, list[float]] = defaultdict(list)  # fractions may round to the same step
+    save_at: dict[int, list[float]] = defaultdict(list)
     for fraction, at in checkpoint_steps(steps, [f for f, _ in missing]).items():
         save_at[at].append(fraction)
+    return params, optimizer, scheduler, steps, save_at
+
+
+def _train_missing(job: TrainJob, missing: list[tuple[float, str]], result: dict, started: float) -> None:
+    sft = job.sft
+    model = prepare_model(job.base_path, sft, job.seed)
+    model.train()
+    params, optimizer, scheduler, steps, save_at = optimization(model, job, missing)
     dirs = dict(missing)
-    last = max(save_at)
     pad_id = 0
-    for step in range(last):
+    for step in range(max(save_at)):
         batch = [job.examples[i] for i in batch_indices(step, len(job.examples), sft.batch_size)]
         loss = batch_loss(model, batch, pad_id, job.loss, sft.precision)
         optimizer.zero_grad(set_to_none=True)
