@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from iclsft.artifacts import npy_bytes, parquet_bytes
 from iclsft.evaluate.metrics import compute_metrics, decision_field
 from iclsft.faults import fault_point, is_out_of_memory, out_of_memory
 from iclsft.prompts import PromptBuilder
 from iclsft.spec import Condition, TaskSpec
-from iclsft.store import RunDir, npy_bytes, parquet_bytes
+from iclsft.store import RunDir
 from iclsft.tasks import linear2d
 
 OOM_SCORING = ("lower --token-budget (tokens per forward pass of the hf engine; sweep: engine_options.token_budget), "

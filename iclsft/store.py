@@ -10,34 +10,25 @@
     RUN/conditions/<name>/field.npy        decision field p(first label) on the query lattice
     RUN/conditions/<name>/record.json      status, timings, and size + sha256 of each file above
 
-Every file is written to a temporary name and renamed into place; a condition's record is written
+Every file is written through iclsft.artifacts (temporary name, fsync, rename); a condition's record is written
 after its files and lists their sizes and checksums, so a condition counts as finished only when
 its record says "ok" and every file still matches (docs/reliability.md).
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
-import hashlib
-import io
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 from iclsft import __version__
+from iclsft.artifacts import atomic_write_json, file_matches, write_checked
 from iclsft.faults import fault_point
 from iclsft.spec import Condition
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class RunLockedError(RuntimeError):
@@ -46,68 +37,6 @@ class RunLockedError(RuntimeError):
 
 class SpecMismatchError(ValueError):
     """The run directory holds results of a different spec."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary name beside `path`, fsync it, rename it into place: a reader sees the
-    old file or the new one, never a part. A failed write names the file (and, on a full disk, what to do)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        fault_point(f"write:{path.name}")
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None and str(path) not in str(e):
-            hint = ("; free some space, then rerun the same command (finished results are kept)"
-                    if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
-            raise type(e)(e.errno, f"{e.strerror or e} while writing {path}{hint}") from e
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
-
-
-def parquet_bytes(table: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    table.to_parquet(buf, index=False)
-    return buf.getvalue()
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _digest(data: bytes) -> dict[str, Any]:
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def file_digest(path: Path) -> dict[str, Any]:
-    """Size and sha256 of a file, read in blocks (adapters and full models can be large)."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-            size += len(block)
-    return {"bytes": size, "sha256": h.hexdigest()}
-
-
-def file_matches(path: Path, info: dict) -> bool:
-    """True when `path` is a file of the size and (where recorded) sha256 in `info`."""
-    try:
-        if not path.is_file() or path.stat().st_size != info["bytes"]:
-            return False
-        return "sha256" not in info or file_digest(path)["sha256"] == info["sha256"]
-    except (OSError, KeyError, TypeError):
-        return False
 
 
 class RunDir:
@@ -276,8 +205,7 @@ class RunDir:
         atomic_write_json(cdir / "condition.json", {"id": cond.id, **cond.model_dump(mode="json")})
         digests = {}
         for name, data in files.items():
-            atomic_write_bytes(cdir / name, data)
-            digests[name] = _digest(data)
+            digests[name] = write_checked(cdir / name, data)
         fault_point("condition-record")
         self._write_condition_record(cond, "ok", files=digests, **fields)
 

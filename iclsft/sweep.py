@@ -351,9 +351,10 @@ def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out
                  progress: bool) -> dict:
     import json
 
+    from iclsft.artifacts import atomic_write_json
     from iclsft.icl import ConditionsFailed, run_icl
     from iclsft.sft.runner import run_sft
-    from iclsft.store import RunDir, atomic_write_json
+    from iclsft.store import RunDir
 
     atomic_write_json(out / "sweep.json", json.loads(config.model_dump_json()))
     tables, failures = {}, []

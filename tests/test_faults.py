@@ -27,10 +27,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from iclsft.artifacts import file_matches
 from iclsft.cli import main
 from iclsft.faults import parse
 from iclsft.sft.adapters import MARKER, checkpoint_problem, is_finished
-from iclsft.store import file_matches
 from iclsft.sweep import SweepConfig, model_dir, run_sweep
 
 pytest.importorskip("peft")

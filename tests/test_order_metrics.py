@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from test_metrics import lattice as grid  # all (n1, n2) of the lattice, n1-major
 
+from iclsft.artifacts import npy_bytes, parquet_bytes
 from iclsft.evaluate.metrics import (
     METRIC_NAMES,
     centred_field,
@@ -25,7 +26,7 @@ from iclsft.evaluate.metrics import (
 from iclsft.evaluate.runs import read_metrics, recompute_metrics, write_metrics
 from iclsft.report.data import load_run
 from iclsft.spec import IclRunSpec, ModelSpec, TaskSpec
-from iclsft.store import RunDir, npy_bytes, parquet_bytes
+from iclsft.store import RunDir
 from iclsft.tasks import linear2d
 
 

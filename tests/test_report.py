@@ -13,12 +13,13 @@ import pytest
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 
+from iclsft.artifacts import npy_bytes, parquet_bytes  # noqa: E402
 from iclsft.evaluate.metrics import decision_field  # noqa: E402
 from iclsft.evaluate.runs import recompute_metrics  # noqa: E402
 from iclsft.report import build_report  # noqa: E402
 from iclsft.report.figures import FigureWriter  # noqa: E402
 from iclsft.spec import IclRunSpec, ModelSpec, SftRunSpec, TaskSpec, sft_spec  # noqa: E402
-from iclsft.store import RunDir, npy_bytes, parquet_bytes  # noqa: E402
+from iclsft.store import RunDir  # noqa: E402
 from iclsft.tasks import linear2d  # noqa: E402
 
 MODEL = ModelSpec(name="synthetic", fingerprint="0" * 64)
@@ -203,7 +204,7 @@ def test_report_omits_figures_without_data(tmp_path):
 
 def write_rsa_record(cdir: Path) -> None:
     """An ok rsa.json for the rsa.npz in `cdir`, with its size and checksum as compute_rsa writes them."""
-    from iclsft.store import file_digest
+    from iclsft.artifacts import file_digest
 
     (cdir / "rsa.json").write_text(json.dumps({"status": "ok", "files": {"rsa.npz": file_digest(cdir / "rsa.npz")}}))
 

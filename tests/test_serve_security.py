@@ -18,13 +18,14 @@ import pytest
 from click.testing import CliRunner
 
 from iclsft import serve as serve_mod
+from iclsft.artifacts import file_digest
 from iclsft.cli import main
 from iclsft.engine import vllm_cli
 from iclsft.engine.vllm_cli import allowed_adapter_path, install_adapter_guard
 from iclsft.engine.vllm_server import VLLMServerEngine
 from iclsft.icl import make_icl_spec
 from iclsft.sft.adapters import MARKER
-from iclsft.store import RunDir, file_digest
+from iclsft.store import RunDir
 
 KEY = "secret-key-5f2a"
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from iclsft import store
+from iclsft import artifacts
+from iclsft.artifacts import atomic_write_bytes, atomic_write_json
 from iclsft.spec import Condition, EngineSpec, IclRunSpec, ModelSpec, TaskSpec, TemplateSpec
-from iclsft.store import RunDir, SpecMismatchError, atomic_write_bytes, atomic_write_json
+from iclsft.store import RunDir, SpecMismatchError
 
 MODEL = ModelSpec(name="tiny", fingerprint="0123456789abcdef")
 
@@ -69,7 +70,7 @@ def test_atomic_write_failing_rename_keeps_old_content(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store.os, "replace", broken_replace)
+    monkeypatch.setattr(artifacts.os, "replace", broken_replace)
     with pytest.raises(OSError, match="No space left"):
         atomic_write_bytes(target, b"new content that never lands")
     assert target.read_bytes() == b"old content"
@@ -100,7 +101,7 @@ def test_atomic_write_failing_midway_through_write_keeps_old_content(tmp_path, m
             written.append(len(data) // 2)
             raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(store.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    monkeypatch.setattr(artifacts.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
     with pytest.raises(OSError, match="Input/output error"):
         atomic_write_bytes(target, b"0123456789" * 10)
     assert written, "the patched writer was not used"
@@ -117,7 +118,7 @@ def test_atomic_write_interrupted_keeps_old_content(tmp_path, monkeypatch):
     def interrupted(fd):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(store.os, "fsync", interrupted)
+    monkeypatch.setattr(artifacts.os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"

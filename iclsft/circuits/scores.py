@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iclsft.store import atomic_write_bytes
+from iclsft.artifacts import atomic_write_bytes
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from iclsft.artifacts import atomic_write_bytes
 from iclsft.claims import implicit, linear2d
 from iclsft.claims.core import Result, format_table, to_json, untestable, with_holm
-from iclsft.store import atomic_write_bytes
 
 __all__ = ["Result", "evaluate_all", "format_table", "run_claims", "study_claims", "write_claims"]
 

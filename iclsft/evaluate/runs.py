@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from iclsft.artifacts import atomic_write_bytes, atomic_write_json, file_digest, file_matches, parquet_bytes
 from iclsft.evaluate.metrics import METRIC_NAMES, compute_metrics
 from iclsft.faults import fault_point
-from iclsft.store import RunDir, atomic_write_bytes, atomic_write_json, file_digest, file_matches, parquet_bytes
+from iclsft.store import RunDir
 
 KEY_COLUMNS = ["task", "angle", "method", "shots", "seed", "checkpoint", "order", "model", "dtype", "condition"]
 

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from iclsft.artifacts import atomic_write_json
 from iclsft.circuits import ComponentScores, PromptPair, attribution_scores, circuit_shift
 from iclsft.implicit.data import TaskPrompts, demo_stream, derived_seed
 from iclsft.models import load_model, resolve_model
 from iclsft.sft.adapters import ADAPTERS_DIR
-from iclsft.store import RunDir, atomic_write_json
+from iclsft.store import RunDir
 from iclsft.tasks.implicit import get_task, pair
 
 Log = Callable[[str], None]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from iclsft.artifacts import parquet_bytes
 from iclsft.engine.base import close_engine, open_engine
 from iclsft.evaluate.runs import write_metrics
 from iclsft.icl import ConditionsFailed
@@ -33,7 +34,7 @@ from iclsft.implicit.evaluate import METRICS, item_metrics, score_items
 from iclsft.implicit.spec import ImplicitCondition, ImplicitSpec
 from iclsft.models import ModelRef, resolve_model
 from iclsft.spec import EngineSpec, ExecutorSpec, ModelSpec, sft_spec
-from iclsft.store import RunDir, parquet_bytes
+from iclsft.store import RunDir
 from iclsft.tasks.implicit import get_task
 
 Log = Callable[[str], None]

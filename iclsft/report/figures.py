@@ -24,8 +24,8 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("the report needs matplotlib: pip install matplotlib") from e
 
+from iclsft.artifacts import atomic_write_bytes
 from iclsft.faults import fault_point
-from iclsft.store import atomic_write_bytes
 
 DPI = 100
 WRAP = 3  # metric panels per row in figures without row facets

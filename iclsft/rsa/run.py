@@ -41,10 +41,11 @@ import numpy as np
 import pandas as pd
 
 from iclsft import __version__
+from iclsft.artifacts import atomic_write_bytes, atomic_write_json
 from iclsft.faults import fault_point, is_out_of_memory, out_of_memory
 from iclsft.rsa.points import DEFAULT_SUBSET, check_subset, matrix_points
 from iclsft.spec import Condition, ModelSpec
-from iclsft.store import RunDir, atomic_write_bytes, atomic_write_json
+from iclsft.store import RunDir
 from iclsft.tasks import linear2d
 
 RSA_VERSION = 2  # bump when what rsa.npz holds, or how it is computed, changes (2: exemplars in the matrix)

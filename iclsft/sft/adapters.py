@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from iclsft.artifacts import file_digest, file_matches
 from iclsft.faults import fault_point
 from iclsft.spec import HASH_VERSION, SftSpec
-from iclsft.store import file_digest, file_matches
 
 MARKER = "iclsft-adapter.json"
 ADAPTERS_DIR = "adapters"
