@@ -95,7 +95,8 @@ def test_other_angles_have_no_ties_and_balanced_classes(angle):
     t = truth(N1, N2, angle)
     assert (t == -1).sum() == 0
     assert (t == 0).sum() == 5000 and (t == 1).sum() == 5000
-    m = margin(N1, N2, angle)
+    th = np.deg2rad(angle)  # the SPEC's margin, written out here (not the module's `margin`)
+    m = -np.sin(th) * (N1 - 49.5) + np.cos(th) * (N2 - 49.5)
     np.testing.assert_array_equal(t, np.where(m > 0, 0, 1))
 
 

@@ -234,9 +234,22 @@ def test_paired_differences_holm_family_is_metric_and_checkpoint():
             rows.append({"angle": angle, "method": "icl", "shots": 5, "seed": s, "accuracy": a + angle / 1000})
             rows.append({"angle": angle, "method": "full", "shots": 5, "seed": s, "checkpoint": 1.0,
                          "accuracy": b})
-    out = paired_differences(metrics_table(rows), ["accuracy"])
-    np.testing.assert_allclose(out["p_holm"], holm(out["p"].to_numpy()))
-    assert (out["p_holm"] >= out["p"]).all() and (out["p_holm"] > out["p"]).any()
+    out = paired_differences(metrics_table(rows), ["accuracy"]).set_index("angle")
+    # By hand: differences (0.2, 0.08, 0.2) + θ/1000 per angle, paired t with 2 df (closed-form p), then
+    # Holm over the one family of 3 (accuracy, checkpoint 1.0): the smallest p times 3, the next times 2,
+    # the largest times 1, each raised to at least the one before.
+    p = {}
+    for angle in (0.0, 45.0, 90.0):
+        d = np.array([0.2, 0.08, 0.2]) + angle / 1000
+        t = d.mean() / (d.std(ddof=1) / math.sqrt(3))
+        p[angle] = 1 - t / math.sqrt(2 + t * t)
+    assert p[90.0] < p[45.0] < p[0.0]
+    expected = {90.0: 3 * p[90.0]}
+    expected[45.0] = max(expected[90.0], 2 * p[45.0])
+    expected[0.0] = max(expected[45.0], p[0.0])
+    for angle in p:
+        assert out.loc[angle, "p"] == pytest.approx(p[angle], abs=1e-12)
+        assert out.loc[angle, "p_holm"] == pytest.approx(expected[angle], abs=1e-12)
 
 
 def test_paired_differences_of_angles_are_circular():
@@ -247,8 +260,10 @@ def test_paired_differences_of_angles_are_circular():
     )
     row = paired_differences(table, ["angle_error"]).iloc[0]
     # 88 − (−88) = 176 wraps to −4; 178 → −2; 173 → −7: ICL and SFT are 2–7° apart, not 173–178°.
-    assert row["diff"] == pytest.approx(circular_mean_error([-4.0, -2.0, -7.0]))
     u = np.array([-4.0, -2.0, -7.0])
+    # their axial mean by the textbook rule: half the direction of the mean resultant of the doubled angles
+    doubled = np.deg2rad(2 * u)
+    assert row["diff"] == pytest.approx(math.degrees(math.atan2(np.sin(doubled).sum(), np.cos(doubled).sum())) / 2)
     half = T975[2] * u.std(ddof=1) / math.sqrt(3)
     assert -5.0 < row["diff"] < -4.0 and row["n_pairs"] == 3
     assert (row["lo"], row["hi"]) == (pytest.approx(u.mean() - half, abs=1e-6), pytest.approx(u.mean() + half,
