@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from iclsft.artifacts import atomic_write_json
 from iclsft.engine.hf import HFEngine, pack
 from iclsft.engine.reference import naive_score
 from iclsft.prompts import PromptBuilder
@@ -112,7 +113,7 @@ def main() -> None:
             del model
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_hf.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(args.out / "gpu_hf.json", results)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 from gpu_hf import LLAMA3_8B, build, timed  # same folder: the random-model builder and CUDA timing
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig
 
+from iclsft.artifacts import atomic_write_json
 from iclsft.engine.hf import HFEngine
 from iclsft.engine.reference import naive_score
 from iclsft.prompts import PromptBuilder
@@ -157,7 +158,7 @@ def main() -> None:
             print(json.dumps(out["scoring"][-1]), flush=True)
     out["seconds_total"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_models.json").write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_json(args.out / "gpu_models.json", out)
     print(f"wrote {args.out / 'gpu_models.json'} in {out['seconds_total']:.0f} s")
 
 

@@ -17,12 +17,12 @@ is the share whose interval for ICL − SFT excludes 0 (bootstrap) or whose pair
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from iclsft.artifacts import atomic_write_json
 from iclsft.evaluate.stats import paired_t_test, t_interval
 
 SEEDS = (2, 3, 5, 10)
@@ -103,7 +103,7 @@ def main() -> None:
     print(f"{args.experiments} simulated experiments per cell; bootstrap with {N_BOOT} resamples")
     print(markdown(rows))
     if args.out is not None:
-        args.out.write_text(json.dumps(rows, indent=1))
+        atomic_write_json(args.out, rows)
 
 
 if __name__ == "__main__":

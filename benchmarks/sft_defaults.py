@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from iclsft.artifacts import atomic_write_bytes
 from iclsft.icl import make_icl_spec, run_icl
 from iclsft.sft.runner import make_sft_spec, run_sft
 from iclsft.spec import ExecutorSpec, SftSpec
@@ -59,10 +60,10 @@ def main() -> None:
         print(f"{config}: {seconds:.0f} s", flush=True)
     frame = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sft_defaults.json").write_text(frame.to_json(orient="records", indent=2))
+    atomic_write_bytes(args.out / "sft_defaults.json", frame.to_json(orient="records", indent=2).encode())
     md = [f"### SFT defaults sweep, {date.today().isoformat()} (smollm2-135m, θ={args.angle:g}°, seed 0, "
           f"step-{args.grid_step} lattice)", "", frame.to_markdown(index=False, floatfmt=".3f")]
-    (args.out / "sft_defaults.md").write_text("\n".join(md) + "\n")
+    atomic_write_bytes(args.out / "sft_defaults.md", ("\n".join(md) + "\n").encode())
     print("\n".join(md))
 
 

@@ -11,7 +11,6 @@ after `--warmup` steps is reported, with the ratio to fp32 of the same method.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from iclsft.artifacts import atomic_write_json
 from iclsft.models import resolve_model
 from iclsft.prompts import builder_key, prompt_builders
 from iclsft.sft.runner import training_examples
@@ -80,7 +80,7 @@ def main() -> None:
            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
            "avx512_bf16": "avx512_bf16" in cpu_flags, "amx_bf16": "amx_bf16" in cpu_flags, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    atomic_write_json(args.out, out)
     print(f"wrote {args.out}")
 
 

@@ -1,6 +1,6 @@
 """Scoring throughput: our engines against a naive HF loop, plain vLLM and lm-eval-style scoring.
 
-One process, one model, the same queries for every method (iclsft/bench.py says what each
+One process, one model, the same queries for every method (iclsft/bench/__init__.py says what each
 method is and how it is counted). Writes STEM.json and STEM.md.
 
     python benchmarks/throughput.py                       # full: 10,000 queries, K = 10,100,200, 3 adapters
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
+    from iclsft.artifacts import atomic_write_bytes
     from iclsft.bench import METHODS, BenchSpec, markdown, run_bench, write_results
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,14 +46,16 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="rewrite STEM.md from STEM.json")
     args = parser.parse_args()
     if args.table_only:
-        args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
+        table = markdown(json.loads(args.out.with_suffix(".json").read_text()))
+        atomic_write_bytes(args.out.with_suffix(".md"), table.encode())
         return
     spec = BenchSpec(model=args.model, queries=args.queries, shots=tuple(int(k) for k in args.shots.split(",") if k),
                      adapters=args.adapters, lora_rank=args.lora_rank,
                      methods=tuple(m.strip() for m in args.competitors.split(",") if m.strip()),
                      naive_sample=args.naive_sample, vllm_sample=args.vllm_sample, dtype=args.dtype,
                      token_budget=args.token_budget, threads=args.threads, vllm_block_size=args.vllm_block_size)
-    results = run_bench(spec, log=lambda msg: print(msg, flush=True))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the run's progress lines
+    results = run_bench(spec)
     paths = write_results(results, args.out)
     print(markdown(results))
     print("wrote", *paths)

@@ -8,6 +8,9 @@ is reused is checked here (docs/reliability.md).
   the returned `{"bytes", "sha256"}` in a record written after the file, the reader passes it back and
   gets the bytes only when they still match.
 - `file_matches`: the same check as a yes/no, for resume decisions (a damaged file is recomputed).
+- `manifest` / `manifest_problems`: the same for every file of a directory (checkpoints, whose marker
+  lists them); `publish_dir`: sync a finished temporary directory and rename it into place;
+  `set_aside`: rename a damaged directory out of the way (kept for inspection, never read).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         fault_point(f"write:{path.name}")
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno is not None and str(path) not in str(e):
@@ -144,3 +150,62 @@ def read_verified(path: Path, info: dict) -> bytes:
             return data
     raise ValueError(f"{path} does not match the checksum recorded when it was written ({why}); "
                      "rerun the command that made it: a resumed run computes it again")
+
+
+def manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {"bytes", "sha256"}} of every file under `directory`, sorted by path."""
+    directory = Path(directory)
+    return {str(f.relative_to(directory)): file_digest(f) for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def manifest_problems(directory: Path, files: dict[str, dict]) -> list[str]:
+    """The names in `files` (a `manifest`) whose file under `directory` is missing or does not match, sorted."""
+    return sorted(name for name, info in files.items() if not file_matches(Path(directory) / name, info))
+
+
+def publish_dir(tmp: Path, final: Path, *, replace: bool = False) -> None:
+    """Sync every file of the finished directory `tmp` and rename it to `final`: a reader sees a complete
+    directory or none. An existing `final` is swapped out (and removed) with `replace`; without it the
+    rename fails with OSError when `final` is a non-empty directory (another writer's copy: the caller
+    decides whether that copy is as good as its own)."""
+    tmp, final = Path(tmp), Path(final)
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            _fsync_file(f)
+    old = None
+    if replace and final.exists():
+        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}-{time.time_ns()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside(path: Path, why: str = "damaged") -> Path:
+    """Rename `path` to `.<why>-<name>-<time>` beside it (kept for inspection; names starting with a dot
+    are never read as results) and return the new path."""
+    path = Path(path)
+    aside = path.with_name(f".{why}-{path.name}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**6:06d}")
+    os.replace(path, aside)
+    return aside
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (power loss, not only SIGKILL); some filesystems cannot sync a
+    directory, which then costs only that durability."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

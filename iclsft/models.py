@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from iclsft.artifacts import atomic_write_json, file_digest, publish_dir
 from iclsft.faults import fault_point
 
 MARKER = "iclsft-model.json"
@@ -135,12 +136,9 @@ def _cached_sha256(path: Path) -> str:
     except (OSError, json.JSONDecodeError):
         cache = {}
     if key not in cache:
-        cache[key] = _sha256(path)
+        cache[key] = file_digest(path)["sha256"]
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
+            atomic_write_json(cache_file, cache)
         except OSError:
             pass  # a read-only home only costs re-hashing next time
     return cache[key]
@@ -186,17 +184,13 @@ def prepare_model(name: str, *, force: bool = False) -> Path:
         marker = {
             "name": name,
             "source": str(gguf),
-            "source_sha256": _sha256(gguf),
+            "source_sha256": file_digest(gguf)["sha256"],
             "conversion_version": CONVERSION_VERSION,
             "seconds": round(time.time() - started, 1),
         }
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
-        if final.exists():  # an old or incomplete directory: move it aside, then swap in the new one
-            old = final.with_name(f".tmp-old-{name}-{os.getpid()}")
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
+        atomic_write_json(tmp / MARKER, marker)  # last: it makes the directory count as prepared
+        try:  # an old or incomplete directory is swapped out
+            publish_dir(tmp, final, replace=True)
         except OSError:  # another process won the race; its complete directory is as good as ours
             if not prepared_path(name):
                 raise
@@ -219,14 +213,6 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     out.mkdir(parents=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _remove_stale_tmp_dirs(max_age_s: float = 3600.0) -> None:

@@ -165,7 +165,9 @@ def test_adapter_paths_match_naive(cases, smollm_tokenizer, adapter, merge_lora)
 
 @pytest.fixture
 def fast_peak(monkeypatch):
-    monkeypatch.setattr(bench, "matmul_peak", lambda dtype, n=0, **_: 100.0 if dtype == "float32" else 10.0)
+    from iclsft.bench import run
+
+    monkeypatch.setattr(run, "matmul_peak", lambda dtype, n=0, **_: 100.0 if dtype == "float32" else 10.0)
 
 
 def test_run_bench_on_tiny_model(tiny_model_dir, fast_peak, tmp_path):

@@ -125,6 +125,85 @@ def test_atomic_write_interrupted_keeps_old_content(tmp_path, monkeypatch):
     assert listing(tmp_path) == ["data.bin"]
 
 
+# -- checked writes and verified reads (iclsft.artifacts) ------------------------------------------
+# The reference digest is hashlib on the bytes the test itself wrote, never the module's own helper.
+
+
+def test_write_checked_returns_size_and_sha256_of_what_is_on_disk(tmp_path):
+    data = b"a checked artifact\n" * 1000
+    info = artifacts.write_checked(tmp_path / "a" / "x.bin", data)
+    assert info == {"bytes": 19_000, "sha256": hashlib.sha256(data).hexdigest()}
+    assert (tmp_path / "a" / "x.bin").read_bytes() == data
+    assert artifacts.read_verified(tmp_path / "a" / "x.bin", info) == data
+
+
+def test_file_digest_reads_in_blocks_like_one_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "_BLOCK", 7)  # many blocks, the last one short
+    data = bytes(range(256)) * 3
+    (tmp_path / "f").write_bytes(data)
+    assert artifacts.file_digest(tmp_path / "f") == {"bytes": 768, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda p: p.unlink(), "missing"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-1]), "cut short or grown"),
+    (lambda p: p.write_bytes(b"X" + p.read_bytes()[1:]), "changed"),  # same size, one byte differs
+])
+def test_read_verified_names_the_file_and_what_is_wrong(tmp_path, damage, why):
+    path = tmp_path / "scores.bin"
+    info = artifacts.write_checked(path, b"0123456789")
+    damage(path)
+    with pytest.raises(ValueError) as e:
+        artifacts.read_verified(path, info)
+    assert str(e.value) == (f"{path} does not match the checksum recorded when it was written ({why}); "
+                            "rerun the command that made it: a resumed run computes it again")
+    assert artifacts.file_matches(path, info) is False
+
+
+def test_read_verified_refuses_a_record_without_a_size(tmp_path):
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(ValueError, match="without a valid checksum record"):
+        artifacts.read_verified(tmp_path / "f", {"sha256": hashlib.sha256(b"x").hexdigest()})
+
+
+def test_manifest_lists_every_file_and_finds_the_damaged_ones(tmp_path):
+    d = tmp_path / "ckpt"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.json").write_bytes(b"{}")
+    (d / "sub" / "w.bin").write_bytes(b"\0" * 10)
+    files = artifacts.manifest(d)
+    assert files == {"a.json": {"bytes": 2, "sha256": hashlib.sha256(b"{}").hexdigest()},
+                     "sub/w.bin": {"bytes": 10, "sha256": hashlib.sha256(b"\0" * 10).hexdigest()}}
+    assert artifacts.manifest_problems(d, files) == []
+    (d / "sub" / "w.bin").write_bytes(b"\1" + b"\0" * 9)
+    (d / "a.json").unlink()
+    assert artifacts.manifest_problems(d, files) == ["a.json", "sub/w.bin"]
+
+
+def test_publish_dir_renames_into_place_and_refuses_a_finished_copy(tmp_path):
+    tmp, final = tmp_path / ".tmp-x", tmp_path / "x"
+    tmp.mkdir()
+    (tmp / "m.json").write_text("1")
+    artifacts.publish_dir(tmp, final)
+    assert listing(tmp_path) == ["x"] and (final / "m.json").read_text() == "1"
+    other = tmp_path / ".tmp-y"
+    other.mkdir()
+    (other / "m.json").write_text("2")
+    with pytest.raises(OSError):  # another writer's copy stays: the caller decides
+        artifacts.publish_dir(other, final)
+    assert (final / "m.json").read_text() == "1"
+    artifacts.publish_dir(other, final, replace=True)
+    assert (final / "m.json").read_text() == "2" and listing(tmp_path) == ["x"]
+
+
+def test_set_aside_keeps_the_directory_under_a_dot_name(tmp_path):
+    (tmp_path / "abc").mkdir()
+    (tmp_path / "abc" / "w").write_bytes(b"w")
+    aside = artifacts.set_aside(tmp_path / "abc", "damaged")
+    assert re.fullmatch(r"\.damaged-abc-\d{8}T\d{6}-\d{6}", aside.name)
+    assert listing(tmp_path) == [aside.name] and (aside / "w").read_bytes() == b"w"
+
+
 # -- RunDir.open: one frozen spec per directory -------------------------------------------------
 
 

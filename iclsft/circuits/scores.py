@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iclsft.artifacts import atomic_write_bytes
+from iclsft.artifacts import read_verified, write_checked
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,25 @@ class ComponentScores:
         object.__setattr__(self, "heads", heads)
         object.__setattr__(self, "mlps", mlps)
 
-    def save(self, path: str | Path) -> None:
-        """Write an .npz atomically (temporary file, then rename)."""
+    def to_bytes(self) -> bytes:
+        """The scores as .npz bytes (what `save` writes)."""
         buf = io.BytesIO()
         np.savez(buf, heads=self.heads, mlps=self.mlps, n_pairs=np.int64(self.n_pairs),
                  ld_clean_mean=np.float64(self.ld_clean_mean), ld_corrupt_mean=np.float64(self.ld_corrupt_mean))
-        atomic_write_bytes(Path(path), buf.getvalue())
+        return buf.getvalue()
 
     @classmethod
-    def load(cls, path: str | Path) -> ComponentScores:
-        with np.load(Path(path)) as z:
+    def from_bytes(cls, data: bytes) -> ComponentScores:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return cls(heads=z["heads"], mlps=z["mlps"], n_pairs=int(z["n_pairs"]),
                        ld_clean_mean=float(z["ld_clean_mean"]), ld_corrupt_mean=float(z["ld_corrupt_mean"]))
+
+    def save(self, path: str | Path) -> dict:
+        """Write an .npz atomically; returns its {"bytes", "sha256"} for the record that lists it."""
+        return write_checked(Path(path), self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path, info: dict | None = None) -> ComponentScores:
+        """Read an .npz written by `save`; with `info` (what `save` returned) only if it still matches."""
+        path = Path(path)
+        return cls.from_bytes(read_verified(path, info) if info is not None else path.read_bytes())

@@ -16,22 +16,24 @@ whose .npz is listed there with a matching checksum is not recomputed).
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Callable
+import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
 
 from iclsft.artifacts import atomic_write_json
 from iclsft.circuits import ComponentScores, PromptPair, attribution_scores, circuit_shift
+from iclsft.faults import fault_point
 from iclsft.implicit.data import TaskPrompts, demo_stream, derived_seed
 from iclsft.models import load_model, resolve_model
 from iclsft.sft.adapters import ADAPTERS_DIR
+from iclsft.sft.checkpoints import load_checkpoint
 from iclsft.store import RunDir
 from iclsft.tasks.implicit import get_task, pair
 
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 CIRCUITS_DIR = "circuits"
 
 
@@ -60,13 +62,13 @@ def circuit_pairs(prompts: TaskPrompts, n: int, seed: int, prefix: list[int]) ->
     return out
 
 
-def compute_circuits(path: str | Path, *, pairs: int = 32, shots: int = 8, seed: int | None = None,
-                     log: Log | None = None) -> pd.DataFrame:
-    """Scores and shifts of every task of the implicit run at `path`; returns the shift table."""
+def compute_circuits(path: str | Path, *, pairs: int = 32, shots: int = 8, seed: int | None = None) -> pd.DataFrame:
+    """Scores and shifts of every task of the implicit run at `path`; returns the shift table. A state
+    whose .npz circuits.json lists with a matching checksum is read, not recomputed; fine-tuned models
+    are loaded only after their checkpoint verifies (iclsft.sft.checkpoints)."""
     import torch
     from transformers import AutoTokenizer
 
-    log = log or (lambda _msg: None)
     run = RunDir(path)
     arms = run.spec_json()["arms"]
     icl_like = next(iter(arms.values()))
@@ -91,23 +93,22 @@ def compute_circuits(path: str | Path, *, pairs: int = 32, shots: int = 8, seed:
             for state, (ckpt, prefix) in states.items():
                 name = f"{task}-{state}.npz"
                 key = {"pairs": pairs, "seed": seed, "checkpoint": str(ckpt) if ckpt else None}
-                if _valid(out, name, index, key):
-                    scores[state] = ComponentScores.load(out / name)
+                stored = _stored(out, name, index, key)
+                if stored is not None:
+                    scores[state] = stored
                     continue
-                model = base if ckpt is None else _load_finetuned(base, ref, ckpt)
-                try:
-                    with torch.enable_grad():
-                        s = attribution_scores(model, circuit_pairs(p, pairs, seed, prefix))
-                finally:
-                    if model is not base and hasattr(model, "unload"):
-                        base = model.unload()  # peft injected its layers into base: take them out again
-                s.save(out / name)
-                index[name] = {**key, "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(),
-                               "ld_clean": s.ld_clean_mean, "ld_corrupt": s.ld_corrupt_mean, "n_pairs": s.n_pairs}
+                # a LoRA adapter is attached to `base` for this state and taken out again afterwards
+                loaded = nullcontext(base) if ckpt is None else load_checkpoint(base, ckpt)
+                with loaded as model, torch.enable_grad():
+                    s = attribution_scores(model, circuit_pairs(p, pairs, seed, prefix))
+                digest = s.save(out / name)
+                fault_point("circuits")
+                index[name] = {**key, **digest, "ld_clean": s.ld_clean_mean, "ld_corrupt": s.ld_corrupt_mean,
+                               "n_pairs": s.n_pairs}
                 atomic_write_json(out / "circuits.json", index)  # after each state: an interruption loses one
                 scores[state] = s
-                log(f"{task} {state}: {s.n_pairs} pairs, LD clean {s.ld_clean_mean:.2f}, "
-                    f"corrupt {s.ld_corrupt_mean:.2f}")
+                logger.info("%s %s: %d pairs, LD clean %.2f, corrupt %.2f", task, state, s.n_pairs,
+                            s.ld_clean_mean, s.ld_corrupt_mean)
             for state, s in scores.items():
                 if state == "base":
                     continue
@@ -116,10 +117,10 @@ def compute_circuits(path: str | Path, *, pairs: int = 32, shots: int = 8, seed:
                              "heads_cosine": shift["heads"]["cosine"], "heads_jaccard": shift["heads"]["jaccard"],
                              "mlps_cosine": shift["mlps"]["cosine"], "mlps_jaccard": shift["mlps"]["jaccard"],
                              "ld_clean": s.ld_clean_mean, "ld_corrupt": s.ld_corrupt_mean})
+        table = pd.DataFrame(rows)
+        atomic_write_json(out / "shift.json", table.to_dict(orient="records"))  # under the lock, like the rest
     finally:
         run.release_lock()
-    table = pd.DataFrame(rows)
-    atomic_write_json(out / "shift.json", table.to_dict(orient="records"))
     return table
 
 
@@ -135,12 +136,15 @@ def _read_index(out: Path) -> dict:
         return {}
 
 
-def _valid(out: Path, name: str, index: dict, key: dict) -> bool:
+def _stored(out: Path, name: str, index: dict, key: dict) -> ComponentScores | None:
+    """The scores of `name` when circuits.json lists them for this `key` and the file still matches."""
     info = index.get(name)
-    f = out / name
-    if not info or any(info.get(k) != v for k, v in key.items()) or not f.is_file():
-        return False
-    return hashlib.sha256(f.read_bytes()).hexdigest() == info["sha256"]
+    if not isinstance(info, dict) or any(info.get(k) != v for k, v in key.items()):
+        return None
+    try:
+        return ComponentScores.load(out / name, info)
+    except ValueError:  # missing, cut short or changed: computed again
+        return None
 
 
 def _finetuned(run: RunDir, task: str, seed: int) -> dict[str, Path]:
@@ -150,12 +154,3 @@ def _finetuned(run: RunDir, task: str, seed: int) -> dict[str, Path]:
         if cond.get("task") == task and cond.get("seed") == seed and cond.get("method") != "icl":
             found[cond["method"]] = run.path / ADAPTERS_DIR / record["checkpoint_dir"]
     return dict(sorted(found.items()))
-
-
-def _load_finetuned(base, ref, ckpt: Path):
-    if (ckpt / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base, str(ckpt)).eval()
-    model, _ = load_model(ref.__class__(name=str(ckpt), path=ckpt, fingerprint=""), "float32")
-    return model

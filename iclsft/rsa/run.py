@@ -28,12 +28,11 @@ interrupted pass never leaves a file that is later trusted.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
+import logging
 import time
 import traceback
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,8 +40,9 @@ import numpy as np
 import pandas as pd
 
 from iclsft import __version__
-from iclsft.artifacts import atomic_write_bytes, atomic_write_json
-from iclsft.faults import fault_point, is_out_of_memory, out_of_memory
+from iclsft.artifacts import atomic_write_json, read_verified, write_checked
+from iclsft.errors import ConditionsFailed, is_out_of_memory, out_of_memory
+from iclsft.faults import fault_point
 from iclsft.rsa.points import DEFAULT_SUBSET, check_subset, matrix_points
 from iclsft.spec import Condition, ModelSpec
 from iclsft.store import RunDir
@@ -51,7 +51,7 @@ from iclsft.tasks import linear2d
 RSA_VERSION = 2  # bump when what rsa.npz holds, or how it is computed, changes (2: exemplars in the matrix)
 RSA_NPZ = "rsa.npz"
 RSA_JSON = "rsa.json"
-Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 def read_rsa_record(condition_dir: str | Path) -> dict | None:
@@ -94,25 +94,19 @@ def _verified_bytes(cdir: Path, info: dict) -> bytes:
         expected = info["files"][RSA_NPZ]
     except (KeyError, TypeError):
         raise ValueError(f"{cdir / RSA_JSON} lists no checksum for {RSA_NPZ}; rerun the rsa step") from None
-    data = (cdir / RSA_NPZ).read_bytes()
-    if len(data) != expected["bytes"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-        raise ValueError(f"{cdir / RSA_NPZ} does not match the checksum in its {RSA_JSON}; rerun the rsa step")
-    return data
+    return read_verified(cdir / RSA_NPZ, expected)
 
 
 def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", subset: str = DEFAULT_SUBSET,
-                batch_size: int | None = None, progress: bool = True, log: Log | None = None) -> list[str]:
+                batch_size: int | None = None, progress: bool = True) -> list[str]:
     """Compute RSA for every finished condition of the run that lacks a current rsa.npz.
 
     Returns the names of the conditions computed now. A failing condition gets an rsa.json with
     status error and the others go on; afterwards `ConditionsFailed` is raised if any failed.
     `subset`: the matrix's points, "exemplars" (the condition's exemplars plus test inputs) or "grid"
     (the fixed balanced lattice subset); see iclsft.rsa.points. `batch_size`: queries per forward
-    pass (default: as many as fit a fixed KV budget)."""
-    from iclsft.icl import ConditionsFailed
-
+    pass (default: as many as fit a fixed KV budget). Progress is logged (logger `iclsft.rsa.run`)."""
     check_subset(subset)
-    log = log or (lambda _msg: None)
     run = RunDir(run_dir)
     if not (run.path / "spec.json").is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no spec.json)")
@@ -123,8 +117,8 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", subset: str = DE
         finished = run.finished()
         todo = [(cdir, cj, rec) for cdir, cj, rec in finished
                 if not rsa_is_current(cdir, rec["condition"], dtype, subset)]
-        log(f"RSA: {len(finished)} finished conditions, {len(finished) - len(todo)} already done, "
-            f"{len(todo)} to compute")
+        logger.info("RSA: %d finished conditions, %d already done, %d to compute",
+                    len(finished), len(finished) - len(todo), len(todo))
         models = _Models(dtype)
         for i, (cdir, cond_json, record) in enumerate(todo, 1):
             t0 = time.time()
@@ -136,26 +130,26 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", subset: str = DE
                                        progress=progress)
                 buf = io.BytesIO()
                 np.savez_compressed(buf, **arrays)
-                data = buf.getvalue()
-                atomic_write_bytes(cdir / RSA_NPZ, data)
+                npz = write_checked(cdir / RSA_NPZ, buf.getvalue())
                 fault_point("rsa")
                 atomic_write_json(cdir / RSA_JSON, {
                     "status": "ok", **base, "seconds": round(time.time() - t0, 2),
                     "layers": len(arrays["layers"]), "pairs": int(arrays["hist_resid"][0].sum()),
                     "subset": len(arrays["sub_truth"]), "subset_exemplars": int(arrays["sub_is_exemplar"].sum()),
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "files": {RSA_NPZ: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}})
+                    "files": {RSA_NPZ: npz}})
             except Exception as e:  # one condition's failure is recorded and the pass goes on
                 failed.append(cdir.name)
                 atomic_write_json(cdir / RSA_JSON, {"status": "error", **base, "error": f"{type(e).__name__}: {e}",
                                                     "traceback": traceback.format_exc()})
-                log(f"[{i}/{len(todo)}] RSA {cdir.name}: FAILED {type(e).__name__}: {e}")
+                logger.warning("[%d/%d] RSA %s: FAILED %s: %s", i, len(todo), cdir.name, type(e).__name__, e)
                 continue
             done.append(cdir.name)
             mid = len(arrays["layers"]) // 2
-            log(f"[{i}/{len(todo)}] RSA {cdir.name}: {time.time() - t0:.1f} s, collapse (resid) layer {mid} "
-                f"{arrays['collapse_resid'][mid]:.3f}, last {arrays['collapse_resid'][-1]:.3f}; within exemplars "
-                f"{arrays['within_exemplar_resid'][mid]:.3f}, within tests {arrays['within_test_resid'][mid]:.3f}")
+            logger.info("[%d/%d] RSA %s: %.1f s, collapse (resid) layer %d %.3f, last %.3f; within exemplars "
+                        "%.3f, within tests %.3f", i, len(todo), cdir.name, time.time() - t0, mid,
+                        arrays["collapse_resid"][mid], arrays["collapse_resid"][-1],
+                        arrays["within_exemplar_resid"][mid], arrays["within_test_resid"][mid])
     finally:
         if models is not None:
             models.close()
@@ -259,30 +253,11 @@ class _Models:
             self._bases[spec], _ = load_model(self.ref(spec), self.dtype)
         return self._bases[spec]
 
-    @contextmanager
     def checkpoint(self, spec: ModelSpec, path: Path):
-        from iclsft.models import ModelRef, load_model
-        from iclsft.sft.adapters import checkpoint_problem, is_finished
+        """The verified checkpoint at `path` on this spec's base (iclsft.sft.checkpoints.load_checkpoint)."""
+        from iclsft.sft.checkpoints import load_checkpoint
 
-        if not is_finished(path):
-            raise FileNotFoundError(f"checkpoint {path} is missing or unfinished; rerun the sft command")
-        problem = checkpoint_problem(path)
-        if problem:
-            raise ValueError(f"{problem}; delete it and the conditions scored with it, then rerun the sft arm")
-        if not (path / "adapter_config.json").is_file():  # a full fine-tune: a model directory of its own
-            model, _ = load_model(ModelRef(name=str(path), path=path, fingerprint=""), self.dtype)
-            yield model
-            return
-        import warnings
-
-        from peft import PeftModel
-
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = PeftModel.from_pretrained(self.base(spec), str(path)).eval()
-        try:
-            yield model
-        finally:
-            self._bases[spec] = model.unload()  # takes the LoRA layers out again; the base is untouched
+        return load_checkpoint(self.base(spec), path, dtype=self.dtype)
 
     def close(self) -> None:
         self._bases.clear()

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from iclsft.artifacts import file_digest, file_matches
+from iclsft.artifacts import atomic_write_json, manifest, manifest_problems, publish_dir, set_aside
 from iclsft.faults import fault_point
 from iclsft.spec import HASH_VERSION, SftSpec
+
+logger = logging.getLogger(__name__)
 
 MARKER = "iclsft-adapter.json"
 ADAPTERS_DIR = "adapters"
@@ -98,11 +100,10 @@ def save_checkpoint(model, path: Path, info: dict, tokenizer_dir: Path | None = 
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
         if (tmp / "adapter_config.json").is_file():
             check_vllm_compatible(tmp)
-        files = {str(f.relative_to(tmp)): file_digest(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
-        (tmp / MARKER).write_text(json.dumps({**info, "files": files}, indent=2, default=str))
+        atomic_write_json(tmp / MARKER, {**info, "files": manifest(tmp)})  # last: it makes the directory count
         fault_point("adapter-save")
         try:
-            os.replace(tmp, path)
+            publish_dir(tmp, path)
         except OSError:
             if not is_finished(path):  # not another writer's finished copy: a real failure
                 raise
@@ -121,22 +122,22 @@ def checkpoint_problem(path: Path) -> str | None:
         files = read_marker(path).get("files", {})
     except (OSError, ValueError) as e:
         return f"checkpoint {path} has an unreadable {MARKER} ({e})"
-    bad = sorted(name for name, info in files.items() if not file_matches(path / name, info))
+    bad = manifest_problems(path, files)
     if bad:
         return f"checkpoint {path} is damaged ({', '.join(bad)} missing or not matching the checksum in {MARKER})"
     return None
 
 
-def set_aside_damaged(paths: Sequence[Path], log: Callable[[str], None]) -> list[Path]:
+def set_aside_damaged(paths: Sequence[Path]) -> list[Path]:
     """Rename each damaged checkpoint to `.damaged-<name>-<time>` beside it (kept for inspection, never
-    read), so that it counts as unfinished and is trained again. Call with the run's lock held."""
+    read), so that it counts as unfinished and is trained again; logs a warning for each. Call with the
+    run's lock held."""
     moved = []
     for path in paths:
         problem = checkpoint_problem(Path(path))
         if problem:
-            aside = Path(path).with_name(f".damaged-{Path(path).name}-{time.strftime('%Y%m%dT%H%M%S')}")
-            os.replace(path, aside)
-            log(f"{problem}: set aside as {aside.name}; it is trained again")
+            aside = set_aside(Path(path), "damaged")
+            logger.warning("%s: set aside as %s; it is trained again", problem, aside.name)
             moved.append(aside)
     return moved
 

@@ -1,4 +1,4 @@
-"""How each benchmarked method scores and is timed (iclsft/bench.py runs them side by side).
+"""How each benchmarked method scores and is timed (iclsft.bench.run runs them side by side).
 
 Each returns its label log-probs (for the check against the naive loop), the wall time of the
 scoring alone, the tokens it ran through the model and the model FLOPs of those forward passes.
@@ -14,23 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
-from iclsft.bench import forward_flops, tree_flops
+from iclsft.bench.flops import forward_flops, tree_flops
 
 
 def naive(model, prefix, queries, labels, adapter: str | None) -> tuple[np.ndarray, float]:
-    """One full forward per (query, label) on `model`, wrapped in `adapter` for the call."""
+    """One full forward per (query, label) on `model`, with the (verified) checkpoint `adapter` attached
+    for the call and taken out again afterwards."""
+    from contextlib import nullcontext
+
     from iclsft.engine.reference import naive_score
+    from iclsft.sft.checkpoints import load_checkpoint
 
-    scored = model
-    if adapter is not None:
-        from peft import PeftModel
-
-        scored = PeftModel.from_pretrained(model, adapter).eval()
-    t = time.perf_counter()
-    scores = naive_score(scored, prefix, queries, labels)
-    seconds = time.perf_counter() - t
-    if adapter is not None:
-        scored.unload()  # takes the LoRA layers out of `model` again
+    with nullcontext(model) if adapter is None else load_checkpoint(model, adapter) as scored:
+        t = time.perf_counter()
+        scores = naive_score(scored, prefix, queries, labels)
+        seconds = time.perf_counter() - t
     return scores, seconds
 
 
