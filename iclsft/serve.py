@@ -30,7 +30,7 @@ from pathlib import Path
 
 from iclsft.engine.reads import adapter_rank
 from iclsft.engine.vllm_cli import LAZY_ENV
-from iclsft.engine.vllm_options import CPU_KV_CACHE_GIB, VLLMOptions, serve_flags
+from iclsft.engine.vllm_options import CPU_KV_CACHE_GIB, VLLMOptions, model_context, serve_flags
 from iclsft.sft.adapters import ADAPTERS_DIR, checkpoint_problem, is_finished, read_marker
 
 MAX_PROMPTS_PER_REQUEST = 256  # the vllm-server engine sends 64
@@ -108,13 +108,11 @@ def serve_command(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
     rank = None
     if adapters or allow_adapter_loading:
         rank = max([a.rank for a in adapters] + [max_lora_rank or 8])
-    from iclsft.engine.vllm_engine import _model_context
-
     longest = run_longest_prompt(run_dir) if options.max_model_len is None else None
     cmd = [sys.executable, "-m", "iclsft.engine.vllm_cli", "serve", str(base), "--host", host,
            "--port", str(port), "--served-model-name", spec["model"]["name"]]
     cmd += serve_flags(options, gpu=_has_gpu(), lora_rank=rank, longest_prompt=longest and longest[0],
-                       label_tokens=longest and longest[1], model_context=_model_context(base), given=extra)
+                       label_tokens=longest and longest[1], model_context=model_context(base), given=extra)
     if adapters:
         cmd += ["--lora-modules", *[f"{a.name}={a.path.resolve()}" for a in adapters]]
     return cmd + list(extra), adapters

@@ -371,15 +371,13 @@ def test_engine_spec_device_map_option(monkeypatch, tmp_path):
 def test_generation_refuses_a_window_the_prompt_outgrows_and_runs_within_it(models, ids):
     """Greedy generation's step masks do not slide: past the window it refuses by name; within the
     window it generates what a plain greedy loop through the model's own attention generates."""
-    from iclsft.engine.generate import generate
-
     model = models[("mistral", 16)]
     engine = HFEngine(model, token_budget=64, progress=False)
     prompt = ids["prefix"][4][:40]  # the K=4 prompt: 83 tokens, longer than the window
     with pytest.raises(ValueError, match="sliding-window attention: the model's window is 16 tokens"):
-        generate(engine, prompt[:30], [prompt[30:34]], stop=[], max_new_tokens=4)
+        engine.generate(prompt[:30], [prompt[30:34]], stop_ids=[], max_new_tokens=4)
     short = prompt[:6]
-    got = generate(engine, short[:3], [short[3:]], stop=[], max_new_tokens=4)
+    got = engine.generate(short[:3], [short[3:]], stop_ids=[], max_new_tokens=4)
     seq = list(short)
     for _ in range(4):  # independent reference: the model's own forward, one token at a time
         with torch.no_grad():

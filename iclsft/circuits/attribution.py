@@ -8,8 +8,8 @@ wrapper, whose LoRA layers then act in every forward):
     mlp i        the output of the `mlp` module (forward hook)
 
 Pairs are grouped by prefix. A prefix's KV cache is computed once without gradients and expanded
-to each batch of right-padded queries, whose positions continue after the prefix (as in
-iclsft.rsa.activations). That is exact, not an approximation: attention is causal, so prefix
+to each batch of right-padded queries, whose positions continue after the prefix
+(iclsft.engine.prefix_kv, as for RSA activations). That is exact, not an approximation: attention is causal, so prefix
 activations are the same in the clean and the corrupt run (their difference, hence their score, is
 0), and a gradient with respect to query activations never needs to flow into the prefix. Right
 padding leaves every real token's attention as in an unpadded prompt, and padded positions are
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from iclsft.circuits.scores import ComponentScores, PromptPair, check_pairs
-from iclsft.rsa.activations import decoder_of
+from iclsft.engine.prefix_kv import KV, decoder_of, padded, prefix_kv, run_batch
 
 DEFAULT_BATCH = 16
 Hook = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, activation) -> activation to use
@@ -64,7 +64,7 @@ class _Batch:
     target: torch.Tensor  # (b,) first token of the clean answer
     foil: torch.Tensor  # (b,) first token of the foil
     prefix_len: int
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # prefix keys and values per layer, batch 1; [] without prefix
+    kv: KV  # prefix keys and values per layer, batch 1; [] without prefix
 
 
 class _Model:
@@ -87,27 +87,15 @@ class _Model:
         for pair in pairs:
             groups.setdefault(pair.prefix, []).append(pair)
         for prefix, group in groups.items():
-            kv = self._prefix_kv(prefix)
+            kv = prefix_kv(self.decoder, prefix, config=self.decoder.config)  # no gradients: see the docstring
             for start in range(0, len(group), batch_size):
                 yield self._batch(group[start : start + batch_size], len(prefix), kv)
 
-    @torch.no_grad()
-    def _prefix_kv(self, prefix: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if not prefix:
-            return []
-        out = self.decoder(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-
-    def _batch(self, chunk: list[PromptPair], prefix_len: int, kv) -> _Batch:
-        b, width = len(chunk), max(len(p.clean) for p in chunk)
-        clean = torch.zeros((b, width), dtype=torch.long)  # pad id 0: padded positions are masked everywhere
-        corrupt = torch.zeros_like(clean)
-        real = torch.zeros((b, width), dtype=torch.bool)
-        for r, pair in enumerate(chunk):
-            n = len(pair.clean)
-            clean[r, :n], corrupt[r, :n], real[r, :n] = torch.tensor(pair.clean), torch.tensor(pair.corrupt), True
+    def _batch(self, chunk: list[PromptPair], prefix_len: int, kv: KV) -> _Batch:
         dev = self.device
-        return _Batch(clean=clean.to(dev), corrupt=corrupt.to(dev), real=real.to(dev),
+        clean, real = padded([p.clean for p in chunk], 0, dev)  # pad id 0: padded positions are masked everywhere
+        corrupt, _ = padded([p.corrupt for p in chunk], 0, dev)
+        return _Batch(clean=clean, corrupt=corrupt, real=real,
                       last=torch.tensor([len(p.clean) - 1 for p in chunk], device=dev),
                       target=torch.tensor([p.target[0] for p in chunk], device=dev),
                       foil=torch.tensor([p.foil[0] for p in chunk], device=dev), prefix_len=prefix_len, kv=kv)
@@ -115,19 +103,8 @@ class _Model:
     def ld(self, batch: _Batch, ids: torch.Tensor) -> torch.Tensor:
         """LD = log p(target) - log p(foil) at the answer position, per pair, for prefix + ids. Equal to
         the logit difference: the softmax normaliser cancels."""
-        b, width = ids.shape
-        p = batch.prefix_len
-        mask = torch.cat([torch.ones((b, p), dtype=torch.long, device=ids.device), batch.real.long()], dim=1)
-        cache = None
-        if batch.kv:
-            from transformers import DynamicCache
-
-            # expand() is a view; the cache concatenates new keys onto it, so the prefix tensors are never written
-            kv = [(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in batch.kv]
-            cache = DynamicCache(ddp_cache_data=kv, config=self.decoder.config)
-        out = self.decoder(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None,
-                           position_ids=(torch.arange(width, device=ids.device) + p).expand(b, -1))
-        hidden = out.last_hidden_state[torch.arange(b, device=ids.device), batch.last]
+        out = run_batch(self.decoder, batch.kv, batch.prefix_len, ids, batch.real, config=self.decoder.config)
+        hidden = out.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), batch.last]
         logits = _wide(self.lm_head(hidden))
         return logits.gather(1, batch.target[:, None])[:, 0] - logits.gather(1, batch.foil[:, None])[:, 0]
 

@@ -21,17 +21,21 @@ How one `score` call works:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from iclsft.engine import tree_attention, windows
+from iclsft.engine import generate, tree_attention, windows
+from iclsft.engine.base import Engine, check_generate_args, check_model_dir
 from iclsft.engine.budget import auto_token_budget, model_devices
+from iclsft.engine.prefix_kv import KV, as_cache, cache_keyword, prefix_kv
 
 ATTENTION = ("auto", "tree", "mask")
 
@@ -122,18 +126,23 @@ def pack(
     return batches
 
 
-class HFEngine:
-    """Packed, prefix-sharing label scoring on a transformers causal LM (optionally with peft adapters)."""
+class HFEngine(Engine):
+    """Packed, prefix-sharing label scoring and greedy generation on a transformers causal LM
+    (optionally with peft adapters)."""
+
+    name = "hf"
 
     def __init__(self, model, *, token_budget: int | None = None, progress: bool = True,
-                 threads: int | None = None, attention: str = "auto", merge_lora: bool = True):
+                 threads: int | None = None, attention: str = "auto", merge_lora: bool = True,
+                 source: str | Path | None = None):
         """`token_budget`: tree nodes per packed forward; None chooses it for the device (engine/budget.py:
         1,024 on CPUs, from free memory on CUDA). `attention`: "tree" (prefix and tree parts apart, no mask:
         engine/tree_attention.py), "mask" (one SDPA call with a dense boolean mask), "auto" (tree where
         supported: transformers' attention interface, CPU). `merge_lora`: score an adapter with its LoRA
         product added into the base weights for the call (one matmul per projection instead of three; the
         original weights are put back untouched). The model may be spread over devices (`device_map`):
-        inputs go to its embedding's device."""
+        inputs go to its embedding's device. `source`: the directory the model was loaded from, for
+        `check_model` (default: the model's own `name_or_path`)."""
         if attention not in ATTENTION:
             raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION)}")
         if threads:
@@ -152,12 +161,32 @@ class HFEngine:
         elif attention == "tree" and not tree_attention.supported(model):
             raise ValueError("attention='tree' needs a model on the CPU that uses transformers' attention interface")
         self.attention = attention
+        self.source = source if source is not None else (getattr(model, "name_or_path", "") or None)
+        self.cache_keyword = cache_keyword(model)
         # adapter key -> (prefix tokens, per-layer (keys, values) of that prefix)
-        self._prefix_kv: dict[str | None, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self._prefix_kv: dict[str | None, tuple[list[int], KV]] = {}
+
+    def check_model(self, path: str | Path, fingerprint: str) -> None:
+        check_model_dir(self.name, self.source, path, fingerprint)
+
+    def close(self) -> None:
+        """Drop the model, its adapters and the prefix caches (their memory returns once no one else
+        holds the model)."""
+        self._prefix_kv.clear()
+        self.model = self.base = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _open_model(self):
+        if self.model is None:
+            raise ValueError("this hf engine is closed: open a new one (open_engine)")
+        return self.model
 
     # -- adapters ---------------------------------------------------------------------------
     def _activate(self, adapter: str | None) -> str | None:
         """Make `adapter` (a peft adapter directory) the active one; None means the base model."""
+        self._open_model()
         if adapter is None:
             return None
         try:
@@ -165,12 +194,13 @@ class HFEngine:
         except ImportError as e:
             raise ImportError("scoring adapters needs peft: pip install 'iclsft-eval[sft]'") from e
         key = self._key(adapter)
-        # peft calls a transformers property that warns about its own deprecation on every load
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        if not isinstance(self.model, PeftModel):
-            self.model = PeftModel.from_pretrained(self.base, adapter, adapter_name=key)
-        elif key not in self.model.peft_config:
-            self.model.load_adapter(adapter, adapter_name=key)
+        with warnings.catch_warnings():
+            # peft reads a transformers property that warns about its own deprecation on every load
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.base, adapter, adapter_name=key)
+            elif key not in self.model.peft_config:
+                self.model.load_adapter(adapter, adapter_name=key)
         self.model.set_adapter(key)
         self.model.eval()
         return key
@@ -181,7 +211,7 @@ class HFEngine:
 
     def release(self, adapter: str | None) -> None:
         """Forget an adapter (its weights and its prefix cache): sweeps score hundreds of them."""
-        if adapter is None:
+        if adapter is None or self.model is None:
             return
         key = self._key(adapter)
         self._prefix_kv.pop(key, None)
@@ -194,8 +224,6 @@ class HFEngine:
             self.model.delete_adapter(key)
 
     def _context(self, key: str | None):
-        from contextlib import nullcontext
-
         if key is None and self.model is not self.base:
             return self.model.disable_adapter()
         if key is not None and self.merge_lora:
@@ -234,34 +262,17 @@ class HFEngine:
                 base.weight = weight
 
     # -- prefix -----------------------------------------------------------------------------
-    def _cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]] | None):
-        from transformers import DynamicCache
+    def prefix_kv(self, prefix: Sequence[int], key: str | None = None) -> KV:
+        """Per-layer KV of `prefix`, computing only what is not shared with the cached prefix.
 
-        # full layers, never the config's sliding-window layers: those keep only the last window - 1
-        # tokens, and the engine slices the prefix per layer (the model's own masks still apply the
-        # window when it computes the prefix; the engine's masks do it for the batches)
-        if not kv:
-            return DynamicCache()
-        return DynamicCache(ddp_cache_data=kv)
-
-    @torch.inference_mode()
-    def prefix_kv(self, prefix: Sequence[int], key: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer KV of `prefix`, computing only what is not shared with the cached prefix."""
-        prefix = list(prefix)
-        cached_tokens, cached_kv = self._prefix_kv.get(key, ([], []))
-        common = 0
-        for a, b in zip(cached_tokens, prefix):
-            if a != b:
-                break
-            common += 1
-        if common == len(prefix):
-            return [(k[:, :, :common], v[:, :, :common]) for k, v in cached_kv] if common else []
-        cache = self._cache([(k[:, :, :common], v[:, :, :common]) for k, v in cached_kv] if common else None)
-        for start in range(common, len(prefix), self.token_budget):
-            chunk = torch.tensor([prefix[start : start + self.token_budget]], device=self.device)
-            self.model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        self._prefix_kv[key] = (prefix, kv)  # the new prefix is longer than, or diverges from, the old
+        Full cache layers, never the config's sliding-window layers: those keep only the last
+        window - 1 tokens, and the engine slices the prefix per layer (the model's own masks still
+        apply the window when it computes the prefix; the engine's masks do it for the batches)."""
+        prefix = [int(t) for t in prefix]
+        cached = self._prefix_kv.get(key)
+        kv = prefix_kv(self.model, prefix, reuse=cached, chunk=self.token_budget, logits_to_keep=1)
+        if kv and (cached is None or list(cached[0][: len(prefix)]) != prefix):
+            self._prefix_kv[key] = (prefix, kv)  # longer than, or diverging from, the cached prefix
         return kv
 
     # -- scoring ----------------------------------------------------------------------------
@@ -275,6 +286,7 @@ class HFEngine:
     ) -> np.ndarray:
         if not labels or any(len(label) == 0 for label in labels):
             raise ValueError("every label needs at least one token")
+        self._open_model()
         key = self._activate(adapter)
         out = np.full((len(queries), len(labels)), np.nan)
         with self._context(key):
@@ -285,6 +297,29 @@ class HFEngine:
                 self._score_batch(batch, kv, len(prefix), out)
                 bar.update(len(batch.reads))
             bar.close()
+        return out
+
+    # -- generation -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prefix: Sequence[int], queries: Sequence[Sequence[int]], *, stop_ids: Sequence[int],
+                 max_new_tokens: int, adapter: str | None = None) -> list[list[int]]:
+        """Greedy continuations, queries packed as a token tree after the once-computed prefix
+        (engine/generate.py)."""
+        check_generate_args(self.name, queries, max_new_tokens)
+        self._open_model()
+        generate.check_windows(self.windows, len(prefix) + max(len(q) for q in queries) + max_new_tokens)
+        key = self._activate(adapter)
+        stop = torch.tensor(sorted({int(t) for t in stop_ids}), dtype=torch.long)
+        out: list[list[int]] = [[] for _ in queries]
+        with self._context(key):
+            kv = self.prefix_kv(prefix, key)
+            for batch in pack(queries, [[0]], self.token_budget):  # one 1-token "label": paths = queries
+                index = [q for q, _ in batch.reads]
+                last = [per_label[0][0][0] for _, per_label in batch.reads]
+                new = generate.decode(self.model, kv, len(prefix), batch.tokens, batch.depth, batch.ancestor_mask(),
+                                      last, stop, max_new_tokens, device=self.device, keyword=self.cache_keyword)
+                for q, tokens in zip(index, new):
+                    out[q] = tokens
         return out
 
     def _score_batch(self, batch: PackedBatch, kv, prefix_len: int, out: np.ndarray) -> None:
@@ -300,8 +335,8 @@ class HFEngine:
         else:
             mask = windows.model_masks(self.base.config, self.windows, prefix_len, batch.depth, batch.ancestor_mask(),
                                        self.device)
-            output = self.model(**inputs, attention_mask=mask,
-                                past_key_values=self._cache(kv) if prefix_len else None, use_cache=bool(prefix_len))
+            output = self.model(**inputs, attention_mask=mask, use_cache=bool(prefix_len),
+                                **{self.cache_keyword: as_cache(kv) if prefix_len else None})
         logits = output.logits[0].float()
         row_idx, tok_idx, owners = [], [], []
         for q, per_label in batch.reads:

@@ -18,24 +18,40 @@ Adapters are named and numbered by their content hash (`reads.adapter_name`), ne
 two adapters never share prefix-cache entries (vLLM keys the cache by adapter name). `score_adapters`
 scores several adapters in one `generate` call (one LoRARequest per read; up to max_loras adapters
 share a batch); base-model reads go in a call of their own (see there).
+
+`generate` asks vLLM for greedy continuations (temperature 0, the model's end-of-sequence token
+ignored, the caller's stop ids as stop tokens), after the same one-read warm-up that puts the
+prefix into the prefix cache.
 """
 
 from __future__ import annotations
 
 import gc
-import sys
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from iclsft.engine.base import Engine, check_generate_args, check_model_dir
 from iclsft.engine.reads import adapter_name, adapter_rank, plan_reads
-from iclsft.engine.vllm_options import CPU_BLOCK_SIZE, CPU_KV_CACHE_GIB, MIN_MODEL_LEN, VLLMOptions, engine_kwargs
+from iclsft.engine.vllm_options import (
+    CPU_BLOCK_SIZE,
+    CPU_KV_CACHE_GIB,
+    MIN_MODEL_LEN,
+    VLLMOptions,
+    engine_kwargs,
+    model_context,
+)
 
 __all__ = ["CPU_BLOCK_SIZE", "CPU_KV_CACHE_GIB", "VLLMEngine"]
 
+logger = logging.getLogger(__name__)
 
-class VLLMEngine:
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
     def __init__(
         self,
         model_path: str | Path,
@@ -72,7 +88,7 @@ class VLLMEngine:
         self.gpu = torch.cuda.is_available()
         self.progress = progress
         self._llm = None
-        self._model_context = _model_context(model_path)
+        self._model_context = model_context(model_path)
         self.max_lora_rank = engine_kwargs("", self.options, gpu=self.gpu, lora_rank=lora_rank).get("max_lora_rank")
         self._lora_ids: dict[str, int] = {}
         self.last_stats: dict = {}  # of the last score call: reads, prompt tokens, tokens read from the cache
@@ -112,8 +128,7 @@ class VLLMEngine:
         if self.options.max_model_len is not None:
             raise ValueError(f"a read of {longest} tokens does not fit max_model_len {current}: raise "
                              "max_model_len or leave it unset (then the engine sizes itself)")
-        print(f"vllm: restarting the engine for reads of {longest} tokens (max_model_len was {current})",
-              file=sys.stderr)
+        logger.info("vllm: restarting the engine for reads of %d tokens (max_model_len was %d)", longest, current)
         self.close()
         self._start(longest, at_least=2 * current)
 
@@ -197,6 +212,29 @@ class VLLMEngine:
                 outputs[k] += rest[k * (n - 1):(k + 1) * (n - 1)]
         return outputs
 
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, prefix: Sequence[int], queries: Sequence[Sequence[int]], *, stop_ids: Sequence[int],
+                 max_new_tokens: int, adapter: str | None = None) -> list[list[int]]:
+        from vllm import SamplingParams, TokensPrompt
+
+        check_generate_args(self.name, queries, max_new_tokens)
+        if not queries:
+            return []
+        lora = self._lora_request(adapter)
+        prompts = [list(prefix) + list(q) for q in queries]
+        # the last new token is sampled, never read back: prompt + max_new_tokens - 1 must fit
+        self._fit(max(len(p) for p in prompts) + max_new_tokens - 1)
+        stop = sorted({int(t) for t in stop_ids})
+        # ignore_eos: stop only where the caller says (the hf engine does the same)
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stop, ignore_eos=True,
+                                detokenize=False)
+        outputs = self._generate([TokensPrompt(prompt_token_ids=p) for p in prompts], [params] * len(prompts),
+                                 [lora])[0]
+        return [_until_stop(list(out.outputs[0].token_ids), stop) for out in outputs]
+
+    def check_model(self, path: str | Path, fingerprint: str) -> None:
+        check_model_dir(self.name, self.model_path, path, fingerprint)
+
     def release(self, adapter: str | None) -> None:
         """Nothing to do: vLLM keeps adapters in an LRU cache (max_cpu_loras) and evicts them itself."""
 
@@ -211,14 +249,9 @@ class VLLMEngine:
         gc.collect()
 
 
-def _model_context(model_path: str | Path) -> int | None:
-    """The model's context length from its config.json, when it says (vLLM refuses a longer max_model_len)."""
-    import json
-
-    config = Path(model_path) / "config.json"
-    if not config.is_file():
-        return None
-    data = json.loads(config.read_text())
-    data = data.get("text_config", data)
-    value = data.get("max_position_embeddings") or data.get("n_positions") or data.get("seq_length")
-    return int(value) if isinstance(value, int) and value > 0 else None
+def _until_stop(tokens: list[int], stop: Sequence[int]) -> list[int]:
+    """The tokens before the first stop token (vLLM keeps the stop token it ended on)."""
+    for i, tok in enumerate(tokens):
+        if tok in stop:
+            return tokens[:i]
+    return tokens

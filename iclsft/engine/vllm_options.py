@@ -11,8 +11,10 @@ and fp32 on CPUs (CPU bf16 is slow without native support); a run's spec names i
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from iclsft.engine.reads import vllm_lora_rank
 
@@ -68,6 +70,17 @@ def _positive_int(name: str, value: object, allow_none: bool = False) -> None:
 
 def block_size_for(options: VLLMOptions, gpu: bool) -> int:
     return options.block_size or (GPU_BLOCK_SIZE if gpu else CPU_BLOCK_SIZE)
+
+
+def model_context(model_path: str | Path) -> int | None:
+    """The model's context length from its config.json, when it says (vLLM refuses a longer max_model_len)."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return None
+    data = json.loads(config.read_text())
+    data = data.get("text_config", data)
+    value = data.get("max_position_embeddings") or data.get("n_positions") or data.get("seq_length")
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def default_max_model_len(longest_prompt: int, *, label_tokens: int | None = None, block_size: int,

@@ -12,6 +12,10 @@ A request carries at most `chunk` reads (64), so that it finishes well within th
 a slow server (a CPU server reads about 5 short prompts/s: 4 requests in flight wait about 50 s).
 Every request has a timeout and bounded retries with backoff; when they are spent the call fails
 with a message naming the server, and the condition is recorded as failed (a rerun resumes).
+
+`generate` sends the same token-id prompts with `max_tokens` = the answer limit, temperature 0,
+repetition penalty 1, the caller's `stop_token_ids`, `ignore_eos` and `return_token_ids` (vLLM's
+extensions of the completions API): greedy continuations as the in-process engines give them.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from iclsft.engine.base import Engine, check_generate_args
 from iclsft.engine.reads import adapter_name, plan_reads
 
 
@@ -34,7 +39,9 @@ class ServerError(RuntimeError):
     """The server could not be reached or kept failing; nothing was written for the condition."""
 
 
-class VLLMServerEngine:
+class VLLMServerEngine(Engine):
+    name = "vllm-server"
+
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 300.0, retries: int = 3,
                  concurrency: int = 4, chunk: int = 64, progress: bool = True):
         if not url.startswith(("http://", "https://")):
@@ -93,13 +100,14 @@ class VLLMServerEngine:
 
     def check_model(self, path: str | Path, fingerprint: str) -> None:
         """Refuse a server whose base model is not the run's model (its `root`, when a local directory,
-        must have the same content fingerprint)."""
+        must have the same content fingerprint). A server that does not say where its model is, or
+        loaded it from a directory this machine cannot read, cannot be checked and is accepted."""
         from iclsft.models import fingerprint as model_fingerprint
 
         root = self.base_root()
         if root and Path(root).is_dir():
             if Path(root).resolve() != Path(path).resolve() and model_fingerprint(Path(root)) != fingerprint:
-                raise ServerError(f"vLLM server at {self.url} serves {root}, not the run's model {path}")
+                raise ValueError(f"vLLM server at {self.url} serves {root}, not the run's model {path}")
 
     def base_root(self) -> str | None:
         """Where the server loaded its base model from (`root` in /v1/models), if it says."""
@@ -172,30 +180,73 @@ class VLLMServerEngine:
         for i, ids in enumerate(plan.token_ids):
             groups.setdefault(tuple(sorted(ids)), []).append(i)
         values: list[dict[int, float]] = [{}] * len(plan.prompts)
-        first = next(iter(groups.values()))[0]  # one read alone first: the prefix enters the server's cache
-        values[first] = self._read_chunk(model, [plan.prompts[first]], list(plan.token_ids[first]))[0]
+        calls = [(members, lambda members, ids=list(ids): self._read_chunk(model, [plan.prompts[i] for i in members],
+                                                                           ids))
+                 for ids, members in groups.items()]
+        for i, value in self._in_chunks(calls, len(plan.prompts), "scoring"):
+            values[i] = value
+        return plan.assemble(values, len(queries), len(labels))
+
+    def _in_chunks(self, calls: list[tuple[list[int], Callable[[list[int]], list]]], total: int,
+                   desc: str) -> list[tuple[int, object]]:
+        """(index, result) for every index of every call's members: the first index alone first (its
+        prefix enters the server's cache), then the rest in chunks of `chunk`, `concurrency` in flight."""
+        first_members, first_call = calls[0]
+        first = first_members[0]
+        done = [(first, first_call([first])[0])]
         jobs = []
-        for ids, members in groups.items():
+        for members, call in calls:
             members = [i for i in members if i != first]
             for start in range(0, len(members), self.chunk):
-                jobs.append((list(ids), members[start : start + self.chunk]))
+                jobs.append((members[start : start + self.chunk], call))
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(plan.prompts), disable=not (self.progress and len(plan.prompts) >= 2000),
-                   unit="q", desc="scoring", leave=False)
+        bar = tqdm(total=total, disable=not (self.progress and total >= 2000), unit="q", desc=desc, leave=False)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = [(members, pool.submit(self._read_chunk, model, [plan.prompts[i] for i in members], ids))
-                       for ids, members in jobs]
+            futures = [(members, pool.submit(call, members)) for members, call in jobs]
             try:
                 for members, future in futures:
-                    for i, value in zip(members, future.result()):
-                        values[i] = value
+                    done += zip(members, future.result())
                     bar.update(len(members))
             finally:
                 for _, future in futures:
                     future.cancel()
                 bar.close()
-        return plan.assemble(values, len(queries), len(labels))
+        return done
+
+    # -- generation -------------------------------------------------------------------------
+    def generate(self, prefix: Sequence[int], queries: Sequence[Sequence[int]], *, stop_ids: Sequence[int],
+                 max_new_tokens: int, adapter: str | None = None) -> list[list[int]]:
+        check_generate_args(self.name, queries, max_new_tokens)
+        if not queries:
+            return []
+        model = self._model_for(adapter)
+        prompts = [list(prefix) + list(q) for q in queries]
+        stop = sorted({int(t) for t in stop_ids})
+        out: list[list[int]] = [[] for _ in prompts]
+        call = (list(range(len(prompts))),
+                lambda members: self._generate_chunk(model, [prompts[i] for i in members], stop, max_new_tokens))
+        for i, tokens in self._in_chunks([call], len(prompts), "generating"):
+            out[i] = tokens
+        return out
+
+    def _generate_chunk(self, model: str, prompts: list[list[int]], stop: list[int], max_new_tokens: int
+                        ) -> list[list[int]]:
+        body = {"model": model, "prompt": prompts, "max_tokens": max_new_tokens, "temperature": 0.0,
+                "repetition_penalty": 1.0, "stop_token_ids": stop, "ignore_eos": True, "return_token_ids": True}
+        reply = self._json("POST", "/v1/completions", body)
+        choices = sorted(reply.get("choices", []), key=lambda c: c["index"])
+        if len(choices) != len(prompts):
+            raise ServerError(f"vLLM server at {self.url} returned {len(choices)} results for {len(prompts)} prompts")
+        out = []
+        for choice in choices:
+            tokens = choice.get("token_ids")
+            if tokens is None:
+                raise ServerError(f"vLLM server at {self.url} returned no token_ids (return_token_ids needs "
+                                  "vLLM >= 0.10.2)")
+            cut = next((k for k, t in enumerate(tokens) if t in stop), len(tokens))  # vLLM keeps the stop token
+            out.append([int(t) for t in tokens[:cut]])
+        return out
 
     def close(self) -> None:
         for name in list(self._loaded):

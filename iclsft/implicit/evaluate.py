@@ -1,8 +1,8 @@
 """Scoring one condition's evaluation items, and the metrics of its scores.
 
 Closed label sets (expression 0..10, True/False) are scored as exact label log-likelihoods by any
-engine; the prediction is the most likely label. Open answers (code) are greedy generations from the
-in-process transformers model, compared by exact match. Either way the stored scores say, per item,
+engine; the prediction is the most likely label. Open answers (code) are greedy generations by the
+same engine (`Engine.generate`), compared by exact match. Either way the stored scores say, per item,
 the gold answer, the answer the shortcut predicts, and the prediction.
 """
 
@@ -13,13 +13,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from iclsft.engine.base import Engine
 from iclsft.implicit.data import TaskPrompts
 from iclsft.tasks.implicit import Item
 
 MAX_NEW_TOKENS = 8  # code answers are at most a few digits and a sign
 
 
-def score_items(engine, prompts: TaskPrompts, prefix: Sequence[int], items: Sequence[Item],
+def score_items(engine: Engine, prompts: TaskPrompts, prefix: Sequence[int], items: Sequence[Item],
                 adapter: str | None = None) -> pd.DataFrame:
     """One row per item: question, answer, shortcut, prediction, and (closed sets) each label's log-prob."""
     task = prompts.task
@@ -37,21 +38,10 @@ def score_items(engine, prompts: TaskPrompts, prefix: Sequence[int], items: Sequ
             table[f"lp_{j}"] = logprobs[:, j]
         table["prediction"] = [prompts.answers[j] for j in logprobs.argmax(axis=1)]
     else:
-        generated = greedy(engine, prefix, queries, prompts.stop_ids(), adapter=adapter)
+        generated = engine.generate(prefix, queries, stop_ids=prompts.stop_ids(), max_new_tokens=MAX_NEW_TOKENS,
+                                    adapter=adapter)
         table["prediction"] = [prompts.tokenizer.decode(ids).strip() for ids in generated]
     return table
-
-
-def greedy(engine, prefix: Sequence[int], queries: Sequence[Sequence[int]], stop: Sequence[int],
-           adapter: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[int]]:
-    """Greedy continuation of prefix + each query until a stop token (not included) or the limit."""
-    from iclsft.engine.generate import generate
-    from iclsft.engine.hf import HFEngine
-
-    if not isinstance(engine, HFEngine):
-        raise ValueError(f"open answers are generated with the hf engine, not {type(engine).__name__}; "
-                         "use engine hf for tasks without a closed label set (code)")
-    return generate(engine, prefix, queries, stop=stop, adapter=adapter, max_new_tokens=max_new_tokens)
 
 
 def item_metrics(table: pd.DataFrame, answers: Sequence[str] | None) -> dict:

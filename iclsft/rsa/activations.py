@@ -5,9 +5,9 @@ its MLP's output. The prompts are those of scoring: prefix (ICL prompt at K, or 
 for a fine-tuned model) then the query's tokens.
 
 The prefix is computed once; its KV cache is then expanded to a batch of right-padded queries whose
-positions continue after the prefix. Right padding keeps every real token's attention exactly that
-of an unpadded prompt (causal attention never looks ahead to the pads), so the hidden state at a
-query's last real token is the one of a plain forward over prefix + query.
+positions continue after the prefix (iclsft.engine.prefix_kv). Right padding keeps every real
+token's attention exactly that of an unpadded prompt, so the hidden state at a query's last real
+token is the one of a plain forward over prefix + query.
 """
 
 from __future__ import annotations
@@ -16,18 +16,13 @@ from collections.abc import Sequence
 
 import torch
 
+from iclsft.engine.prefix_kv import decoder_of, padded, prefix_kv, run_batch
+
 # Expanding the prefix KV copies it once per query in the batch (DynamicCache concatenates), so the
 # automatic batch size keeps batch x (prefix + query) tokens under this budget: about 1.5 GB of KV
 # for SmolLM2-135M (30 layers x 3 KV heads x 64 dims, fp32) at a 1,700-token prefix.
 KV_TOKEN_BUDGET = 2**15
 MAX_BATCH = 256
-
-
-def decoder_of(model):
-    """The decoder stack (`model.model` for Llama-like LMs), also through a peft wrapper. With a LoRA
-    adapter attached, its linear layers carry the adapter, so calling the decoder applies it."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()
 
 
 def auto_batch_size(prefix_len: int, query_len: int = 8) -> int:
@@ -60,34 +55,17 @@ def activations(model, prefix: Sequence[int], queries: Sequence[Sequence[int]], 
     handles = [m.register_forward_hook(capture(resid, i)) for i, m in enumerate(layers)]
     handles += [m.mlp.register_forward_hook(capture(mlp, i)) for i, m in enumerate(layers)]
     try:
-        prefix = [int(t) for t in prefix]
-        kv = []
-        if prefix:
-            out = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True)
-            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        kv = prefix_kv(decoder, prefix, config=decoder.config)
         p = len(prefix)
         size = batch_size or auto_batch_size(p, max((len(q) for q in queries), default=1))
         bar = _progress(len(queries), progress)
         for start in range(0, len(queries), size):
-            chunk = [list(q) for q in queries[start : start + size]]
-            b, width = len(chunk), max(len(q) for q in chunk)
-            ids = torch.full((b, width), pad_id, dtype=torch.long)
-            mask = torch.zeros((b, p + width), dtype=torch.long)
-            mask[:, :p] = 1
-            for r, q in enumerate(chunk):
-                ids[r, : len(q)] = torch.tensor(q)
-                mask[r, p : p + len(q)] = 1
+            chunk = queries[start : start + size]
+            ids, real = padded(chunk, pad_id, device)
+            b = len(chunk)
             where.update(rows=torch.arange(start, start + b, device=device), batch=torch.arange(b, device=device),
                          pos=torch.tensor([len(q) - 1 for q in chunk], device=device))
-            cache = None
-            if kv:
-                from transformers import DynamicCache
-
-                cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv],
-                                     config=decoder.config)
-            decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
-                    position_ids=(torch.arange(width, device=device) + p).expand(b, -1),
-                    past_key_values=cache, use_cache=cache is not None)
+            run_batch(decoder, kv, p, ids, real, config=decoder.config)
             where.clear()
             bar.update(b)
         bar.close()
