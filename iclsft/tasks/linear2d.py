@@ -1,18 +1,17 @@
-"""The 2D tasks (SPEC §2: linear2d and its variants xor and semantic) and their matched exemplar
-stream (SPEC §3).
+"""The 2D study's grid, its matched exemplar stream (SPEC §3), and the task `linear2d` (SPEC §2).
+The variants are modules of their own (`xor`, `semantic`), registered like any task
+(`iclsft.tasks.registry`); everything here works for every registered 2D task.
 
 One object serves both arms: the same stream gives the ICL prompt at K and the SFT data at K.
 """
 
 from __future__ import annotations
 
-from functools import cache
-from importlib import resources
-
 import numpy as np
 import pandas as pd
 
 from iclsft.spec import TaskSpec
+from iclsft.tasks import registry
 
 GRID = 100  # n1, n2 in 0..99
 CENTER = 49.5
@@ -47,54 +46,20 @@ def truth(n1: np.ndarray, n2: np.ndarray, angle: float, swap_labels: bool = Fals
 
 
 def task_truth(task: TaskSpec, n1: np.ndarray, n2: np.ndarray) -> np.ndarray:
-    """The task's true label index per point (0 = first label), -1 on a boundary.
-
-    `xor`: the label is the XOR of the linear labels at `angle` and at `angle + 90°` (margins taken
-    with the normals of those two angles), so it is the first label where both agree; a point on
-    either line is on the boundary. `linear2d` and `semantic` share the linear geometry."""
-    if task.name != "xor":
-        return truth(n1, n2, task.angle, task.swap_labels)
-    m1, m2 = margin(n1, n2, task.angle), margin(n1, n2, task.angle + 90.0)
-    t = ((m1 < 0) ^ (m2 < 0)).astype(np.int8)
-    if task.swap_labels:
-        t = 1 - t
-    t[(np.abs(m1) < TIE_EPS) | (np.abs(m2) < TIE_EPS)] = -1
-    return t
+    """The task's true label index per point (0 = first label), -1 on a boundary (the registered
+    task's `truth`, labels exchanged where `swap_labels`)."""
+    return registry.get(task.name, "linear2d").labels_of(n1, n2, task.angle, task.swap_labels)
 
 
 def has_boundary_angle(task_name: str) -> bool:
     """Whether the task's classes are split by one line at its angle, so that an inferred boundary
-    angle means something: `linear2d` and `semantic` yes; `xor` (two perpendicular lines) no."""
-    if task_name in ("linear2d", "semantic"):
-        return True
-    if task_name == "xor":
-        return False
-    raise ValueError(f"task {task_name!r} is not known: use 'linear2d', 'xor' or 'semantic'")
-
-
-# The semantic variant's word lists (SPEC §2), each file's header says its source and order.
-WORD_FILES = {"sentiment": "adjectives_sentiment.txt", "size": "adjectives.txt"}
-
-
-@cache
-def adjectives(words: str = "sentiment") -> tuple[str, ...]:
-    """One of the semantic variant's 100-word lists, in axis order (value 0 first): "sentiment", most
-    negative to most positive (adjectives_sentiment.txt), or "size", smallest to largest (adjectives.txt)."""
-    if words not in WORD_FILES:
-        raise ValueError(f"word list {words!r} is not allowed: choose one of {', '.join(WORD_FILES)}")
-    name = WORD_FILES[words]
-    text = resources.files("iclsft.tasks").joinpath(name).read_text(encoding="utf-8")
-    # the first field of each line: a file may carry notes (e.g. ratings) after the word
-    found = tuple(line.split()[0] for line in text.splitlines() if line.strip() and not line.startswith("#"))
-    if len(found) != GRID or len(set(found)) != GRID:
-        raise ValueError(f"{name} must hold {GRID} distinct words, one per line; it holds {len(found)}")
-    return found
+    angle means something (`linear2d`, `semantic`: yes; `xor`, two perpendicular lines: no)."""
+    return registry.get(task_name, "linear2d").boundary_angle
 
 
 def values(task: TaskSpec) -> tuple[str, ...] | None:
-    """How n1 and n2 are written in prompts: the task's word list for `semantic`, None (the integers)
-    otherwise."""
-    return adjectives(task.words) if task.name == "semantic" else None
+    """How n1 and n2 are written in prompts: the task's word list (`semantic`), None for integers."""
+    return registry.get(task.name, "linear2d").words(task.words)
 
 
 def check_order(order: str) -> str:
@@ -163,6 +128,18 @@ def max_shots(task: TaskSpec) -> int:
     return min(len(pool0), len(pool1))
 
 
+def check_shots(tasks, shots) -> None:
+    """Every shot count must fit the class pools of every task (before anything is written)."""
+    for task in tasks:
+        available = max_shots(task)
+        too_many = [k for k in shots if k > available]
+        if too_many:
+            raise ValueError(
+                f"shot count {too_many[0]} is not allowed at angle {task.angle:g}: each class has "
+                f"{available} grid points off the boundary, so shots must be in 1..{available}"
+            )
+
+
 def exemplars(task: TaskSpec, seed: int, shots: int, order: str = RANDOM_ORDER) -> pd.DataFrame:
     """The 2K exemplars (K per class) used at shot count K, in prompt order."""
     stream = exemplar_stream(task, seed, order)
@@ -188,3 +165,10 @@ def queries(task: TaskSpec, exemplar_points: pd.DataFrame | None = None) -> pd.D
     # The hold-out set must be disjoint from the exemplars (STYLE 4): checked, not assumed.
     assert not set(zip(table.n1[holdout], table.n2[holdout])) & used
     return table
+
+
+def _linear(n1: np.ndarray, n2: np.ndarray, angle: float) -> np.ndarray:
+    return truth(n1, n2, angle)
+
+
+LINEAR2D = registry.register(registry.GridTask(name="linear2d", truth=_linear, boundary_angle=True))

@@ -59,18 +59,16 @@ collapsed demos, the code prompt's stray "The input is:") are not reproduced.
 
 from __future__ import annotations
 
+from iclsft.tasks import registry
 from iclsft.tasks.implicit import boolean, code, expression, relation
 from iclsft.tasks.implicit.core import VARIANTS, ImplicitTask, Item, pair
 
-TASKS: dict[str, ImplicitTask] = {m.TASK.name: m.TASK for m in (expression, relation, boolean, code)}
+TASKS: dict[str, ImplicitTask] = {m.TASK.name: registry.register(m.TASK) for m in (expression, relation, boolean, code)}
 
 
 def get_task(name: str) -> ImplicitTask:
-    """The task called `name`; ValueError naming the allowed names otherwise."""
-    try:
-        return TASKS[name]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"unknown implicit task {name!r}; allowed: {sorted(TASKS)}") from e
+    """The implicit task called `name` (`iclsft.tasks.registry`); ValueError naming the allowed names."""
+    return registry.get(name, "implicit")
 
 
 __all__ = ["TASKS", "VARIANTS", "ImplicitTask", "Item", "get_task", "pair"]

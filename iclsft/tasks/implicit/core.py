@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 from itertools import islice
 
 VARIANTS = ("holds", "broken")
@@ -46,6 +47,12 @@ class ImplicitTask:
     gap: str  # extra text after the instruction and after every demo: "\n" gives blank lines
     draw_pair: PairDraw = field(repr=False, compare=False)
     draw_faithful: FaithfulDraw | None = field(default=None, repr=False, compare=False)
+    study: ClassVar[str] = "implicit"  # iclsft.tasks.registry
+
+    @property
+    def evaluation(self) -> str:
+        """"labels": the closed label set is scored exactly; "generate": greedy generation, exact match."""
+        return "labels" if self.labels is not None else "generate"
 
     # -- generation ----------------------------------------------------------------------------
 
