@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import click
 
 from iclsft import __version__
 from iclsft.models import DEFAULT_MODEL
+from iclsft.names import ENGINE_CHOICES, SFT_METHODS
+from iclsft.tasks import registry
 
 USER_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError, OSError, MemoryError)
 
@@ -23,8 +26,7 @@ def user_errors(fn):
         from pydantic import ValidationError
 
         from iclsft.engine.vllm_server import ServerError
-        from iclsft.icl import ConditionsFailed
-        from iclsft.store import RunLockedError
+        from iclsft.errors import ConditionsFailed, RunLockedError
 
         try:
             return fn(*args, **kwargs)
@@ -60,6 +62,22 @@ def _labels(ctx, param, value: str) -> tuple[str, str]:
     return tuple(labels)
 
 
+class _EchoHandler(logging.Handler):
+    """Progress on stderr: INFO lines as they are, warnings with a "warning:" prefix."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        click.echo(f"warning: {message}" if record.levelno >= logging.WARNING else message, err=True)
+
+
+def setup_logging(quiet: bool) -> None:
+    """Where the library's `logging` goes: the `iclsft` logger to stderr (warnings only with --quiet)."""
+    logger = logging.getLogger("iclsft")
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _EchoHandler)] + [_EchoHandler()]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
 @click.group()
 @click.version_option(__version__, prog_name="iclsft-eval")
 def main() -> None:
@@ -77,7 +95,7 @@ def run_options(fn):
                      help="Exemplar-stream seed(s), comma-separated."),
         click.option("--out", required=True, type=click.Path(path_type=Path),
                      help="Run directory (resumed if it exists; ICL and SFT arms may share one)."),
-        click.option("--task", type=click.Choice(["linear2d", "xor", "semantic"]), default="linear2d",
+        click.option("--task", type=click.Choice(registry.names("linear2d")), default="linear2d",
                      show_default=True, help="xor: XOR of the boundaries at angle and angle+90; semantic: "
                                              "n1, n2 written as adjectives (SPEC §2)."),
         click.option("--words", type=click.Choice(["sentiment", "size"]), default=None,
@@ -85,7 +103,7 @@ def run_options(fn):
                           "or by size; part of the spec."),
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
                      help="Known model name, local HF model directory, or hub id."),
-        click.option("--engine", type=click.Choice(["auto", "hf", "vllm", "vllm-server"]), default="auto",
+        click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto",
                      show_default=True,
                      help="auto: vllm on a GPU when vLLM is installed, else hf (the faster one on CPUs)."),
         click.option("--vllm-url", default=None, help="vllm-server engine: address of a running vLLM server."),
@@ -170,16 +188,16 @@ def _finish(table, out: Path) -> None:
 @user_errors
 def icl(**o):
     """Score every grid query with ICL prompts of K exemplars per class."""
-    from iclsft.icl import make_icl_spec, run_icl
+    from iclsft.arms import make_icl_spec, run_spec
 
+    setup_logging(o["quiet"])
     spec, ref = make_icl_spec(**_common(o))
-    log = None if o["quiet"] else functools.partial(click.echo, err=True)
-    _finish(run_icl(spec, o["out"], ref, log=log, progress=not o["quiet"]), o["out"])
+    _finish(run_spec(spec, o["out"], ref, progress=not o["quiet"]), o["out"])
 
 
 @main.command()
 @run_options
-@click.option("--method", type=click.Choice(["lora", "full", "full-frozen-unembed"]), default="lora",
+@click.option("--method", type=click.Choice(SFT_METHODS), default="lora",
               show_default=True)
 @click.option("--lr", type=float, default=None, help="Learning rate (default: per method, see docs/sft.md).")
 @click.option("--epochs", type=int, default=None, help="Passes over the 2K examples.")
@@ -207,9 +225,10 @@ def icl(**o):
 @user_errors
 def sft(**o):
     """Train one model per shot count on the ICL exemplars, then score every grid query zero-shot."""
-    from iclsft.sft.runner import make_sft_spec, run_sft
+    from iclsft.arms import make_sft_spec, run_spec
     from iclsft.spec import ExecutorSpec, sft_spec
 
+    setup_logging(o["quiet"])
     hyper = {k: o[k] for k in ("lr", "epochs", "min_steps", "batch_size", "warmup_ratio", "weight_decay",
                                "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout") if o[k] is not None}
     if o["target_modules"]:
@@ -219,24 +238,23 @@ def sft(**o):
                             max_retries=o["max_retries"])
     spec, ref = make_sft_spec(**_common(o), sft=sft_spec(o["method"], **hyper), checkpoints=o["checkpoints"],
                               executor=executor)
-    log = None if o["quiet"] else functools.partial(click.echo, err=True)
-    _finish(run_sft(spec, o["out"], ref, log=log, progress=not o["quiet"]), o["out"])
+    _finish(run_spec(spec, o["out"], ref, progress=not o["quiet"]), o["out"])
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--metric", "metrics_", multiple=True,
-              default=("accuracy", "holdout_accuracy", "auc", "cal_accuracy", "confidence"), show_default=True,
-              help="Metric columns to compare (repeatable).")
+              help="Metric columns to compare (repeatable; default: accuracy, holdout_accuracy, auc, cal_accuracy, "
+                   "confidence for the 2D study, accuracy, shortcut_rate, gold_prob for the implicit suite).")
 @user_errors
 def compare(run_dir, metrics_):
-    """ICL vs SFT metrics side by side per shot count."""
+    """ICL vs SFT metrics side by side per shot count (any run directory of either study)."""
     from iclsft.evaluate.runs import compare_table, recompute_metrics
 
     table = recompute_metrics(run_dir)
     if table.empty:
         raise click.ClickException(f"{run_dir} has no finished conditions")
-    click.echo(compare_table(table, list(metrics_)).to_string(float_format=lambda v: f"{v:.3f}"))
+    click.echo(compare_table(table, list(metrics_) or None).to_string(float_format=lambda v: f"{v:.3f}"))
 
 
 def _validation_message(error) -> str:
@@ -255,7 +273,7 @@ def _validation_message(error) -> str:
 @click.option("--all-columns", is_flag=True, help="Print every metric column.")
 @user_errors
 def metrics(run_dir, all_columns):
-    """Recompute metrics of a run from its stored scores (no model needed)."""
+    """Recompute metrics of a run of either study from its stored scores (no model needed)."""
     from iclsft.evaluate.runs import format_table, recompute_metrics
 
     table = recompute_metrics(run_dir)
@@ -285,10 +303,10 @@ def sweep(config, overrides, dry_run, estimate_for, quiet):
             estimate_for = "gpu" if torch.cuda.is_available() else "cpu"
         click.echo(format_plan(cfg, estimate_for))
         return
-    log = None if quiet else functools.partial(click.echo, err=True)
     from iclsft.evaluate.runs import format_table
 
-    for model, table in run_sweep(cfg, log=log, progress=not quiet).items():
+    setup_logging(quiet)
+    for model, table in run_sweep(cfg, progress=not quiet).items():
         click.echo(f"\n{model}")
         click.echo(format_table(table))
     click.echo(f"\nresults in {cfg.out}", err=True)
@@ -308,8 +326,8 @@ def rsa(run_dir, dtype, batch_size, subset, quiet):
     """Layer-wise RSA (SPEC §7) for every finished condition of a run that has none yet."""
     from iclsft.rsa import compute_rsa
 
-    log = None if quiet else functools.partial(click.echo, err=True)
-    done = compute_rsa(run_dir, dtype=dtype, subset=subset, batch_size=batch_size, progress=not quiet, log=log)
+    setup_logging(quiet)
+    done = compute_rsa(run_dir, dtype=dtype, subset=subset, batch_size=batch_size, progress=not quiet)
     click.echo(f"RSA computed for {len(done)} condition(s) in {run_dir}")
 
 
@@ -442,10 +460,12 @@ def query(point, url, api_key, run_dir, adapter, icl_run, shots, angle, seed):
 @user_errors
 def implicit(**o):
     """The implicit-pattern suite: ICL per K or a fine-tuned model, on both variants of each task."""
+    from iclsft.arms import make_implicit_spec, run_spec
     from iclsft.engine.base import resolve_engine
-    from iclsft.implicit.run import make_implicit_spec, results_table, run_implicit
+    from iclsft.implicit.results import results_table
     from iclsft.spec import EngineSpec, ExecutorSpec
 
+    setup_logging(o["quiet"])
     hyper = {k: o[k] for k in ("lr", "epochs", "batch_size") if o[k] is not None}
     spec, ref = make_implicit_spec(
         model=o["model"], method=o["method"], sft=hyper if o["method"] != "icl" else None,
@@ -454,8 +474,7 @@ def implicit(**o):
         recipe=o["recipe"],
         engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"]),
         executor=ExecutorSpec(name=o["executor"]))
-    log = None if o["quiet"] else functools.partial(click.echo, err=True)
-    table = run_implicit(spec, o["out"], ref, log=log, progress=not o["quiet"])
+    table = run_spec(spec, o["out"], ref, progress=not o["quiet"])
     click.echo(results_table(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     click.echo(f"\nresults in {o['out']} (metrics.parquet, conditions/*/scores.parquet)", err=True)
 
@@ -471,8 +490,8 @@ def circuits(run_dir, pairs, shots, quiet):
     fine-tuned model, and each one's shift from the base (docs/implicit.md)."""
     from iclsft.implicit.circuits import compute_circuits
 
-    log = None if quiet else functools.partial(click.echo, err=True)
-    table = compute_circuits(run_dir, pairs=pairs, shots=shots, log=log)
+    setup_logging(quiet)
+    table = compute_circuits(run_dir, pairs=pairs, shots=shots)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
@@ -501,7 +520,8 @@ def bench(model, shots, queries, adapters, naive_sample, with_vllm, vllm_sample,
     spec = BenchSpec(model=model, shots=shots, queries=queries, adapters=adapters,
                      methods=("naive", "hf") + (VLLM_METHODS if with_vllm else ()), naive_sample=naive_sample,
                      vllm_sample=min(vllm_sample, queries), dtype=dtype, token_budget=token_budget, threads=threads)
-    results = run_bench(spec, log=functools.partial(click.echo, err=True))
+    setup_logging(False)
+    results = run_bench(spec)
     click.echo(markdown(results))
     if out is not None:
         for path in write_results(results, Path(out) / "throughput"):

@@ -1,5 +1,4 @@
-"""Faults: named kill points for the fault-injection tests, and out-of-memory errors that name the
-setting to lower (docs/reliability.md).
+"""Faults: named kill points for the fault-injection tests (docs/reliability.md).
 
 `fault_point("adapter-save")` does nothing unless $ICLSFT_FAULT_AT names that point; then the process
 sends itself SIGKILL there (no cleanup, no `finally`, exactly like the OOM killer or a pulled plug):
@@ -55,18 +54,3 @@ def parse(wanted: str) -> tuple[str, int]:
     if sep and tail.isdigit() and head:
         return head, int(tail)
     return wanted.strip(), 1
-
-
-# -- out of memory --------------------------------------------------------------------------------
-def is_out_of_memory(e: BaseException) -> bool:
-    """MemoryError, torch.OutOfMemoryError (CUDA), or torch's CPU allocator failing."""
-    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def out_of_memory(what: str, knobs: str, e: BaseException) -> MemoryError:
-    """A MemoryError whose first line says what ran out of memory and which setting to lower."""
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return MemoryError(f"out of memory {what} ({type(e).__name__}: {first}); {knobs}")

@@ -15,8 +15,10 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from iclsft.names import DTYPES, ENGINES, SFT_METHODS  # noqa: F401 (one source of names)
+from iclsft.tasks import registry
+
 HASH_VERSION = "v1"
-DTYPES = ("float32", "bfloat16")
 
 
 class Frozen(BaseModel):
@@ -85,16 +87,13 @@ def _fields(template: str, what: str) -> set[str]:
     return names
 
 
-TASKS = ("linear2d", "xor", "semantic")
-WORD_LISTS = ("sentiment", "size")  # the semantic variant's adjectives; the first is the default
-
-
 class TaskSpec(Frozen):
-    """The 2D task at one angle (SPEC §2): `linear2d`; `xor`, the XOR of the linear tasks at
-    angle and angle + 90° (same centre); `semantic`, linear2d with n1, n2 written as adjectives:
-    `words` "sentiment" (default, the study's) or "size" (the earlier default); None for the others."""
+    """A 2D task at one angle (SPEC §2): any task registered for the linear2d study
+    (`iclsft.tasks.registry`: linear2d; xor, the XOR of the linear tasks at angle and angle + 90°;
+    semantic, linear2d with n1, n2 written as words). `words`: the task's word list (semantic:
+    "sentiment", the default and the study's, or "size"); None for tasks that write integers."""
 
-    name: Literal["linear2d", "xor", "semantic"] = "linear2d"
+    name: str = "linear2d"
     angle: float
     labels: tuple[str, str] = (" Baz", " Rud")
     swap_labels: bool = False
@@ -104,23 +103,21 @@ class TaskSpec(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _default_words(cls, data):
-        # Filled in for `semantic`, so its condition ids always hash the list: runs made with the size
-        # list before the field existed (no "words") never match a new semantic condition or spec.
-        if isinstance(data, dict) and data.get("name") == "semantic" and data.get("words") is None:
-            data = {**data, "words": WORD_LISTS[0]}
+        # A task with word lists gets its default filled in, so its condition ids always hash the list:
+        # semantic runs made with the size list before the field existed never match a new condition.
+        if isinstance(data, dict) and data.get("words") is None and isinstance(data.get("name", "linear2d"), str):
+            task = registry.get(data.get("name", "linear2d"), "linear2d")
+            if task.default_words is not None:
+                data = {**data, "words": task.default_words}
         return data
 
-    @field_validator("words")
-    @classmethod
-    def _words(cls, v: str | None) -> str | None:
-        if v is not None and v not in WORD_LISTS:
-            raise ValueError(f"words {v!r} is not allowed: choose one of {', '.join(WORD_LISTS)}")
-        return v
-
     @model_validator(mode="after")
-    def _words_for_semantic(self) -> TaskSpec:
-        if self.words is not None and self.name != "semantic":
-            raise ValueError(f"words {self.words!r} applies to task 'semantic' only, not {self.name!r}")
+    def _words_of_task(self) -> TaskSpec:
+        task = registry.get(self.name, "linear2d")
+        if self.words is not None and self.words not in task.word_lists:
+            if not task.word_lists:
+                raise ValueError(f"words {self.words!r} applies to tasks that write words (semantic), not {self.name!r}")
+            raise ValueError(f"words {self.words!r} is not allowed: choose one of {', '.join(task.word_lists)}")
         return self
 
     @model_serializer(mode="wrap")
@@ -166,7 +163,6 @@ class ModelSpec(Frozen):
     fingerprint: str
 
 
-ENGINES = ("hf", "vllm", "vllm-server")
 
 
 VLLM_SCALE_DEFAULTS = {"max_model_len": None, "tensor_parallel_size": 1, "max_num_seqs": None, "enforce_eager": False,
@@ -234,18 +230,54 @@ class TokenCounts(Frozen):
     label_tokens: tuple[int, int]
 
 
-class RunSpecBase(Frozen):
-    """Fields every arm shares: what is learned (tasks, stream) and how it is shown (template, model)."""
+class ArmSpec(Frozen):
+    """What the spec of every arm of both studies has: a model, seeds, a dtype and an engine; its
+    `identity()` (what determines results, transport knobs left out) is frozen in the run directory,
+    and `conditions()` lists its cells (each a `ConditionBase`)."""
+
+    model: ModelSpec
+    seeds: tuple[int, ...] = (0,)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    engine: EngineSpec = EngineSpec()
+
+    TRANSPORT: ClassVar[set[str]] = {"engine"}
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("seeds must name at least one seed")
+        bad = [s for s in v if s < 0]
+        if bad:
+            raise ValueError(f"seed {bad[0]} is not allowed: seeds must be integers >= 0")
+        return tuple(sorted(set(v)))
+
+    def identity(self) -> dict:
+        """The fields that determine results (transport knobs left out)."""
+        return self.model_dump(mode="json", exclude=self.TRANSPORT)
+
+
+class ConditionBase(Frozen):
+    """One cell of an arm. Its id is a versioned content hash of exactly its fields (None fields left
+    out, so adding an optional field never changes existing ids); `label` names it in progress lines."""
+
+    HASH: ClassVar[str] = HASH_VERSION
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
+        return f"{self.HASH}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+class RunSpecBase(ArmSpec):
+    """Fields every arm of the 2D study shares: what is learned (tasks, stream) and how it is shown
+    (template, model)."""
 
     hash_version: str = HASH_VERSION
     tasks: tuple[TaskSpec, ...]
     template: TemplateSpec = TemplateSpec()
-    model: ModelSpec
     shots: tuple[int, ...]
-    seeds: tuple[int, ...] = (0,)
     orders: tuple[str, ...] = ("random",)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    engine: EngineSpec = EngineSpec()
     tokens: tuple[TokenCounts, ...] | None = None  # filled in at run start (iclsft.tokenizers_check)
 
     # `tokens` is no knob but a record derived from model and template: out of identities all the same
@@ -268,16 +300,6 @@ class RunSpecBase(Frozen):
             raise ValueError(f"shot count {bad[0]} is not allowed: shots are per class and must be >= 1")
         return tuple(sorted(set(v)))
 
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v:
-            raise ValueError("seeds must name at least one seed")
-        bad = [s for s in v if s < 0]
-        if bad:
-            raise ValueError(f"seed {bad[0]} is not allowed: seeds must be integers >= 0")
-        return tuple(sorted(set(v)))
-
     @field_validator("orders")
     @classmethod
     def _orders(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -292,10 +314,6 @@ class RunSpecBase(Frozen):
             raise ValueError("at least one task (angle) is needed")
         unique = {t.model_dump_json(): t for t in v}  # repeated angles would compute one condition twice
         return tuple(sorted(unique.values(), key=lambda t: (t.name, t.angle)))
-
-    def identity(self) -> dict:
-        """The fields that determine results (transport knobs left out)."""
-        return self.model_dump(mode="json", exclude=self.TRANSPORT)
 
     def _condition(self, task: TaskSpec, k: int, seed: int, method: str, order: str, **extra) -> Condition:
         return Condition(task=task, template=self.template, model=self.model, method=method, shots=k,
@@ -316,7 +334,6 @@ class IclRunSpec(RunSpecBase):
                 for seed in self.seeds for k in self.shots]
 
 
-SFT_METHODS = ("lora", "full", "full-frozen-unembed")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -420,8 +437,8 @@ class SftRunSpec(RunSpecBase):
         ]
 
 
-class Condition(Frozen):
-    """One cell: its id is the hash of all of these fields."""
+class Condition(ConditionBase):
+    """One cell of a 2D arm: its id is the hash of all of these fields."""
 
     task: TaskSpec
     template: TemplateSpec
@@ -435,10 +452,12 @@ class Condition(Frozen):
     checkpoint: float | None = None  # fraction of training, for SFT conditions
 
     @property
-    def id(self) -> str:
-        # None fields are left out, so adding optional fields never changes existing ids
-        blob = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
-        return f"{HASH_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    def label(self) -> str:
+        """What a progress line calls it: every field that tells the conditions of a sweep apart."""
+        words = f" ({self.task.words})" if self.task.words else ""
+        ckpt = f" ckpt {self.checkpoint:g}" if self.checkpoint is not None else ""
+        return (f"{self.task.name}{words} angle {self.task.angle:g} order {self.order} {self.method} K={self.shots} "
+                f"seed {self.seed}{ckpt}")
 
     @property
     def dirname(self) -> str:

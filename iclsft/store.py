@@ -1,7 +1,7 @@
 """The run directory (SPEC §10): one frozen spec, per-condition artifacts, records written last.
 
     RUN/spec.json                       the frozen spec of each arm (icl, sft-lora, ...)
-    RUN/record.json                     run status, timings, version
+    RUN/record.json                     per arm: status, timings, version (each arm its own entry)
     RUN/metrics.parquet                 one row per finished condition
     RUN/metrics.json                    size + sha256 of metrics.parquet (written after it)
     RUN/conditions/<name>/condition.json   the fields hashed into the condition id
@@ -27,16 +27,9 @@ from typing import Any
 
 from iclsft import __version__
 from iclsft.artifacts import atomic_write_json, file_matches, write_checked
+from iclsft.errors import RunLockedError, SpecMismatchError
 from iclsft.faults import fault_point
 from iclsft.spec import Condition
-
-
-class RunLockedError(RuntimeError):
-    """Another process is computing into the same run directory."""
-
-
-class SpecMismatchError(ValueError):
-    """The run directory holds results of a different spec."""
 
 
 class RunDir:
@@ -169,15 +162,30 @@ class RunDir:
         return self.spec_json()["arms"].get(arm)
 
     # -- run record ---------------------------------------------------------------------------
-    def write_run_record(self, status: str, **fields: Any) -> None:
+    # RUN/record.json: {"arms": {"icl": {...}, "sft-lora": {...}}}, each arm's status, timings and version.
+    # Only the holder of the run's lock writes it (read, update its own arm, write), so arms run one after
+    # another in the same directory keep every entry.
+    def write_arm_record(self, arm: str, status: str, **fields: Any) -> None:
         record = {"status": status, "version": __version__, "host": socket.gethostname(),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+        arms = self.arm_records()
+        arms[arm] = record
         try:
-            atomic_write_json(self.path / "record.json", record)
+            atomic_write_json(self.path / "record.json", {"arms": arms})
         except OSError:
             if status != "interrupted":
                 raise
             # best effort: on a full disk the error that interrupted the run must surface, not this one
+
+    def arm_records(self) -> dict[str, dict]:
+        """Each arm's record; {} where there is none (a record of an older version holds one arm)."""
+        try:
+            stored = json.loads((self.path / "record.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        if isinstance(stored, dict) and isinstance(stored.get("arms"), dict):
+            return stored["arms"]
+        return {stored.get("arm", "icl"): stored} if isinstance(stored, dict) and "status" in stored else {}
 
     # -- conditions ---------------------------------------------------------------------------
     def condition_dir(self, cond: Condition) -> Path:

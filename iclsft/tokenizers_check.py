@@ -10,12 +10,15 @@ and a run warns when integers take several tokens (the 2D study assumes one toke
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from iclsft.spec import RunSpecBase, TaskSpec, TokenCounts
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from iclsft.prompts import PromptBuilder
@@ -138,17 +141,16 @@ def split_warning(counts: TokenCounts) -> str | None:
     """A one-line warning when integers take more than one token, else None."""
     if counts.integer_max <= 1:
         return None
-    what = f"the {counts.words} words" if counts.words else "integers 0..99"
+    what, each = (f"the {counts.words} words", "word") if counts.words else ("integers 0..99", "integer")
     return (f"this tokenizer splits {what} into {counts.integer_min}-{counts.integer_max} tokens "
-            f"(mean {counts.integer_mean:g}); the 2D study assumes one token per integer")
+            f"(mean {counts.integer_mean:g}); the 2D study assumes one token per {each}")
 
 
-def check_run(spec: RunSpecBase, builders: dict, log: Callable[[str], None] | None = None) -> RunSpecBase:
+def check_run(spec: RunSpecBase, builders: dict) -> RunSpecBase:
     """Run start: check every builder's prompts (largest K, first seed and order) and return the spec
     with the token counts recorded; log a warning when integers are split."""
     from iclsft.prompts import builder_key
 
-    log = log or (lambda _msg: None)
     seen, counts = set(), []
     for task in spec.tasks:
         key = builder_key(task)
@@ -160,5 +162,5 @@ def check_run(spec: RunSpecBase, builders: dict, log: Callable[[str], None] | No
         counts.append(token_counts(builder, task))
         warning = split_warning(counts[-1])
         if warning:
-            log(f"warning: {warning}")
+            logger.warning("%s", warning)
     return spec.model_copy(update={"tokens": tuple(counts)})

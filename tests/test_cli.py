@@ -92,7 +92,7 @@ def test_run_dir_top_level(base_run, tiny_model_dir):
     assert spec["tasks"] == [{"name": "linear2d", "angle": 45.0, "labels": [" Baz", " Rud"],
                               "swap_labels": False, "grid_step": 10}]
     assert spec["model"]["name"] == str(tiny_model_dir)
-    record = json.loads((out / "record.json").read_text())
+    record = json.loads((out / "record.json").read_text())["arms"]["icl"]
     assert record["status"] == "ok" and record["failed"] == 0 and record["conditions"] == 2
     assert record["version"] == __version__
 
@@ -183,7 +183,7 @@ def test_rerun_skips_everything(base_run, tmp_path, tiny_model_dir):
     for name, (data, mtime) in before.items():
         if name.startswith("conditions/"):
             assert after[name] == (data, mtime), name  # not rewritten, not even touched
-    assert json.loads((out / "record.json").read_text())["status"] == "ok"
+    assert json.loads((out / "record.json").read_text())["arms"]["icl"]["status"] == "ok"
 
 
 def test_deleted_record_recomputes_only_that_condition(base_run, tmp_path, tiny_model_dir):
@@ -422,7 +422,7 @@ def test_failed_condition_is_recorded_and_retried(tmp_path, tiny_model_dir, monk
     failed = json.loads((dirs[2] / "record.json").read_text())
     assert failed["status"] == "error" and failed["error"] == "RuntimeError: simulated out of memory"
     assert "simulated out of memory" in failed["traceback"]
-    run_record = json.loads((out / "record.json").read_text())
+    run_record = json.loads((out / "record.json").read_text())["arms"]["icl"]
     assert run_record["status"] == "error" and run_record["failed"] == 1
     assert pd.read_parquet(out / "metrics.parquet")["shots"].tolist() == [1]  # only what finished
 
@@ -430,7 +430,7 @@ def test_failed_condition_is_recorded_and_retried(tmp_path, tiny_model_dir, monk
     assert again.exit_code == 0, again.output
     assert "1 already finished, 1 to run" in again.stderr
     assert json.loads((dirs[2] / "record.json").read_text())["status"] == "ok"
-    assert json.loads((out / "record.json").read_text())["status"] == "ok"
+    assert json.loads((out / "record.json").read_text())["arms"]["icl"]["status"] == "ok"
     assert pd.read_parquet(out / "metrics.parquet")["shots"].tolist() == [1, 2]
 
 

@@ -13,7 +13,9 @@ import torch
 
 from iclsft.evaluate.runs import read_metrics
 from iclsft.implicit.data import TaskPrompts, demo_stream, eval_items, train_items
-from iclsft.implicit.run import implicit_metrics, make_implicit_spec, results_table, run_implicit
+from iclsft.arms import make_implicit_spec, run_spec
+from iclsft.evaluate.runs import recompute_metrics
+from iclsft.implicit.results import results_table
 from iclsft.spec import ExecutorSpec
 from iclsft.tasks.implicit import get_task
 
@@ -34,7 +36,7 @@ def home(tmp_path_factory):
 def icl_run(home, tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("implicit") / "run"
     spec, ref = make_implicit_spec(model=str(tiny_model_dir), method="icl", shots=(0, 2), **SMALL)
-    run_implicit(spec, out, ref, progress=False)
+    run_spec(spec, out, ref, progress=False)
     return out, spec, ref
 
 
@@ -43,7 +45,7 @@ def lora_run(icl_run):
     out, _, _ = icl_run
     spec, ref = make_implicit_spec(model=spec_model(icl_run), method="lora", sft={"epochs": 1, "batch_size": 8},
                                    executor=ExecutorSpec(name="local"), **SMALL)
-    run_implicit(spec, out, ref, progress=False)
+    run_spec(spec, out, ref, progress=False)
     return out, spec, ref
 
 
@@ -53,12 +55,12 @@ def spec_model(run) -> str:
 
 def test_icl_arm_writes_every_condition_with_its_scores(icl_run):
     out, spec, _ = icl_run
-    table = implicit_metrics(out)
+    table = recompute_metrics(out)
     assert len(table) == len(TASKS) * 2 * 2  # tasks x K x variants
     pd.testing.assert_frame_equal(read_metrics(out), table)  # written with its checksum
     (out / "metrics.parquet").write_bytes((out / "metrics.parquet").read_bytes()[:-10])
     assert read_metrics(out) is None  # a damaged table is not read
-    implicit_metrics(out)
+    recompute_metrics(out)
     assert set(table["variant"]) == {"holds", "broken"}
     assert table["accuracy"].between(0, 1).all() and table["shortcut_rate"].between(0, 1).all()
     for cdir in (out / "conditions").iterdir():
@@ -79,7 +81,7 @@ def test_icl_arm_writes_every_condition_with_its_scores(icl_run):
 def test_rerun_computes_nothing(icl_run):
     out, spec, ref = icl_run
     before = {f: f.stat().st_mtime_ns for f in out.glob("conditions/*/scores.parquet")}
-    run_implicit(spec, out, ref, progress=False)
+    run_spec(spec, out, ref, progress=False)
     assert {f: f.stat().st_mtime_ns for f in out.glob("conditions/*/scores.parquet")} == before
 
 
@@ -148,7 +150,7 @@ def test_too_few_unseen_items_is_an_error():
 
 def test_lora_arm_scores_both_variants_of_one_model_per_task(lora_run):
     out, spec, _ = lora_run
-    table = implicit_metrics(out)
+    table = recompute_metrics(out)
     lora = table[table["method"] == "lora"]
     assert len(lora) == len(TASKS) * 2
     records = [json.loads(p.read_text()) for p in out.glob("conditions/*-lora-*/record.json")]
@@ -212,7 +214,7 @@ def test_sweep_runs_the_suite(home, tiny_model_dir, tmp_path):
     assert "implicit-icl" in format_plan(config, "cpu")
     run_sweep(config)
     run = Path(config.out) / str(tiny_model_dir).strip("/").replace("/", "--") / "implicit"
-    assert len(implicit_metrics(run)) == 4
+    assert len(recompute_metrics(run)) == 4
     assert (run / "report" / "index.html").is_file()
 
 
@@ -294,7 +296,7 @@ def test_original_recipe_trains_one_model_for_every_task(home, tiny_model_dir, s
     spec, ref = make_implicit_spec(model=str(tiny_model_dir), method="full", recipe="original",
                                    executor=ExecutorSpec(name="local"), **SMALL)
     assert (spec.sft.method, spec.sft.lr, spec.sft.batch_size, spec.recipe) == ("full", 1e-5, 16, "original")
-    run_implicit(spec, out, ref, progress=False)
+    run_spec(spec, out, ref, progress=False)
     stored = json.loads((out / "spec.json").read_text())["arms"]["implicit-full-original"]
     assert stored["recipe"] == "original" and stored["sft"]["lr"] == 1e-5 and stored["sft"]["method"] == "full"
     records = [json.loads(p.read_text()) for p in out.glob("conditions/*/record.json")]
@@ -314,7 +316,7 @@ def test_original_recipe_trains_one_model_for_every_task(home, tiny_model_dir, s
     expect = [(bos + list(smollm_tokenizer(get_task(n).query(it), add_special_tokens=False)["input_ids"]),
                prompts[n].answer_ids(it)) for n in TASKS for it in train_items(get_task(n), 0, 24)]
     assert sorted(map(repr, mixed)) == sorted(map(repr, expect)) and mixed != expect  # shuffled together
-    table = implicit_metrics(out)
+    table = recompute_metrics(out)
     assert set(table["method"]) == {"full-original"} and set(table["recipe"]) == {"original"}
     assert "SFT full-original" in results_table(table).columns
     config = SweepConfig(out=str(tmp_path / "sw"), models=(str(tiny_model_dir),), tasks=(), methods=(),

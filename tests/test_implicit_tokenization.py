@@ -252,7 +252,7 @@ def test_pieces_that_merge_are_refused():
 
 @pytest.fixture(scope="module")
 def llama2_run(tmp_path_factory):
-    from iclsft.implicit.run import make_implicit_spec, run_implicit
+    from iclsft.arms import make_implicit_spec, run_spec
 
     mp = pytest.MonkeyPatch()
     mp.setenv("ICLSFT_HOME", str(tmp_path_factory.mktemp("home")))
@@ -260,7 +260,7 @@ def llama2_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("implicit-llama2") / "run"
     spec, ref = make_implicit_spec(model=str(model_dir), method="icl", shots=(0, 2),
                                    tasks=("expression", "relation", "code"), seeds=(0,), train_size=16, eval_size=4)
-    run_implicit(spec, out, ref, progress=False)
+    run_spec(spec, out, ref, progress=False)
     yield out, model_dir
     mp.undo()
 
@@ -309,7 +309,7 @@ def test_llama2_generation_equals_transformers_greedy_on_the_natural_ids(llama2_
 
 
 def test_run_refuses_prompts_that_are_not_natural_before_writing(monkeypatch, tmp_path):
-    from iclsft.implicit.run import make_implicit_spec, run_implicit
+    from iclsft.arms import make_implicit_spec, run_spec
 
     monkeypatch.setenv("ICLSFT_HOME", str(tmp_path / "home"))
     model_dir = tiny_model_dir("llama2", tmp_path / "model")
@@ -319,5 +319,5 @@ def test_run_refuses_prompts_that_are_not_natural_before_writing(monkeypatch, tm
     spec, ref = make_implicit_spec(model=str(model_dir), method="icl", shots=(0, 2), tasks=("boolean",),
                                    seeds=(0,), train_size=16, eval_size=4)
     with pytest.raises(TokenizationError, match=r"task 'boolean': .* \(2 demos, .*first difference at token"):
-        run_implicit(spec, tmp_path / "run", ref, progress=False)
+        run_spec(spec, tmp_path / "run", ref, progress=False)
     assert not (tmp_path / "run" / "spec.json").exists()

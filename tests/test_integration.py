@@ -17,7 +17,7 @@ import pytest
 
 from iclsft.engine.reference import naive_score
 from iclsft.evaluate.metrics import METRIC_NAMES
-from iclsft.icl import make_icl_spec, run_icl
+from iclsft.arms import make_icl_spec, run_spec
 from iclsft.models import load_model
 from iclsft.prompts import PromptBuilder
 from iclsft.tasks import linear2d
@@ -34,7 +34,7 @@ def icl_run(default_model_ref, tmp_path_factory):
     out = tmp_path_factory.mktemp("integration") / "run"
     spec, ref = make_icl_spec(model="smollm2-135m", angles=(ANGLE,), shots=SHOTS, grid_step=10)
     assert ref.fingerprint == default_model_ref.fingerprint
-    table = run_icl(spec, out, ref, progress=False)
+    table = run_spec(spec, out, ref, progress=False)
     return spec, ref, out, table
 
 
@@ -44,7 +44,7 @@ def condition_dir(out, cond):
 
 def test_run_record_and_table(icl_run):
     spec, _, out, table = icl_run
-    assert json.loads((out / "record.json").read_text())["status"] == "ok"
+    assert json.loads((out / "record.json").read_text())["arms"]["icl"]["status"] == "ok"
     assert table["shots"].tolist() == list(SHOTS)
     assert list(table.columns[-len(METRIC_NAMES):]) == list(METRIC_NAMES)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "metrics.parquet"), table)

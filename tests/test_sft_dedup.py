@@ -26,12 +26,14 @@ from iclsft.sft.adapters import (
     stream_order_key,
     training_key,
 )
-from iclsft.sft.runner import make_sft_spec, plan_jobs, run_sft, training_examples, training_groups
+from iclsft.arms import make_sft_spec, run_spec
+from iclsft.arms.linear2d import plan_jobs, training_examples, training_groups
 from iclsft.sft.train import TrainJob, canonical_order, train
 from iclsft.spec import ExecutorSpec, sft_spec
 from iclsft.store import RunDir
 from iclsft.sweep import load_config, plan
 from iclsft.tasks import linear2d
+from logcapture import capture
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,7 +163,8 @@ def test_random_and_1221_at_an_even_batch_train_once(tiny_model_dir, tmp_path):
 
     runner.train, saved = counting, runner.train
     try:
-        table = run_sft(spec, out, ref, log=logs.append, progress=False)
+        with capture(logs):
+            table = run_spec(spec, out, ref, progress=False)
     finally:
         runner.train = saved
     assert len(trained) == len(set(trained)) == 2  # one training per K for both orders
@@ -185,7 +188,8 @@ def test_random_and_1221_at_an_even_batch_train_once(tiny_model_dir, tmp_path):
     trained.clear()
     runner.train = counting
     try:
-        run_sft(spec, out, ref, log=logs.append, progress=False)
+        with capture(logs):
+            run_spec(spec, out, ref, progress=False)
     finally:
         runner.train = saved
     assert trained == []
@@ -208,7 +212,7 @@ def test_order_probes_that_change_the_batches_train_separately(tiny_model_dir, s
     if batch_size == 3:
         return  # one run is enough to show separate trainings differ
     out = tmp_path / "run"
-    run_sft(spec, out, ref, progress=False)
+    run_spec(spec, out, ref, progress=False)
     recs = records(out)
     for k in (2, 4):
         rand, probe = recs[("random", k, 1.0)], recs[("1221", k, 1.0)]
@@ -229,7 +233,8 @@ def test_old_run_directory_resumes_with_its_stream_order_checkpoints(tiny_model_
     shutil.move(job.checkpoints[0][1], checkpoint_dir(out, old, 1.0))  # as an earlier version left it
     assert is_finished(checkpoint_dir(out, old, 1.0))
     logs: list[str] = []
-    run_sft(spec, out, ref, log=logs.append, progress=False)
+    with capture(logs):
+        run_spec(spec, out, ref, progress=False)
     assert any("0 models to train, 1 reused" in m for m in logs)
     (rec,) = records(out).values()
     assert rec["checkpoint_dir"] == checkpoint_dir(out, old, 1.0).name and rec["trained_now"] is False

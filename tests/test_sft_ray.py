@@ -12,10 +12,12 @@ import pytest
 
 from iclsft.prompts import prompt_builders
 from iclsft.sft.adapters import MARKER, read_marker
-from iclsft.sft.runner import make_sft_spec, plan_jobs, run_sft
+from iclsft.arms import make_sft_spec, run_spec
+from iclsft.arms.linear2d import plan_jobs
 from iclsft.sft.train import train
 from iclsft.spec import ExecutorSpec, sft_spec
 from iclsft.store import RunDir
+from logcapture import capture
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("peft")
@@ -95,11 +97,12 @@ def test_run_sft_on_a_running_cluster_trains_in_parallel(ray_cluster, tiny_model
     spec, ref = make_spec(tiny_model_dir, ExecutorSpec(), min_steps=40)
     assert spec.executor.name == "ray"
     logs: list[str] = []
-    table = run_sft(spec, out, ref, log=logs.append, progress=False)
-    assert "2 conditions, 0 already finished; 2 models to train" in _progress(logs)[0]
+    with capture(logs):
+        table = run_spec(spec, out, ref, progress=False)
+    assert "2 conditions, 0 already finished, 2 to run; 2 models to train" in _progress(logs)[0]
     assert not any(line.startswith("ray:") for line in logs)  # the running cluster was reused ...
     assert ray.is_initialized()  # ... and left running
-    assert json.loads((out / "record.json").read_text())["status"] == "ok"
+    assert json.loads((out / "record.json").read_text())["arms"]["sft-lora"]["status"] == "ok"
     assert sorted(table["shots"]) == list(SHOTS)
     recs = records(out)
     assert all(r["status"] == "ok" and r["train_steps"] == 40 for r in recs.values())
@@ -138,15 +141,17 @@ def test_failed_first_attempts_are_retried(ray_cluster, tiny_model_dir, smollm_t
     spec, ref = make_spec(tiny_model_dir, ExecutorSpec(max_retries=1), min_steps=3)
     keys = {job.key for job in planned_jobs(spec, ref, out, smollm_tokenizer)}
     logs: list[str] = []
-    run_sft(spec, out, ref, log=logs.append, progress=False)
+    with capture(logs):
+        run_spec(spec, out, ref, progress=False)
     assert any(line.startswith("ray:") for line in logs), logs  # started here ...
     assert not ray.is_initialized()  # ... and shut down
     assert sorted(p.name for p in fault_dir.iterdir()) == sorted(f"attempted-{k[:16]}" for k in keys)
     assert all(r["status"] == "ok" and r["train_steps"] == 3 for r in records(out).values())
-    assert json.loads((out / "record.json").read_text())["status"] == "ok"
+    assert json.loads((out / "record.json").read_text())["arms"]["sft-lora"]["status"] == "ok"
 
     again: list[str] = []
-    run_sft(spec, out, ref, log=again.append, progress=False)
-    assert "2 conditions, 2 already finished; 0 models to train, 0 reused" in _progress(again)[0]
+    with capture(again):
+        run_spec(spec, out, ref, progress=False)
+    assert "2 conditions, 2 already finished, 0 to run; 0 models to train, 0 reused" in _progress(again)[0]
     assert not any(line.startswith("ray:") for line in again)  # nothing to train: Ray is not even started
     assert len(list(fault_dir.iterdir())) == 2

@@ -18,6 +18,7 @@ import yaml
 
 from iclsft.spec import sft_spec
 from iclsft.sweep import SweepConfig, apply_override, load_config, model_dir, plan, run_sweep
+from logcapture import capture
 
 pytest.importorskip("peft")
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +168,8 @@ def test_sweep_over_every_axis_then_a_rerun_computes_nothing(tmp_path, tiny_mode
     stamps = {p: t for p, t in stamps.items() if p.name not in ("record.json", "metrics.parquet", "metrics.json")
               or "conditions" in p.parts}
     messages: list[str] = []
-    run_sweep(config, log=messages.append, progress=False)
+    with capture(messages):
+        run_sweep(config, progress=False)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "a finished artifact was rewritten"
     arms = [m for m in messages if m.startswith("== ") and "arms)" in m]
     assert len(arms) == 4 and all(", 0 to run" in m for m in arms), arms

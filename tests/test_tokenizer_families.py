@@ -13,7 +13,7 @@ import torch
 from tokenizer_families import FAMILIES, load_tokenizer
 
 from iclsft.prompts import PromptBuilder
-from iclsft.sft.runner import training_examples
+from iclsft.arms.linear2d import training_examples
 from iclsft.spec import IclRunSpec, ModelSpec, TaskSpec, TemplateSpec
 from iclsft.tasks.linear2d import exemplars
 from iclsft.tokenizers_check import TokenizationError, check_prompts, check_run, split_warning, token_counts

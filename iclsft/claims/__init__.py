@@ -102,14 +102,13 @@ def load_linear2d(path: Path, data=None) -> linear2d.Evidence:
 
 def load_implicit(path: Path, metrics: pd.DataFrame | None = None) -> implicit.Evidence:
     """The implicit run's metrics table (`metrics`, when the caller has it already) and circuit shifts."""
-    from iclsft.evaluate.runs import read_metrics
+    from iclsft.evaluate.runs import read_metrics, recompute_metrics
     from iclsft.implicit.circuits import load_shift
-    from iclsft.implicit.run import implicit_metrics
 
     if metrics is None:
         metrics = read_metrics(path)
     if metrics is None or "variant" not in metrics:
-        metrics = implicit_metrics(path)
+        metrics = recompute_metrics(path)
     return implicit.Evidence(metrics=metrics, shift=load_shift(path))
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,9 @@ from iclsft.faults import fault_point
 from iclsft.store import RunDir
 
 KEY_COLUMNS = ["task", "angle", "method", "shots", "seed", "checkpoint", "order", "model", "dtype", "condition"]
+IMPLICIT_KEY_COLUMNS = ["task", "variant", "method", "shots", "seed", "train_size", "eval_size", "model", "dtype",
+                        "faithful", "condition", "recipe"]
+logger = logging.getLogger(__name__)
 
 
 def condition_metrics(scores: pd.DataFrame, row: dict) -> dict:
@@ -24,32 +28,60 @@ def condition_metrics(scores: pd.DataFrame, row: dict) -> dict:
     return {**{k: row[k] for k in KEY_COLUMNS}, **metrics}
 
 
-def recompute_metrics(run: str | Path, *, verify: bool = True,
-                      skip_damaged: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Recompute metrics of every finished condition from its scores; write RUN/metrics.parquet, then
-    RUN/metrics.json with its size and sha256 (what `read_metrics` checks).
+def implicit_metrics_row(scores: pd.DataFrame, record: dict) -> dict:
+    """One metrics row of an implicit-suite condition: its key columns, then the suite's metrics."""
+    from iclsft.implicit.evaluate import item_metrics
 
-    A condition whose files no longer match its record raises ValueError; with `skip_damaged` (a log
-    function) it is left out and named instead: an arm finishing its own conditions must not fail on
+    answers = record.get("answers") if any(c.startswith("lp_") for c in scores.columns) else None
+    return {**{k: record.get(k) for k in IMPLICIT_KEY_COLUMNS}, "recipe": record.get("recipe", "ours"),
+            **item_metrics(scores, answers)}
+
+
+def study_of(run: RunDir) -> str:
+    """"implicit" for a run of the implicit-pattern suite, "linear2d" for the 2D study's; one
+    FileNotFoundError line when `run` is no run directory."""
+    if not (run.path / "spec.json").is_file():
+        raise FileNotFoundError(f"{str(run.path)!r} is not a run directory (no spec.json); a sweep's runs are "
+                                "its OUT/<model>/ and OUT/<model>/implicit/ folders")
+    kinds = {arm.get("kind") for arm in run.spec_json()["arms"].values()}
+    return "implicit" if kinds == {"implicit"} else "linear2d"
+
+
+def recompute_metrics(run: str | Path, *, verify: bool = True, skip_damaged: bool = False) -> pd.DataFrame:
+    """Recompute metrics of every finished condition of either study from its scores; write
+    RUN/metrics.parquet, then RUN/metrics.json with its size and sha256 (what `read_metrics` checks).
+
+    A condition whose files no longer match its record raises ValueError; with `skip_damaged` it is
+    left out and named in a warning instead: an arm finishing its own conditions must not fail on
     another arm's damaged file, which that arm recomputes when it runs."""
     rundir = RunDir(run)
-    if not (rundir.path / "spec.json").is_file():
-        raise FileNotFoundError(f"{str(run)!r} is not a run directory (no spec.json)")
+    study = study_of(rundir)
     rows = []
-    for cdir, _, record in rundir.finished():
+    for cdir, cond, record in rundir.finished():
+        if (cond.get("suite") == "implicit") != (study == "implicit"):
+            continue
         if verify:
             try:
                 rundir.verify(cdir, record)
             except (ValueError, OSError) as e:
-                if skip_damaged is None:
+                if not skip_damaged:
                     raise
-                skip_damaged(f"left out of the metrics table: {e}")
+                logger.warning("left out of the metrics table: %s", e)
                 continue
         scores = pd.read_parquet(cdir / "scores.parquet")
-        rows.append(condition_metrics(scores, {"checkpoint": None, **record}))
-    table = pd.DataFrame(rows, columns=KEY_COLUMNS + list(METRIC_NAMES))
-    table = table.sort_values(["task", "angle", "method", "order", "seed", "shots", "checkpoint"],
-                              na_position="first").reset_index(drop=True)
+        if study == "implicit":
+            rows.append(implicit_metrics_row(scores, record))
+        else:
+            rows.append(condition_metrics(scores, {"checkpoint": None, **record}))
+    if study == "implicit":
+        from iclsft.implicit.evaluate import METRICS
+
+        table = pd.DataFrame(rows, columns=IMPLICIT_KEY_COLUMNS + list(METRICS))
+        table = table.sort_values(["task", "variant", "method", "seed", "shots"]).reset_index(drop=True)
+    else:
+        table = pd.DataFrame(rows, columns=KEY_COLUMNS + list(METRIC_NAMES))
+        table = table.sort_values(["task", "angle", "method", "order", "seed", "shots", "checkpoint"],
+                                  na_position="first").reset_index(drop=True)
     write_metrics(rundir.path, table)
     return table
 
@@ -79,12 +111,27 @@ def read_metrics(run: str | Path, columns: Sequence[str] = ()) -> pd.DataFrame |
     return table if set(columns) <= set(table.columns) else None
 
 
-def compare_table(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Final checkpoints only, one row per (task, angle, order, seed, K), one column per (metric, method),
-    ICL first."""
-    unknown = [m for m in metrics if m not in table.columns]
+DEFAULT_COMPARE = {"linear2d": ("accuracy", "holdout_accuracy", "auc", "cal_accuracy", "confidence"),
+                   "implicit": ("accuracy", "shortcut_rate", "gold_prob")}
+
+
+def compare_table(table: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """ICL against SFT, side by side. 2D study: final checkpoints, one row per (task, angle, order, seed,
+    K), one column per (metric, method), ICL first. Implicit suite: one row per (task, variant, seed),
+    one column per (metric, ICL at each K, then each fine-tuned method)."""
+    implicit = "variant" in table.columns
+    metrics = list(metrics or DEFAULT_COMPARE["implicit" if implicit else "linear2d"])
+    allowed = [c for c in table.columns if c not in (IMPLICIT_KEY_COLUMNS if implicit else KEY_COLUMNS)]
+    unknown = [m for m in metrics if m not in allowed]
     if unknown:
-        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRIC_NAMES)}")
+        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(allowed)}")
+    if implicit:
+        icl = table["method"] == "icl"
+        arm = table["method"].where(~icl, "icl K=" + table["shots"].astype(str))
+        order = sorted(arm.unique(), key=lambda a: (not a.startswith("icl K="), int(a[6:]) if a.startswith("icl K=")
+                                                    else 0, a))
+        wide = table.assign(arm=arm).pivot_table(index=["task", "variant", "seed"], columns="arm", values=metrics)
+        return wide.reindex(columns=pd.MultiIndex.from_product([metrics, order]))
     final = table[table["checkpoint"].isna() | (table["checkpoint"] == 1.0)]
     wide = final.pivot_table(index=["task", "angle", "order", "seed", "shots"], columns="method", values=metrics)
     methods = sorted(final["method"].unique(), key=lambda m: (m != "icl", m))
@@ -93,6 +140,8 @@ def compare_table(table: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:
     """A compact text table for the terminal."""
+    if columns is None and "variant" in table.columns:
+        columns = ["task", "variant", "method", "shots", "seed", "accuracy", "shortcut_rate", "gold_prob", "n_items"]
     if columns is None:
         columns = ["angle", "method", "shots", "seed", "checkpoint", "accuracy", "holdout_accuracy", "auc",
                    "cal_accuracy", "confidence", "cal_confidence", "label_mass", "smoothness_rel", "angle_error"]

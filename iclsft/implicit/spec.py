@@ -13,32 +13,39 @@ instruction), loss on every token, lr 1e-5; its conditions have method "full-ori
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
-from iclsft.spec import EngineSpec, ExecutorSpec, Frozen, ModelSpec, SftSpec
+from iclsft.names import RECIPES
+from iclsft.spec import ArmSpec, ConditionBase, ExecutorSpec, ModelSpec, SftSpec
+from iclsft.tasks import registry
 
 # v2 (2026-12-01): prompts are the natural tokenization of their text (docs/tokenization.md), which
 # changed one or two ids per prompt of relation, boolean and code on SmolLM2; a run directory of v1
 # is refused ("made by another version") instead of mixing old and new scores in one table.
 IMPLICIT_HASH_VERSION = "v2"
 
-IMPLICIT_TASKS = ("expression", "relation", "boolean", "code")
 VARIANTS = ("holds", "broken")
-IMPLICIT_METHODS = ("icl", "lora", "full")
-RECIPES = ("ours", "original")
 MAX_SHOTS = 64  # the demo stream's length: prompts at every K are token prefixes of one stream
-TaskName = Literal["expression", "relation", "boolean", "code"]
 
 
-class ImplicitCondition(Frozen):
+def implicit_tasks() -> tuple[str, ...]:
+    """The registered tasks of the suite, in registry order (the mixed file's order)."""
+    return registry.names("implicit")
+
+
+def _task_name(name: str) -> str:
+    registry.get(name, "implicit")  # one line naming the allowed tasks otherwise
+    return name
+
+
+class ImplicitCondition(ConditionBase):
     """One cell: its id is the hash of all of these fields."""
 
+    HASH: ClassVar[str] = IMPLICIT_HASH_VERSION
     suite: Literal["implicit"] = "implicit"
-    task: TaskName
+    task: str
     variant: Literal["holds", "broken"]
     model: ModelSpec
     method: str
@@ -52,12 +59,13 @@ class ImplicitCondition(Frozen):
     # the original recipe only (None otherwise, so the ids of "ours" stay as they were): the recipe and
     # the tasks whose items make the one mixed training file
     recipe: Literal["original"] | None = None
-    mixture: tuple[TaskName, ...] | None = None
+    mixture: tuple[str, ...] | None = None
 
     @property
-    def id(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
-        return f"{IMPLICIT_HASH_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    def label(self) -> str:
+        """What a progress line calls it."""
+        k = f"K={self.shots}" if self.method == "icl" else f"n={self.train_size}"
+        return f"{self.task} {self.variant} {self.method} {k} seed {self.seed}"
 
     @property
     def dirname(self) -> str:
@@ -76,23 +84,19 @@ class ImplicitCondition(Frozen):
         return (self.mixture or self.task, self.seed)
 
 
-class ImplicitSpec(Frozen):
+class ImplicitSpec(ArmSpec):
     """Everything one arm of the suite computes."""
 
     kind: Literal["implicit"] = "implicit"
     hash_version: str = IMPLICIT_HASH_VERSION
-    model: ModelSpec
     method: Literal["icl", "lora", "full"] = "icl"
-    tasks: tuple[TaskName, ...] = IMPLICIT_TASKS
+    tasks: tuple[str, ...] = ("expression", "relation", "boolean", "code")
     shots: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32)
-    seeds: tuple[int, ...] = (0,)
     train_size: int = Field(default=1000, ge=1, le=100_000)
     eval_size: int = Field(default=200, ge=1, le=100_000)
     faithful: bool = False
-    dtype: Literal["float32", "bfloat16"] = "float32"
     sft: SftSpec | None = None
     recipe: str = "ours"
-    engine: EngineSpec = EngineSpec()
     executor: ExecutorSpec = ExecutorSpec()
 
     TRANSPORT: ClassVar[set[str]] = {"engine", "executor"}
@@ -116,8 +120,8 @@ class ImplicitSpec(Frozen):
     @classmethod
     def _tasks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if not v:
-            raise ValueError(f"name at least one task of {', '.join(IMPLICIT_TASKS)}")
-        return tuple(dict.fromkeys(v))
+            raise ValueError(f"name at least one task of {', '.join(implicit_tasks())}")
+        return tuple(dict.fromkeys(_task_name(t) for t in v))
 
     @field_validator("shots")
     @classmethod
@@ -126,13 +130,6 @@ class ImplicitSpec(Frozen):
         if not v or bad:
             raise ValueError(f"shot count {bad[0] if bad else None} is not allowed: demos must be in 0..{MAX_SHOTS}")
         return tuple(sorted(set(v)))
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v:
-            raise ValueError("name at least one seed")
-        return tuple(dict.fromkeys(v))
 
     @model_validator(mode="after")
     def _method(self) -> ImplicitSpec:
@@ -158,12 +155,9 @@ class ImplicitSpec(Frozen):
         """Training items of one model: every task's `train_size` items for the mixed file."""
         return self.train_size * (len(self.tasks) if self.recipe == "original" else 1)
 
-    def identity(self) -> dict:
-        return self.model_dump(mode="json", exclude=self.TRANSPORT)
-
     def conditions(self) -> list[ImplicitCondition]:
         shots = self.shots if self.method == "icl" else (0,)
-        mixture = tuple(t for t in IMPLICIT_TASKS if t in self.tasks)  # one order, whatever order was asked
+        mixture = tuple(t for t in implicit_tasks() if t in self.tasks)  # one order, whatever order was asked
         original = {"recipe": "original", "mixture": mixture} if self.recipe == "original" else {}
         return [
             ImplicitCondition(task=task, variant=variant, model=self.model, method=self.label, shots=k, seed=seed,

@@ -54,7 +54,7 @@ def _has_rsa(cdir: Path) -> bool:
 class RunData:
     path: Path
     arms: dict[str, dict]
-    record: dict | None
+    record: dict  # each arm's run record (store.RunDir.arm_records)
     metrics: pd.DataFrame
     conditions: pd.DataFrame
 
@@ -115,6 +115,5 @@ def load_run(run_dir: str | Path) -> RunData:
     metrics = metrics.copy()
     metrics["checkpoint"] = pd.to_numeric(metrics["checkpoint"]).astype(np.float64)
 
-    record = rundir.read_record(rundir.path)
-    return RunData(path=rundir.path, arms=rundir.spec_json()["arms"], record=record, metrics=metrics,
+    return RunData(path=rundir.path, arms=rundir.spec_json()["arms"], record=rundir.arm_records(), metrics=metrics,
                    conditions=conditions)

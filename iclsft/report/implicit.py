@@ -11,8 +11,9 @@ import pandas as pd
 
 from iclsft import __version__
 from iclsft.claims import load_implicit, study_claims
+from iclsft.evaluate.runs import recompute_metrics
 from iclsft.implicit.circuits import load_shift
-from iclsft.implicit.run import implicit_metrics, results_table
+from iclsft.implicit.results import results_table
 from iclsft.report.claims import claims_section
 from iclsft.report.data import method_color
 from iclsft.report.figures import FigureWriter, new_figure, slug
@@ -25,7 +26,7 @@ CURVES = (("accuracy", "accuracy"), ("shortcut_rate", "answers = shortcut's"))
 def build_implicit_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write index.html and its PNGs for the implicit run at `run_dir`; return the path of index.html."""
     path = Path(run_dir)
-    metrics = implicit_metrics(path)
+    metrics = recompute_metrics(path)
     out = Path(out_dir) if out_dir is not None else path / "report"
     out.mkdir(parents=True, exist_ok=True)
     writer = FigureWriter(out)

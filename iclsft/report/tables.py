@@ -79,13 +79,11 @@ def run_section(data: RunData) -> Section:
             s.note(f"Integers take {counts['integer_min']}-{counts['integer_max']} tokens with this tokenizer (mean "
                    f"{counts['integer_mean']:g}{', ' + counts['words'] + ' words' if counts.get('words') else ''}): "
                    "the 2D study assumes one token per integer.")
-    record = data.record or {}
-    if record:
+    for arm, record in (data.record or {}).items():
         failed = f", {esc(record['failed'])} failed" if record.get("failed") else ""
-        s.raw(f"<p>Run record: status <b>{esc(record.get('status', '?'))}</b>, last arm "
-              f"{esc(record.get('arm', 'icl'))}, {esc(record.get('time', ''))}, "
-              f"iclsft {esc(record.get('version', '?'))}{failed}.</p>")
-    else:
+        s.raw(f"<p>Run record of {esc(arm)}: status <b>{esc(record.get('status', '?'))}</b>, "
+              f"{esc(record.get('time', ''))}, iclsft {esc(record.get('version', '?'))}{failed}.</p>")
+    if not data.record:
         s.note("The run has no record.json: it may still be running, or was copied without it.")
     c = data.conditions
     rows = [[m, str(int((c["method"] == m).sum())), str(int(((c["method"] == m) & c["rsa"]).sum()))]

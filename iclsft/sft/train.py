@@ -30,7 +30,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from iclsft.faults import fault_point, is_out_of_memory, out_of_memory
+from iclsft.errors import is_out_of_memory, out_of_memory
+from iclsft.faults import fault_point
 from iclsft.sft.adapters import is_finished, save_checkpoint
 from iclsft.spec import SftSpec
 

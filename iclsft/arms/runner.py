@@ -1,0 +1,112 @@
+"""The one arm runner: every arm of both studies (ICL, SFT, the implicit suite) runs through `run_arm`.
+
+An arm is a frozen spec (its conditions, content-hashed) plus a generator of `Step`s, one per
+condition left to compute. The runner does the rest, the same way for every arm: check nothing is
+written before the inputs are, freeze the spec in the run directory, hold the run's lock, skip
+finished conditions, record each failure (its error and traceback in the condition's record) while
+the other conditions go on, keep the arm's own entry in RUN/record.json, rebuild the run's metrics
+table, and report failures as one `ConditionsFailed` line at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from iclsft.errors import ConditionsFailed
+from iclsft.evaluate.runs import recompute_metrics
+from iclsft.store import RunDir
+
+logger = logging.getLogger(__name__)
+
+# What a step may fail with and still let the arm go on (anything else, e.g. KeyboardInterrupt, stops it)
+STEP_ERRORS = (RuntimeError, ValueError, MemoryError, OSError)
+
+
+@dataclass
+class Step:
+    """One condition to compute: `compute()` scores it, writes its files and record, and returns its
+    metrics; or `error` (a traceback) when it cannot be computed, e.g. its training failed."""
+
+    cond: Any
+    compute: Callable[[], dict] | None = None
+    error: str | None = None
+    note: str = ""  # how it was computed, for the progress line ("trained 12 s, shared with ...")
+    record: dict = field(default_factory=dict)  # extra fields of an error record
+
+
+class Arm(Protocol):
+    spec: Any  # the arm's frozen, checked spec: .arm, .conditions(), .identity()
+
+    def prepare(self, run: RunDir, todo: list) -> str: ...  # plan the work; a note for the first progress line
+
+    def steps(self, run: RunDir, todo: list) -> Iterator[Step]: ...
+
+    def describe(self, metrics: dict) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def run_arm(arm: Arm, out: str | Path) -> pd.DataFrame:
+    """Run (or resume) every condition of `arm` into the run directory `out`; return the run's metrics."""
+    spec = arm.spec
+    run = RunDir(out)
+    run.open(spec)  # only now, with every input checked, does anything get written
+    run.acquire_lock()  # one process per run directory (store.RunDir.acquire_lock)
+    try:
+        conds = spec.conditions()
+        todo = [c for c in conds if not run.is_done(c)]
+        note = arm.prepare(run, todo)  # e.g. the SFT arms plan their trainings: "2 models to train, 1 reused"
+        logger.info("%s: %d conditions, %d already finished, %d to run%s", spec.arm, len(conds),
+                    len(conds) - len(todo), len(todo), f"; {note}" if note else "")
+        started = time.time()
+        run.write_arm_record(spec.arm, "running", conditions=len(conds), todo=len(todo))
+        failures: list[str] = []
+        try:
+            if todo:
+                for i, step in enumerate(arm.steps(run, todo), 1):
+                    _run_step(run, step, f"[{i}/{len(todo)}]", arm, failures)
+        except BaseException as e:
+            run.write_arm_record(spec.arm, "interrupted", error=f"{type(e).__name__}: {e}",
+                                 seconds=round(time.time() - started, 1))
+            raise
+        finally:
+            arm.close()
+        table = recompute_metrics(run.path, skip_damaged=True)  # another arm's damaged file: named, not fatal
+        run.write_arm_record(spec.arm, "error" if failures else "ok", conditions=len(conds), failed=len(failures),
+                             seconds=round(time.time() - started, 1))
+        if failures:
+            raise ConditionsFailed(
+                f"{len(failures)} of {len(todo)} {spec.arm} conditions failed (first: {failures[0]}; their "
+                f"record.json under {run.path / 'conditions'} holds the error); rerun the same command to retry them")
+        return table
+    finally:
+        run.release_lock()
+
+
+def _run_step(run: RunDir, step: Step, where: str, arm: Arm, failures: list[str]) -> None:
+    cond = step.cond
+    if step.error is not None:
+        error = step.error.strip().splitlines()[-1]
+        run.write_condition_error(cond, error, traceback=step.error, **step.record)
+        failures.append(error)
+        logger.warning("%s %s: FAILED %s", where, cond.label, error)
+        return
+    t0 = time.time()
+    try:
+        metrics = step.compute()
+    except STEP_ERRORS as e:
+        error = f"{type(e).__name__}: {e}"
+        run.write_condition_error(cond, error, traceback=traceback.format_exc(), **step.record)
+        failures.append(error)
+        logger.warning("%s %s: FAILED %s", where, cond.label, error)
+        return
+    how = f"{step.note}, " if step.note else ""
+    logger.info("%s %s: %s%s (%.1f s)", where, cond.label, how, arm.describe(metrics), time.time() - t0)

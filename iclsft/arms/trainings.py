@@ -1,0 +1,143 @@
+"""Trainings for the SFT arms of both studies: run the planned jobs (on Ray, in this process, or
+sharded over Ray Train workers) and turn each finished training into the steps that score its
+conditions on its checkpoints, while the other jobs train.
+
+Only the driver writes records. A failed training is retried by Ray (bounded), then recorded as an
+error with its traceback for each of its conditions; the other conditions go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from iclsft.arms.runner import Step
+from iclsft.arms.scorer import Scorer
+from iclsft.sft.adapters import is_finished, read_marker, set_aside_damaged
+from iclsft.sft.train import TrainJob, in_training_order, train
+from iclsft.spec import ExecutorSpec
+
+logger = logging.getLogger(__name__)
+
+# score(cond, engine, adapter, record) -> metrics: scores one condition on a checkpoint and writes it
+Score = Callable[[Any, Any, "str | None", dict], dict]
+
+
+def training_steps(jobs: Sequence[TrainJob], where: dict[str, tuple[Any, str]], executor: ExecutorSpec,
+                   scorer: Scorer, lora: bool, score: Score,
+                   shared: dict[str, list[str]] | None = None) -> Iterator[Step]:
+    """One step per condition of each job as its training finishes (`where`: condition id -> (condition,
+    checkpoint dir)); call `plan_trainings` first. `shared`: condition
+    id -> the other conditions scored with the same checkpoint (said in the record and progress)."""
+    shared = shared or {}
+    for job, result, error in execute_jobs(jobs, executor):
+        ckpts = []
+        for cond_id in job.meta["conditions"]:
+            cond, ckpt = where[cond_id]
+            if error is not None:
+                yield Step(cond, error=error, record={"checkpoint_dir": Path(ckpt).name})
+                continue
+            ckpts.append(ckpt)
+            record = _checkpoint_record(ckpt, result) | (
+                {"shared_with": shared[cond_id]} if cond_id in shared else {})
+            note = f"trained {result.get('seconds', 0):.0f} s" if result.get("trained") else "reused its checkpoint"
+            if cond_id in shared:
+                note += f", shared with {', '.join(shared[cond_id])}"
+            yield Step(cond, compute=partial(_score, scorer, ckpt, lora, score, cond, record), note=note,
+                       record={"checkpoint_dir": Path(ckpt).name})
+        for ckpt in dict.fromkeys(ckpts):
+            scorer.release(ckpt)
+
+
+def plan_trainings(jobs: Sequence[TrainJob]) -> str:
+    """Set damaged checkpoints aside (renamed, never read; they are trained again), then say how many
+    models are to be trained and how many are reused."""
+    set_aside_damaged([Path(d) for j in jobs for _, d in j.checkpoints])
+    to_train = sum(not all(is_finished(Path(d)) for _, d in j.checkpoints) for j in jobs)
+    return f"{to_train} models to train, {len(jobs) - to_train} reused"
+
+
+def _score(scorer: Scorer, ckpt: str, lora: bool, score: Score, cond, record: dict) -> dict:
+    engine, adapter = scorer.checkpoint(ckpt, lora)
+    return score(cond, engine, adapter, record)
+
+
+def _checkpoint_record(ckpt: str, result: dict) -> dict:
+    marker = read_marker(Path(ckpt))  # this checkpoint's own step, loss and time, trained now or before
+    return {"checkpoint_dir": Path(ckpt).name, "train_seconds": marker.get("seconds"),
+            "train_steps": marker.get("step"), "total_steps": marker.get("total_steps"),
+            "final_loss": marker.get("loss"), "trained_now": bool(result.get("trained"))}
+
+
+def execute_jobs(jobs: Sequence[TrainJob], executor: ExecutorSpec):
+    """Yield (job, result, error traceback or None) as trainings finish; jobs whose checkpoints are all
+    finished come first, untrained."""
+    if not jobs:
+        return
+    pending = [j for j in jobs if not all(is_finished(Path(d)) for _, d in j.checkpoints)]
+    for job in jobs:  # nothing to train: score at once
+        if job not in pending:
+            yield job, {"seconds": 0.0, "losses": [], "trained": False}, None
+    if not pending:
+        return
+    if pending[0].sft.workers > 1:  # sharded: each training takes all its Ray Train workers, one at a time
+        from iclsft.sft.distributed import train_distributed
+
+        for job in pending:
+            try:
+                yield job, train_distributed(in_training_order(job), executor), None
+            except Exception:
+                yield job, {}, traceback.format_exc()
+        return
+    if executor.name == "local":
+        for job in pending:
+            try:
+                yield job, train(job), None
+            except Exception:
+                yield job, {}, traceback.format_exc()
+        return
+    yield from _execute_ray(pending, executor)
+
+
+def _execute_ray(jobs: list[TrainJob], executor: ExecutorSpec):
+    try:
+        import ray
+    except ImportError as e:
+        raise ImportError("the SFT arms train on Ray: pip install 'iclsft-eval[sft]' (or use --executor local)") from e
+    import torch
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        env = {k: v for k, v in os.environ.items() if k.startswith("ICLSFT_")}
+        if executor.ray_address:
+            ray.init(address=executor.ray_address, runtime_env={"env_vars": env}, log_to_driver=False)
+        else:
+            # keep one core for the driver, which scores finished models while the others train
+            cpus = max(1, (os.cpu_count() or 2) - 1)
+            ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+        logger.info("ray: %g CPUs, %g GPUs", ray.cluster_resources().get("CPU", 0),
+                    ray.cluster_resources().get("GPU", 0))
+    gpus = 1 if torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    remote = ray.remote(num_cpus=executor.cpus_per_task, num_gpus=gpus, max_retries=executor.max_retries,
+                        retry_exceptions=True)(train)
+    refs = {remote.remote(job): job for job in jobs}
+    try:
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            job = refs.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except Exception as e:  # after Ray's bounded retries
+                yield job, {}, "".join(traceback.format_exception(e))
+                continue
+            yield job, result, None
+    finally:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        if started_here:
+            ray.shutdown()

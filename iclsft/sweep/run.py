@@ -1,0 +1,133 @@
+"""Running a sweep: every model's arms in order (ICL first, then each SFT method, then the implicit
+suite), each through the one arm runner and resumable on its own, then RSA, circuits and the reports.
+An interrupted sweep recomputes nothing that finished. `OUT/sweep.json` holds the expanded config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from iclsft.errors import ConditionsFailed
+from iclsft.sweep.config import SweepConfig
+from iclsft.sweep.plan import arm_specs, implicit_dir, implicit_specs, model_dir
+
+logger = logging.getLogger(__name__)
+
+
+def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict:
+    """Run or resume everything; return {model: metrics table}. Failed conditions are recorded in
+    their run and summarised at the end (rerun to retry them); other conditions go on."""
+    from iclsft.store import RunDir
+
+    planned = {model: arm_specs(config, model) for model in config.models}  # every input checked first
+    _check_labels(planned)
+    planned_implicit = {model: implicit_specs(config, model) for model in config.models}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # One sweep per output directory (an flock on OUT/.lock, gone when its holder exits or is killed); each
+    # run directory below has its own lock too, so an `icl` or `sft` command cannot write into it meanwhile.
+    sweep_lock = RunDir(out)
+    sweep_lock.acquire_lock(instead="give this sweep another out=")
+    try:
+        return _run_planned(config, planned, planned_implicit, out, progress)
+    finally:
+        sweep_lock.release_lock()
+
+
+def _check_labels(planned: dict) -> None:
+    """Labels each model's tokenizer can tell apart, before the sweep writes anything (the runs check
+    again, later)."""
+    from transformers import AutoTokenizer
+
+    from iclsft.prompts import prompt_builders
+
+    for arms in planned.values():
+        if arms:
+            tokenizer = AutoTokenizer.from_pretrained(arms[0][1].path)
+            for spec, _ in arms:
+                prompt_builders(tokenizer, spec.template, spec.tasks)
+
+
+def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out: Path, progress: bool) -> dict:
+    from iclsft.artifacts import atomic_write_json
+
+    atomic_write_json(out / "sweep.json", json.loads(config.model_dump_json()))
+    tables, failures = {}, []
+    started = time.time()
+    for model in config.models:
+        if planned[model]:
+            tables[model] = _run_arms(model, model_dir(out, model), planned[model], failures, started, progress)
+            _finish_2d(config, model_dir(out, model), failures, started, progress)
+        if planned_implicit[model]:
+            path = implicit_dir(config.out, model)
+            _run_arms(model, path, planned_implicit[model], failures, started, progress)
+            _finish_implicit(config, model, path, failures, started)
+    if config.report and sum(bool(arms) for arms in planned.values()) > 1:
+        from iclsft.report.models import build_models_report
+
+        logger.info("== models compared: %s", build_models_report(out, model_reports=False))  # reports built above
+    if failures:
+        raise ConditionsFailed("; ".join(failures))
+    return tables
+
+
+def _run_arms(model: str, path: Path, arms: list, failures: list, started: float, progress: bool):
+    """Each arm of one run directory in turn; returns the run's metrics table after the last."""
+    from iclsft.arms import run_spec
+    from iclsft.store import RunDir
+
+    run, table = RunDir(path), None
+    for i, (spec, ref) in enumerate(arms, 1):
+        conds = spec.conditions()
+        done = sum(run.is_done(c) for c in conds)
+        logger.info("== %s · %s (%d/%d arms): %d/%d conditions done, %d to run · %s", model, spec.arm, i, len(arms),
+                    done, len(conds), len(conds) - done, _elapsed(started))
+        try:
+            table = run_spec(spec, path, ref, progress=progress)
+        except ConditionsFailed as e:
+            failures.append(f"{model} {spec.arm}: {e}")
+            logger.warning("%s", e)
+    return table
+
+
+def _finish_2d(config: SweepConfig, path: Path, failures: list, started: float, progress: bool) -> None:
+    """RSA and the report of one model's 2D run."""
+    model = path.name
+    if config.rsa:
+        from iclsft.rsa import compute_rsa
+
+        logger.info("== %s · RSA · %s", model, _elapsed(started))
+        try:
+            compute_rsa(path, dtype=config.dtype, subset=config.rsa_subset, progress=progress)
+        except ConditionsFailed as e:
+            failures.append(f"{model} rsa: {e}")
+            logger.warning("%s", e)
+    if config.report:
+        from iclsft.report import build_report
+
+        logger.info("== %s · report: %s", model, build_report(path))
+
+
+def _finish_implicit(config: SweepConfig, model: str, path: Path, failures: list, started: float) -> None:
+    """Circuit shift and the report of one model's implicit run."""
+    imp = config.implicit
+    if imp.circuits:
+        from iclsft.implicit.circuits import compute_circuits
+
+        logger.info("== %s · implicit circuit shift · %s", model, _elapsed(started))
+        try:
+            compute_circuits(path, pairs=imp.circuit_pairs, shots=imp.circuit_shots)
+        except ConditionsFailed as e:
+            failures.append(f"{model} circuits: {e}")
+            logger.warning("%s", e)
+    if config.report:
+        from iclsft.report import build_report
+
+        logger.info("== %s · implicit report: %s", model, build_report(path))
+
+
+def _elapsed(started: float) -> str:
+    s = time.time() - started
+    return f"{int(s // 60)}m{int(s % 60):02d}s elapsed"

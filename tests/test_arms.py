@@ -1,0 +1,131 @@
+"""The one arm runner (iclsft.arms.runner) with a stand-in arm: no model, real run directory. What
+every arm of both studies gets from it: per-arm run records, failures recorded while the other
+conditions go on, an interrupted run recorded as such, progress lines that tell conditions apart,
+and the metrics table rebuilt from the stored scores."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import numpy as np
+import pytest
+
+from iclsft.arms.runner import Step, run_arm
+from iclsft.artifacts import parquet_bytes
+from iclsft.errors import ConditionsFailed
+from iclsft.spec import IclRunSpec, ModelSpec, SftRunSpec, TaskSpec
+from iclsft.tasks import linear2d
+from logcapture import capture
+
+MODEL = ModelSpec(name="stand-in", fingerprint="0" * 16)
+TASKS = (TaskSpec(angle=45, grid_step=25), TaskSpec(name="xor", angle=0, grid_step=25))
+
+
+class StandIn:
+    """Scores every query with lp_0 - lp_1 = the signed distance to the 45° boundary: a perfect
+    linear2d classifier. `fail_training` / `fail_scoring`: shot counts whose step fails."""
+
+    def __init__(self, spec, fail_training=(), fail_scoring=(), interrupt_at=None):
+        self.spec, self.closed = spec, False
+        self.fail_training, self.fail_scoring, self.interrupt_at = fail_training, fail_scoring, interrupt_at
+
+    def prepare(self, run, todo):
+        return f"{len(todo)} planned"
+
+    def steps(self, run, todo):
+        for cond in todo:
+            if cond.shots == self.interrupt_at:
+                raise KeyboardInterrupt
+            if cond.shots in self.fail_training:
+                yield Step(cond, error="Traceback (most recent call last):\nRuntimeError: training died")
+            else:
+                yield Step(cond, compute=partial(self.score, run, cond), note="stand-in")
+
+    def score(self, run, cond):
+        if cond.shots in self.fail_scoring:
+            raise ValueError("scores out of range")
+        scores = linear2d.queries(cond.task)
+        scores["lp_0"] = linear2d.margin(scores.n1, scores.n2, 45.0) / 10
+        scores["lp_1"] = 0.0
+        run.write_condition(cond, {"scores.parquet": parquet_bytes(scores)})
+        return {"accuracy": 1.0}
+
+    @staticmethod
+    def describe(metrics):
+        return f"accuracy {metrics['accuracy']:.3f}"
+
+    def close(self):
+        self.closed = True
+
+
+def icl_spec(**kw):
+    return IclRunSpec(tasks=TASKS, model=MODEL, shots=(1, 2), orders=("random", "1221"), **kw)
+
+
+def sft_spec_(**kw):
+    return SftRunSpec(tasks=TASKS[:1], model=MODEL, shots=(1, 2), checkpoints=(0.5, 1.0), **kw)
+
+
+def test_every_arm_keeps_its_own_run_record_and_the_table_comes_from_the_scores(tmp_path):
+    icl = StandIn(icl_spec())
+    table = run_arm(icl, tmp_path)
+    assert icl.closed
+    run_arm(StandIn(sft_spec_()), tmp_path)
+    arms = json.loads((tmp_path / "record.json").read_text())["arms"]
+    assert set(arms) == {"icl", "sft-lora"}  # the second arm did not overwrite the first
+    assert arms["icl"]["status"] == "ok" and arms["icl"]["conditions"] == 8 and arms["icl"]["failed"] == 0
+    assert arms["sft-lora"]["status"] == "ok" and arms["sft-lora"]["conditions"] == 4
+    # the metrics are recomputed from the written scores: the stand-in is perfect on linear2d at 45°
+    linear = table[table.task == "linear2d"]
+    assert len(table) == 8 and (linear.accuracy == 1.0).all()
+    xor = table[table.task == "xor"]  # a line against a cross: half right, by counting
+    n1, n2 = linear2d.lattice(25)
+    truth = linear2d.task_truth(TASKS[1], n1, n2)
+    pred = np.where(linear2d.margin(n1, n2, 45.0) >= 0, 0, 1)
+    assert xor.accuracy.tolist() == pytest.approx([np.mean(pred[truth >= 0] == truth[truth >= 0])] * 4)
+
+
+def test_failures_are_recorded_and_the_others_finish_then_a_rerun_retries_only_them(tmp_path):
+    logs: list[str] = []
+    with capture(logs), pytest.raises(ConditionsFailed) as failed:
+        run_arm(StandIn(sft_spec_(), fail_training=(1,), fail_scoring=(2,)), tmp_path)
+    assert str(failed.value).startswith("4 of 4 sft-lora conditions failed (first: RuntimeError: training died")
+    records = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("conditions/*/record.json"))]
+    assert sorted(r["error"] for r in records) == ["RuntimeError: training died"] * 2 + [
+        "ValueError: scores out of range"] * 2
+    assert all("Traceback" in r["traceback"] for r in records)
+    assert json.loads((tmp_path / "record.json").read_text())["arms"]["sft-lora"]["status"] == "error"
+
+    logs.clear()
+    with capture(logs), pytest.raises(ConditionsFailed, match="2 of 4"):
+        run_arm(StandIn(sft_spec_(), fail_scoring=(2,)), tmp_path)
+    assert "sft-lora: 4 conditions, 0 already finished, 4 to run; 4 planned" in logs[0]
+    logs.clear()
+    with capture(logs):
+        run_arm(StandIn(sft_spec_()), tmp_path)
+    assert "sft-lora: 4 conditions, 2 already finished, 2 to run; 2 planned" in logs[0]
+    assert json.loads((tmp_path / "record.json").read_text())["arms"]["sft-lora"]["status"] == "ok"
+
+
+def test_an_interrupted_arm_says_so_and_keeps_what_finished(tmp_path):
+    arm = StandIn(icl_spec(), interrupt_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_arm(arm, tmp_path)
+    assert arm.closed
+    record = json.loads((tmp_path / "record.json").read_text())["arms"]["icl"]
+    assert record["status"] == "interrupted" and record["error"] == "KeyboardInterrupt: "
+    assert len(list(tmp_path.glob("conditions/*/record.json"))) == 1  # K=1 of the first task and order
+
+
+def test_progress_lines_tell_every_condition_apart(tmp_path):
+    logs: list[str] = []
+    with capture(logs):
+        run_arm(StandIn(icl_spec()), tmp_path)
+        run_arm(StandIn(sft_spec_()), tmp_path)
+    lines = [m for m in logs if m.startswith("[")]
+    assert len(lines) == 12
+    labels = [line.split(": ", 1)[0].split("] ", 1)[1] for line in lines]
+    assert len(set(labels)) == 12  # task, order, method, K, seed and checkpoint all named
+    assert "[3/8] linear2d angle 45 order 1221 icl K=1 seed 0: stand-in, accuracy 1.000" in lines[2]
+    assert any("order random lora K=2 seed 0 ckpt 0.5" in line for line in lines)
