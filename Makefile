@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test test-fast install clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,14 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/iclsft-eval icl --angle 45 --shots 1,2,5,10 --seed 0 --out $(DEMO_OUT)
 
+# The full suite (what CI runs, .ci/run): every tier, the 15 slowest tests listed at the end.
 test: $(VENV)/.installed-vllm
 	$(BIN)/python -m pytest -q --durations=15
+
+# The fast tier for the edit-test loop: unit tests on the tiny model with the real tokenizer, no default
+# model, vLLM or Ray cluster (tests/conftest.py marks the rest `slow`; docs/testing.md). Installs no vLLM.
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 clean-venv:
 	rm -rf $(VENV)
