@@ -1,7 +1,7 @@
 """The SFT arm on the tiny random Llama (real SmolLM2 tokenizer), local executor: the training recipe
 (loss goes down, determinism, which weights move), the training data (token for token the ICL
 exemplars), checkpoints (fractions, content-hash names, no retraining, vLLM-loadable adapters),
-adapter scoring, the run directory of `run_sft` shared with an ICL arm, and bad input via the CLI.
+adapter scoring, the run directory of an SFT arm shared with an ICL arm, and bad input via the CLI.
 The Ray executor is tested in test_sft_ray.py."""
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from logcapture import capture
 
+from iclsft.arms import make_icl_spec, make_sft_spec, run_spec
+from iclsft.arms.linear2d import plan_jobs, training_examples
 from iclsft.cli import main
 from iclsft.engine.hf import HFEngine
 from iclsft.engine.reference import naive_score
+from iclsft.errors import ConditionsFailed
 from iclsft.evaluate.runs import compare_table, recompute_metrics
-from iclsft.icl import ConditionsFailed, make_icl_spec, run_icl
 from iclsft.prompts import PromptBuilder, builder_key, prompt_builders
 from iclsft.sft.adapters import (
     MARKER,
@@ -32,7 +35,6 @@ from iclsft.sft.adapters import (
     save_checkpoint,
     training_key,
 )
-from iclsft.sft.runner import make_sft_spec, plan_jobs, run_sft, training_examples
 from iclsft.sft.train import label_nll, total_steps, train
 from iclsft.spec import METHOD_DEFAULTS, ExecutorSpec, TaskSpec, TemplateSpec, sft_spec
 from iclsft.store import RunDir
@@ -136,8 +138,8 @@ def invoke(*args):
 
 
 def _progress(logs: list[str]) -> list[str]:
-    """A run's log lines without its start-up warnings (e.g. integers split into several tokens)."""
-    return [line for line in logs if not line.startswith("warning:")]
+    """A run's log lines without its start-up warning (integers split into several tokens)."""
+    return [line for line in logs if not line.startswith("this tokenizer splits integers")]
 
 
 # -- 1. training lowers the label loss, by pinned amounts ------------------------------------------
@@ -225,7 +227,7 @@ def test_label_nll_is_the_sum_of_label_token_logprobs(tiny_model, smollm_tokeniz
     with torch.no_grad():
         batched = label_nll(tiny_model, examples, pad_id=0).item()
         singles = [label_nll(tiny_model, [e], pad_id=0).item() for e in examples]
-    reference = [-naive_score(tiny_model, p, [[]], [lab])[0, 0] for p, lab in examples]
+    reference = [reference_loss(tiny_model, [e]).item() for e in examples]
     np.testing.assert_allclose(singles, reference, atol=1e-4)
     assert batched == pytest.approx(np.mean(singles), abs=1e-4)
 
@@ -324,7 +326,6 @@ def test_planned_jobs_train_on_the_icl_exemplars(tiny_model_dir, smollm_tokenize
         task = spec.tasks[0]
         ex = linear2d.exemplars(task, 0, k)
         assert job.examples == training_examples(builders[builder_key(task)], ex)
-        assert job.key == training_key(ref.fingerprint, job.examples, spec.sft, 0)
         assert job.seed == 0 and job.sft == spec.sft and job.base_path == str(ref.path)
         for cond_id in job.meta["conditions"]:
             cond, ckpt, exemplars = where[cond_id]
@@ -334,6 +335,10 @@ def test_planned_jobs_train_on_the_icl_exemplars(tiny_model_dir, smollm_tokenize
     # the examples at K are the first 2K of those at K' > K: matched trajectories
     assert by_k[4].examples[:2] == by_k[1].examples
     assert by_k[1].key != by_k[4].key
+    # the key names the base model too: the same plan on other weights trains under other keys
+    other, _ = plan_jobs(spec, RunDir(tmp_path / "run"), dataclasses.replace(ref, fingerprint="0" * 16), builders)
+    assert [j.examples for j in other] == [j.examples for j in jobs]
+    assert {j.key for j in other}.isdisjoint(j.key for j in jobs)
 
 
 # -- 5. which weights move -----------------------------------------------------------------------
@@ -497,7 +502,7 @@ def test_save_checkpoint_refuses_an_adapter_vllm_cannot_load(tiny_model_dir, tmp
     assert list(target.parent.iterdir()) == []  # neither the checkpoint nor its temporary copy
 
 
-# -- 7. the run directory of run_sft (local executor), resumed, shared with an ICL arm -----------
+# -- 7. the run directory of an SFT arm (local executor), resumed, shared with an ICL arm -----------
 
 RUN_SHOTS = (1, 2)
 RUN_STEPS = 6
@@ -512,7 +517,8 @@ def sft_run(tiny_model_dir, tmp_path_factory):
         mp.setenv("ICLSFT_HOME", str(out.parent / "iclsft-home"))
         spec, ref = make_spec(tiny_model_dir, shots=RUN_SHOTS, checkpoints=(0.5, 1.0), lr=1e-2,
                               min_steps=RUN_STEPS)
-        table = run_sft(spec, out, ref, log=logs.append, progress=False)
+        with capture(logs):
+            table = run_spec(spec, out, ref, progress=False)
     return out, spec, table, logs
 
 
@@ -523,15 +529,16 @@ def copy_run(sft_run, tmp_path) -> Path:
 def test_run_sft_layout_and_records(sft_run, tiny_model_dir):
     out, spec, table, logs = sft_run
     # SmolLM2's tokenizer writes 10..99 as two tokens: the run says so before anything else
-    assert logs[0].startswith("warning: this tokenizer splits integers 0..99 into 1-2 tokens (mean 1.9)")
-    assert "4 conditions, 0 already finished; 2 models to train, 0 reused" in _progress(logs)[0]
+    assert logs[0].startswith("this tokenizer splits integers 0..99 into 1-2 tokens (mean 1.9)")
+    assert "4 conditions, 0 already finished, 4 to run; 2 models to train, 0 reused" in _progress(logs)[0]
     stored = json.loads((out / "spec.json").read_text())
     assert list(stored["arms"]) == ["sft-lora"]
     arm = stored["arms"]["sft-lora"]
     assert arm["kind"] == "sft" and arm["sft"]["method"] == "lora" and arm["sft"]["lr"] == 1e-2
     assert arm["checkpoints"] == [0.5, 1.0] and arm["model"]["name"] == str(tiny_model_dir)
-    run_record = json.loads((out / "record.json").read_text())
-    assert run_record["status"] == "ok" and run_record["arm"] == "sft-lora" and run_record["failed"] == 0
+    run_record = json.loads((out / "record.json").read_text())["arms"]
+    assert list(run_record) == ["sft-lora"]
+    assert run_record["sft-lora"]["status"] == "ok" and run_record["sft-lora"]["failed"] == 0
 
     conds = conditions_by(out)
     assert set(conds) == {("lora", k, f) for k in RUN_SHOTS for f in (0.5, 1.0)}
@@ -589,8 +596,9 @@ def test_rerun_trains_and_scores_nothing(sft_run, tmp_path, tiny_model_dir):
     before = {sub: snapshot(out / sub) for sub in ("conditions", "adapters")}
     logs: list[str] = []
     spec, ref = make_spec(tiny_model_dir, shots=RUN_SHOTS, checkpoints=(0.5, 1.0), lr=1e-2, min_steps=RUN_STEPS)
-    run_sft(spec, out, ref, log=logs.append, progress=False)
-    assert "4 conditions, 4 already finished; 0 models to train, 0 reused" in _progress(logs)[0]
+    with capture(logs):
+        run_spec(spec, out, ref, progress=False)
+    assert "4 conditions, 4 already finished, 0 to run; 0 models to train, 0 reused" in _progress(logs)[0]
     assert {sub: snapshot(out / sub) for sub in ("conditions", "adapters")} == before
 
 
@@ -606,13 +614,14 @@ def rescored_run(sft_run, tiny_model_dir, tmp_path_factory):
         mp.setenv("ICLSFT_HOME", str(out.parent / "iclsft-home"))
         spec, ref = make_spec(tiny_model_dir, shots=RUN_SHOTS, checkpoints=(0.5, 1.0), lr=1e-2,
                               min_steps=RUN_STEPS)
-        run_sft(spec, out, ref, log=logs.append, progress=False)
+        with capture(logs):
+            run_spec(spec, out, ref, progress=False)
     return out, before, logs
 
 
 def test_lost_record_is_rescored_without_training(rescored_run, sft_run):
     out, adapters_before, logs = rescored_run
-    assert "4 conditions, 3 already finished; 0 models to train, 1 reused" in _progress(logs)[0]
+    assert "4 conditions, 3 already finished, 1 to run; 0 models to train, 1 reused" in _progress(logs)[0]
     assert snapshot(out / "adapters") == adapters_before
     cdir, record = conditions_by(out)[("lora", 1, 1.0)]
     original_dir, original = conditions_by(sft_run[0])[("lora", 1, 1.0)]
@@ -633,7 +642,8 @@ def test_icl_arm_joins_the_sft_run_and_compares(sft_run, tmp_path, tiny_model_di
     out = copy_run(sft_run, tmp_path)
     icl_spec, ref = make_icl_spec(model=str(tiny_model_dir), angles=(45.0,), shots=RUN_SHOTS, grid_step=10)
     icl_logs: list[str] = []
-    run_icl(icl_spec, out, ref, log=icl_logs.append, progress=False)
+    with capture(icl_logs):
+        run_spec(icl_spec, out, ref, progress=False)
     assert "2 conditions, 0 already finished, 2 to run" in _progress(icl_logs)[0]
     arms = json.loads((out / "spec.json").read_text())["arms"]
     assert set(arms) == {"sft-lora", "icl"}
@@ -679,14 +689,14 @@ def test_icl_arm_with_another_template_is_refused(sft_run, tmp_path, tiny_model_
     template = TemplateSpec(exemplar="{x1},{x2} ->{label}\n", query="{x1},{x2} ->")
     icl_spec, ref = make_icl_spec(model=str(tiny_model_dir), shots=RUN_SHOTS, grid_step=10, template=template)
     with pytest.raises(ValueError, match="share model and template"):
-        run_icl(icl_spec, out, ref, progress=False)
+        run_spec(icl_spec, out, ref, progress=False)
     assert snapshot(out) == before
 
 
 def test_full_frozen_unembed_run_scores_the_saved_model(tiny_model_dir, smollm_tokenizer, tmp_path):
     out = tmp_path / "run"
     spec, ref = make_spec(tiny_model_dir, method="full-frozen-unembed", shots=(1,), lr=1e-3, min_steps=3)
-    run_sft(spec, out, ref, progress=False)
+    run_spec(spec, out, ref, progress=False)
     assert list(json.loads((out / "spec.json").read_text())["arms"]) == ["sft-full-frozen-unembed"]
     (cdir, record), = conditions_by(out).values()
     assert record["status"] == "ok" and record["method"] == "full-frozen-unembed" and record["train_steps"] == 3
@@ -709,20 +719,21 @@ def test_failed_training_is_recorded_and_retried_by_rerun(tiny_model_dir, tmp_pa
     monkeypatch.setenv("ICLSFT_FAULT_TRAIN_ONCE", str(fault_dir))
     out = tmp_path / "run"
     spec, ref = make_spec(tiny_model_dir, shots=(1, 2), lr=1e-2, min_steps=3)
-    with pytest.raises(ConditionsFailed, match="2 of 2 conditions failed"):
-        run_sft(spec, out, ref, progress=False)
+    with pytest.raises(ConditionsFailed, match="2 of 2 sft-lora conditions failed"):
+        run_spec(spec, out, ref, progress=False)
     assert len(list(fault_dir.glob("attempted-*"))) == 2
     for _, record in conditions_by(out).values():
         assert record["status"] == "error" and "injected fault" in record["error"]
         assert "Traceback" in record["traceback"] and record["checkpoint_dir"]
-    assert json.loads((out / "record.json").read_text())["status"] == "error"
+    assert json.loads((out / "record.json").read_text())["arms"]["sft-lora"]["status"] == "error"
     assert not list(out.glob("adapters/*/" + MARKER))  # nothing was trained
 
     logs: list[str] = []
-    run_sft(spec, out, ref, log=logs.append, progress=False)
-    assert "2 conditions, 0 already finished; 2 models to train" in _progress(logs)[0]
+    with capture(logs):
+        run_spec(spec, out, ref, progress=False)
+    assert "2 conditions, 0 already finished, 2 to run; 2 models to train" in _progress(logs)[0]
     assert all(r["status"] == "ok" for _, r in conditions_by(out).values())
-    assert json.loads((out / "record.json").read_text())["status"] == "ok"
+    assert json.loads((out / "record.json").read_text())["arms"]["sft-lora"]["status"] == "ok"
 
 
 def test_local_training_leaves_the_callers_thread_count_alone(tiny_model_dir, tmp_path):
@@ -731,7 +742,7 @@ def test_local_training_leaves_the_callers_thread_count_alone(tiny_model_dir, tm
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        run_sft(spec, tmp_path / "run", ref, progress=False)
+        run_spec(spec, tmp_path / "run", ref, progress=False)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
