@@ -28,11 +28,11 @@ import torch
 from gpu_hf import LLAMA3_8B, build, timed  # same folder: the random-model builder and CUDA timing
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig
 
+from iclsft.arms.linear2d import training_examples
 from iclsft.artifacts import atomic_write_json
 from iclsft.engine.hf import HFEngine
 from iclsft.engine.reference import naive_score
 from iclsft.prompts import PromptBuilder
-from iclsft.sft.runner import training_examples
 from iclsft.sft.train import batch_indices, batch_loss, make_trainable
 from iclsft.spec import TaskSpec, TemplateSpec, sft_spec
 from iclsft.tasks import linear2d

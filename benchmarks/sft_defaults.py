@@ -10,15 +10,15 @@ another so their wall times are comparable.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from datetime import date
 from pathlib import Path
 
 import pandas as pd
 
+from iclsft.arms import make_icl_spec, make_sft_spec, run_spec
 from iclsft.artifacts import atomic_write_bytes
-from iclsft.icl import make_icl_spec, run_icl
-from iclsft.sft.runner import make_sft_spec, run_sft
 from iclsft.spec import ExecutorSpec, SftSpec
 from iclsft.store import RunDir
 
@@ -36,10 +36,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "sft-sweep")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the runs' progress lines
     shots = tuple(int(k) for k in args.shots.split(","))
     rows = []
     spec, ref = make_icl_spec(angles=(args.angle,), shots=shots, grid_step=args.grid_step)
-    icl = run_icl(spec, args.work / "icl", ref, progress=False)
+    icl = run_spec(spec, args.work / "icl", ref, progress=False)
     for _, r in icl.iterrows():
         rows.append({"config": "icl", "shots": r.shots, "train_s": 0.0, **{c: r[c] for c in COLUMNS}})
     for config in args.configs.split(","):
@@ -49,7 +50,7 @@ def main() -> None:
                                   executor=ExecutorSpec(name="local"))
         t = time.time()
         work = args.work / config.replace(":", "_")
-        run_sft(spec, work, ref, progress=False, log=print)
+        run_spec(spec, work, ref, progress=False)
         seconds = time.time() - t
         for _, _, rec in RunDir(work).finished():
             if rec["checkpoint"] != 1.0:

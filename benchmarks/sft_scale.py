@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from iclsft.arms.linear2d import training_examples
 from iclsft.artifacts import atomic_write_json
 from iclsft.models import resolve_model
 from iclsft.prompts import builder_key, prompt_builders
-from iclsft.sft.runner import training_examples
 from iclsft.sft.train import batch_indices, batch_loss, prepare_model
 from iclsft.spec import TaskSpec, TemplateSpec, sft_spec
 from iclsft.tasks import linear2d

@@ -15,8 +15,9 @@ import pytest
 
 from iclsft import artifacts
 from iclsft.artifacts import atomic_write_bytes, atomic_write_json
+from iclsft.errors import SpecMismatchError
 from iclsft.spec import Condition, EngineSpec, IclRunSpec, ModelSpec, TaskSpec, TemplateSpec
-from iclsft.store import RunDir, SpecMismatchError
+from iclsft.store import RunDir
 
 MODEL = ModelSpec(name="tiny", fingerprint="0123456789abcdef")
 
@@ -378,14 +379,17 @@ def test_verify_catches_flipped_byte_of_equal_size(written):
         run.verify(cdir, record)
 
 
-def test_run_record(tmp_path):
+def test_run_record_keeps_one_record_per_arm(tmp_path):
     run = RunDir(tmp_path)
     run.open(run_spec())
-    run.write_run_record("running", todo=2)
-    run.write_run_record("ok", failed=0)
-    record = json.loads((tmp_path / "record.json").read_text())
-    assert record["status"] == "ok" and record["failed"] == 0 and "todo" not in record
-    assert record["version"]
+    run.write_arm_record("icl", "running", todo=2)
+    run.write_arm_record("sft-lora", "running", todo=4)
+    run.write_arm_record("icl", "ok", failed=0)  # replaces the icl record only: no last writer wins
+    arms = json.loads((tmp_path / "record.json").read_text())["arms"]
+    assert sorted(arms) == ["icl", "sft-lora"]
+    assert arms["icl"]["status"] == "ok" and arms["icl"]["failed"] == 0 and "todo" not in arms["icl"]
+    assert arms["sft-lora"]["status"] == "running" and arms["sft-lora"]["todo"] == 4
+    assert arms["icl"]["version"] and run.arm_records() == arms
 
 
 # -- condition ids ------------------------------------------------------------------------------
@@ -492,7 +496,7 @@ def hold_lock(path: Path):
 
 
 def test_a_second_process_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):
-    from iclsft.store import RunLockedError
+    from iclsft.errors import RunLockedError
 
     spec = run_spec()
     RunDir(tmp_path).open(spec)
@@ -512,15 +516,15 @@ def test_a_second_process_is_refused_and_a_killed_holder_frees_the_lock(tmp_path
 
 
 def test_icl_run_into_a_locked_directory_writes_nothing(tmp_path, tiny_model_dir):
-    from iclsft.icl import make_icl_spec, run_icl
-    from iclsft.store import RunLockedError
+    from iclsft.arms import make_icl_spec, run_spec
+    from iclsft.errors import RunLockedError
 
     spec, ref = make_icl_spec(model=str(tiny_model_dir), angles=(30.0,), shots=(1,), grid_step=20)
     RunDir(tmp_path).open(spec)
     holder = hold_lock(tmp_path)
     try:
         with pytest.raises(RunLockedError, match="use another --out"):
-            run_icl(spec, tmp_path, ref, progress=False)
+            run_spec(spec, tmp_path, ref, progress=False)
         from click.testing import CliRunner
 
         from iclsft.cli import main
@@ -532,5 +536,5 @@ def test_icl_run_into_a_locked_directory_writes_nothing(tmp_path, tiny_model_dir
     finally:
         holder.kill()
         holder.wait()
-    run_icl(spec, tmp_path, ref, progress=False)
-    assert json.loads((tmp_path / "record.json").read_text())["status"] == "ok"
+    run_spec(spec, tmp_path, ref, progress=False)
+    assert json.loads((tmp_path / "record.json").read_text())["arms"]["icl"]["status"] == "ok"

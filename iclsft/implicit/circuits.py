@@ -92,7 +92,8 @@ def compute_circuits(path: str | Path, *, pairs: int = 32, shots: int = 8, seed:
             scores = {}
             for state, (ckpt, prefix) in states.items():
                 name = f"{task}-{state}.npz"
-                key = {"pairs": pairs, "seed": seed, "checkpoint": str(ckpt) if ckpt else None}
+                # the checkpoint by its directory name (a hash of its training): valid wherever the run is moved
+                key = {"pairs": pairs, "seed": seed, "checkpoint": ckpt.name if ckpt else None}
                 stored = _stored(out, name, index, key)
                 if stored is not None:
                     scores[state] = stored
