@@ -333,7 +333,8 @@ def test_xor_exemplars_come_from_xor_classes():
 def test_semantic_shares_the_geometry_and_writes_words(smollm_tokenizer):
     """The default list is the study's: adjectives by sentiment intensity, negative -> positive."""
     from iclsft.prompts import builder_for
-    from iclsft.tasks.linear2d import adjectives, values
+    from iclsft.tasks.linear2d import values
+    from iclsft.tasks.semantic import adjectives
 
     words = adjectives()
     assert len(words) == len(set(words)) == 100 and all(w.isalpha() and w.islower() for w in words)
@@ -369,7 +370,8 @@ def test_size_words_reproduce_the_old_prompts(smollm_tokenizer):
     """words=size writes exactly the prompts the semantic task wrote before sentiment became the default
     (strings recorded from that version)."""
     from iclsft.prompts import builder_for
-    from iclsft.tasks.linear2d import adjectives, values
+    from iclsft.tasks.linear2d import values
+    from iclsft.tasks.semantic import adjectives
 
     size = TaskSpec(name="semantic", angle=60.0, words="size")
     assert values(size) == adjectives("size") and adjectives("size")[0] == "infinitesimal"
@@ -429,9 +431,10 @@ def test_bad_word_lists_are_named():
 
     with pytest.raises(ValidationError, match="words 'colour' is not allowed: choose one of sentiment, size"):
         TaskSpec(name="semantic", angle=45.0, words="colour")
-    with pytest.raises(ValidationError, match="words 'size' applies to task 'semantic' only, not 'linear2d'"):
+    with pytest.raises(ValidationError,
+                       match=r"words 'size' applies to tasks that write words \(semantic\), not 'linear2d'"):
         TaskSpec(angle=45.0, words="size")
-    from iclsft.tasks.linear2d import adjectives
+    from iclsft.tasks.semantic import adjectives
 
     with pytest.raises(ValueError, match="word list 'colour' is not allowed"):
         adjectives("colour")

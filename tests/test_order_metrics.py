@@ -134,7 +134,7 @@ def test_random_order_has_no_pattern_following() -> None:
     ({"order": "12"}, "needs the shot count"),
     ({"order": "13", "shots": 1}, "'13' is not allowed"),
     ({"order": "12", "shots": 0}, "positive integer"),
-    ({"task": "spiral"}, "'spiral' is not known"),
+    ({"task": "spiral"}, "unknown linear2d task 'spiral'; allowed: linear2d, xor, semantic"),
 ])
 def test_bad_probe_arguments(kwargs: dict, words: str) -> None:
     n1, n2 = grid(10)
@@ -280,7 +280,7 @@ def write_order_run(path: Path, *, task: str = "linear2d", orders=("1221",)) -> 
         run.write_condition(cond, {"scores.parquet": parquet_bytes(scores),
                                    "exemplars.parquet": parquet_bytes(exemplars),
                                    "field.npy": npy_bytes(np.zeros((10, 10), np.float32))})
-    run.write_run_record("ok", arm="icl", conditions=len(run.finished()))
+    run.write_arm_record("icl", "ok", conditions=len(run.finished()))
     return path
 
 

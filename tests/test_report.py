@@ -13,6 +13,8 @@ import pytest
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 
+from logcapture import capture  # noqa: E402
+
 from iclsft.artifacts import npy_bytes, parquet_bytes  # noqa: E402
 from iclsft.evaluate.metrics import decision_field  # noqa: E402
 from iclsft.evaluate.runs import recompute_metrics  # noqa: E402
@@ -104,7 +106,7 @@ def write_run(path: Path, *, angles=(0.0, 45.0), shots=(1, 2, 5), seeds=(0, 1, 2
                 # uncompressed: the reader does not care, and zlib on noise is slow
                 np.savez(cdir / "rsa.npz", **fake_rsa(cond, 0.15 if cond.method == "icl" else 0.9))
                 write_rsa_record(cdir)
-    run.write_run_record("ok", arm="sft-lora", conditions=len(run.finished()))
+        run.write_arm_record(spec.arm, "ok", conditions=len(spec.conditions()))
     if metrics:
         recompute_metrics(path)
     return path
@@ -397,7 +399,8 @@ def test_sweep_with_two_models_ends_with_the_cross_model_page(tmp_path, tiny_mod
                          methods=["icl"], shots=[1], seeds=[0, 1], orders=["random"], grid_step=20, engine="hf",
                          executor={"name": "local"}, rsa=False, report=True)
     messages: list[str] = []
-    run_sweep(config, log=messages.append, progress=False)
+    with capture(messages):
+        run_sweep(config, progress=False)
     index = tmp_path / "out" / "report" / "index.html"
     assert f"== models compared: {index}" in messages
     assert_images_valid(index)
