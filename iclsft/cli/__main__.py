@@ -1,0 +1,7 @@
+"""`python -m iclsft.cli`: the same as `iclsft-eval`."""
+
+import sys
+
+from iclsft.cli import main
+
+sys.exit(main())

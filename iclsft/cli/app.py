@@ -1,0 +1,96 @@
+"""The `iclsft-eval` command group and what every command shares: one-line user errors, number-list
+and label options, and where progress goes (standard logging to stderr)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+import click
+
+from iclsft import __version__
+
+USER_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError, OSError, MemoryError)
+
+
+def user_errors(fn):
+    """Turn bad input (and failed conditions) into one clear line and exit code 1, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from pydantic import ValidationError
+
+        from iclsft.engine.vllm_server import ServerError
+        from iclsft.errors import ConditionsFailed, RunLockedError
+
+        try:
+            return fn(*args, **kwargs)
+        except ValidationError as e:  # a subclass of ValueError: give it the option name and value
+            raise click.ClickException(_validation_message(e)) from e
+        except (*USER_ERRORS, ConditionsFailed, ServerError, RunLockedError) as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def _validation_message(error) -> str:
+    """One line: which setting, what value, what is allowed (pydantic's own text)."""
+    first = error.errors()[0]
+    message = first.get("msg", str(error)).removeprefix("Value error, ")
+    field = ".".join(str(part) for part in first.get("loc", ()) if not isinstance(part, int))
+    if first.get("type") == "value_error" or not field:
+        return message  # our own validators already name the value and the allowed range
+    option = "--" + field.split(".")[-1].replace("_", "-")
+    return f"{option} {first.get('input')!r} is not allowed: {message}"
+
+
+def _number_list(kind: type, name: str):
+    def parse(ctx, param, value: str):
+        try:
+            return tuple(kind(v) for v in value.split(",") if v.strip())
+        except ValueError as e:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__}s") from e
+
+    return parse
+
+
+def _labels(ctx, param, value: str) -> tuple[str, str]:
+    """`Baz,Rud` means the words with a leading space (SPEC §2); a JSON list gives exact strings."""
+    if value.lstrip().startswith("["):
+        try:
+            labels = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"{value!r} is not a JSON list of two strings") from e
+    else:
+        labels = [" " + v.strip() for v in value.split(",")]
+    if len(labels) != 2 or not all(isinstance(v, str) and v.strip() for v in labels):
+        raise click.BadParameter(f"{value!r} must name exactly two labels, e.g. Baz,Rud or '[\" Baz\", \" Rud\"]'")
+    return tuple(labels)
+
+
+class _EchoHandler(logging.Handler):
+    """Progress on stderr: INFO lines as they are, warnings with a "warning:" prefix."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        click.echo(f"warning: {message}" if record.levelno >= logging.WARNING else message, err=True)
+
+
+def setup_logging(quiet: bool) -> None:
+    """Where the library's `logging` goes: the `iclsft` logger to stderr (warnings only with --quiet)."""
+    logger = logging.getLogger("iclsft")
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _EchoHandler)] + [_EchoHandler()]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+    # transformers' own bars ("Loading weights: 100%|...") on every model load say nothing a user needs;
+    # our scoring bars (--quiet turns them off) stay
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+@click.group()
+@click.version_option(__version__, prog_name="iclsft-eval")
+def main() -> None:
+    """Compare in-context learning and supervised fine-tuning, shot by shot."""

@@ -1,0 +1,248 @@
+"""Commands that compute: `icl`, `sft`, `implicit` (one arm each) and `sweep` (a whole experiment)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from iclsft.cli.app import _labels, _number_list, main, setup_logging, user_errors
+from iclsft.models import DEFAULT_MODEL
+from iclsft.names import ENGINE_CHOICES, SFT_METHODS
+from iclsft.tasks import registry
+
+
+def run_options(fn):
+    """Options shared by every arm: what is learned, how it is shown, and how it is scored."""
+    options = [
+        click.option("--angle", default="45", callback=_number_list(float, "angle"), show_default=True,
+                     help="Boundary angle(s) in degrees, in [0, 180); comma-separated for several."),
+        click.option("--shots", default="1,2,5,10", callback=_number_list(int, "shots"), show_default=True,
+                     help="Shot counts K (exemplars per class), comma-separated."),
+        click.option("--seed", default="0", callback=_number_list(int, "seed"), show_default=True,
+                     help="Exemplar-stream seed(s), comma-separated."),
+        click.option("--out", required=True, type=click.Path(path_type=Path),
+                     help="Run directory (resumed if it exists; ICL and SFT arms may share one)."),
+        click.option("--task", type=click.Choice(registry.names("linear2d")), default="linear2d",
+                     show_default=True, help="xor: XOR of the boundaries at angle and angle+90; semantic: "
+                                             "n1, n2 written as adjectives (SPEC §2)."),
+        click.option("--words", type=click.Choice(["sentiment", "size"]), default=None,
+                     help="semantic: the adjectives, ordered by sentiment intensity (default, the study's) "
+                          "or by size; part of the spec."),
+        click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                     help="Known model name, local HF model directory, or hub id."),
+        click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto",
+                     show_default=True,
+                     help="auto: vllm on a GPU when vLLM is installed, else hf (the faster one on CPUs)."),
+        click.option("--vllm-url", default=None, help="vllm-server engine: address of a running vLLM server."),
+        click.option("--vllm-api-key", default=None, envvar="ICLSFT_VLLM_API_KEY",
+                     help="vllm-server engine: API key (or $ICLSFT_VLLM_API_KEY); never stored."),
+        click.option("--vllm-timeout", default=300.0, show_default=True,
+                     help="vllm-server engine: seconds to wait for one request."),
+        click.option("--vllm-retries", default=3, show_default=True,
+                     help="vllm-server engine: retries of a failed request (with backoff) before the "
+                          "condition is recorded as failed."),
+        click.option("--vllm-concurrency", default=4, show_default=True,
+                     help="vllm-server engine: requests in flight at once."),
+        click.option("--max-loras", default=1, show_default=True, help="vllm: adapters per batch."),
+        click.option("--max-lora-rank", type=int, default=None,
+                     help="vllm: largest adapter rank (default: the run's)."),
+        click.option("--block-size", type=int, default=None,
+                     help="vllm: KV cache block size (prefix-cache granularity)."),
+        click.option("--gpu-memory-utilization", type=float, default=None, help="vllm on GPUs: memory fraction."),
+        click.option("--kv-cache-gib", type=float, default=None,
+                     help="vllm on CPUs: KV cache size in GiB (default 4)."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+                     help="Scoring precision (bf16 is slow on CPUs without native bf16)."),
+        click.option("--labels", default="Baz,Rud", callback=_labels, show_default=True,
+                     help="Two labels: words (a leading space is added) or a JSON list of exact strings."),
+        click.option("--swap-labels", is_flag=True, help="Give the first label to the negative side of the boundary."),
+        click.option("--order-pattern", default="random", show_default=True,
+                     help="Exemplar order: 'random' or a label pattern over {1,2} such as 12, 1221, 12121221; "
+                          "comma-separated for several."),
+        click.option("--grid-step", default=1, show_default=True,
+                     help="Query every N-th value of n1 and n2 (1 = full grid)."),
+        click.option("--header", default="", help="Instruction text before the exemplars (part of the template)."),
+        click.option("--exemplar-template", default="{x1} {x2} ->{label}\n", show_default=True),
+        click.option("--query-template", default="{x1} {x2} ->", show_default=True),
+        click.option("--bos", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+                     help="Prepend the BOS token: as the tokenizer does by default, always, or never."),
+        click.option("--chat", is_flag=True, help="Wrap header, exemplars and query as the user's turn of the "
+                     "model's chat template (instruct models; docs/tokenization.md)."),
+        click.option("--token-budget", type=int, default=None,
+                     help="hf engine: tokens per packed forward pass (default: 1024 on CPUs, from free memory on "
+                          "CUDA; docs/large_models.md)."),
+        click.option("--device-map", default=None,
+                     help="hf engine: spread the model over GPUs ('auto', 'balanced', 'sequential') or put it on "
+                          "one device ('cuda:1'); default: one device (docs/large_models.md)."),
+        click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."),
+        click.option("--quiet", is_flag=True, help="No progress output."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _common(o: dict) -> dict:
+    """Keyword arguments of make_*_spec from the shared options."""
+    from iclsft.engine.base import resolve_engine
+    from iclsft.spec import EngineSpec, TemplateSpec
+
+    return dict(
+        model=o["model"], task=o["task"], angles=o["angle"], shots=o["shots"], seeds=o["seed"], labels=o["labels"],
+        words=o["words"],
+        swap_labels=o["swap_labels"], grid_step=o["grid_step"], orders=tuple(o["order_pattern"].split(",")),
+        dtype=o["dtype"],
+        template=TemplateSpec(header=o["header"], exemplar=o["exemplar_template"], query=o["query_template"],
+                              bos=o["bos"], chat=o["chat"]),
+        engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"],
+                          device_map=o["device_map"],
+                          url=o["vllm_url"], api_key=o["vllm_api_key"], timeout=o["vllm_timeout"],
+                          retries=o["vllm_retries"], concurrency=o["vllm_concurrency"], max_loras=o["max_loras"],
+                          max_lora_rank=o["max_lora_rank"], block_size=o["block_size"],
+                          gpu_memory_utilization=o["gpu_memory_utilization"], kv_cache_gib=o["kv_cache_gib"]),
+    )
+
+
+def _finish(table, out: Path) -> None:
+    from iclsft.evaluate.runs import format_table
+
+    click.echo(format_table(table))
+    click.echo(f"\nresults in {out} (metrics.parquet, conditions/*/scores.parquet)", err=True)
+
+
+@main.command()
+@run_options
+@user_errors
+def icl(**o):
+    """Score every grid query with ICL prompts of K exemplars per class."""
+    from iclsft.arms import make_icl_spec, run_spec
+
+    setup_logging(o["quiet"])
+    spec, ref = make_icl_spec(**_common(o))
+    _finish(run_spec(spec, o["out"], ref, progress=not o["quiet"]), o["out"])
+
+
+@main.command()
+@run_options
+@click.option("--method", type=click.Choice(SFT_METHODS), default="lora",
+              show_default=True)
+@click.option("--lr", type=float, default=None, help="Learning rate (default: per method, see docs/sft.md).")
+@click.option("--epochs", type=int, default=None, help="Passes over the 2K examples.")
+@click.option("--min-steps", type=int, default=None, help="At least this many optimizer steps (small K).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--warmup-ratio", type=float, default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--max-grad-norm", type=float, default=None)
+@click.option("--lora-r", type=int, default=None, help="LoRA rank (lora only).")
+@click.option("--lora-alpha", type=float, default=None)
+@click.option("--lora-dropout", type=float, default=None)
+@click.option("--target-modules", default=None, help="Comma-separated module names for LoRA.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16-mixed"]), default="fp32", show_default=True,
+              help="bf16-mixed: fp32 weights, bf16 autocast forward/backward (part of the condition ids).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Full fine-tunes: shard each training over this many Ray Train workers (FSDP2).")
+@click.option("--checkpoints", default="1", callback=_number_list(float, "checkpoints"), show_default=True,
+              help="Fractions of training to save and score, e.g. 0.25,0.5,1.")
+@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+              help="Train on Ray (default; a local cluster unless --ray-address) or in this process.")
+@click.option("--ray-address", default=None, help="Join an existing Ray cluster (e.g. auto or host:6379).")
+@click.option("--cpus-per-task", default=1, show_default=True, help="CPUs (torch threads) per training.")
+@click.option("--max-retries", default=2, show_default=True, help="Retries of a failed training.")
+@user_errors
+def sft(**o):
+    """Train one model per shot count on the ICL exemplars, then score every grid query zero-shot."""
+    from iclsft.arms import make_sft_spec, run_spec
+    from iclsft.spec import ExecutorSpec, sft_spec
+
+    setup_logging(o["quiet"])
+    hyper = {k: o[k] for k in ("lr", "epochs", "min_steps", "batch_size", "warmup_ratio", "weight_decay",
+                               "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout") if o[k] is not None}
+    if o["target_modules"]:
+        hyper["target_modules"] = tuple(m.strip() for m in o["target_modules"].split(",") if m.strip())
+    hyper.update(precision=o["precision"], gradient_checkpointing=o["gradient_checkpointing"], workers=o["workers"])
+    executor = ExecutorSpec(name=o["executor"], ray_address=o["ray_address"], cpus_per_task=o["cpus_per_task"],
+                            max_retries=o["max_retries"])
+    spec, ref = make_sft_spec(**_common(o), sft=sft_spec(o["method"], **hyper), checkpoints=o["checkpoints"],
+                              executor=executor)
+    _finish(run_spec(spec, o["out"], ref, progress=not o["quiet"]), o["out"])
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory (resumed if it exists).")
+@click.option("--tasks", default="expression,relation,boolean,code", show_default=True,
+              help="Comma-separated tasks of the suite (SPEC §8).")
+@click.option("--method", type=click.Choice(["icl", "lora", "full"]), default="icl", show_default=True,
+              help="icl: K demos in the prompt; lora/full: fine-tuned on --train-size items, scored zero-shot.")
+@click.option("--shots", default="0,1,2,4,8,16,32", callback=_number_list(int, "shots"), show_default=True,
+              help="ICL: numbers of demos K, comma-separated.")
+@click.option("--seed", default="0", callback=_number_list(int, "seed"), show_default=True)
+@click.option("--train-size", default=1000, show_default=True, help="SFT training items (also kept out of the "
+              "evaluation set, so it identifies ICL conditions too).")
+@click.option("--eval-size", default=200, show_default=True, help="Evaluation items per task and variant.")
+@click.option("--faithful", is_flag=True, help="Reproduce the original generators' quirks (docs/implicit.md).")
+@click.option("--recipe", type=click.Choice(["ours", "original"]), default="ours", show_default=True,
+              help="Fine-tuning recipe. original (with --method full): the study's, one model per seed on the "
+                   "mixed items of every task, loss on every token, lr 1e-5, batch 16 (docs/implicit.md).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--lr", type=float, default=None, help="SFT learning rate (default: per method).")
+@click.option("--epochs", type=int, default=None, help="SFT passes over the training items (default 1).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True)
+@click.option("--token-budget", type=int, default=None,
+              help="Tokens per packed forward pass (default: 1024 on CPUs, from free memory on CUDA).")
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def implicit(**o):
+    """The implicit-pattern suite: ICL per K or a fine-tuned model, on both variants of each task."""
+    from iclsft.arms import make_implicit_spec, run_spec
+    from iclsft.engine.base import resolve_engine
+    from iclsft.implicit.results import results_table
+    from iclsft.spec import EngineSpec, ExecutorSpec
+
+    setup_logging(o["quiet"])
+    hyper = {k: o[k] for k in ("lr", "epochs", "batch_size") if o[k] is not None}
+    spec, ref = make_implicit_spec(
+        model=o["model"], method=o["method"], sft=hyper if o["method"] != "icl" else None,
+        tasks=tuple(t.strip() for t in o["tasks"].split(",") if t.strip()), shots=o["shots"], seeds=o["seed"],
+        train_size=o["train_size"], eval_size=o["eval_size"], faithful=o["faithful"], dtype=o["dtype"],
+        recipe=o["recipe"],
+        engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"]),
+        executor=ExecutorSpec(name=o["executor"]))
+    table = run_spec(spec, o["out"], ref, progress=not o["quiet"])
+    click.echo(results_table(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"\nresults in {o['out']} (metrics.parquet, conditions/*/scores.parquet)", err=True)
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--dry-run", is_flag=True, help="Print the expanded grid, what is left to run and a time estimate.")
+@click.option("--estimate-for", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="Device the --dry-run estimate is for (default: this machine's).")
+@click.option("--quiet", is_flag=True, help="Only the final tables.")
+@user_errors
+def sweep(config, overrides, dry_run, estimate_for, quiet):
+    """Run (or resume) a whole experiment from a YAML config; `key=value` overrides it
+    (e.g. `shots=[1,2] tasks.0.angles=[0,90] sft.lora.epochs=3`)."""
+    from iclsft.sweep import format_plan, load_config, run_sweep
+
+    cfg = load_config(config, overrides)
+    if dry_run:
+        if estimate_for is None:
+            import torch
+
+            estimate_for = "gpu" if torch.cuda.is_available() else "cpu"
+        click.echo(format_plan(cfg, estimate_for))
+        return
+    from iclsft.evaluate.runs import format_table
+
+    setup_logging(quiet)
+    for model, table in run_sweep(cfg, progress=not quiet).items():
+        click.echo(f"\n{model}")
+        click.echo(format_table(table))
+    click.echo(f"\nresults in {cfg.out}", err=True)

@@ -1,0 +1,103 @@
+"""Commands that read a finished run (no model needed, except `rsa` and `circuits`): `metrics`,
+`compare`, `report`, `claims`, `rsa`, `circuits`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from iclsft.cli.app import main, setup_logging, user_errors
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--metric", "metrics_", multiple=True,
+              help="Metric columns to compare (repeatable; default: accuracy, holdout_accuracy, auc, cal_accuracy, "
+                   "confidence for the 2D study, accuracy, shortcut_rate, gold_prob for the implicit suite).")
+@user_errors
+def compare(run_dir, metrics_):
+    """ICL vs SFT metrics side by side per shot count (any run directory of either study)."""
+    from iclsft.evaluate.runs import compare_table, recompute_metrics
+
+    table = recompute_metrics(run_dir)
+    if table.empty:
+        raise click.ClickException(f"{run_dir} has no finished conditions")
+    click.echo(compare_table(table, list(metrics_) or None).to_string(float_format=lambda v: f"{v:.3f}"))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--all-columns", is_flag=True, help="Print every metric column.")
+@user_errors
+def metrics(run_dir, all_columns):
+    """Recompute metrics of a run of either study from its stored scores (no model needed)."""
+    from iclsft.evaluate.runs import format_table, recompute_metrics
+
+    table = recompute_metrics(run_dir)
+    if table.empty:
+        raise click.ClickException(f"{run_dir} has no finished conditions")
+    click.echo(format_table(table, list(table.columns) if all_columns else None))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for index.html and its figures (default RUN/report).")
+@user_errors
+def report(run_dir, out):
+    """HTML report of a run: figures and statistics across seeds (no model needed). Given a sweep's out
+    folder (OUT/<model>/ run directories), each model's report and a cross-model page in OUT/report."""
+    from iclsft.report import build_report
+
+    click.echo(build_report(run_dir, out))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--json", "json_", is_flag=True, help="Print the JSON instead of the table.")
+@user_errors
+def claims(run_dir, json_):
+    """The studies' headline claims checked on a run: test, verdict, effect, interval and n per claim.
+    Writes RUN/claims.json and RUN/claims.txt (no model needed; docs/claims.md)."""
+    from iclsft.claims import format_table, run_claims, write_claims
+    from iclsft.claims.core import to_json
+
+    results = run_claims(run_dir)
+    write_claims(run_dir, results)
+    click.echo(to_json(results) if json_ else format_table(results))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Queries per forward pass (default: from a token budget).")
+@click.option("--subset", type=click.Choice(["exemplars", "grid"]), default="exemplars", show_default=True,
+              help="Points of the 400x400 matrix: the condition's exemplars plus test inputs (as in the study), "
+              "or the fixed label-balanced grid subset.")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def rsa(run_dir, dtype, batch_size, subset, quiet):
+    """Layer-wise RSA (SPEC §7) for every finished condition of a run that has none yet."""
+    from iclsft.rsa import compute_rsa
+
+    setup_logging(quiet)
+    done = compute_rsa(run_dir, dtype=dtype, subset=subset, batch_size=batch_size, progress=not quiet)
+    click.echo(f"RSA computed for {len(done)} condition(s) in {run_dir}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--pairs", default=32, show_default=True, help="(holds, broken) question pairs per task.")
+@click.option("--shots", default=8, show_default=True, help="Demos in the ICL state's prompt.")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def circuits(run_dir, pairs, shots, quiet):
+    """Circuit shift of an implicit-pattern run: attribution patching for the base model, ICL and each
+    fine-tuned model, and each one's shift from the base (docs/implicit.md)."""
+    from iclsft.implicit.circuits import compute_circuits
+
+    setup_logging(quiet)
+    table = compute_circuits(run_dir, pairs=pairs, shots=shots)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
