@@ -116,7 +116,8 @@ class TaskSpec(Frozen):
         task = registry.get(self.name, "linear2d")
         if self.words is not None and self.words not in task.word_lists:
             if not task.word_lists:
-                raise ValueError(f"words {self.words!r} applies to tasks that write words (semantic), not {self.name!r}")
+                raise ValueError(f"words {self.words!r} applies to tasks that write words (semantic), "
+                                 f"not {self.name!r}")
             raise ValueError(f"words {self.words!r} is not allowed: choose one of {', '.join(task.word_lists)}")
         return self
 

@@ -9,5 +9,5 @@ from iclsft.sweep.config import SweepConfig, apply_override, load_config
 from iclsft.sweep.plan import arm_specs, format_plan, implicit_dir, implicit_specs, model_dir, plan
 from iclsft.sweep.run import run_sweep
 
-__all__ = ["SweepConfig", "apply_override", "arm_specs", "format_plan", "implicit_dir", "implicit_specs", "load_config", "model_dir",
-           "plan", "run_sweep"]
+__all__ = ["SweepConfig", "apply_override", "arm_specs", "format_plan", "implicit_dir", "implicit_specs",
+           "load_config", "model_dir", "plan", "run_sweep"]

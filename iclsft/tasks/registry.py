@@ -5,20 +5,22 @@ prompts, scoring and metrics work for any of them. An implicit-pattern task (`Im
 SPEC §8) brings its item generator and prompt formats. Each says how it is evaluated: "labels" (a
 closed label set, every label scored exactly) or "generate" (an open answer, greedy generation).
 
-A new task or variant is one module that calls `register(...)` at import, plus its tests; the built-in
-modules are imported on first use (`BUILTIN`). tests/test_task_registry.py registers a task of its own.
+A new task or variant is one module that calls `register(...)` at import, plus its tests: every module
+of the `iclsft.tasks` package (and of `iclsft.tasks.implicit`) is imported on first use, so dropping
+`iclsft/tasks/<name>.py` in is all it takes. tests/test_task_registry.py registers a task of its own.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 STUDIES = ("linear2d", "implicit")
-BUILTIN = ("iclsft.tasks.linear2d", "iclsft.tasks.xor", "iclsft.tasks.semantic", "iclsft.tasks.implicit")
+FIRST = ("linear2d", "xor", "semantic", "implicit")  # imported first, so built-in names list first
 
 Truth = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 
@@ -76,11 +78,16 @@ def unregister(name: str) -> None:
 
 
 def _load() -> None:
+    """Import every task module once (each registers its tasks)."""
     global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in BUILTIN:
-            importlib.import_module(module)
+    if _loaded:
+        return
+    _loaded = True
+    import iclsft.tasks as package
+
+    found = [m.name for m in pkgutil.iter_modules(package.__path__) if m.name != "registry"]
+    for name in sorted(found, key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n)):
+        importlib.import_module(f"iclsft.tasks.{name}")
 
 
 def names(study: str | None = None) -> tuple[str, ...]:

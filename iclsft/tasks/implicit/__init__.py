@@ -59,11 +59,24 @@ collapsed demos, the code prompt's stray "The input is:") are not reproduced.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from iclsft.tasks import registry
-from iclsft.tasks.implicit import boolean, code, expression, relation
 from iclsft.tasks.implicit.core import VARIANTS, ImplicitTask, Item, pair
 
-TASKS: dict[str, ImplicitTask] = {m.TASK.name: registry.register(m.TASK) for m in (expression, relation, boolean, code)}
+ORDER = ("expression", "relation", "boolean", "code")  # the study's order; a new module (with a TASK) follows
+
+
+def _task_modules() -> list[str]:
+    found = [m.name for m in pkgutil.iter_modules(__path__) if m.name != "core"]
+    return sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
+TASKS: dict[str, ImplicitTask] = {}
+for _name in _task_modules():
+    _task = importlib.import_module(f"{__name__}.{_name}").TASK
+    TASKS[_task.name] = registry.register(_task)
 
 
 def get_task(name: str) -> ImplicitTask:
