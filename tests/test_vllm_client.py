@@ -2,7 +2,9 @@
 
 The fake answers `/v1/completions` like `vllm serve` does for token-id prompts with `max_tokens=1`,
 `logprob_token_ids` and `return_tokens_as_token_ids`, with log-probs that are a fixed function of
-the model, prompt and token (`fake_logprob`). Every test that scores compares exact values with
+the model, prompt and token (`fake_logprob`); and greedy generation requests (`return_token_ids`,
+`stop_token_ids`) with a fixed next token per model and sequence (`fake_next`), the stop token kept
+at the end of `token_ids` as vLLM keeps it. Every test that scores compares exact values with
 `expected`, which reads labels token by token without the engine's read planning, so a read sent
 to the wrong prompt, a reply matched to the wrong read or a wrong sum changes the numbers.
 """
@@ -33,6 +35,26 @@ def fake_logprob(model: str, prompt: list[int], token: int) -> float:
     return -((sum(prompt) % 97) + token + shift) / 100
 
 
+def fake_next(model: str, seq: list[int]) -> int:
+    shift = 0 if model == BASE else 7
+    return 100 + (sum(seq) + len(seq) + shift) % 20
+
+
+def expected_generation(model: str, prefix, queries, stop, n) -> list[list[int]]:
+    """Greedy tokens after prefix + each query, up to a stop token (left out) or n tokens."""
+    out = []
+    for q in queries:
+        seq, new = [*prefix, *q], []
+        while len(new) < n:
+            token = fake_next(model, seq)
+            if token in stop:
+                break
+            new.append(token)
+            seq.append(token)
+        out.append(new)
+    return out
+
+
 def expected(model: str, prefix, queries, labels) -> np.ndarray:
     return np.array([[sum(fake_logprob(model, [*prefix, *q, *label[:i]], t) for i, t in enumerate(label))
                       for label in labels] for q in queries])
@@ -58,6 +80,7 @@ class FakeVLLM(ThreadingHTTPServer):
         self.drop_choice = False
         self.html_models = False  # a proxy's HTML page where /v1/models should be
         self.bad_json = 0  # completion replies that claim JSON but are not, before good ones
+        self.base_root = "/models/smollm2"  # where the server says it loaded its base model
 
     def sent(self, path: str) -> list[dict]:
         return [body for _, p, body, _ in self.requests if p == path]
@@ -98,7 +121,7 @@ class Handler(BaseHTTPRequestHandler):
             data = [{"id": name, "object": "model", "root": f"/adapters/{name}", "parent": BASE}
                     for name in sorted(fake.adapters)]
             if fake.list_base:
-                data.insert(1, {"id": BASE, "object": "model", "root": "/models/smollm2", "parent": None})
+                data.insert(1, {"id": BASE, "object": "model", "root": fake.base_root, "parent": None})
             return self._reply(200, {"object": "list", "data": data})
         if (method, self.path) == ("POST", "/v1/load_lora_adapter"):
             if not fake.allow_loading:  # vLLM does not register the route at all
@@ -141,6 +164,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._reply(500, {"error": {"message": "EngineDeadError"}})
         if body["model"] != BASE and body["model"] not in fake.adapters:
             return self._reply(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
+        if body.get("return_token_ids"):
+            return self._generate(body, n)
         if body.get("max_tokens") != 1 or body.get("return_tokens_as_token_ids") is not True or not body["logprobs"]:
             return self._reply(400, {"error": {"message": f"unexpected request {body}"}})
         threading.Event().wait(0.02 if n % 2 == 0 else 0.0)  # replies finish out of order
@@ -154,6 +179,24 @@ class Handler(BaseHTTPRequestHandler):
         choices.reverse()  # the engine must match choices by index, not by position
         if fake.drop_choice:
             choices = choices[1:]
+        return self._reply(200, {"id": f"cmpl-{n}", "object": "text_completion", "model": body["model"],
+                                 "choices": choices})
+
+
+    def _generate(self, body: dict, n: int) -> None:
+        greedy = {"temperature": 0.0, "repetition_penalty": 1.0, "ignore_eos": True}
+        if any(body.get(k) != v for k, v in greedy.items()) or not isinstance(body.get("stop_token_ids"), list):
+            return self._reply(400, {"error": {"message": f"not a greedy request {body}"}})
+        choices = []
+        for index, prompt in enumerate(body["prompt"]):
+            seq, tokens = list(prompt), []
+            while len(tokens) < body["max_tokens"]:
+                tokens.append(fake_next(body["model"], seq))
+                seq.append(tokens[-1])
+                if tokens[-1] in body["stop_token_ids"]:
+                    break  # vLLM keeps the stop token in token_ids
+            choices.append({"index": index, "text": "", "token_ids": tokens, "finish_reason": "stop"})
+        choices.reverse()
         return self._reply(200, {"id": f"cmpl-{n}", "object": "text_completion", "model": body["model"],
                                  "choices": choices})
 
@@ -228,6 +271,47 @@ def test_multi_token_labels_read_token_by_token(server):
 def test_base_model_is_the_entry_without_parent(server):
     engine = engine_for(server)
     assert engine.base_model == BASE  # the listing starts with an adapter, whose parent is the base
+
+
+def test_greedy_generation_in_chunks_stops_at_stop_ids(server):
+    engine = engine_for(server, chunk=3, concurrency=2)
+    stop = [105, 110, 117]
+    got = engine.generate(PREFIX, QUERIES, stop_ids=stop, max_new_tokens=6)
+    assert got == expected_generation(BASE, PREFIX, QUERIES, stop, 6)
+    # by hand, query [10, 20]: prompt [1, 40, 41, 42, 10, 20] (sum 154, 6 tokens) -> 100 + 160 % 20 = 100,
+    # then sum 254, 7 tokens -> 100 + 261 % 20 = 101, then 355, 8 -> 103, then 458, 9 -> 107, ...
+    assert got[0][:4] == [100, 101, 103, 107]
+    assert any(len(t) < 6 for t in got) and any(len(t) == 6 for t in got)  # some stopped, some ran out
+    bodies = server.sent("/v1/completions")
+    assert [len(b["prompt"]) for b in bodies] == [1, 3, 3, 2]  # one alone first, then chunks of 3
+    assert all(b["max_tokens"] == 6 and b["stop_token_ids"] == stop for b in bodies)
+
+
+def test_greedy_generation_with_an_adapter(server, tmp_path):
+    adapter = make_adapter(tmp_path / "abc")
+    engine = engine_for(server)
+    got = engine.generate(PREFIX, QUERIES[:3], stop_ids=[], max_new_tokens=4, adapter=str(adapter))
+    assert got == expected_generation(adapter_name(adapter), PREFIX, QUERIES[:3], [], 4)
+    assert got != engine.generate(PREFIX, QUERIES[:3], stop_ids=[], max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0 \\(vllm-server engine\\)"):
+        engine.generate(PREFIX, QUERIES, stop_ids=[], max_new_tokens=0)
+
+
+def test_check_model_compares_the_servers_model_directory(server, tmp_path):
+    from iclsft.models import fingerprint
+
+    ours, other = tmp_path / "ours", tmp_path / "other"
+    for path, layers in ((ours, 2), (other, 3)):
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+    engine = engine_for(server)
+    engine.check_model(ours, fingerprint(ours))  # "/models/smollm2" is not here: nothing to compare
+    server.base_root = str(other)
+    with pytest.raises(ValueError, match=f"serves {re.escape(str(other))}, not the run's model"):
+        engine.check_model(ours, fingerprint(ours))
+    engine.check_model(other, fingerprint(other))
+    server.base_root = str(ours)
+    engine.check_model(tmp_path / "ours", fingerprint(ours))
 
 
 def test_server_without_base_model(server):
