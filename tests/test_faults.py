@@ -2,10 +2,11 @@
 RSA, report) is killed with SIGKILL at every named point of iclsft.faults, one point after another,
 each run resuming what the previous one left; after a clean last run its tables equal those of an
 uninterrupted run. After every kill, everything that claims to be finished verifies against its
-checksums and nothing finished earlier was touched. Also: damaged artifacts are recomputed on
-resume, a second sweep on the same directory is refused while the first holds it (and runs once the
-first is killed), a Ray worker killed mid-training is retried, and out-of-memory errors name the
-setting to lower.
+checksums and nothing finished earlier was touched. The same for the implicit-pattern suite through
+its commands (`implicit --method icl`, `implicit --method lora`, `circuits`). Also: damaged artifacts
+of both studies are recomputed on resume, a second sweep on the same directory is refused while the
+first holds it (and runs once the first is killed), a Ray worker killed mid-training is retried, and
+out-of-memory errors name the setting to lower.
 
 The runs that get killed are forked from one preloaded process (multiprocessing's forkserver), so
 each costs about a second instead of the 9 s of importing torch, transformers and peft.
@@ -14,6 +15,7 @@ each costs about a second instead of the 9 s of importing torch, transformers an
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -37,8 +39,9 @@ pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TIMING = ["seconds", "train_seconds", "trained_now", "finished"]
-PRELOAD = ["iclsft.cli", "iclsft.sweep", "iclsft.icl", "iclsft.sft.runner", "iclsft.sft.train", "iclsft.rsa",
-           "iclsft.rsa.activations", "iclsft.report", "iclsft.engine.hf", "peft", "torch", "pandas", "pyarrow",
+PRELOAD = ["iclsft.cli", "iclsft.sweep", "iclsft.arms", "iclsft.arms.linear2d", "iclsft.arms.implicit",
+           "iclsft.sft.train", "iclsft.rsa", "iclsft.rsa.activations", "iclsft.implicit.circuits",
+           "iclsft.circuits.attribution", "iclsft.report", "iclsft.engine.hf", "peft", "torch", "pandas", "pyarrow",
            "matplotlib.pyplot", "transformers", "transformers.models.llama.modeling_llama",
            "transformers.models.auto.tokenization_auto", "test_faults"]
 
@@ -144,9 +147,18 @@ def finished_adapters(run: Path) -> list[str]:
     return sorted(p.name for p in run.glob("adapters/*") if not p.name.startswith(".") and is_finished(p))
 
 
+def ok_circuits(run: Path) -> list[str]:
+    """The circuit states (`<task>-<state>.npz`) that circuits.json lists with a matching size and sha256."""
+    try:
+        index = json.loads((run / "circuits" / "circuits.json").read_text())
+    except FileNotFoundError:
+        return []
+    return sorted(name for name, info in index.items() if file_matches(run / "circuits" / name, info))
+
+
 def finished_files(run: Path) -> dict[str, int]:
     """mtime of every file that something claims is finished: condition records and their files, RSA
-    records and arrays, adapter checkpoints. None of them may change once written."""
+    records and arrays, adapter checkpoints, circuit scores. None of them may change once written."""
     files: list[Path] = []
     for name, record in ok_records(run).items():
         cdir = run / "conditions" / name
@@ -155,6 +167,7 @@ def finished_files(run: Path) -> dict[str, int]:
         files += [run / "conditions" / name / "rsa.json", run / "conditions" / name / "rsa.npz"]
     for name in finished_adapters(run):
         files += [p for p in (run / "adapters" / name).rglob("*") if p.is_file()]
+    files += [run / "circuits" / name for name in ok_circuits(run)]
     return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in files}
 
 
@@ -169,6 +182,9 @@ def assert_everything_finished_verifies(run: Path) -> None:
         load_rsa(run / "conditions" / name)  # raises on a checksum mismatch
     for name in finished_adapters(run):
         assert checkpoint_problem(run / "adapters" / name) is None
+    index = run / "circuits" / "circuits.json"
+    if index.is_file():  # every circuit state it lists verifies (circuits.json is written after each .npz)
+        assert sorted(json.loads(index.read_text())) == ok_circuits(run)
 
 
 def temp_files(run: Path) -> list[str]:
@@ -257,15 +273,15 @@ def chain(launcher, baseline, tiny_model_dir, tmp_path_factory) -> dict:
             "final_seconds": time.time() - started}
 
 
-@pytest.mark.parametrize("step", range(len(CHAIN)), ids=[f"{i}-{c[0]}" for i, c in enumerate(CHAIN)])
-def test_sigkill_at_point(chain, step):
-    point, conditions, adapters, rsa, what = CHAIN[step]
-    seen = chain["steps"][step]
+def check_kill(expected: tuple, seen: dict, counts: tuple[str, ...] = ("conditions", "adapters", "rsa")) -> None:
+    """What every kill must leave: death by SIGKILL at the point, the finished counts the chain expects,
+    everything finished verifying, nothing finished before touched, a half-written file only as a temporary."""
+    point, *want, what = expected
     assert seen["exitcode"] == -signal.SIGKILL, f"{point}: exit code {seen['exitcode']}\n{seen['log']}"
     name, hit = parse(point)
     assert f"SIGKILL at {name} (hit {hit})" in seen["log"], seen["log"]
     # what the kill left, as the chain expects (a wrong count means the point is not where it says)
-    assert (seen["conditions"], seen["adapters"], seen["rsa"]) == (conditions, adapters, rsa), (what, seen)
+    assert tuple(seen[c] for c in counts) == tuple(want), (what, seen)
     if seen["run_exists"]:
         assert seen["verifies"] is True, seen["verifies"]
     # nothing that was finished before this run was rewritten, not even touched
@@ -273,6 +289,11 @@ def test_sigkill_at_point(chain, step):
     if point.startswith("write:"):  # the half-written file is a temporary that nothing reads
         name = name.split(":")[1]
         assert any(Path(t).name.startswith(f".{name}.") for t in seen["temp"]), seen["temp"]
+
+
+@pytest.mark.parametrize("step", range(len(CHAIN)), ids=[f"{i}-{c[0]}" for i, c in enumerate(CHAIN)])
+def test_sigkill_at_point(chain, step):
+    check_kill(CHAIN[step], chain["steps"][step])
 
 
 def test_rerun_after_every_kill_gives_the_uninterrupted_results(chain, baseline):
@@ -287,6 +308,190 @@ def test_rerun_after_every_kill_gives_the_uninterrupted_results(chain, baseline)
     from iclsft.evaluate.runs import read_metrics
 
     assert read_metrics(run) is not None
+
+
+# -- the implicit-pattern suite ------------------------------------------------------------------
+# Its three commands at their smallest: the ICL arm (2 tasks x K = 0, 1 x 2 variants: 8 conditions), the
+# LoRA arm (one model per task, 2 optimizer steps each, both variants scored: 4 conditions), then the
+# circuit pass (base, ICL K=1 and LoRA per task: 6 states of 2 pairs).
+def implicit_commands(model: Path, run: Path) -> list[list[str]]:
+    common = ["--tasks", "boolean,relation", "--seed", "0", "--train-size", "8", "--eval-size", "4",
+              "--model", str(model), "--engine", "hf", "--out", str(run), "--quiet"]
+    return [["implicit", "--method", "icl", "--shots", "0,1", *common],
+            ["implicit", "--method", "lora", "--epochs", "1", "--batch-size", "4", "--executor", "local", *common],
+            ["circuits", str(run), "--pairs", "2", "--shots", "1", "--quiet"]]
+
+
+def run_commands(launcher: Launcher, commands: list[list[str]], **env: str) -> tuple[int, str]:
+    """The commands in order, as a user runs them, up to the first that fails: (its exit code, the logs)."""
+    code, logs = 0, ""
+    for argv in commands:
+        code, log = launcher.run(argv, **env)
+        logs += log
+        if code != 0:
+            break
+    return code, logs
+
+
+def circuit_tables(run: Path) -> tuple[pd.DataFrame, dict]:
+    """The shift table and every state's scores (arrays by name)."""
+    from iclsft.circuits import ComponentScores
+
+    index = json.loads((run / "circuits" / "circuits.json").read_text())
+    scores = {name: ComponentScores.load(run / "circuits" / name, info) for name, info in index.items()}
+    return pd.DataFrame(json.loads((run / "circuits" / "shift.json").read_text())), scores
+
+
+def assert_same_implicit_results(run: Path, baseline: Path, rtol: float = 1e-9) -> None:
+    pd.testing.assert_frame_equal(tables(run), tables(baseline), check_exact=False, rtol=rtol, atol=1e-12)
+    assert sorted(ok_records(run)) == sorted(ok_records(baseline)) and len(ok_records(baseline)) == 12
+    for name in ok_records(baseline):
+        a = pd.read_parquet(run / "conditions" / name / "scores.parquet")
+        b = pd.read_parquet(baseline / "conditions" / name / "scores.parquet")
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=rtol, atol=1e-12)
+    assert finished_adapters(run) == finished_adapters(baseline) and len(finished_adapters(baseline)) == 2
+    (shift, scores), (want_shift, want_scores) = circuit_tables(run), circuit_tables(baseline)
+    pd.testing.assert_frame_equal(shift, want_shift, check_exact=False, rtol=1e-6, atol=1e-9)
+    assert sorted(scores) == sorted(want_scores) and len(want_scores) == 6
+    for name, want in want_scores.items():
+        np.testing.assert_allclose(scores[name].heads, want.heads, rtol=1e-6, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(scores[name].mlps, want.mlps, rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def implicit_baseline(launcher, tiny_model_dir, tmp_path_factory) -> Path:
+    """The uninterrupted suite, its commands run like the killed ones; returns its run directory."""
+    run = tmp_path_factory.mktemp("implicit-baseline") / "run"
+    code, log = run_commands(launcher, implicit_commands(tiny_model_dir, run))
+    assert code == 0, log[-3000:]
+    return run
+
+
+# (point, finished conditions, finished adapters, circuit states that verify, what the kill leaves), in the
+# order the three commands reach them; each step runs them again from the first, resuming what is left.
+IMPLICIT_CHAIN = [
+    ("write:spec.json", 0, 0, 0, "the ICL arm's spec.json only as a temporary file"),
+    ("score", 0, 0, 0, "the first ICL condition scored in memory, nothing written"),
+    ("write:scores.parquet:2", 1, 0, 0, "one ICL condition finished, the second one's scores in a temporary file"),
+    ("condition-record", 1, 0, 0, "the second ICL condition's files in place, its record not written"),
+    ("metrics", 8, 0, 0, "every ICL condition finished; the metrics table not written"),
+    ("write:metrics.json", 8, 0, 0, "metrics.parquet written, its checksum file not (every command rewrites both)"),
+    ("train-step:2", 8, 0, 0, "the first LoRA model killed after its last optimizer step: no checkpoint"),
+    ("write:iclsft-adapter.json", 8, 0, 0, "the first checkpoint's marker half-written in its temporary directory"),
+    ("adapter-save", 8, 0, 0, "the first checkpoint complete under a temporary name, not renamed"),
+    ("score", 8, 1, 0, "the first checkpoint finished; its first condition scored, nothing written"),
+    ("condition-record:2", 9, 1, 0, "one LoRA condition finished, the second one's files without a record"),
+    ("train-step:2", 10, 1, 0, "the first model's conditions finished; the second model killed in training"),
+    ("score:2", 11, 2, 0, "the second checkpoint finished, one of its conditions; the other scored, not written"),
+    ("write:boolean-icl-K1.npz", 12, 2, 1, "the base state's scores listed, the ICL state's half-written"),
+    ("circuits", 12, 2, 1, "the ICL state's scores written, circuits.json not updated: not finished"),
+    ("write:circuits.json:2", 12, 2, 2, "the ICL state listed, the LoRA state's entry half-written"),
+    ("write:shift.json", 12, 2, 6, "every state listed; the shift table half-written"),
+]
+
+
+@pytest.fixture(scope="module")
+def implicit_chain(launcher, implicit_baseline, tiny_model_dir, tmp_path_factory) -> dict:
+    """Run the implicit chain; return the run directory and, per step, what was observed."""
+    run = tmp_path_factory.mktemp("implicit-killed") / "run"
+    commands = implicit_commands(tiny_model_dir, run)
+    steps = []
+    for point, *_ in IMPLICIT_CHAIN:
+        before = finished_files(run) if run.exists() else {}
+        code, log = run_commands(launcher, commands, ICLSFT_FAULT_AT=point)
+        observed = {"point": point, "exitcode": code, "log": log[-3000:], "before": before,
+                    "after": finished_files(run) if run.exists() else {}, "run_exists": run.exists(),
+                    "conditions": len(ok_records(run)) if run.exists() else 0,
+                    "adapters": len(finished_adapters(run)) if run.exists() else 0,
+                    "circuits": len(ok_circuits(run)) if run.exists() else 0, "temp": temp_files(run.parent)}
+        if run.exists():
+            try:
+                assert_everything_finished_verifies(run)
+                observed["verifies"] = True
+            except AssertionError as e:
+                observed["verifies"] = str(e)
+        steps.append(observed)
+    before = finished_files(run)
+    return {"run": run, "steps": steps, "final": run_commands(launcher, commands), "before_final": before}
+
+
+@pytest.mark.parametrize("step", range(len(IMPLICIT_CHAIN)), ids=[f"{i}-{c[0]}" for i, c in enumerate(IMPLICIT_CHAIN)])
+def test_implicit_sigkill_at_point(implicit_chain, step):
+    check_kill(IMPLICIT_CHAIN[step], implicit_chain["steps"][step], counts=("conditions", "adapters", "circuits"))
+
+
+def test_implicit_rerun_after_every_kill_gives_the_uninterrupted_results(implicit_chain, implicit_baseline):
+    code, log = implicit_chain["final"]
+    assert code == 0, log[-3000:]
+    run = implicit_chain["run"]
+    assert_same_implicit_results(run, implicit_baseline)
+    after = finished_files(run)
+    assert {k: v for k, v in after.items() if k in implicit_chain["before_final"]} == implicit_chain["before_final"]
+    assert "Traceback" not in log
+    from iclsft.evaluate.runs import read_metrics
+
+    assert read_metrics(run) is not None  # the kill at write:metrics.json left it stale: written again
+
+
+@pytest.fixture
+def implicit_copy(implicit_baseline, tmp_path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(implicit_baseline, run)
+    return run
+
+
+def _implicit_cond(run: Path, task: str, variant: str, method: str, shots: int = 0) -> Path:
+    for name, record in ok_records(run).items():
+        if (record["task"], record["variant"], record["method"]) == (task, variant, method) and \
+                (method != "icl" or record["shots"] == shots):
+            return run / "conditions" / name
+    raise AssertionError((task, variant, method, shots))
+
+
+def test_damaged_implicit_artifacts_are_recomputed_on_resume(implicit_copy, implicit_baseline, launcher,
+                                                             tiny_model_dir):
+    """A truncated ICL scores.parquet, a LoRA adapter with zeroed weights (one of its conditions to score
+    again) and a circuit state with a flipped byte: the rerun of the three commands sets the adapter aside
+    and trains it again, recomputes exactly those, and ends with the uninterrupted results."""
+    run = implicit_copy
+    before = finished_files(run)
+    icl = _implicit_cond(run, "boolean", "holds", "icl", 1)
+    (icl / "scores.parquet").write_bytes((icl / "scores.parquet").read_bytes()[:-100])
+    lora = _implicit_cond(run, "relation", "broken", "lora")
+    adapter = run / "adapters" / json.loads((lora / "record.json").read_text())["checkpoint_dir"]
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    (lora / "scores.parquet").unlink()  # so that the damaged adapter is needed again
+    state = run / "circuits" / "relation-icl-K1.npz"
+    data = bytearray(state.read_bytes())
+    data[-30] ^= 0x40
+    state.write_bytes(bytes(data))
+    recomputed = {icl.name, lora.name, adapter.name, state.name}
+    untouched = {k: v for k, v in before.items() if not recomputed & set(Path(k).parts)}
+
+    code, log = run_commands(launcher, implicit_commands(tiny_model_dir, run))
+    assert code == 0, log[-3000:]
+    assert f"warning: checkpoint {adapter} is damaged (adapter_model.safetensors" in log and "set aside" in log, log
+    assert len(list(run.glob("adapters/.damaged-*"))) == 1  # kept aside for inspection, never read
+    # float32 log-probs: the ICL condition recomputed alone computes its K=1 prompt from scratch, where the
+    # uninterrupted run extended the cached K=0 prefix (hf engine); they differ in the last bits (2e-7 seen)
+    assert_same_implicit_results(run, implicit_baseline, rtol=1e-6)
+    assert {k: v for k, v in finished_files(run).items() if k in untouched} == untouched
+    assert finished_files(run)[f"circuits/{state.name}"] != before[f"circuits/{state.name}"]  # recomputed
+
+
+def test_damaged_implicit_adapter_is_a_clear_circuits_error(implicit_copy, launcher):
+    """A fine-tuned state whose checkpoint no longer matches its marker is refused in one line naming it."""
+    run = implicit_copy
+    lora = _implicit_cond(run, "boolean", "holds", "lora")
+    adapter = run / "adapters" / json.loads((lora / "record.json").read_text())["checkpoint_dir"]
+    (adapter / "adapter_config.json").write_text("{}")
+    (run / "circuits" / "boolean-lora.npz").unlink()  # so that the state is computed again
+    code, log = launcher.run(["circuits", str(run), "--pairs", "2", "--shots", "1", "--quiet"])
+    assert code == 1 and "Traceback" not in log, log
+    (line,) = [x for x in log.splitlines() if x.startswith("Error:")]
+    assert f"checkpoint {adapter} is damaged (adapter_config.json missing or not matching" in line, line
+    assert line.endswith("then rerun the sft arm"), line
 
 
 def test_killed_model_preparation_leaves_no_prepared_model(launcher, tiny_model_dir, tmp_path):
@@ -327,16 +532,18 @@ def copied(baseline, tmp_path) -> Path:
     return out / baseline.name
 
 
-def resume(tiny_model_dir, run: Path, home: Path, **changes) -> list[str]:
-    messages: list[str] = []
+def resume(tiny_model_dir, run: Path, home: Path, caplog, **changes) -> list[str]:
+    """Resume the sweep in this process; its log messages (the `iclsft` logger, INFO and up)."""
     config = SweepConfig(**{**sweep_config(tiny_model_dir, run.parent), **changes})
     old = os.environ.get("ICLSFT_HOME")
     os.environ["ICLSFT_HOME"] = str(home)
+    caplog.clear()
     try:
-        run_sweep(config, log=messages.append, progress=False)
+        with caplog.at_level(logging.INFO, logger="iclsft"):
+            run_sweep(config, progress=False)
     finally:
         os.environ.pop("ICLSFT_HOME") if old is None else os.environ.__setitem__("ICLSFT_HOME", old)
-    return messages
+    return [r.getMessage() for r in caplog.records]
 
 
 def _cond(run: Path, method: str, shots: int, checkpoint: float | None = None) -> Path:
@@ -346,7 +553,7 @@ def _cond(run: Path, method: str, shots: int, checkpoint: float | None = None) -
     raise AssertionError((method, shots, checkpoint))
 
 
-def test_damaged_artifacts_are_recomputed_on_resume(copied, baseline, tiny_model_dir, home):
+def test_damaged_artifacts_are_recomputed_on_resume(copied, baseline, tiny_model_dir, home, caplog):
     """A truncated scores.parquet, a flipped byte in field.npy (same size), a damaged LoRA adapter, a
     truncated rsa.npz and an altered metrics.parquet: the resumed sweep recomputes each of them and
     ends with the uninterrupted results; nothing else is recomputed."""
@@ -372,7 +579,7 @@ def test_damaged_artifacts_are_recomputed_on_resume(copied, baseline, tiny_model
     untouched = {k: v for k, v in before.items() if k.split("/")[1] not in damaged | {rsa_cond.name, adapter.name}}
 
     (run / "report" / "index.html").unlink()
-    messages = resume(tiny_model_dir, run, home, report=False)
+    messages = resume(tiny_model_dir, run, home, caplog, report=False)
     assert any("is damaged (adapter_model.safetensors" in m and "set aside" in m for m in messages), messages
     assert any("1/2 arms): 0/2 conditions done, 2 to run" in m for m in messages), messages
     assert any("(2/2 arms): 3/4 conditions done, 1 to run" in m for m in messages), messages
@@ -454,7 +661,7 @@ def test_ray_worker_killed_mid_training_is_retried(baseline, tiny_model_dir, tmp
     """The Ray worker training K=1 kills itself (SIGKILL) at its second optimizer step; Ray starts the
     task again in a new worker (max_retries), which passes the point, and the run equals the baseline."""
     ray = pytest.importorskip("ray")
-    from iclsft.sft.runner import make_sft_spec, run_sft
+    from iclsft.arms import make_sft_spec, run_spec
     from iclsft.spec import ExecutorSpec, sft_spec
 
     if ray.is_initialized():
@@ -466,8 +673,7 @@ def test_ray_worker_killed_mid_training_is_retried(baseline, tiny_model_dir, tmp
     spec, ref = make_sft_spec(model=str(tiny_model_dir), angles=(30.0,), shots=(1,), grid_step=20,
                               checkpoints=(0.5, 1.0), sft=sft_spec("lora", epochs=1, min_steps=4, batch_size=2),
                               executor=ExecutorSpec(name="ray", max_retries=1, cpus_per_task=1))
-    logs: list[str] = []
-    table = run_sft(spec, tmp_path / "run", ref, log=logs.append, progress=False)
+    table = run_spec(spec, tmp_path / "run", ref, progress=False)
     assert (once / "train-step").is_file(), "no worker was killed"
     assert not ray.is_initialized()
     records = ok_records(tmp_path / "run")
@@ -484,20 +690,29 @@ OOM = "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.19 GiB total c
 def test_out_of_memory_while_scoring_names_the_token_budget(tiny_model_dir, tmp_path, monkeypatch):
     import torch
 
-    from iclsft import icl
+    from iclsft.arms import scorer
 
-    class Exhausted:
+    class Exhausted:  # an engine that holds the run's model and runs out of memory scoring
+        def check_model(self, path, fingerprint):
+            pass
+
         def score(self, *args, **kwargs):
             raise torch.OutOfMemoryError(OOM)
 
+        def release(self, adapter):
+            pass
+
+        def close(self):
+            pass
+
     monkeypatch.setenv("ICLSFT_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(icl, "open_engine", lambda *a, **k: Exhausted())
+    monkeypatch.setattr(scorer, "open_engine", lambda *a, **k: Exhausted())
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["icl", "--model", str(tiny_model_dir), "--angle", "30", "--shots", "1",
                                        "--grid-step", "20", "--engine", "hf", "--out", str(out), "--quiet"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
-    assert "1 of 1 conditions failed (first: MemoryError: out of memory scoring linear2d-a30-icl-K1" in line
+    assert "1 of 1 icl conditions failed (first: MemoryError: out of memory scoring linear2d-a30-icl-K1" in line
     assert "OutOfMemoryError: CUDA out of memory" in line and "lower --token-budget" in line
     (record,) = [json.loads(p.read_text()) for p in out.glob("conditions/*/record.json")]
     assert record["status"] == "error" and "lower --token-budget" in record["error"]

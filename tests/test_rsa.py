@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from iclsft.icl import ConditionsFailed, make_icl_spec, run_icl
+from iclsft.arms import make_icl_spec, make_sft_spec, run_spec
+from iclsft.errors import ConditionsFailed
 from iclsft.prompts import PromptBuilder
 from iclsft.rsa import RSA_JSON, RSA_NPZ, RSA_VERSION, compute_rsa, load_rsa, read_rsa_record, rsa_is_current
 from iclsft.rsa.activations import activations
@@ -325,7 +326,7 @@ def icl_run(tiny_model_dir, tmp_path_factory):
     """A tiny ICL run (angle 45, K = 1, 2, 100 queries) with RSA computed once; tests work on copies."""
     spec, ref = make_icl_spec(model=str(tiny_model_dir), angles=(45.0,), shots=(1, 2), grid_step=10)
     out = tmp_path_factory.mktemp("rsa-icl") / "run"
-    run_icl(spec, out, ref, progress=False)
+    run_spec(spec, out, ref, progress=False)
     t0 = time.time()
     computed = compute_rsa(out, progress=False)
     return out, computed, time.time() - t0
@@ -565,14 +566,13 @@ def sft_run(icl_run, tiny_model_dir, tmp_path_factory):
     """The ICL run plus LoRA at K = 1 for seeds 0 and 1, checkpoints at 0.5 and 1 of training (the
     dynamics control), with RSA computed."""
     pytest.importorskip("peft")
-    from iclsft.sft.runner import make_sft_spec, run_sft
 
     run = tmp_path_factory.mktemp("rsa-sft") / "run"
     shutil.copytree(icl_run[0], run)  # the SFT arm joins the ICL run's directory
     spec, ref = make_sft_spec(model=str(tiny_model_dir), angles=(45.0,), shots=(1,), seeds=(0, 1), grid_step=10,
                               sft=sft_spec("lora", epochs=1, min_steps=4, batch_size=2), checkpoints=(0.5, 1.0),
                               executor=ExecutorSpec(name="local"))
-    run_sft(spec, run, ref, progress=False)
+    run_spec(spec, run, ref, progress=False)
     before = mtimes(run)
     t0 = time.time()
     computed = compute_rsa(run, progress=False)
@@ -715,7 +715,7 @@ def test_task_variants_use_their_own_prompts_and_truth(name, tiny_model, tiny_mo
     from iclsft.prompts import builder_for
 
     spec, ref = make_icl_spec(model=str(tiny_model_dir), task=name, angles=(30.0,), shots=(2,), grid_step=10)
-    run_icl(spec, tmp_path / "run", ref, progress=False)
+    run_spec(spec, tmp_path / "run", ref, progress=False)
     [cdir] = [d for d, _, _ in RunDir(tmp_path / "run").finished()]
     assert compute_rsa(tmp_path / "run", progress=False) == [cdir.name]
     arrays = load_rsa(cdir)
