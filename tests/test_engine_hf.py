@@ -401,3 +401,83 @@ def test_adapters(tok, tiny_model, tmp_path):
         rtol=0,
         atol=TOL,
     )
+
+
+# -- the engine contract ---------------------------------------------------------------------------
+
+
+def test_every_engine_implements_the_whole_contract():
+    """An abstract method left out would make the class impossible to build; the engines must not need
+    vLLM installed to be imported."""
+    from iclsft.engine.base import Engine
+    from iclsft.engine.vllm_engine import VLLMEngine
+    from iclsft.engine.vllm_server import VLLMServerEngine
+
+    assert set(Engine.__abstractmethods__) == {"score", "generate", "release", "check_model", "close"}
+    for cls in (HFEngine, VLLMEngine, VLLMServerEngine):
+        assert issubclass(cls, Engine) and not cls.__abstractmethods__, cls
+
+
+def test_check_model_by_directory_or_content(tiny_model_dir, tmp_path):
+    import shutil
+
+    from iclsft.engine.base import open_engine
+    from iclsft.models import fingerprint
+    from iclsft.spec import EngineSpec
+
+    engine = open_engine(EngineSpec(name="hf"), tiny_model_dir, progress=False)
+    want = fingerprint(tiny_model_dir)
+    engine.check_model(tiny_model_dir, want)
+    copy_dir = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    engine.check_model(copy_dir, want)  # another directory with the same content
+    other = tmp_path / "other"
+    make_tiny_llama(64, seed=1).save_pretrained(other)
+    with pytest.raises(ValueError, match=f"holds the model at {tiny_model_dir} .*not the run's model {other}"):
+        engine.check_model(other, fingerprint(other))
+    with pytest.raises(ValueError, match="cannot tell which model it holds"):
+        HFEngine(make_tiny_llama(64), progress=False).check_model(tiny_model_dir, want)  # built in memory
+
+
+def test_closed_engine_says_so(tiny_model):
+    engine = HFEngine(tiny_model, progress=False)
+    engine.score([1, 2], [[3]], [[4]])
+    engine.close()
+    with pytest.raises(ValueError, match="this hf engine is closed"):
+        engine.score([1, 2], [[3]], [[4]])
+    with pytest.raises(ValueError, match="this hf engine is closed"):
+        engine.generate([1, 2], [[3]], stop_ids=[], max_new_tokens=2)
+    engine.release("anything")  # nothing held: nothing to do
+    engine.close()  # twice is fine
+
+
+def test_generate_refuses_bad_input(tiny_model):
+    engine = HFEngine(tiny_model, progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0 \\(hf engine\\)"):
+        engine.generate([1], [[3]], stop_ids=[], max_new_tokens=0)
+    with pytest.raises(ValueError, match="query 0 has no tokens"):
+        engine.generate([1], [[]], stop_ids=[], max_new_tokens=1)
+
+
+def test_generation_equals_transformers_generate(tok, tiny_model):
+    """Queries of different lengths sharing their first tokens, after an ICL prefix and after none:
+    every answer equals transformers' own greedy search, cut at the first stop token."""
+    from transformers import GenerationConfig
+
+    builder = make_builder(tok)
+    ex = exemplars(TaskSpec(angle=ANGLE), 0, 3)
+    queries = builder.queries([1, 12, 12, 50, 7], [23, 3, 30, 5, 7])
+    config = GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    engine = HFEngine(tiny_model, token_budget=16, progress=False)  # several packed batches
+    for prefix in (builder.prefix(ex.n1, ex.n2, ex.truth), builder.start()):
+        free = engine.generate(prefix, queries, stop_ids=[], max_new_tokens=5)
+        stop = [free[0][2], free[3][1]]  # tokens some answers reach: they stop there
+        got = engine.generate(prefix, queries, stop_ids=stop, max_new_tokens=5)
+        assert sum(len(a) < 5 for a in got) >= 2
+        for q, answer, run in zip(queries, got, free):
+            ids = torch.tensor([prefix + q])
+            with torch.no_grad():
+                want = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            want = want[0, ids.shape[1]:].tolist()
+            assert run == want
+            assert answer == next((want[:i] for i, t in enumerate(want) if t in stop), want)
+        assert len({tuple(r) for r in free}) > 1  # the queries' answers differ: a mix-up would show
