@@ -11,8 +11,8 @@ sends itself SIGKILL there (no cleanup, no `finally`, exactly like the OOM kille
     ICLSFT_FAULT_ONCE=DIR                   fire only if DIR/<point> does not exist yet, and create it
                                             first: a retried worker then gets past the point
 
-Points: model-prepare, train-step, adapter-save, score, condition-record, metrics, rsa, report, and
-write:<file name>. With the variable unset a point costs one dictionary lookup.
+Points: model-prepare, train-step, adapter-save, score, condition-record, metrics, rsa, circuits (after a
+circuit state's .npz, before circuits.json), report, and write:<file name>. With the variable unset a point costs one dictionary lookup.
 """
 
 from __future__ import annotations

@@ -11,13 +11,15 @@ class _ListHandler(logging.Handler):
         super().__init__(logging.INFO)
         self.messages = messages
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+    def emit(self, record: logging.LogRecord) -> None:  # as the CLI prints them (iclsft.cli.app)
+        message = record.getMessage()
+        self.messages.append(f"warning: {message}" if record.levelno >= logging.WARNING else message)
 
 
 @contextmanager
 def capture(messages: list[str]):
-    """Append every INFO-or-higher message of the `iclsft` loggers to `messages` while inside."""
+    """Append every INFO-or-higher message of the `iclsft` loggers to `messages` while inside (warnings
+    prefixed "warning: ", as the CLI prints them)."""
     logger = logging.getLogger("iclsft")
     handler, level = _ListHandler(messages), logger.level
     logger.addHandler(handler)

@@ -10,13 +10,13 @@ from functools import partial
 
 import numpy as np
 import pytest
+from logcapture import capture
 
 from iclsft.arms.runner import Step, run_arm
 from iclsft.artifacts import parquet_bytes
 from iclsft.errors import ConditionsFailed
 from iclsft.spec import IclRunSpec, ModelSpec, SftRunSpec, TaskSpec
 from iclsft.tasks import linear2d
-from logcapture import capture
 
 MODEL = ModelSpec(name="stand-in", fingerprint="0" * 16)
 TASKS = (TaskSpec(angle=45, grid_step=25), TaskSpec(name="xor", angle=0, grid_step=25))

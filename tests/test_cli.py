@@ -399,16 +399,16 @@ def test_token_budget_error_names_option_and_value(tmp_path, tiny_model_dir):
 
 
 def _failing_k2(monkeypatch):
-    import iclsft.icl
+    import iclsft.arms.linear2d
 
-    real = iclsft.icl.score_condition
+    real = iclsft.arms.linear2d.score_condition
 
     def score_condition(run, cond, *args, **kwargs):
         if cond.shots == 2:
             raise RuntimeError("simulated out of memory")
         return real(run, cond, *args, **kwargs)
 
-    monkeypatch.setattr(iclsft.icl, "score_condition", score_condition)
+    monkeypatch.setattr(iclsft.arms.linear2d, "score_condition", score_condition)
 
 
 def test_failed_condition_is_recorded_and_retried(tmp_path, tiny_model_dir, monkeypatch):
@@ -439,7 +439,7 @@ def test_failed_condition_is_one_clear_cli_error(tmp_path, tiny_model_dir, monke
     result = icl(tmp_path / "run", tiny_model_dir)
     assert result.exit_code != 0
     assert isinstance(result.exception, SystemExit), result.exception
-    assert "1 of 2 conditions failed" in result.output
+    assert "1 of 2 icl conditions failed" in result.output
 
 
 # -- labels --------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from logcapture import capture
 
-from iclsft.evaluate.runs import read_metrics
-from iclsft.implicit.data import TaskPrompts, demo_stream, eval_items, train_items
 from iclsft.arms import make_implicit_spec, run_spec
-from iclsft.evaluate.runs import recompute_metrics
+from iclsft.evaluate.runs import read_metrics, recompute_metrics
+from iclsft.implicit.data import TaskPrompts, demo_stream, eval_items, train_items
 from iclsft.implicit.results import results_table
 from iclsft.spec import ExecutorSpec
 from iclsft.tasks.implicit import get_task
@@ -165,6 +165,67 @@ def test_lora_arm_scores_both_variants_of_one_model_per_task(lora_run):
     res = results_table(table)
     assert {"base (K=0)", "ICL best-of-K", "SFT lora"} <= set(res.columns)
     assert len(res) == len(TASKS) * 2
+
+
+def test_metrics_compare_and_report_commands_work_on_an_implicit_run(lora_run, tmp_path):
+    """The issue's traceback (`KeyError: 'angle'`): `metrics`, `compare` and `report` read any run directory."""
+    from click.testing import CliRunner
+
+    from iclsft.cli import main
+
+    out, _, _ = lora_run
+    table = recompute_metrics(out)
+    result = CliRunner().invoke(main, ["metrics", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "shortcut_rate" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["compare", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "icl K=0" in result.output and "icl K=2" in result.output and "lora" in result.output
+    # compare's cells are the metrics table's own numbers, pivoted: one cell by hand
+    row = table[(table.task == "boolean") & (table.variant == "broken") & (table.method == "lora")].iloc[0]
+    from iclsft.evaluate.runs import compare_table
+
+    wide = compare_table(table, ["accuracy"])
+    assert wide.loc[("boolean", "broken", 0), ("accuracy", "lora")] == pytest.approx(row.accuracy)
+    result = CliRunner().invoke(main, ["compare", str(out), "--metric", "auc"])
+    assert result.exit_code == 1 and "unknown metric 'auc'; choose from accuracy, shortcut_rate" in result.output
+    result = CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    assert "Implicit patterns" in (tmp_path / "rep" / "index.html").read_text()
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    for command in ("metrics", "compare"):
+        result = CliRunner().invoke(main, [command, str(not_a_run)])
+        assert result.exit_code == 1 and "is not a run directory (no spec.json)" in result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_damaged_implicit_adapter_is_set_aside_and_trained_again(home, tiny_model_dir, tmp_path):
+    """Like the 2D arms: a checkpoint whose file no longer matches its marker is never scored."""
+    from iclsft.sft.adapters import MARKER
+
+    out = tmp_path / "run"
+    small = dict(SMALL, tasks=("relation",))
+    spec, ref = make_implicit_spec(model=str(tiny_model_dir), method="lora", sft={"epochs": 1, "batch_size": 8},
+                                   executor=ExecutorSpec(name="local"), **small)
+    first = run_spec(spec, out, ref, progress=False)
+    [ckpt] = [p.parent for p in (out / "adapters").glob(f"*/{MARKER}")]
+    weights = ckpt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # same size, other bytes
+    for record in out.glob("conditions/*/record.json"):
+        record.unlink()  # the conditions are scored again, on whatever checkpoint the run trusts
+    logs: list[str] = []
+    with capture(logs):
+        again = run_spec(spec, out, ref, progress=False)
+    assert any("is damaged" in m and "set aside" in m for m in logs), logs
+    assert any("1 models to train, 0 reused" in m for m in logs), logs
+    assert list(out.glob("adapters/.damaged-*"))
+    pd.testing.assert_frame_equal(first, again)  # retrained from the same seed: the same numbers
+
+
+def test_negative_seeds_are_refused_like_the_2d_arms():
+    with pytest.raises(ValueError, match="seed -1 is not allowed: seeds must be integers >= 0"):
+        make_implicit_spec(model="x", seeds=(-1,))
 
 
 def test_results_table_takes_the_best_k_in_1_to_16():

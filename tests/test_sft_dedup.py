@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from logcapture import capture
 
+from iclsft.arms import make_sft_spec, run_spec
+from iclsft.arms.linear2d import plan_jobs, training_examples, training_groups
 from iclsft.prompts import builder_key, prompt_builders
 from iclsft.sft import train as train_module
 from iclsft.sft.adapters import (
@@ -26,14 +29,11 @@ from iclsft.sft.adapters import (
     stream_order_key,
     training_key,
 )
-from iclsft.arms import make_sft_spec, run_spec
-from iclsft.arms.linear2d import plan_jobs, training_examples, training_groups
 from iclsft.sft.train import TrainJob, canonical_order, train
 from iclsft.spec import ExecutorSpec, sft_spec
 from iclsft.store import RunDir
 from iclsft.sweep import load_config, plan
 from iclsft.tasks import linear2d
-from logcapture import capture
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,7 +159,7 @@ def test_random_and_1221_at_an_even_batch_train_once(tiny_model_dir, tmp_path):
         return real(job)
 
     out, logs = tmp_path / "run", []
-    import iclsft.sft.runner as runner
+    import iclsft.arms.trainings as runner
 
     runner.train, saved = counting, runner.train
     try:

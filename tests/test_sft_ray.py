@@ -9,15 +9,15 @@ import os
 from pathlib import Path
 
 import pytest
+from logcapture import capture
 
-from iclsft.prompts import prompt_builders
-from iclsft.sft.adapters import MARKER, read_marker
 from iclsft.arms import make_sft_spec, run_spec
 from iclsft.arms.linear2d import plan_jobs
+from iclsft.prompts import prompt_builders
+from iclsft.sft.adapters import MARKER, read_marker
 from iclsft.sft.train import train
 from iclsft.spec import ExecutorSpec, sft_spec
 from iclsft.store import RunDir
-from logcapture import capture
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("peft")

@@ -218,10 +218,11 @@ def test_fsdp_two_workers_equal_single_process(ray_two_cpus, tiny_model_dir, tmp
 
 
 def test_sharded_run_sft_end_to_end(ray_two_cpus, tiny_model_dir, smollm_tokenizer, tmp_path):
-    """run_sft with workers=2 (frozen embeddings, gradient checkpointing): the run finishes and scores,
+    """The SFT arm with workers=2 (frozen embeddings, gradient checkpointing): the run finishes and scores,
     its checkpoint equals single-process training of the same job within 1e-5, embeddings unchanged."""
     from iclsft.prompts import prompt_builders
-    from iclsft.sft.runner import make_sft_spec, plan_jobs, run_sft
+    from iclsft.arms import make_sft_spec, run_spec
+    from iclsft.arms.linear2d import plan_jobs
     from iclsft.spec import ExecutorSpec
     from iclsft.store import RunDir
 
@@ -229,7 +230,7 @@ def test_sharded_run_sft_end_to_end(ray_two_cpus, tiny_model_dir, smollm_tokeniz
                    gradient_checkpointing=True)
     spec, ref = make_sft_spec(model=str(tiny_model_dir), angles=(45.0,), shots=(2,), grid_step=10, sft=sft,
                               executor=ExecutorSpec(name="ray"))
-    table = run_sft(spec, tmp_path / "run", ref, progress=False)
+    table = run_spec(spec, tmp_path / "run", ref, progress=False)
     assert len(table) == 1 and 0 <= float(table.accuracy.iloc[0]) <= 1
     (ckpt,) = (tmp_path / "run" / "adapters").iterdir()
     assert json.loads((ckpt / MARKER).read_text())["workers"] == 2  # trained sharded, not in one process

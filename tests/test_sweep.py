@@ -15,10 +15,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from logcapture import capture
 
 from iclsft.spec import sft_spec
 from iclsft.sweep import SweepConfig, apply_override, load_config, model_dir, plan, run_sweep
-from logcapture import capture
 
 pytest.importorskip("peft")
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_overrides_reach_nested_keys():
         ("tasks.0.angle=[1]", r"unknown key 'tasks.0.angle'; allowed here: name, angles"),
         ("sft.lora.epoch=3", r"sft.lora: epoch: Extra inputs.*allowed keys: method, lr, epochs"),
         ("sft.qlora.epochs=3", r"sft.qlora: unknown SFT method"),
-        ("methods=[icl,qlora]", r"methods.1: .*'icl', 'lora', 'full' or 'full-frozen-unembed'"),
+        ("methods=[icl,qlora]", r"methods: method 'qlora' is not allowed; allowed: icl, lora, full, full-frozen-unembed"),
         ("shots=many", r"shots: .*got 'many'"),
         ("tasks.3.angles=[1]", r"'3' is not an index of a list of 1"),
         ("noequals", r"must look like key=value"),

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from iclsft.arms import make_icl_spec, make_sft_spec, run_spec
-from iclsft.evaluate.runs import compare_table, recompute_metrics
+from iclsft.evaluate.runs import compare_table
 from iclsft.spec import ExecutorSpec, TaskSpec, sft_spec
 from iclsft.tasks import linear2d, registry
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from tokenizer_families import FAMILIES, load_tokenizer
 
-from iclsft.prompts import PromptBuilder
 from iclsft.arms.linear2d import training_examples
+from iclsft.prompts import PromptBuilder
 from iclsft.spec import IclRunSpec, ModelSpec, TaskSpec, TemplateSpec
 from iclsft.tasks.linear2d import exemplars
 from iclsft.tokenizers_check import TokenizationError, check_prompts, check_run, split_warning, token_counts

@@ -18,7 +18,15 @@ from iclsft.arms.runner import Step
 from iclsft.arms.scorer import Scorer
 from iclsft.arms.trainings import plan_trainings, training_steps
 from iclsft.artifacts import parquet_bytes
-from iclsft.implicit.data import TaskPrompts, check_prompts, demo_stream, eval_items, mixed_training_examples, train_items
+from iclsft.faults import fault_point
+from iclsft.implicit.data import (
+    TaskPrompts,
+    check_prompts,
+    demo_stream,
+    eval_items,
+    mixed_training_examples,
+    train_items,
+)
 from iclsft.implicit.evaluate import item_metrics, score_items
 from iclsft.implicit.spec import ImplicitCondition, ImplicitSpec
 from iclsft.models import ModelRef
@@ -45,6 +53,7 @@ class _ImplicitArm:
         prompts = self.prompts[cond.task]
         items = eval_items(prompts.task, cond.variant, cond.seed, cond.eval_size, cond.train_size, cond.faithful)
         table = score_items(engine, prompts, prefix, items, adapter=adapter)
+        fault_point("score")
         metrics = item_metrics(table, prompts.answers)
         run.write_condition(cond, {"scores.parquet": parquet_bytes(table)}, seconds=round(time.time() - t0, 2),
                             prefix_tokens=len(prefix), answers=prompts.answers, metrics=metrics, **record)

@@ -21,6 +21,7 @@ import pandas as pd
 from iclsft.arms.runner import Step
 from iclsft.arms.scorer import Scorer
 from iclsft.arms.trainings import plan_trainings, training_steps
+from iclsft.artifacts import npy_bytes, parquet_bytes
 from iclsft.errors import OOM_SCORING, is_out_of_memory, out_of_memory
 from iclsft.evaluate.metrics import compute_metrics, decision_field
 from iclsft.faults import fault_point
@@ -30,7 +31,6 @@ from iclsft.sft.adapters import resume_dir, stream_order_key, training_key
 from iclsft.sft.train import TrainJob, batch_indices
 from iclsft.spec import IclRunSpec, SftRunSpec, SftSpec, TaskSpec
 from iclsft.store import RunDir
-from iclsft.artifacts import npy_bytes, parquet_bytes
 from iclsft.tasks import linear2d
 from iclsft.tokenizers_check import check_run
 

@@ -13,7 +13,6 @@ from iclsft.sft.checkpoints import verify_checkpoint
 from iclsft.spec import EngineSpec
 
 
-
 class Scorer:
     """`base()`: the base model's engine; `checkpoint(ckpt, lora)`: what scores a trained checkpoint,
     `release(ckpt)` when its conditions are done."""

@@ -168,7 +168,7 @@ def _explain(e: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key {where!r}; allowed here: {_allowed(err['loc'])}")
         else:
-            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
     return "; ".join(lines)
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
 from itertools import islice
+from typing import ClassVar
 
 VARIANTS = ("holds", "broken")
 
