@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 
-from iclsft.arms.runner import Step
+from iclsft.arms.runner import ArmBase, Step
 from iclsft.arms.scorer import Scorer
 from iclsft.arms.trainings import plan_trainings, training_steps
 from iclsft.artifacts import parquet_bytes
@@ -36,7 +36,7 @@ from iclsft.store import RunDir
 from iclsft.tasks.implicit import get_task
 
 
-class _ImplicitArm:
+class _ImplicitArm(ArmBase):
     def __init__(self, spec: ImplicitSpec, ref: ModelRef, *, progress: bool = True):
         from transformers import AutoTokenizer
 
@@ -59,15 +59,9 @@ class _ImplicitArm:
                             prefix_tokens=len(prefix), answers=prompts.answers, metrics=metrics, **record)
         return metrics
 
-    def prepare(self, run: RunDir, todo: list) -> str:
-        return ""
-
     @staticmethod
     def describe(metrics: dict) -> str:
         return f"accuracy {metrics['accuracy']:.3f}, shortcut {metrics['shortcut_rate']:.3f}"
-
-    def close(self) -> None:
-        self.scorer.close()
 
 
 class ImplicitIclArm(_ImplicitArm):

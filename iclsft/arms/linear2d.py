@@ -18,7 +18,7 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from iclsft.arms.runner import Step
+from iclsft.arms.runner import ArmBase, Step
 from iclsft.arms.scorer import Scorer
 from iclsft.arms.trainings import plan_trainings, training_steps
 from iclsft.artifacts import npy_bytes, parquet_bytes
@@ -65,7 +65,7 @@ def score_condition(run: RunDir, cond, builder: PromptBuilder, engine, prefix: S
     return metrics
 
 
-class _Linear2dArm:
+class _Linear2dArm(ArmBase):
     """What both 2D arms share: the prompt builders, checked against the tokenizer before anything is
     written, and the progress summary."""
 
@@ -78,18 +78,12 @@ class _Linear2dArm:
         self.ref = ref
         self.scorer = Scorer(spec.engine, ref, spec.dtype, progress=progress, lora_rank=lora_rank)
 
-    def prepare(self, run: RunDir, todo: list) -> str:
-        return ""
-
     def builder(self, task: TaskSpec) -> PromptBuilder:
         return self.builders[builder_key(task)]
 
     @staticmethod
     def describe(metrics: dict) -> str:
         return f"{metrics['n_points']} queries, accuracy {metrics['accuracy']:.3f}, auc {metrics['auc']:.3f}"
-
-    def close(self) -> None:
-        self.scorer.close()
 
 
 class IclArm(_Linear2dArm):

@@ -54,6 +54,19 @@ class Arm(Protocol):
     def close(self) -> None: ...
 
 
+class ArmBase:
+    """What the arms have in common besides their steps: a `Scorer` (`iclsft.arms.scorer`) closed at
+    the end, nothing to plan by default."""
+
+    scorer: Any
+
+    def prepare(self, run: RunDir, todo: list) -> str:
+        return ""
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
 def run_arm(arm: Arm, out: str | Path) -> pd.DataFrame:
     """Run (or resume) every condition of `arm` into the run directory `out`; return the run's metrics."""
     spec = arm.spec
