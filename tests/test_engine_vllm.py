@@ -37,7 +37,7 @@ def make_vllm_llama(vocab_size: int):
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
                          tie_word_embeddings=True, initializer_range=0.1, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=2, torch_dtype="float32")
+                         pad_token_id=2, dtype="float32")
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
 
@@ -55,7 +55,7 @@ def random_adapter(model_dir, out, seed: int):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
     model = peft.get_peft_model(base, config)
     with torch.no_grad():
@@ -85,7 +85,7 @@ def vllm_engine(model_dir):
 def hf_engine(model_dir):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return HFEngine(model, token_budget=512, progress=False)
 
 
@@ -175,40 +175,47 @@ def test_adapter_names_come_from_content(vllm_engine, adapters, tmp_path):
 def test_adapter_above_the_engine_rank_is_refused(vllm_engine, model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft.get_peft_model(base, peft.LoraConfig(r=16, target_modules=["q_proj"])).save_pretrained(tmp_path / "r16")
     with pytest.raises(ValueError, match="rank 16.*max_lora_rank 8"):
         vllm_engine.score([1, 2], [[3]], [[4]], adapter=str(tmp_path / "r16"))
 
 
+def use_module_engine(monkeypatch, vllm_engine) -> None:
+    """Runs open this module's engine instead of starting a second vLLM, and leave it open when they close."""
+    import iclsft.arms.scorer
+
+    monkeypatch.setattr(iclsft.arms.scorer, "open_engine", lambda *a, **k: vllm_engine)
+    monkeypatch.setattr(vllm_engine, "close", lambda: None)
+
+
+def scores(run_dir, cond) -> pd.DataFrame:
+    return pd.read_parquet(run_dir / "conditions" / cond.dirname / "scores.parquet")
+
+
 def test_icl_run_with_vllm_matches_hf_run(model_dir, tmp_path, vllm_engine, monkeypatch):
-    """`run_icl` with --engine vllm writes the same tables as with hf (the engine opened through
-    `open_engine` is this module's, so no second vLLM start)."""
-    import iclsft.icl
-    from iclsft.icl import make_icl_spec, run_icl
+    """An ICL run with engine vllm writes the same scores as with hf."""
+    from iclsft.arms import make_icl_spec, run_spec
     from iclsft.spec import EngineSpec
 
     kwargs = dict(model=str(model_dir), angles=(30.0,), shots=(2, 6), grid_step=20)
     hf_spec, ref = make_icl_spec(**kwargs)
     vllm_spec, _ = make_icl_spec(**kwargs, engine=EngineSpec(name="vllm"))
-    monkeypatch.setattr(iclsft.icl, "open_engine", lambda *a, **k: vllm_engine)
-    monkeypatch.setattr(iclsft.icl, "close_engine", lambda engine: None)
-    got = run_icl(vllm_spec, tmp_path / "vllm", ref, progress=False)
+    use_module_engine(monkeypatch, vllm_engine)
+    run_spec(vllm_spec, tmp_path / "vllm", ref, progress=False)
     monkeypatch.undo()
-    want = run_icl(hf_spec, tmp_path / "hf", ref, progress=False)
-    pd.testing.assert_frame_equal(got[["angle", "shots", "n_points"]], want[["angle", "shots", "n_points"]])
+    run_spec(hf_spec, tmp_path / "hf", ref, progress=False)
+    assert len(hf_spec.conditions()) == 2
     for cond in hf_spec.conditions():
-        a = pd.read_parquet(tmp_path / "vllm" / "conditions" / cond.dirname / "scores.parquet")
-        b = pd.read_parquet(tmp_path / "hf" / "conditions" / cond.dirname / "scores.parquet")
+        a, b = scores(tmp_path / "vllm", cond), scores(tmp_path / "hf", cond)
         pd.testing.assert_frame_equal(a[["n1", "n2", "truth"]], b[["n1", "n2", "truth"]])
         np.testing.assert_allclose(a[["lp_0", "lp_1"]], b[["lp_0", "lp_1"]], rtol=0, atol=ATOL)
 
 
 def test_sft_run_with_vllm_matches_hf_run(model_dir, tmp_path, vllm_engine, monkeypatch):
-    """`run_sft` scores its LoRA adapters with the vllm engine as with hf (same trained adapters:
+    """An SFT run scores its LoRA adapters with the vllm engine as with hf (same trained adapters:
     training is deterministic, and both runs train their own)."""
-    import iclsft.sft.runner
-    from iclsft.sft.runner import make_sft_spec, run_sft
+    from iclsft.arms import make_sft_spec, run_spec
     from iclsft.spec import EngineSpec, ExecutorSpec, sft_spec
 
     kwargs = dict(model=str(model_dir), angles=(30.0,), shots=(2,), grid_step=20, checkpoints=(0.5, 1.0),
@@ -216,20 +223,44 @@ def test_sft_run_with_vllm_matches_hf_run(model_dir, tmp_path, vllm_engine, monk
                   executor=ExecutorSpec(name="local"))
     hf_spec, ref = make_sft_spec(**kwargs)
     vllm_spec, _ = make_sft_spec(**kwargs, engine=EngineSpec(name="vllm"))
-    monkeypatch.setattr(iclsft.sft.runner, "open_engine", lambda *a, **k: vllm_engine)
-    monkeypatch.setattr(iclsft.sft.runner, "close_engine", lambda engine: None)
-    run_sft(vllm_spec, tmp_path / "vllm", ref, progress=False)
+    use_module_engine(monkeypatch, vllm_engine)
+    run_spec(vllm_spec, tmp_path / "vllm", ref, progress=False)
     monkeypatch.undo()
-    run_sft(hf_spec, tmp_path / "hf", ref, progress=False)
+    run_spec(hf_spec, tmp_path / "hf", ref, progress=False)
     conditions = hf_spec.conditions()
     assert len(conditions) == 2
     spread = []
     for cond in conditions:
-        a = pd.read_parquet(tmp_path / "vllm" / "conditions" / cond.dirname / "scores.parquet")
-        b = pd.read_parquet(tmp_path / "hf" / "conditions" / cond.dirname / "scores.parquet")
+        a, b = scores(tmp_path / "vllm", cond), scores(tmp_path / "hf", cond)
         np.testing.assert_allclose(a[["lp_0", "lp_1"]], b[["lp_0", "lp_1"]], rtol=0, atol=ATOL)
         spread.append(b[["lp_0", "lp_1"]].to_numpy())
     assert np.abs(spread[0] - spread[1]).max() > 1e-3  # the two checkpoints really differ
+
+
+def test_implicit_run_with_vllm_generates_the_code_answers_of_hf(model_dir, tmp_path, vllm_engine, monkeypatch):
+    """The implicit suite with engine vllm: the code task (answers by greedy generation) predicts what the
+    hf engine predicts, the boolean task (a closed label set) scores alike."""
+    from iclsft.arms import make_implicit_spec, run_spec
+    from iclsft.spec import EngineSpec
+
+    kwargs = dict(model=str(model_dir), method="icl", tasks=("code", "boolean"), shots=(0, 2), seeds=(0,),
+                  train_size=24, eval_size=6)
+    hf_spec, ref = make_implicit_spec(**kwargs)
+    vllm_spec, _ = make_implicit_spec(**kwargs, engine=EngineSpec(name="vllm"))
+    use_module_engine(monkeypatch, vllm_engine)
+    run_spec(vllm_spec, tmp_path / "vllm", ref, progress=False)
+    monkeypatch.undo()
+    run_spec(hf_spec, tmp_path / "hf", ref, progress=False)
+    generated = []
+    for cond in hf_spec.conditions():
+        a, b = scores(tmp_path / "vllm", cond), scores(tmp_path / "hf", cond)
+        assert a["prediction"].tolist() == b["prediction"].tolist(), cond.dirname
+        if cond.task == "code":
+            generated += b["prediction"].tolist()
+        else:
+            lp = [c for c in b.columns if c.startswith("lp_")]
+            np.testing.assert_allclose(a[lp], b[lp], rtol=0, atol=ATOL)
+    assert len(generated) == 2 * 2 * 6 and len(set(generated)) > 1  # K x variants x items, not all alike
 
 
 def test_several_adapters_in_one_generate_call_do_not_mix(vllm_engine, hf_engine, adapters, prompts, monkeypatch):

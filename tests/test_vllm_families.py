@@ -49,7 +49,7 @@ def vllm_model_dir(tok, out: Path) -> Path:
     config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
                          tie_word_embeddings=True, initializer_range=0.1, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, torch_dtype="float32")
+                         eos_token_id=tok.eos_token_id, dtype="float32")
     torch.manual_seed(0)
     LlamaForCausalLM(config).eval().save_pretrained(out)
     tok.save_pretrained(out)
@@ -67,7 +67,7 @@ def family(request, tmp_path_factory):
     name = request.param
     tok = load_tokenizer(name)
     out = vllm_model_dir(tok, tmp_path_factory.mktemp(f"vllm-{name}"))
-    model = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     options = VLLMOptions(dtype="float32", kv_cache_gib=1, enforce_eager=name != COMPILED)
     engine = VLLMEngine(out, options=options, progress=False)
     yield name, tok, model, engine
