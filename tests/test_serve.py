@@ -24,11 +24,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from iclsft.arms import make_icl_spec, make_sft_spec, run_spec
 from iclsft.cli import main
 from iclsft.engine.vllm_server import ServerError, VLLMServerEngine
-from iclsft.icl import make_icl_spec, run_icl
 from iclsft.serve import query_points, run_adapters, run_base_model
-from iclsft.sft.runner import make_sft_spec, run_sft
 from iclsft.spec import EngineSpec, ExecutorSpec, sft_spec
 
 pytestmark = [pytest.mark.vllm, pytest.mark.integration]
@@ -82,10 +81,10 @@ def run_dir(default_model_ref, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / "run"
     common = dict(model="smollm2-135m", angles=(ANGLE,), shots=(2,), grid_step=20)
     icl, ref = make_icl_spec(**common)
-    run_icl(icl, out, ref, progress=False)
+    run_spec(icl, out, ref, progress=False)
     sft, _ = make_sft_spec(**common, sft=sft_spec("lora", epochs=1, min_steps=6, batch_size=4),
                            executor=ExecutorSpec(name="local"))
-    run_sft(sft, out, ref, progress=False)
+    run_spec(sft, out, ref, progress=False)
     return out
 
 
@@ -162,6 +161,32 @@ def test_runtime_loaded_adapter_matches_hf(server):
     engine.release(str(adapter.path))
 
 
+def test_server_generation_equals_hf(server):
+    """Greedy generation through the completions API (implicit code-task prompts, the base model and the
+    run's adapter loaded at run time) equals the hf engine's, token for token."""
+    from iclsft.engine.hf import HFEngine
+    from iclsft.implicit.data import TaskPrompts, demo_stream, eval_items
+    from iclsft.models import ModelRef, load_model
+    from iclsft.tasks.implicit import get_task
+
+    (adapter,) = run_adapters(server["run"])
+    base = run_base_model(server["run"])[1]
+    model, tokenizer = load_model(ModelRef("smollm2-135m", base, ""), "float32", device="cpu")
+    task = get_task("code")
+    prompts = TaskPrompts(tokenizer, task)
+    prefix = prompts.prefix(demo_stream(task, 0)[:2])
+    queries = prompts.queries(eval_items(task, "broken", 0, 5, 100))
+    remote = VLLMServerEngine(server["url"], api_key=KEY, chunk=2, concurrency=2)
+    hf = HFEngine(model, progress=False)
+    for a in (None, str(adapter.path)):
+        for stop in (prompts.stop_ids(), []):
+            want = hf.generate(prefix, queries, stop_ids=stop, max_new_tokens=8, adapter=a)
+            assert remote.generate(prefix, queries, stop_ids=stop, max_new_tokens=8, adapter=a) == want, (a, stop)
+            if not stop:
+                assert all(len(t) == 8 for t in want)
+    remote.release(str(adapter.path))
+
+
 def test_wrong_key_and_wrong_url_are_clear_errors(server):
     with pytest.raises(ServerError, match="API key"):
         VLLMServerEngine(server["url"], api_key="wrong")
@@ -179,7 +204,7 @@ def test_vllm_server_run_matches_hf_then_survives_a_server_kill(server, tmp_path
     common = dict(model="smollm2-135m", angles=(ANGLE,), shots=(2,), grid_step=20)
     remote = EngineSpec(name="vllm-server", url=server["url"], api_key=KEY, retries=1)
     spec, ref = make_icl_spec(**common, engine=remote)
-    run_icl(spec, tmp_path / "same", ref, progress=False)
+    run_spec(spec, tmp_path / "same", ref, progress=False)
     got = pd.read_parquet(next((tmp_path / "same" / "conditions").iterdir()) / "scores.parquet")
     want = stored_scores(server["run"], "icl")
     np.testing.assert_allclose(got[["lp_0", "lp_1"]], want[["lp_0", "lp_1"]], rtol=0, atol=ATOL)
@@ -214,7 +239,7 @@ def test_vllm_server_run_matches_hf_then_survives_a_server_kill(server, tmp_path
     assert {d: (d / "scores.parquet").stat().st_mtime_ns for d in done} == kept  # not rescored
     # the resumed conditions hold the same numbers an uninterrupted hf run gives (spot check K=3)
     spec3, _ = make_icl_spec(model="smollm2-135m", angles=(ANGLE,), shots=(3,), grid_step=10)
-    run_icl(spec3, tmp_path / "hf3", ref, progress=False)
+    run_spec(spec3, tmp_path / "hf3", ref, progress=False)
     (cond,) = spec3.conditions()
     a = pd.read_parquet(out / "conditions" / cond.dirname / "scores.parquet")
     b = pd.read_parquet(tmp_path / "hf3" / "conditions" / cond.dirname / "scores.parquet")

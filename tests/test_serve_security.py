@@ -18,12 +18,12 @@ import pytest
 from click.testing import CliRunner
 
 from iclsft import serve as serve_mod
+from iclsft.arms import make_icl_spec
 from iclsft.artifacts import file_digest
 from iclsft.cli import main
 from iclsft.engine import vllm_cli
 from iclsft.engine.vllm_cli import allowed_adapter_path, install_adapter_guard
 from iclsft.engine.vllm_server import VLLMServerEngine
-from iclsft.icl import make_icl_spec
 from iclsft.sft.adapters import MARKER
 from iclsft.store import RunDir
 
