@@ -148,6 +148,7 @@ SLOW_TESTS = {
     "tests/test_faults.py::test_damaged_artifacts_are_recomputed_on_resume": "4.4 s",
     "tests/test_faults.py::test_ray_worker_killed_mid_training_is_retried": "17.6 s",
     "tests/test_faults.py::test_killed_model_preparation_leaves_no_prepared_model": "7.6 s",  # 1.1 s when quieter
+    "tests/test_implicit_run.py::test_a_damaged_implicit_adapter_is_set_aside_and_trained_again": "15.9 s",
     "tests/test_implicit_run.py::test_original_recipe_trains_one_model_for_every_task": "29.5 s",
     "tests/test_implicit_tokenization.py::test_answers_end_with_the_newline_as_a_demo_has_it[gemma3-tokens3]": "2.2 s",
     "tests/test_implicit_tokenization.py::test_llama2_": "4.3 s",  # both users of the llama2_run fixture
@@ -164,6 +165,7 @@ SLOW_TESTS = {
     "tests/test_store.py::test_icl_run_into_a_locked_directory_writes_nothing": "2.7 s",
     "tests/test_sweep.py::test_sigkill_mid_sweep_then_rerun_gives_the_uninterrupted_tables": "27.1 s",
     "tests/test_sweep.py::test_sweep_over_every_axis_then_a_rerun_computes_nothing": "131.8 s",
+    "tests/test_task_registry.py::test_icl_and_sft_arms_run_a_task_registered_only_here": "5.1 s",
     "tests/test_tokenizer_families.py::test_token_counts[gemma3-1-2-1.9-labels3]": "2.5 s",
 }
 
