@@ -180,3 +180,21 @@ def test_new_engine_fields_stay_out_of_stored_specs_at_their_defaults():
     assert {k: stored[k] for k in new} == {"max_model_len": 4096, "tensor_parallel_size": 2, "max_num_seqs": 8,
                                            "enforce_eager": True, "max_cpu_loras": 6}
     assert EngineSpec.model_validate(stored).max_model_len == 4096
+
+
+def test_vllm_processes_ignore_vllms_own_deprecation_and_the_environment_is_restored(monkeypatch):
+    """The engine process vLLM starts inherits PYTHONWARNINGS: it ignores the FutureWarning that vLLM's
+    own kernel dispatcher triggers, after the user's own entries; the caller's value comes back."""
+    import os
+
+    from iclsft.engine.vllm_engine import _quiet_engine_process
+
+    ours = "ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning"
+    monkeypatch.delenv("PYTHONWARNINGS", raising=False)
+    with _quiet_engine_process():
+        assert os.environ["PYTHONWARNINGS"] == ours
+    assert "PYTHONWARNINGS" not in os.environ
+    monkeypatch.setenv("PYTHONWARNINGS", "error::UserWarning")
+    with _quiet_engine_process():
+        assert os.environ["PYTHONWARNINGS"] == "error::UserWarning," + ours
+    assert os.environ["PYTHONWARNINGS"] == "error::UserWarning"

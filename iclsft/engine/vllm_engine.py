@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +116,8 @@ class VLLMEngine(Engine):
         kwargs = engine_kwargs(self.model_path, self.options, gpu=self.gpu, lora_rank=self.lora_rank,
                                longest_prompt=longest, model_context=self._model_context,
                                floor=at_least, seed=self.seed)
-        self._llm = LLM(**kwargs)
+        with _quiet_engine_process():
+            self._llm = LLM(**kwargs)
 
     def _fit(self, longest: int) -> None:
         """Start the engine for reads of up to `longest` tokens (each generates one more), or restart it
@@ -255,3 +258,22 @@ def _until_stop(tokens: list[int], stop: Sequence[int]) -> list[int]:
         if tok in stop:
             return tokens[:i]
     return tokens
+
+
+# vLLM's engine process reads torch.distributed.reduce_op while its kernel dispatcher scans modules, and
+# torch warns about it on every start: vLLM's call, not ours, so its process is told to ignore it
+_VLLM_OWN_WARNINGS = "ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning"
+
+
+@contextmanager
+def _quiet_engine_process() -> Iterator[None]:
+    """PYTHONWARNINGS for the processes vLLM starts (they inherit the environment), restored afterwards."""
+    before = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(w for w in (before, _VLLM_OWN_WARNINGS) if w)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = before
