@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from logcapture import capture
 from tokenizer_families import FAMILIES, load_tokenizer
 
 from iclsft.arms.linear2d import training_examples
@@ -239,12 +240,14 @@ def test_check_run_records_counts_and_warns(smollm_tokenizer):
     spec = IclRunSpec(tasks=(TaskSpec(angle=45), TaskSpec(angle=30, name="semantic")),
                       model=ModelSpec(name="smollm2-135m", fingerprint="abc"), shots=(1, 5))
     logged = []
-    out = check_run(spec, prompt_builders(smollm_tokenizer, spec.template, spec.tasks), logged.append)
+    with capture(logged):
+        out = check_run(spec, prompt_builders(smollm_tokenizer, spec.template, spec.tasks))
     assert [c.id for c in out.conditions()] == [c.id for c in spec.conditions()]
     assert out.identity() == spec.identity()
     numbers = next(t for t in out.tokens if t.words is None)
     assert (numbers.integer_min, numbers.integer_max, numbers.integer_mean) == (1, 2, 1.9)  # digits split singly
-    assert any("integers 0..99 into 1-2 tokens" in line for line in logged)
+    assert any(line.startswith("warning: ") and "integers 0..99 into 1-2 tokens" in line for line in logged)
+    assert any("the sentiment words into" in line and "one token per word" in line for line in logged)
     assert out.model_dump(mode="json")["tokens"][0]["label_tokens"] == [2, 1]
 
 

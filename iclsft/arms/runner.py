@@ -10,6 +10,7 @@ table, and report failures as one `ConditionsFailed` line at the end.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 import traceback
@@ -116,6 +117,8 @@ def _run_step(run: RunDir, step: Step, where: str, arm: Arm, failures: list[str]
     try:
         metrics = step.compute()
     except STEP_ERRORS as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # a full disk stops the run: recording it would fail too, and hide which file failed
         error = f"{type(e).__name__}: {e}"
         run.write_condition_error(cond, error, traceback=traceback.format_exc(), **step.record)
         failures.append(error)

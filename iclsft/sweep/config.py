@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from iclsft.names import IMPLICIT_METHODS, METHODS, SFT_METHODS
 from iclsft.spec import ExecutorSpec, Frozen, TemplateSpec
@@ -30,6 +30,13 @@ class SweepTask(Frozen):
     def _name(cls, v: str) -> str:
         registry.get(v, "linear2d")
         return v
+
+    @model_validator(mode="after")
+    def _words(self) -> SweepTask:
+        from iclsft.spec import TaskSpec
+
+        TaskSpec(name=self.name, angle=0, words=self.words)  # the task's own check of its word list
+        return self
 
 
 class ImplicitSweep(Frozen):
