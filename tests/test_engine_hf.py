@@ -438,6 +438,20 @@ def test_check_model_by_directory_or_content(tiny_model_dir, tmp_path):
         HFEngine(make_tiny_llama(64), progress=False).check_model(tiny_model_dir, want)  # built in memory
 
 
+def test_clear_prefix_cache_recomputes_the_prefix(tiny_model, monkeypatch):
+    engine = HFEngine(tiny_model, progress=False)
+    first = engine.score([1, 5, 6, 7], [[3], [8]], [[4]])
+    calls = []
+    forward = tiny_model.forward
+    monkeypatch.setattr(tiny_model, "forward", lambda **kw: calls.append(kw["input_ids"].shape[1]) or forward(**kw))
+    engine.score([1, 5, 6, 7], [[3], [8]], [[4]])
+    engine.clear_prefix_cache()
+    again = engine.score([1, 5, 6, 7], [[3], [8]], [[4]])
+    monkeypatch.undo()
+    assert calls == [2, 4, 2]  # the 2-node batch; then the prefix's 4 tokens and the batch again
+    np.testing.assert_array_equal(again, first)
+
+
 def test_closed_engine_says_so(tiny_model):
     engine = HFEngine(tiny_model, progress=False)
     engine.score([1, 2], [[3]], [[4]])

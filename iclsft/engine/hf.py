@@ -275,6 +275,10 @@ class HFEngine(Engine):
             self._prefix_kv[key] = (prefix, kv)  # longer than, or diverging from, the cached prefix
         return kv
 
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix: the next call computes its prefix from scratch (benchmarks time it)."""
+        self._prefix_kv.clear()
+
     # -- scoring ----------------------------------------------------------------------------
     @torch.inference_mode()
     def score(
