@@ -11,6 +11,9 @@ of nats (the base-vs-adapter gap below is asserted to be > 0.1).
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -295,7 +298,7 @@ def test_several_adapters_in_one_generate_call_do_not_mix(vllm_engine, hf_engine
             assert np.abs(together[i] - together[j]).max() > 0.1, (which[i], which[j])
 
 
-def test_a_longer_read_restarts_the_engine_longer(vllm_engine, hf_engine, smollm_tokenizer):
+def test_a_longer_read_restarts_the_engine_longer(vllm_engine, hf_engine, smollm_tokenizer, caplog):
     """A 2,100-token prompt does not fit the 2048 the engine started with: it restarts at 4096 (twice
     as long, within the model's 4096) and scores it like hf. Last in the module: it replaces the engine."""
     task = TaskSpec(angle=45.0, grid_step=10)
@@ -305,6 +308,9 @@ def test_a_longer_read_restarts_the_engine_longer(vllm_engine, hf_engine, smollm
     assert 2048 < len(prefix) < 4000
     queries = builder.queries([3, 60], [70, 8])
     assert vllm_engine.max_model_len == 2048
-    got = vllm_engine.score(prefix, queries, builder.label_ids)
+    with caplog.at_level(logging.INFO, logger="iclsft.engine.vllm_engine"):
+        got = vllm_engine.score(prefix, queries, builder.label_ids)
     assert vllm_engine.max_model_len == 4096
+    (said,) = re.findall(r"restarting the engine for reads of (\d+) tokens \(max_model_len was 2048\)", caplog.text)
+    assert len(prefix) < int(said) < len(prefix) + 10  # the longest read: prefix, query, a label's head
     np.testing.assert_allclose(got, hf_engine.score(prefix, queries, builder.label_ids), rtol=0, atol=ATOL)
