@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from iclsft.engine.hf import HFEngine, PackedBatch, pack, query_paths
+from iclsft.engine.hf import HFEngine
+from iclsft.engine.packing import PackedBatch, pack, query_paths
 from iclsft.engine.reference import naive_score
 from iclsft.prompts import PromptBuilder
 from iclsft.spec import TaskSpec, TemplateSpec
@@ -470,6 +471,7 @@ def test_generate_refuses_bad_input(tiny_model):
         engine.generate([1], [[3]], stop_ids=[], max_new_tokens=0)
     with pytest.raises(ValueError, match="query 0 has no tokens"):
         engine.generate([1], [[]], stop_ids=[], max_new_tokens=1)
+    assert engine.generate([1], [], stop_ids=[], max_new_tokens=1) == []
 
 
 def test_generation_equals_transformers_generate(tok, tiny_model):

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from iclsft.engine import budget, windows
-from iclsft.engine.hf import HFEngine, pack
+from iclsft.engine.hf import HFEngine
+from iclsft.engine.packing import pack
 from iclsft.engine.reference import naive_score
 from iclsft.spec import TaskSpec
 from iclsft.tasks.linear2d import exemplars

@@ -4,10 +4,10 @@ How one `score` call works:
 1. The prefix's KV cache is computed once and kept. A later prefix that shares its first tokens
    (the ICL prompt at a smaller K is a token prefix of the one at a larger K) reuses them: only
    tokens past the longest common prefix are computed, and a shorter prefix is a free slice.
-2. Queries are sorted and packed into one sequence per forward pass, as a trie: queries that
-   start with the same tokens (all queries with the same n1 share "n1 ") share those nodes, and
-   each label's tokens but its last hang below the query's last node. A node sees the whole
-   prefix and its own ancestors only; positions continue after the prefix by depth. With no
+2. Queries are sorted and packed into one sequence per forward pass, as a trie (engine/packing.py):
+   queries that start with the same tokens (all queries with the same n1 share "n1 ") share those
+   nodes, and each label's tokens but its last hang below the query's last node. A node sees the
+   whole prefix and its own ancestors only; positions continue after the prefix by depth. With no
    sharing this is the block-diagonal packing of independent queries.
 3. Attention (`attention="tree"`, the default on CPUs): prefix and tree parts are computed apart
    and merged by their log-sum-exps (engine/tree_attention.py), so no node pair outside a path is
@@ -26,7 +26,6 @@ import hashlib
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,95 +34,10 @@ import torch
 from iclsft.engine import generate, tree_attention, windows
 from iclsft.engine.base import Engine, check_generate_args, check_model_dir
 from iclsft.engine.budget import auto_token_budget, model_devices
+from iclsft.engine.packing import PackedBatch, pack
 from iclsft.engine.prefix_kv import KV, as_cache, cache_keyword, prefix_kv
 
 ATTENTION = ("auto", "tree", "mask")
-
-
-@dataclass
-class PackedBatch:
-    """One forward pass worth of queries, as a token tree."""
-
-    tokens: list[int] = field(default_factory=list)
-    parent: list[int] = field(default_factory=list)
-    depth: list[int] = field(default_factory=list)
-    children: dict[tuple[int, int], int] = field(default_factory=dict)
-    # per query (its index in the caller's list): per label, the (row node, target token) pairs
-    reads: list[tuple[int, list[list[tuple[int, int]]]]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def new_nodes(self, paths: Sequence[Sequence[int]]) -> int:
-        """How many nodes inserting these root-to-leaf token paths would add."""
-        seen: set[tuple[int, ...]] = set()
-        count = 0
-        for path in paths:
-            node = -1
-            for i, tok in enumerate(path):
-                nxt = self.children.get((node, tok)) if node is not None else None
-                if nxt is None:
-                    key = tuple(path[: i + 1])
-                    if key not in seen:
-                        seen.add(key)
-                        count += 1
-                node = nxt
-        return count
-
-    def insert(self, path: Sequence[int]) -> int:
-        node = -1
-        for tok in path:
-            nxt = self.children.get((node, tok))
-            if nxt is None:
-                nxt = len(self.tokens)
-                self.children[(node, tok)] = nxt
-                self.tokens.append(int(tok))
-                self.parent.append(node)
-                self.depth.append(self.depth[node] + 1 if node >= 0 else 0)
-            node = nxt
-        return node
-
-    def add_query(self, index: int, query: Sequence[int], labels: Sequence[Sequence[int]]) -> None:
-        last = self.insert(query)
-        per_label = []
-        for label in labels:
-            # rows: the query's last node predicts label[0]; the node of label[i] predicts label[i+1]
-            nodes = [last] + [self.insert(list(query) + list(label[: i + 1])) for i in range(len(label) - 1)]
-            per_label.append(list(zip(nodes, label)))
-        self.reads.append((index, per_label))
-
-    def ancestor_mask(self) -> np.ndarray:
-        """mask[i, j] = node j is node i or one of its ancestors."""
-        n = len(self.tokens)
-        mask = np.zeros((n, n), dtype=bool)
-        for i, p in enumerate(self.parent):  # parents come before children
-            if p >= 0:
-                mask[i] = mask[p]
-            mask[i, i] = True
-        return mask
-
-
-def query_paths(query: Sequence[int], labels: Sequence[Sequence[int]]) -> list[list[int]]:
-    """The root-to-leaf token paths one query adds to the tree."""
-    return [list(query) + list(label[:-1]) for label in labels]
-
-
-def pack(
-    queries: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], token_budget: int
-) -> list[PackedBatch]:
-    """Split queries into token-tree batches of at most `token_budget` nodes (a lone query may exceed it)."""
-    order = sorted(range(len(queries)), key=lambda i: queries[i])
-    batches: list[PackedBatch] = []
-    current = PackedBatch()
-    for i in order:
-        cost = current.new_nodes(query_paths(queries[i], labels))
-        if current.reads and len(current) + cost > token_budget:
-            batches.append(current)
-            current = PackedBatch()
-        current.add_query(i, queries[i], labels)
-    if current.reads:
-        batches.append(current)
-    return batches
 
 
 class HFEngine(Engine):
@@ -178,15 +92,14 @@ class HFEngine(Engine):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _open_model(self):
+    def _require_open(self) -> None:
         if self.model is None:
             raise ValueError("this hf engine is closed: open a new one (open_engine)")
-        return self.model
 
     # -- adapters ---------------------------------------------------------------------------
     def _activate(self, adapter: str | None) -> str | None:
         """Make `adapter` (a peft adapter directory) the active one; None means the base model."""
-        self._open_model()
+        self._require_open()
         if adapter is None:
             return None
         try:
@@ -268,6 +181,7 @@ class HFEngine(Engine):
         Full cache layers, never the config's sliding-window layers: those keep only the last
         window - 1 tokens, and the engine slices the prefix per layer (the model's own masks still
         apply the window when it computes the prefix; the engine's masks do it for the batches)."""
+        self._require_open()
         prefix = [int(t) for t in prefix]
         cached = self._prefix_kv.get(key)
         kv = prefix_kv(self.model, prefix, reuse=cached, chunk=self.token_budget, logits_to_keep=1)
@@ -290,7 +204,6 @@ class HFEngine(Engine):
     ) -> np.ndarray:
         if not labels or any(len(label) == 0 for label in labels):
             raise ValueError("every label needs at least one token")
-        self._open_model()
         key = self._activate(adapter)
         out = np.full((len(queries), len(labels)), np.nan)
         with self._context(key):
@@ -310,7 +223,9 @@ class HFEngine(Engine):
         """Greedy continuations, queries packed as a token tree after the once-computed prefix
         (engine/generate.py)."""
         check_generate_args(self.name, queries, max_new_tokens)
-        self._open_model()
+        self._require_open()
+        if not queries:
+            return []
         generate.check_windows(self.windows, len(prefix) + max(len(q) for q in queries) + max_new_tokens)
         key = self._activate(adapter)
         stop = torch.tensor(sorted({int(t) for t in stop_ids}), dtype=torch.long)
