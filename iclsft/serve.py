@@ -23,6 +23,7 @@ most) and prints both label probabilities for each input point.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from iclsft.engine.reads import adapter_rank
 from iclsft.engine.vllm_cli import LAZY_ENV
 from iclsft.engine.vllm_options import CPU_KV_CACHE_GIB, VLLMOptions, model_context, serve_flags
 from iclsft.sft.adapters import ADAPTERS_DIR, checkpoint_problem, is_finished, read_marker
+
+logger = logging.getLogger(__name__)
 
 MAX_PROMPTS_PER_REQUEST = 256  # the vllm-server engine sends 64
 MAX_SEQUENCES_PER_PROMPT = 16
@@ -180,7 +183,7 @@ def server_env(run_dir: str | Path, api_key: str | None, allow_adapter_loading: 
 
 
 def serve(run_dir: str | Path, *, host: str, port: int, api_key: str | None, allow_adapter_loading: bool,
-          dtype: str | None, extra: tuple[str, ...], echo, max_lora_rank: int | None = None,
+          dtype: str | None, extra: tuple[str, ...], max_lora_rank: int | None = None,
           options: VLLMOptions | None = None) -> int:
     """Run the server in the foreground (Ctrl-C stops it); return its exit code."""
     import importlib.util
@@ -196,20 +199,21 @@ def serve(run_dir: str | Path, *, host: str, port: int, api_key: str | None, all
         # vLLM's CPU backend reserves half the machine's memory for its KV cache by default
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{(options and options.kv_cache_gib) or CPU_KV_CACHE_GIB:g}")
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    echo(f"serving the base model of {run_dir} with {len(adapters)} adapter(s) at {url}:")
+    logger.info("serving the base model of %s with %d adapter(s) at %s:", run_dir, len(adapters), url)
     for a in adapters:
-        echo(f"  {a.name}")
+        logger.info("  %s", a.name)
     damaged: list[str] = []
     run_adapters(run_dir, damaged)
     for problem in damaged:
-        echo(f"NOT served: {problem}")
+        logger.warning("NOT served: %s", problem)
     key = " --api-key $KEY" if api_key else ""
     example = adapters[0].name if adapters else "NAME"
-    echo(f"query it (once the server says it is ready, after a minute or two):\n"
-         f"  iclsft-eval query --url {url}{key} --run {run_dir} --adapter {example} 12 45\n"
-         f"  iclsft-eval query --url {url}{key} --icl {run_dir} --shots K 12 45")
+    logger.info("query it (once the server says it is ready, after a minute or two):\n"
+                "  iclsft-eval query --url %s%s --run %s --adapter %s 12 45\n"
+                "  iclsft-eval query --url %s%s --icl %s --shots K 12 45",
+                url, key, run_dir, example, url, key, run_dir)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        echo(f"WARNING: bound to {host} without --api-key: anyone who can reach this port can use the server")
+        logger.warning("bound to %s without --api-key: anyone who can reach this port can use the server", host)
     return subprocess.call(cmd, env=env)
 
 

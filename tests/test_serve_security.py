@@ -83,9 +83,11 @@ def test_binds_to_loopback_by_default(run, launched):
     assert result.exit_code == 0, result.output
     ((cmd, env),) = launched
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd.count("--host") == 1
-    assert "WARNING" not in result.output
+    assert "warning:" not in result.output
+    assert "serving the base model of" in result.output
+    assert "iclsft-eval query --url http://127.0.0.1:8000" in result.output
     result = serve(run, "--host", "0.0.0.0")
-    assert "WARNING: bound to 0.0.0.0 without --api-key" in result.output
+    assert "warning: bound to 0.0.0.0 without --api-key" in result.output
 
 
 def test_api_key_travels_in_the_environment_only(run, launched):
@@ -93,7 +95,7 @@ def test_api_key_travels_in_the_environment_only(run, launched):
     assert result.exit_code == 0, result.output
     ((cmd, env),) = launched
     assert env["VLLM_API_KEY"] == KEY and not any(KEY in arg for arg in cmd)
-    assert "WARNING" not in result.output
+    assert "warning:" not in result.output
     launched.clear()
     # no key given: a VLLM_API_KEY or runtime-loading switch from the caller's shell does not leak in
     result = serve(run, env={"VLLM_API_KEY": "from-shell", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
@@ -140,7 +142,7 @@ def test_a_damaged_adapter_is_not_served(run, launched):
     ((cmd, _),) = launched
     served = cmd[cmd.index("--lora-modules") + 1:]
     assert len(served) == 1 and "0123456789abcdef0123" in served[0]
-    assert "NOT served: checkpoint" in result.output and "fedcba9876543210fedc is damaged" in result.output
+    assert "warning: NOT served: checkpoint" in result.output and "fedcba9876543210fedc is damaged" in result.output
 
 
 @pytest.mark.parametrize("extra", [["--", "--host", "0.0.0.0"], ["--lora-modules", "x=/etc"],
