@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
 import click
 
-from iclsft.cli.app import main, user_errors
+from iclsft.cli.app import main, setup_logging, user_errors
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -47,9 +46,9 @@ def serve(run_dir, host, port, api_key, dtype, allow_adapter_loading, max_lora_r
             click.echo(f"{a.name}\t{a.path}")
         click.echo(shlex.join(cmd))
         return
+    setup_logging(False)
     code = serve_run(run_dir, host=host, port=port, api_key=api_key, allow_adapter_loading=allow_adapter_loading,
-                     dtype=dtype, extra=vllm_args, echo=functools.partial(click.echo, err=True),
-                     max_lora_rank=max_lora_rank, options=options)
+                     dtype=dtype, extra=vllm_args, max_lora_rank=max_lora_rank, options=options)
     sys.exit(code)
 
 
