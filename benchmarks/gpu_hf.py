@@ -101,7 +101,7 @@ def main() -> None:
                 for budget in [int(b) for b in args.budgets.split(",")]:
                     engine = HFEngine(model, token_budget=budget, progress=False)
                     engine.score(prefix, queries[:200], builder.label_ids)  # warm-up
-                    engine._prefix_kv.clear()
+                    engine.clear_prefix_cache()
                     _, seconds = timed(lambda e=engine, p=prefix: e.score(p, queries, builder.label_ids))
                     nodes = sum(len(b) for b in pack(queries, builder.label_ids, budget))
                     row = {"model": name, "params": params, "dtype": str(dtype), "shots": k,

@@ -94,7 +94,7 @@ def score_grid(config, builder: PromptBuilder, task: TaskSpec, shots: list[int])
         queries = builder.queries_after(prefix, grid.n1, grid.n2)
         engine = HFEngine(model, progress=False)  # token budget chosen for the device
         engine.score(prefix, queries[:200], builder.label_ids)  # warm-up (kernels, allocator)
-        engine._prefix_kv.clear()  # time the prefix too
+        engine.clear_prefix_cache()  # time the prefix too
         lp, seconds = timed(lambda e=engine, p=prefix, q=queries: e.score(p, q, builder.label_ids))
         rows.append({"shots": k, "prefix_tokens": len(prefix), "queries": len(queries), "seconds": seconds,
                      "qps": len(queries) / seconds, "token_budget": engine.token_budget,

@@ -238,6 +238,14 @@ def list_models() -> list[dict[str, str]]:
     return rows
 
 
+def quiet_loading() -> None:
+    """No transformers progress bars ("Loading weights", "Writing model shards") where the project loads
+    or saves models: in the driver and in every Ray worker. Our own scoring bars are not affected."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None, device_map: str | None = None):
     """Load tokenizer and causal LM from a resolved model directory (eval mode, sdpa attention).
 
@@ -249,6 +257,7 @@ def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_loading()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
     if device_map is None:

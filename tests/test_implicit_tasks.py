@@ -394,7 +394,8 @@ def test_code_has_no_faithful_mode():
 
 
 def test_bad_inputs_name_the_value_and_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"unknown implicit task 'parity'; allowed: expression, relation, boolean, code"):
+    with pytest.raises(ValueError,
+                       match=r"unknown implicit task 'parity'; allowed: expression, relation, boolean, code"):
         get_task("parity")
     with pytest.raises(ValueError, match=r"\('holds', 'broken'\), got 'misleading'"):
         get_task("code").generate(3, 0, "misleading")

@@ -270,7 +270,7 @@ def test_llama2_closed_label_scores_equal_a_naive_forward(llama2_run):
 
     out, model_dir = llama2_run
     tok = load_tokenizer("llama2")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for name in ("expression", "relation"):
         task = get_task(name)
         for shots in (0, 2):
@@ -294,7 +294,7 @@ def test_llama2_generation_equals_transformers_greedy_on_the_natural_ids(llama2_
 
     out, model_dir = llama2_run
     tok = load_tokenizer("llama2")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     task = get_task("code")
     stop = {t for t in tok.get_vocab().values() if "\n" in tok.decode([t])}
     cdir = next((out / "conditions").glob("code-holds-icl-K2-*"))

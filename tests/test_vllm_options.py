@@ -148,8 +148,8 @@ def test_lazy_registration_reads_no_weights():
 
 def test_serve_command_sizes_the_server_for_the_run(tiny_model_dir, tmp_path, monkeypatch):
     from iclsft import serve as serve_mod
-    from iclsft.engine.vllm_cli import LAZY_ENV
     from iclsft.arms import make_icl_spec
+    from iclsft.engine.vllm_cli import LAZY_ENV
     from iclsft.store import RunDir
 
     monkeypatch.setenv("ICLSFT_HOME", str(tmp_path / "home"))

@@ -183,4 +183,7 @@ def _plain_model(base_path: str):
     """The base model, unsharded, on the CPU, in fp32 and eval mode: the frame the gathered weights go in."""
     from transformers import AutoModelForCausalLM
 
+    from iclsft.models import quiet_loading
+
+    quiet_loading()
     return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, attn_implementation="sdpa").eval()

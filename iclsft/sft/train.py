@@ -153,7 +153,10 @@ def prepare_model(base_path: str, sft: SftSpec, seed: int, device: str | None = 
     `device`: where to put it (default: the current CUDA device when there is one, else the CPU)."""
     from transformers import AutoModelForCausalLM
 
+    from iclsft.models import quiet_loading
+
     seed_everything(seed)
+    quiet_loading()
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, attn_implementation="sdpa")
     device = device or ("cuda" if torch.cuda.is_available() else None)
     if device:
