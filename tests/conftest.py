@@ -118,6 +118,7 @@ SLOW_FIXTURES = {
     "tests/test_implicit_run.py::icl_run": "an implicit-suite ICL run (3 s) and, for lora_run, its LoRA arm (14 s)",
     "tests/test_report.py::full_run": "a synthetic run with every figure's data and RSA arrays (10 s)",
     "tests/test_rsa.py::icl_run": "an ICL run that RSA then reads (3 s), and its SFT arm (sft_run, 3 s)",
+    "tests/test_scorer.py::full_run": "a full fine-tune arm: two trainings, four checkpoints (15 s)",
 }
 
 # Node-id prefix -> seconds (setup + call) in a measured run (docs/testing.md: 2026-12-01, on this

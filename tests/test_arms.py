@@ -58,6 +58,9 @@ class StandIn:
     def close(self):
         self.closed = True
 
+    def record(self):
+        return {}
+
 
 def icl_spec(**kw):
     return IclRunSpec(tasks=TASKS, model=MODEL, shots=(1, 2), orders=("random", "1221"), **kw)

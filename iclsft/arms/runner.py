@@ -54,6 +54,8 @@ class Arm(Protocol):
 
     def close(self) -> None: ...
 
+    def record(self) -> dict: ...  # fields for the arm's run record
+
 
 class ArmBase:
     """What the arms have in common besides their steps: a `Scorer` (`iclsft.arms.scorer`) closed at
@@ -66,6 +68,10 @@ class ArmBase:
 
     def close(self) -> None:
         self.scorer.close()
+
+    def record(self) -> dict:
+        """Fields for the arm's run record: how many engines were started."""
+        return {"engine_starts": self.scorer.starts}
 
 
 def run_arm(arm: Arm, out: str | Path) -> pd.DataFrame:
@@ -95,7 +101,7 @@ def run_arm(arm: Arm, out: str | Path) -> pd.DataFrame:
             arm.close()
         table = recompute_metrics(run.path, skip_damaged=True)  # another arm's damaged file: named, not fatal
         run.write_arm_record(spec.arm, "error" if failures else "ok", conditions=len(conds), failed=len(failures),
-                             seconds=round(time.time() - started, 1))
+                             seconds=round(time.time() - started, 1), **arm.record())
         if failures:
             raise ConditionsFailed(
                 f"{len(failures)} of {len(todo)} {spec.arm} conditions failed (first: {failures[0]}; their "

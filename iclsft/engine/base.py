@@ -3,7 +3,8 @@
 An engine holds one base model and scores or continues token-id prompts that share a prefix:
 `score` (the exact log-probability of each label after prefix + query), `generate` (greedy
 continuations), `release` (free what an adapter holds), `check_model` (prove it holds the run's
-model) and `close`. Callers use these five only; everything else is an engine's own business.
+model) and `close`; engines that can (`can_load_weights`) also swap a full fine-tune's weights into their
+live model (`load_weights`). Callers use these only; everything else is an engine's own business.
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ class Engine(ABC):
     @abstractmethod
     def close(self) -> None:
         """Free the model and everything the engine started; the engine is not used afterwards."""
+
+    # Full fine-tunes: an engine that can swap a checkpoint's weights into its live model scores every
+    # checkpoint of a full fine-tune arm with one engine start (iclsft.arms.scorer); the others open a new
+    # engine per checkpoint.
+    can_load_weights = False
+
+    def load_weights(self, path: str | Path) -> None:
+        """Replace the model's weights with those of the full fine-tune in the model directory `path`
+        (same architecture), dropping every cache; afterwards `check_model` is against `path`."""
+        raise ValueError(f"the {self.name} engine cannot swap weights into its model; open an engine on {path}")
 
 
 def check_generate_args(engine: str, queries: Sequence[Sequence[int]], max_new_tokens: int) -> None:

@@ -92,6 +92,35 @@ class HFEngine(Engine):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    can_load_weights = True
+
+    def load_weights(self, path: str | Path) -> None:
+        """Copy the weights of the full fine-tune saved in `path` (safetensors, as `save_pretrained`
+        writes them) into the live model, cast to its dtype; the prefix caches are dropped. Every parameter
+        must be in the files, except those tied to one that is (the output head to the embeddings)."""
+        self._require_open()
+        from safetensors.torch import load_file
+
+        if self.model is not self.base:
+            raise ValueError("swap weights only into a base model without adapters (full fine-tunes)")
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in {path}")
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        params = dict(self.base.named_parameters(remove_duplicate=False))
+        unknown = sorted(set(state) - set(params) - set(dict(self.base.named_buffers())))
+        loaded = {id(params[k]) for k in state if k in params}
+        untouched = sorted(k for k, p in params.items() if k not in state and id(p) not in loaded)
+        if unknown or untouched:
+            raise ValueError(f"weights in {path} do not fit the engine's model (unknown: {unknown[:3]}, missing: "
+                             f"{untouched[:3]}): a full fine-tune swaps only into its own base architecture")
+        with torch.no_grad():
+            self.base.load_state_dict(state, strict=False)
+        self._prefix_kv.clear()
+        self.source = path
+
     def _require_open(self) -> None:
         if self.model is None:
             raise ValueError("this hf engine is closed: open a new one (open_engine)")
