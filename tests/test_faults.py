@@ -239,6 +239,23 @@ CHAIN = [
 ]
 
 
+def observe(run: Path, point: str, code: int, log: str, before: dict, temp_root: Path, **extra) -> dict:
+    """What one killed step left: exit code, log tail, finished files before and after, counts of what
+    finished, leftover temporary files, and whether everything finished still verifies."""
+    observed = {"point": point, "exitcode": code, "log": log[-3000:], "before": before,
+                "after": finished_files(run) if run.exists() else {}, "run_exists": run.exists(),
+                "conditions": len(ok_records(run)) if run.exists() else 0,
+                "adapters": len(finished_adapters(run)) if run.exists() else 0,
+                "temp": temp_files(temp_root), **extra}
+    if run.exists():
+        try:
+            assert_everything_finished_verifies(run)
+            observed["verifies"] = True
+        except AssertionError as e:
+            observed["verifies"] = str(e)
+    return observed
+
+
 @pytest.fixture(scope="module")
 def chain(launcher, baseline, tiny_model_dir, tmp_path_factory) -> dict:
     """Run the chain; return the run directory and, per step, what was observed."""
@@ -252,20 +269,8 @@ def chain(launcher, baseline, tiny_model_dir, tmp_path_factory) -> dict:
         started = time.time()
         code, log = launcher.run(argv, ICLSFT_FAULT_AT=point)
         seconds = time.time() - started
-        after = finished_files(run) if run.exists() else {}
-        observed = {"point": point, "exitcode": code, "log": log[-3000:], "before": before, "after": after,
-                    "seconds": seconds,
-                    "conditions": len(ok_records(run)) if run.exists() else 0,
-                    "adapters": len(finished_adapters(run)) if run.exists() else 0,
-                    "rsa": len(ok_rsa(run)) if run.exists() else 0,
-                    "temp": temp_files(root / "out"), "run_exists": run.exists()}
-        if run.exists():
-            try:
-                assert_everything_finished_verifies(run)
-                observed["verifies"] = True
-            except AssertionError as e:
-                observed["verifies"] = str(e)
-        steps.append(observed)
+        steps.append(observe(run, point, code, log, before, root / "out", seconds=seconds,
+                             rsa=len(ok_rsa(run)) if run.exists() else 0))
     before = finished_files(run)
     started = time.time()
     code, log = launcher.run(argv)
@@ -399,18 +404,8 @@ def implicit_chain(launcher, implicit_baseline, tiny_model_dir, tmp_path_factory
     for point, *_ in IMPLICIT_CHAIN:
         before = finished_files(run) if run.exists() else {}
         code, log = run_commands(launcher, commands, ICLSFT_FAULT_AT=point)
-        observed = {"point": point, "exitcode": code, "log": log[-3000:], "before": before,
-                    "after": finished_files(run) if run.exists() else {}, "run_exists": run.exists(),
-                    "conditions": len(ok_records(run)) if run.exists() else 0,
-                    "adapters": len(finished_adapters(run)) if run.exists() else 0,
-                    "circuits": len(ok_circuits(run)) if run.exists() else 0, "temp": temp_files(run.parent)}
-        if run.exists():
-            try:
-                assert_everything_finished_verifies(run)
-                observed["verifies"] = True
-            except AssertionError as e:
-                observed["verifies"] = str(e)
-        steps.append(observed)
+        steps.append(observe(run, point, code, log, before, run.parent,
+                             circuits=len(ok_circuits(run)) if run.exists() else 0))
     before = finished_files(run)
     return {"run": run, "steps": steps, "final": run_commands(launcher, commands), "before_final": before}
 
