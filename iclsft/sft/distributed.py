@@ -23,6 +23,7 @@ weights). Worker 0's host therefore needs the model's fp32 size in CPU memory at
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -66,7 +67,7 @@ def train_distributed(job: TrainJob, executor: ExecutorSpec | None = None) -> di
     if started_here:
         env = {k: v for k, v in os.environ.items() if k.startswith("ICLSFT_")}
         ray.init(address=executor.ray_address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
+                 runtime_env={"env_vars": env}, logging_level=logging.ERROR)  # Ray's start-up lines are not ours
     try:
         gpus = ray.cluster_resources().get("GPU", 0) >= job.sft.workers
         box = ray.remote(num_cpus=0)(_ResultBox).remote()
