@@ -40,7 +40,8 @@ class StandIn:
             if cond.shots in self.fail_training:
                 yield Step(cond, error="Traceback (most recent call last):\nRuntimeError: training died")
             else:
-                yield Step(cond, compute=partial(self.score, run, cond), note="stand-in")
+                work = ("trainer", f"w{cond.shots}", 2.0) if cond.checkpoint == 1.0 else None
+                yield Step(cond, compute=partial(self.score, run, cond), note="stand-in", work=work)
 
     def score(self, run, cond):
         if cond.shots in self.fail_scoring:
@@ -132,3 +133,14 @@ def test_progress_lines_tell_every_condition_apart(tmp_path):
     assert len(set(labels)) == 12  # task, order, method, K, seed and checkpoint all named
     assert "[3/8] linear2d angle 45 order 1221 icl K=1 seed 0: stand-in, accuracy 1.000" in lines[2]
     assert any("order random lora K=2 seed 0 ckpt 0.5" in line for line in lines)
+
+
+def test_the_arm_record_sums_busy_time_per_role_and_worker(tmp_path):
+    logs: list[str] = []
+    with capture(logs):
+        run_arm(StandIn(sft_spec_()), tmp_path)
+    busy = json.loads((tmp_path / "record.json").read_text())["arms"]["sft-lora"]["busy"]
+    # the stand-in's trainings: 2 s on worker w1 and 2 s on w2 (one per K), counted once each
+    assert busy["trainer"]["seconds"] == 4.0 and busy["trainer"]["workers"] == 2
+    assert busy["scorer"]["workers"] == 1 and 0 <= busy["scorer"]["utilisation"] <= 1
+    assert any(m.startswith("sft-lora: 4 conditions in") and "trainers busy 4 s on 2 workers" in m for m in logs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -41,6 +42,9 @@ class Step:
     error: str | None = None
     note: str = ""  # how it was computed, for the progress line ("trained 12 s, shared with ...")
     record: dict = field(default_factory=dict)  # extra fields of an error record
+    # work done elsewhere for this step, for the arm's busy-time summary: (role, worker, seconds), e.g. the
+    # training that produced its checkpoint (counted once per training)
+    work: tuple[str, str, float] | None = None
 
 
 class Arm(Protocol):
@@ -89,10 +93,11 @@ def run_arm(arm: Arm, out: str | Path) -> pd.DataFrame:
         started = time.time()
         run.write_arm_record(spec.arm, "running", conditions=len(conds), todo=len(todo))
         failures: list[str] = []
+        busy = Busy()
         try:
             if todo:
                 for i, step in enumerate(arm.steps(run, todo), 1):
-                    _run_step(run, step, f"[{i}/{len(todo)}]", arm, failures)
+                    _run_step(run, step, f"[{i}/{len(todo)}]", arm, failures, busy)
         except BaseException as e:
             run.write_arm_record(spec.arm, "interrupted", error=f"{type(e).__name__}: {e}",
                                  seconds=round(time.time() - started, 1))
@@ -100,8 +105,11 @@ def run_arm(arm: Arm, out: str | Path) -> pd.DataFrame:
         finally:
             arm.close()
         table = recompute_metrics(run.path, skip_damaged=True)  # another arm's damaged file: named, not fatal
+        wall = time.time() - started
+        if todo:
+            logger.info("%s: %d conditions in %.0f s; %s", spec.arm, len(todo), wall, busy.summary(wall))
         run.write_arm_record(spec.arm, "error" if failures else "ok", conditions=len(conds), failed=len(failures),
-                             seconds=round(time.time() - started, 1), **arm.record())
+                             seconds=round(wall, 1), busy=busy.record(wall), **arm.record())
         if failures:
             raise ConditionsFailed(
                 f"{len(failures)} of {len(todo)} {spec.arm} conditions failed (first: {failures[0]}; their "
@@ -111,8 +119,33 @@ def run_arm(arm: Arm, out: str | Path) -> pd.DataFrame:
         run.release_lock()
 
 
-def _run_step(run: RunDir, step: Step, where: str, arm: Arm, failures: list[str]) -> None:
+class Busy:
+    """Busy seconds per role ("scorer": this process computing conditions; "trainer": the trainings
+    behind them) and per worker, for the arm's summary and run record."""
+
+    def __init__(self):
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    def add(self, role: str, worker: str, seconds: float) -> None:
+        per_worker = self.seconds.setdefault(role, {})
+        per_worker[worker] = per_worker.get(worker, 0.0) + seconds
+
+    def record(self, wall: float) -> dict:
+        """role -> busy seconds, workers, utilisation (busy / (workers x wall))."""
+        return {role: {"seconds": round(sum(w.values()), 1), "workers": len(w),
+                       "utilisation": round(sum(w.values()) / (len(w) * wall), 3) if wall > 0 else 0.0}
+                for role, w in self.seconds.items()}
+
+    def summary(self, wall: float) -> str:
+        parts = [f"{role}s busy {r['seconds']:.0f} s on {r['workers']} worker{'s' * (r['workers'] > 1)} "
+                 f"({100 * r['utilisation']:.0f}%)" for role, r in sorted(self.record(wall).items())]
+        return ", ".join(parts) or "nothing computed"
+
+
+def _run_step(run: RunDir, step: Step, where: str, arm: Arm, failures: list[str], busy: Busy) -> None:
     cond = step.cond
+    if step.work is not None:
+        busy.add(*step.work)
     if step.error is not None:
         error = step.error.strip().splitlines()[-1]
         run.write_condition_error(cond, error, traceback=step.error, **step.record)
@@ -130,5 +163,7 @@ def _run_step(run: RunDir, step: Step, where: str, arm: Arm, failures: list[str]
         failures.append(error)
         logger.warning("%s %s: FAILED %s", where, cond.label, error)
         return
+    seconds = time.time() - t0
+    busy.add("scorer", socket.gethostname(), seconds)
     how = f"{step.note}, " if step.note else ""
-    logger.info("%s %s: %s%s (%.1f s)", where, cond.label, how, arm.describe(metrics), time.time() - t0)
+    logger.info("%s %s: %s%s (%.1f s)", where, cond.label, how, arm.describe(metrics), seconds)

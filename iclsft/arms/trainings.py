@@ -37,6 +37,8 @@ def training_steps(jobs: Sequence[TrainJob], where: dict[str, tuple[Any, str]], 
     shared = shared or {}
     for job, result, error in execute_jobs(jobs, executor):
         ckpts = []
+        worker = result.get("worker", "?")
+        work = ("trainer", worker, float(result.get("seconds", 0.0))) if result.get("trained") else None
         for cond_id in job.meta["conditions"]:
             cond, ckpt = where[cond_id]
             if error is not None:
@@ -45,11 +47,13 @@ def training_steps(jobs: Sequence[TrainJob], where: dict[str, tuple[Any, str]], 
             ckpts.append(ckpt)
             record = _checkpoint_record(ckpt, result) | (
                 {"shared_with": shared[cond_id]} if cond_id in shared else {})
-            note = f"trained {result.get('seconds', 0):.0f} s" if result.get("trained") else "reused its checkpoint"
+            note = (f"trained {result.get('seconds', 0):.0f} s on {worker}" if result.get("trained")
+                    else "reused its checkpoint")
             if cond_id in shared:
                 note += f", shared with {', '.join(shared[cond_id])}"
             yield Step(cond, compute=partial(_score, scorer, ckpt, lora, score, cond, record), note=note,
-                       record={"checkpoint_dir": Path(ckpt).name})
+                       record={"checkpoint_dir": Path(ckpt).name}, work=work)
+            work = None  # a training's time counts once, with its first condition
         for ckpt in dict.fromkeys(ckpts):
             scorer.release(ckpt)
 

@@ -51,7 +51,7 @@ def train_distributed(job: TrainJob, executor: ExecutorSpec | None = None) -> di
     started = time.time()
     result = {"key": job.key, "checkpoints": {f: d for f, d in job.checkpoints}, "meta": job.meta,
               "trained": bool(missing), "losses": [], "seconds": 0.0, "started": started, "pid": os.getpid(),
-              "workers": job.sft.workers}
+              "workers": job.sft.workers, "worker": f"ray-train x{job.sft.workers}"}
     if not missing:
         return result
     if job.sft.method == "lora":

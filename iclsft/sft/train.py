@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import random
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -201,7 +202,8 @@ def train(job: TrainJob) -> dict:
     missing = [(f, d) for f, d in job.checkpoints if not is_finished(Path(d))]
     started = time.time()
     result = {"key": job.key, "checkpoints": {f: d for f, d in job.checkpoints}, "meta": job.meta,
-              "trained": bool(missing), "losses": [], "seconds": 0.0, "started": started, "pid": os.getpid()}
+              "trained": bool(missing), "losses": [], "seconds": 0.0, "started": started, "pid": os.getpid(),
+              "worker": f"{socket.gethostname()}:{os.getpid()}"}
     if not missing:
         return result
     _injected_fault(job)
