@@ -15,7 +15,6 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from iclsft.names import DTYPES, ENGINES, SFT_METHODS  # noqa: F401 (one source of names)
 from iclsft.tasks import registry
 
 HASH_VERSION = "v1"

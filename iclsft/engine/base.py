@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from iclsft.spec import ENGINES, EngineSpec
+from iclsft.names import ENGINES
+from iclsft.spec import EngineSpec
 
 
 class Engine(ABC):
@@ -101,6 +102,23 @@ def resolve_engine(name: str) -> str:
     import torch
 
     return "vllm" if torch.cuda.is_available() else "hf"
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The class of the engine called `name`, for what it can do before one is opened (`can_load_weights`)."""
+    if name == "hf":
+        from iclsft.engine.hf import HFEngine
+
+        return HFEngine
+    if name == "vllm":
+        from iclsft.engine.vllm_engine import VLLMEngine
+
+        return VLLMEngine
+    if name == "vllm-server":
+        from iclsft.engine.vllm_server import VLLMServerEngine
+
+        return VLLMServerEngine
+    raise ValueError(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
 
 
 def open_engine(engine: EngineSpec, model_path: str | Path, dtype: str = "float32", *, progress: bool = True,

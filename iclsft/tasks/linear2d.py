@@ -167,8 +167,4 @@ def queries(task: TaskSpec, exemplar_points: pd.DataFrame | None = None) -> pd.D
     return table
 
 
-def _linear(n1: np.ndarray, n2: np.ndarray, angle: float) -> np.ndarray:
-    return truth(n1, n2, angle)
-
-
-LINEAR2D = registry.register(registry.GridTask(name="linear2d", truth=_linear, boundary_angle=True))
+LINEAR2D = registry.register(registry.GridTask(name="linear2d", truth=truth, boundary_angle=True))

@@ -27,10 +27,6 @@ def adjectives(words: str = "sentiment") -> tuple[str, ...]:
     return found
 
 
-def _linear(n1, n2, angle: float):
-    return truth(n1, n2, angle)
-
-
 SEMANTIC = registry.register(registry.GridTask(
-    name="semantic", truth=_linear, boundary_angle=True,
+    name="semantic", truth=truth, boundary_angle=True,
     word_lists={name: partial(adjectives, name) for name in WORD_FILES}))
