@@ -79,3 +79,36 @@ def test_weights_of_another_architecture_are_refused(full_run, tmp_path):
             engine.load_weights(tmp_path / "deeper")
     finally:
         engine.close()
+
+
+def test_an_engine_that_cannot_swap_weights_opens_one_per_checkpoint_and_never_the_base(full_run, monkeypatch):
+    """vllm cannot swap weights: each full checkpoint gets an engine of its own, opened once for all its
+    conditions and closed when released; the base model's engine is never opened for nothing."""
+    import iclsft.arms.scorer as scorer_module
+
+    out, _, ref, _ = full_run
+    opened, closed = [], []
+
+    class NoSwap:
+        can_load_weights = False
+
+    class Dummy:
+        def __init__(self, path):
+            self.path = path
+
+        def close(self):
+            closed.append(self.path)
+
+    monkeypatch.setattr(scorer_module, "engine_class", lambda name: NoSwap)
+    monkeypatch.setattr(scorer_module, "open_engine",
+                        lambda spec, path, dtype, **kw: opened.append(str(path)) or Dummy(str(path)))
+    ckpts = sorted(str(p) for p in (out / "adapters").iterdir() if not p.name.startswith("."))
+    scorer = Scorer(EngineSpec(name="vllm"), ref, "float32", progress=False)
+    first, _ = scorer.checkpoint(ckpts[0], lora=False)
+    again, _ = scorer.checkpoint(ckpts[0], lora=False)  # a second condition of the same checkpoint
+    assert again is first and opened == [ckpts[0]]
+    scorer.release(ckpts[0])
+    scorer.checkpoint(ckpts[1], lora=False)
+    scorer.close()
+    assert opened == ckpts[:2] and closed == ckpts[:2] and scorer.starts == 2
+    assert str(ref.path) not in opened

@@ -109,7 +109,7 @@ class SftArm(_Linear2dArm):
     spec: SftRunSpec
 
     def __init__(self, spec: SftRunSpec, ref: ModelRef, *, progress: bool = True):
-        super().__init__(spec, ref, progress=progress, lora_rank=spec.sft.lora_r)
+        super().__init__(spec, ref, progress=progress, lora_rank=spec.sft.lora_r if spec.sft.method == "lora" else None)
 
     def prepare(self, run: RunDir, todo: list) -> str:
         self.jobs, self.where = plan_jobs(self.spec, run, self.ref, self.builders, todo)

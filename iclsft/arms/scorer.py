@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from iclsft.engine.base import open_engine
+from iclsft.engine.base import engine_class, open_engine
 from iclsft.models import ModelRef
 from iclsft.sft.checkpoints import verify_checkpoint
 from iclsft.spec import EngineSpec
@@ -58,8 +58,8 @@ class Scorer:
         if self.engine_spec.name == "vllm-server":
             raise ValueError("the vllm-server engine scores LoRA adapters only; score full fine-tunes with "
                              "--engine hf or vllm")
-        engine = self._live()
-        if engine.can_load_weights:
+        if engine_class(self.engine_spec.name).can_load_weights:  # decided before any engine is opened
+            engine = self._live()
             if self._weights != ckpt:
                 engine.load_weights(ckpt)
                 self._weights = ckpt
