@@ -32,8 +32,8 @@ def training_steps(jobs: Sequence[TrainJob], where: dict[str, tuple[Any, str]], 
                    scorer: Scorer, lora: bool, score: Score,
                    shared: dict[str, list[str]] | None = None) -> Iterator[Step]:
     """One step per condition of each job as its training finishes (`where`: condition id -> (condition,
-    checkpoint dir)); call `plan_trainings` first. `shared`: condition
-    id -> the other conditions scored with the same checkpoint (said in the record and progress)."""
+    checkpoint dir)); call `plan_trainings` first. `shared`: condition id -> the other conditions scored
+    with the same checkpoint (said in the record and progress)."""
     shared = shared or {}
     for job, result, error in execute_jobs(jobs, executor):
         ckpts = []
@@ -45,13 +45,12 @@ def training_steps(jobs: Sequence[TrainJob], where: dict[str, tuple[Any, str]], 
                 yield Step(cond, error=error, record={"checkpoint_dir": Path(ckpt).name})
                 continue
             ckpts.append(ckpt)
-            record = _checkpoint_record(ckpt, result) | (
-                {"shared_with": shared[cond_id]} if cond_id in shared else {})
+            extra = {"shared_with": shared[cond_id]} if cond_id in shared else {}
             note = (f"trained {result.get('seconds', 0):.0f} s on {worker}" if result.get("trained")
                     else "reused its checkpoint")
             if cond_id in shared:
                 note += f", shared with {', '.join(shared[cond_id])}"
-            yield Step(cond, compute=partial(_score, scorer, ckpt, lora, score, cond, record), note=note,
+            yield Step(cond, compute=partial(_score, scorer, ckpt, lora, score, cond, result, extra), note=note,
                        record={"checkpoint_dir": Path(ckpt).name}, work=work)
             work = None  # a training's time counts once, with its first condition
         for ckpt in dict.fromkeys(ckpts):
@@ -66,9 +65,10 @@ def plan_trainings(jobs: Sequence[TrainJob]) -> str:
     return f"{to_train} models to train, {len(jobs) - to_train} reused"
 
 
-def _score(scorer: Scorer, ckpt: str, lora: bool, score: Score, cond, record: dict) -> dict:
-    engine, adapter = scorer.checkpoint(ckpt, lora)
-    return score(cond, engine, adapter, record)
+def _score(scorer: Scorer, ckpt: str, lora: bool, score: Score, cond, result: dict, extra: dict) -> dict:
+    # inside the step: a missing or damaged checkpoint fails its conditions, not the arm
+    engine, adapter = scorer.checkpoint(ckpt, lora)  # verified first
+    return score(cond, engine, adapter, _checkpoint_record(ckpt, result) | extra)
 
 
 def _checkpoint_record(ckpt: str, result: dict) -> dict:
