@@ -110,6 +110,19 @@ class FigureWriter:
         return index
 
 
+def panel_axes(ax, r: int, c: int, n_rows: int, title: str, ylabel: str, xlabel: str) -> None:
+    """Grid and labels of panel (r, c) of a grid figure: the title on the top row, the y label on the
+    first column, the x label on the bottom row."""
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+    if r == 0:
+        ax.set_title(title, fontsize=10)
+    if c == 0:
+        ax.set_ylabel(ylabel, fontsize=9)
+    if r == n_rows - 1:
+        ax.set_xlabel(xlabel, fontsize=9)
+
+
 def new_figure(n_rows: int, n_cols: int, panel: tuple[float, float], **kw):
     fig = Figure(figsize=(max(4.0, panel[0] * n_cols + 1.6), panel[1] * n_rows + 0.8), layout="constrained")
     axes = fig.subplots(n_rows, n_cols, squeeze=False, **kw)
@@ -260,14 +273,7 @@ def draw_angles(writer: FigureWriter, name: str, title: str, summary: pd.DataFra
                 ax.axhline(0.0, color="k", lw=0.8, ls="--")
             ax.set_xlim(-8, 188)
             ax.set_xticks([0, 45, 90, 135, 180])
-            ax.tick_params(labelsize=8)
-            ax.grid(alpha=0.3)
-            if r == 0:
-                ax.set_title(method, fontsize=10)
-            if c == 0:
-                ax.set_ylabel(ylabel, fontsize=9)
-            if r == len(kinds) - 1:
-                ax.set_xlabel("true angle θ (°)", fontsize=9)
+            panel_axes(ax, r, c, len(kinds), method, ylabel, "true angle θ (°)")
     for r, (_, _, inferred) in enumerate(kinds):
         top = max(ax.get_ylim()[1] for ax in axes[r])  # one scale per row, so methods compare
         for ax in axes[r]:

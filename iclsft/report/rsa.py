@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from iclsft.evaluate.stats import T_METHOD, t_interval
 from iclsft.report.data import method_color
-from iclsft.report.figures import FigureWriter, new_figure
+from iclsft.report.figures import FigureWriter, new_figure, panel_axes
 
 STREAMS = (("resid", "residual stream"), ("mlp", "MLP output"))
 BLOCKS = ("within_exemplar", "within_test", "exemplar_test")
@@ -102,14 +102,7 @@ def band_note(counts: Sequence[int]) -> str:
 
 def layer_axes(ax, r: int, c: int, title: str, ylabel: str) -> None:
     """Grid and labels of one panel of a (stream rows × columns) against-layer figure."""
-    ax.grid(alpha=0.3)
-    ax.tick_params(labelsize=8)
-    if r == 0:
-        ax.set_title(title, fontsize=10)
-    if c == 0:
-        ax.set_ylabel(ylabel, fontsize=9)
-    if r == len(STREAMS) - 1:
-        ax.set_xlabel("layer", fontsize=9)
+    panel_axes(ax, r, c, len(STREAMS), title, ylabel, "layer")
 
 
 def draw_collapse(writer: FigureWriter, name: str, title: str, conds: pd.DataFrame, methods: Sequence[str],
