@@ -301,18 +301,24 @@ def test_sigkill_at_point(chain, step):
     check_kill(CHAIN[step], chain["steps"][step])
 
 
-def test_rerun_after_every_kill_gives_the_uninterrupted_results(chain, baseline):
+def check_rerun(chain: dict, assert_same, baseline) -> None:
+    """The final rerun of a kill chain: it succeeds, its results equal the uninterrupted run's, nothing
+    finished before it was rewritten, and the metrics table verifies against metrics.json (the kill at
+    write:metrics.json left it stale)."""
+    from iclsft.evaluate.runs import read_metrics
+
     code, log = chain["final"]
     assert code == 0, log[-3000:]
     run = chain["run"]
-    assert_same_results(run, baseline)
+    assert_same(run, baseline)
     after = finished_files(run)
     assert {k: v for k, v in after.items() if k in chain["before_final"]} == chain["before_final"]
     assert "Traceback" not in log
-    # the metrics table verifies against metrics.json (the kill at write:metrics.json left it stale)
-    from iclsft.evaluate.runs import read_metrics
-
     assert read_metrics(run) is not None
+
+
+def test_rerun_after_every_kill_gives_the_uninterrupted_results(chain, baseline):
+    check_rerun(chain, assert_same_results, baseline)
 
 
 # -- the implicit-pattern suite ------------------------------------------------------------------
@@ -416,16 +422,7 @@ def test_implicit_sigkill_at_point(implicit_chain, step):
 
 
 def test_implicit_rerun_after_every_kill_gives_the_uninterrupted_results(implicit_chain, implicit_baseline):
-    code, log = implicit_chain["final"]
-    assert code == 0, log[-3000:]
-    run = implicit_chain["run"]
-    assert_same_implicit_results(run, implicit_baseline)
-    after = finished_files(run)
-    assert {k: v for k, v in after.items() if k in implicit_chain["before_final"]} == implicit_chain["before_final"]
-    assert "Traceback" not in log
-    from iclsft.evaluate.runs import read_metrics
-
-    assert read_metrics(run) is not None  # the kill at write:metrics.json left it stale: written again
+    check_rerun(implicit_chain, assert_same_implicit_results, implicit_baseline)
 
 
 @pytest.fixture
