@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from logcapture import capture
 
-from iclsft.arms.runner import Step, run_arm
+from iclsft.arms.runner import Outcome, Step, run_arm
 from iclsft.artifacts import parquet_bytes
 from iclsft.errors import ConditionsFailed
 from iclsft.spec import IclRunSpec, ModelSpec, SftRunSpec, TaskSpec
@@ -49,8 +49,7 @@ class StandIn:
         scores = linear2d.queries(cond.task)
         scores["lp_0"] = linear2d.margin(scores.n1, scores.n2, 45.0) / 10
         scores["lp_1"] = 0.0
-        run.write_condition(cond, {"scores.parquet": parquet_bytes(scores)})
-        return {"accuracy": 1.0}
+        return Outcome({"scores.parquet": parquet_bytes(scores)}, {"metrics": {"accuracy": 1.0}})
 
     @staticmethod
     def describe(metrics):

@@ -403,10 +403,10 @@ def _failing_k2(monkeypatch):
 
     real = iclsft.arms.linear2d.score_condition
 
-    def score_condition(run, cond, *args, **kwargs):
+    def score_condition(cond, *args, **kwargs):
         if cond.shots == 2:
             raise RuntimeError("simulated out of memory")
-        return real(run, cond, *args, **kwargs)
+        return real(cond, *args, **kwargs)
 
     monkeypatch.setattr(iclsft.arms.linear2d, "score_condition", score_condition)
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from functools import partial
 
-from iclsft.arms.runner import ArmBase, Step
+from iclsft.arms.runner import ArmBase, Outcome, Step
 from iclsft.arms.scorer import Scorer
 from iclsft.arms.trainings import plan_trainings, training_steps
 from iclsft.artifacts import parquet_bytes
@@ -37,7 +37,7 @@ from iclsft.tasks.implicit import get_task
 
 
 class _ImplicitArm(ArmBase):
-    def __init__(self, spec: ImplicitSpec, ref: ModelRef, *, progress: bool = True):
+    def __init__(self, spec: ImplicitSpec, ref: ModelRef, *, progress: bool = True, scorer: Scorer | None = None):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(ref.path)
@@ -45,19 +45,20 @@ class _ImplicitArm(ArmBase):
         for p in self.prompts.values():  # prompts == the tokenizer's ids for their text, before anything is written
             check_prompts(p, spec.seeds[0], max(spec.shots) if spec.method == "icl" else 0, spec.faithful)
         self.spec, self.ref = spec, ref
-        self.scorer = Scorer(spec.engine, ref, spec.dtype, progress=progress,
-                             lora_rank=spec.sft.lora_r if spec.method == "lora" else None)
+        self.lora = spec.method == "lora"
+        self.scorer = scorer or Scorer(spec.engine, ref, spec.dtype, progress=progress,
+                                       lora_rank=spec.sft.lora_r if self.lora else None)
 
-    def score(self, run: RunDir, cond: ImplicitCondition, engine, prefix, adapter=None, **record) -> dict:
+    def score_items(self, cond: ImplicitCondition, engine, prefix, adapter=None, **record) -> Outcome:
         t0 = time.time()
         prompts = self.prompts[cond.task]
         items = eval_items(prompts.task, cond.variant, cond.seed, cond.eval_size, cond.train_size, cond.faithful)
         table = score_items(engine, prompts, prefix, items, adapter=adapter)
         fault_point("score")
         metrics = item_metrics(table, prompts.answers)
-        run.write_condition(cond, {"scores.parquet": parquet_bytes(table)}, seconds=round(time.time() - t0, 2),
-                            prefix_tokens=len(prefix), answers=prompts.answers, metrics=metrics, **record)
-        return metrics
+        return Outcome({"scores.parquet": parquet_bytes(table)}, dict(
+            seconds=round(time.time() - t0, 2), prefix_tokens=len(prefix), answers=prompts.answers, metrics=metrics,
+            **record))
 
     @staticmethod
     def describe(metrics: dict) -> str:
@@ -68,20 +69,19 @@ class ImplicitIclArm(_ImplicitArm):
     def steps(self, run: RunDir, todo: list) -> Iterator[Step]:
         # by task and seed, K ascending: each prompt extends the last, whose KV the hf engine keeps
         for cond in sorted(todo, key=lambda c: (c.task, c.seed, c.shots, c.variant)):
-            yield Step(cond, compute=partial(self._score, run, cond))
+            yield Step(cond, compute=partial(self.outcome, cond))
 
-    def _score(self, run: RunDir, cond: ImplicitCondition) -> dict:
+    def score(self, cond: ImplicitCondition, engine, adapter: str | None, record: dict) -> Outcome:
         p = self.prompts[cond.task]
         prefix = p.prefix(demo_stream(p.task, cond.seed, cond.faithful)[: cond.shots])
-        return self.score(run, cond, self.scorer.base(), prefix)
+        return self.score_items(cond, engine, prefix, adapter=adapter, **record)
 
 
 class ImplicitSftArm(_ImplicitArm):
-    def __init__(self, spec: ImplicitSpec, ref: ModelRef, *, progress: bool = True):
-        super().__init__(spec, ref, progress=progress)
+    def __init__(self, spec: ImplicitSpec, ref: ModelRef, *, progress: bool = True, scorer: Scorer | None = None):
+        super().__init__(spec, ref, progress=progress, scorer=scorer)
         self.jobs: list[TrainJob] = []
         self.where: dict[str, tuple] = {}
-        self._extra: dict[str, dict] = {}
 
     def prepare(self, run: RunDir, todo: list) -> str:
         """One job per (task, seed), or per seed for the original recipe's mixed file."""
@@ -105,14 +105,17 @@ class ImplicitSftArm(_ImplicitArm):
                                       loss=loss, meta={"conditions": [c.id for c in conds], **meta}))
             for c in conds:
                 self.where[c.id] = (c, str(ckpt))
-                self._extra[c.id] = {"train_examples": len(examples), "loss_on": loss,
-                                     **({"mixture": c.mixture} if c.mixture else {})}
         return plan_trainings(self.jobs)
 
     def steps(self, run: RunDir, todo: list) -> Iterator[Step]:
-        yield from training_steps(self.jobs, self.where, self.spec.executor, self.scorer, self.spec.method == "lora",
-                                  partial(self._score, run))
+        yield from training_steps(self.jobs, self.where, self.spec.executor, self)
 
-    def _score(self, run: RunDir, cond: ImplicitCondition, engine, adapter, record: dict) -> dict:
-        return self.score(run, cond, engine, self.prompts[cond.task].start, adapter=adapter,
-                          **record, **self._extra[cond.id])
+    def score(self, cond: ImplicitCondition, engine, adapter: str | None, record: dict) -> Outcome:
+        return self.score_items(cond, engine, self.prompts[cond.task].start, adapter=adapter, **record,
+                                **self.extra(cond))
+
+    def extra(self, cond: ImplicitCondition) -> dict:
+        """Record fields of a fine-tuned condition: its training's size, loss mask and mixture."""
+        spec = self.spec
+        return {"train_examples": spec.examples_per_model, "loss_on": "all" if spec.recipe == "original" else "label",
+                **({"mixture": cond.mixture} if cond.mixture else {})}

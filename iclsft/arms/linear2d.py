@@ -18,7 +18,7 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from iclsft.arms.runner import ArmBase, Step
+from iclsft.arms.runner import ArmBase, Outcome, Step
 from iclsft.arms.scorer import Scorer
 from iclsft.arms.trainings import plan_trainings, training_steps
 from iclsft.artifacts import npy_bytes, parquet_bytes
@@ -35,10 +35,10 @@ from iclsft.tasks import linear2d
 from iclsft.tokenizers_check import check_run
 
 
-def score_condition(run: RunDir, cond, builder: PromptBuilder, engine, prefix: Sequence[int],
-                    exemplars: pd.DataFrame, adapter: str | None = None, **record: object) -> dict:
-    """Score every query of the condition's lattice after `prefix`, then write scores, exemplars,
-    decision field and the record (last). Returns the condition's metrics."""
+def score_condition(cond, builder: PromptBuilder, engine, prefix: Sequence[int], exemplars: pd.DataFrame,
+                    adapter: str | None = None, **record: object) -> Outcome:
+    """Score every query of the condition's lattice after `prefix`: its scores, exemplars, decision
+    field and record fields (metrics among them), for the driver to write."""
     t0 = time.time()
     scores = linear2d.queries(cond.task, exemplars)
     query_ids = builder.queries_after(prefix, scores.n1, scores.n2)  # K=0 (SFT): tokenized after the start
@@ -60,23 +60,23 @@ def score_condition(run: RunDir, cond, builder: PromptBuilder, engine, prefix: S
         "exemplars.parquet": parquet_bytes(exemplars),
         "field.npy": npy_bytes(decision_field(scores).astype(np.float32)),
     }
-    run.write_condition(cond, files, seconds=round(time.time() - t0, 2), prefix_tokens=len(prefix),
-                        queries=len(scores), metrics=metrics, **record)
-    return metrics
+    return Outcome(files, dict(seconds=round(time.time() - t0, 2), prefix_tokens=len(prefix), queries=len(scores),
+                               metrics=metrics, **record))
 
 
 class _Linear2dArm(ArmBase):
     """What both 2D arms share: the prompt builders, checked against the tokenizer before anything is
     written, and the progress summary."""
 
-    def __init__(self, spec, ref: ModelRef, *, progress: bool = True, lora_rank: int | None = None):
+    def __init__(self, spec, ref: ModelRef, *, progress: bool = True, lora_rank: int | None = None,
+                 scorer: Scorer | None = None):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(ref.path)
         self.builders = prompt_builders(tokenizer, spec.template, spec.tasks)
         self.spec = check_run(spec, self.builders)  # prompts == the tokenizer's ids for their text; token counts
         self.ref = ref
-        self.scorer = Scorer(spec.engine, ref, spec.dtype, progress=progress, lora_rank=lora_rank)
+        self.scorer = scorer or Scorer(spec.engine, ref, spec.dtype, progress=progress, lora_rank=lora_rank)
 
     def builder(self, task: TaskSpec) -> PromptBuilder:
         return self.builders[builder_key(task)]
@@ -93,13 +93,13 @@ class IclArm(_Linear2dArm):
 
     def steps(self, run: RunDir, todo: list) -> Iterator[Step]:
         for cond in todo:
-            yield Step(cond, compute=partial(self._score, run, cond))
+            yield Step(cond, compute=partial(self.outcome, cond))
 
-    def _score(self, run: RunDir, cond) -> dict:
+    def score(self, cond, engine, adapter: str | None, record: dict) -> Outcome:
         builder = self.builder(cond.task)
         exemplars = linear2d.exemplars(cond.task, cond.seed, cond.shots, cond.order)
         prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
-        return score_condition(run, cond, builder, self.scorer.base(), prefix, exemplars)
+        return score_condition(cond, builder, engine, prefix, exemplars, adapter=adapter, **record)
 
 
 class SftArm(_Linear2dArm):
@@ -108,8 +108,9 @@ class SftArm(_Linear2dArm):
 
     spec: SftRunSpec
 
-    def __init__(self, spec: SftRunSpec, ref: ModelRef, *, progress: bool = True):
-        super().__init__(spec, ref, progress=progress, lora_rank=spec.sft.lora_r if spec.sft.method == "lora" else None)
+    def __init__(self, spec: SftRunSpec, ref: ModelRef, *, progress: bool = True, scorer: Scorer | None = None):
+        self.lora = spec.sft.method == "lora"
+        super().__init__(spec, ref, progress=progress, lora_rank=spec.sft.lora_r if self.lora else None, scorer=scorer)
 
     def prepare(self, run: RunDir, todo: list) -> str:
         self.jobs, self.where = plan_jobs(self.spec, run, self.ref, self.builders, todo)
@@ -119,16 +120,13 @@ class SftArm(_Linear2dArm):
                    if self.shared else ""))
 
     def steps(self, run: RunDir, todo: list) -> Iterator[Step]:
-        where = self.where
-        score = partial(self._score, run, {cid: ex for cid, (_, _, ex) in where.items()})
-        yield from training_steps(self.jobs, {cid: (c, ckpt) for cid, (c, ckpt, _) in where.items()},
-                                  self.spec.executor, self.scorer, self.spec.sft.method == "lora", score,
-                                  shared=self.shared)
+        yield from training_steps(self.jobs, {cid: (c, ckpt) for cid, (c, ckpt, _) in self.where.items()},
+                                  self.spec.executor, self, shared=self.shared)
 
-    def _score(self, run: RunDir, exemplars: dict, cond, engine, adapter, record: dict) -> dict:
+    def score(self, cond, engine, adapter: str | None, record: dict) -> Outcome:
         builder = self.builder(cond.task)
-        return score_condition(run, cond, builder, engine, builder.start(), exemplars[cond.id], adapter=adapter,
-                               **record)
+        exemplars = linear2d.exemplars(cond.task, cond.seed, cond.shots, cond.order)  # as plan_jobs trained on
+        return score_condition(cond, builder, engine, builder.start(), exemplars, adapter=adapter, **record)
 
 
 def plan_jobs(spec: SftRunSpec, run: RunDir, ref: ModelRef, builders: dict, todo: list | None = None

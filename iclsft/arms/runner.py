@@ -33,12 +33,26 @@ STEP_ERRORS = (RuntimeError, ValueError, MemoryError, OSError)
 
 
 @dataclass
+class Outcome:
+    """A scored condition, not yet written: its files and its record's fields (`metrics` among them).
+    Arms compute outcomes wherever the scoring runs (this process or a scorer actor); only the driver
+    writes them (`RunDir.write_condition`)."""
+
+    files: dict[str, bytes]
+    fields: dict
+
+    @property
+    def metrics(self) -> dict:
+        return self.fields["metrics"]
+
+
+@dataclass
 class Step:
-    """One condition to compute: `compute()` scores it, writes its files and record, and returns its
-    metrics; or `error` (a traceback) when it cannot be computed, e.g. its training failed."""
+    """One condition to compute: `compute()` scores it and returns its `Outcome`, which the runner writes;
+    or `error` (a traceback) when it cannot be computed, e.g. its training failed."""
 
     cond: Any
-    compute: Callable[[], dict] | None = None
+    compute: Callable[[], Outcome] | None = None
     error: str | None = None
     note: str = ""  # how it was computed, for the progress line ("trained 12 s, shared with ...")
     record: dict = field(default_factory=dict)  # extra fields of an error record
@@ -63,9 +77,23 @@ class Arm(Protocol):
 
 class ArmBase:
     """What the arms have in common besides their steps: a `Scorer` (`iclsft.arms.scorer`) closed at
-    the end, nothing to plan by default."""
+    the end, nothing to plan by default, and `outcome`: one condition scored on the base model or on a
+    trained checkpoint (the one entry point of the local runner and of scorer actors)."""
 
     scorer: Any
+    lora: bool = False  # the arm's checkpoints are LoRA adapters
+
+    def outcome(self, cond, checkpoint: str | None = None, record: dict | None = None) -> Outcome:
+        """Score `cond` on the base model, or on the trained `checkpoint` (verified first; its marker's
+        step, loss and time go into the record); writes nothing."""
+        record = dict(record or {})
+        if checkpoint is None:
+            return self.score(cond, self.scorer.base(), None, record)
+        engine, adapter = self.scorer.checkpoint(checkpoint, self.lora)
+        return self.score(cond, engine, adapter, checkpoint_record(checkpoint) | record)
+
+    def score(self, cond, engine, adapter: str | None, record: dict) -> Outcome:
+        raise NotImplementedError
 
     def prepare(self, run: RunDir, todo: list) -> str:
         return ""
@@ -119,6 +147,16 @@ def run_arm(arm: Arm, out: str | Path) -> pd.DataFrame:
         run.release_lock()
 
 
+def checkpoint_record(ckpt: str | Path) -> dict:
+    """A checkpoint's own step, loss and training time (from its marker), for the records it scores."""
+    from iclsft.sft.adapters import read_marker
+
+    marker = read_marker(Path(ckpt))
+    return {"checkpoint_dir": Path(ckpt).name, "train_seconds": marker.get("seconds"),
+            "train_steps": marker.get("step"), "total_steps": marker.get("total_steps"),
+            "final_loss": marker.get("loss")}
+
+
 class Busy:
     """Busy seconds per role ("scorer": this process computing conditions; "trainer": the trainings
     behind them) and per worker, for the arm's summary and run record."""
@@ -154,7 +192,8 @@ def _run_step(run: RunDir, step: Step, where: str, arm: Arm, failures: list[str]
         return
     t0 = time.time()
     try:
-        metrics = step.compute()
+        outcome = step.compute()
+        run.write_condition(cond, outcome.files, **outcome.fields)
     except STEP_ERRORS as e:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise  # a full disk stops the run: recording it would fail too, and hide which file failed
@@ -166,4 +205,4 @@ def _run_step(run: RunDir, step: Step, where: str, arm: Arm, failures: list[str]
     seconds = time.time() - t0
     busy.add("scorer", socket.gethostname(), seconds)
     how = f"{step.note}, " if step.note else ""
-    logger.info("%s %s: %s%s (%.1f s)", where, cond.label, how, arm.describe(metrics), seconds)
+    logger.info("%s %s: %s%s (%.1f s)", where, cond.label, how, arm.describe(outcome.metrics), seconds)

@@ -11,29 +11,23 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from iclsft.arms.runner import Step
-from iclsft.arms.scorer import Scorer
-from iclsft.sft.adapters import is_finished, read_marker, set_aside_damaged
+from iclsft.sft.adapters import is_finished, set_aside_damaged
 from iclsft.sft.train import TrainJob, in_training_order, train
 from iclsft.spec import ExecutorSpec
 
 logger = logging.getLogger(__name__)
 
-# score(cond, engine, adapter, record) -> metrics: scores one condition on a checkpoint and writes it
-Score = Callable[[Any, Any, "str | None", dict], dict]
-
-
-def training_steps(jobs: Sequence[TrainJob], where: dict[str, tuple[Any, str]], executor: ExecutorSpec,
-                   scorer: Scorer, lora: bool, score: Score,
+def training_steps(jobs: Sequence[TrainJob], where: dict[str, tuple[Any, str]], executor: ExecutorSpec, arm,
                    shared: dict[str, list[str]] | None = None) -> Iterator[Step]:
     """One step per condition of each job as its training finishes (`where`: condition id -> (condition,
-    checkpoint dir)); call `plan_trainings` first. `shared`: condition id -> the other conditions scored
-    with the same checkpoint (said in the record and progress)."""
+    checkpoint dir)), scored by `arm.outcome` on its checkpoint; call `plan_trainings` first. `shared`:
+    condition id -> the other conditions scored with the same checkpoint (said in the record and progress)."""
     shared = shared or {}
     for job, result, error in execute_jobs(jobs, executor):
         ckpts = []
@@ -45,16 +39,21 @@ def training_steps(jobs: Sequence[TrainJob], where: dict[str, tuple[Any, str]], 
                 yield Step(cond, error=error, record={"checkpoint_dir": Path(ckpt).name})
                 continue
             ckpts.append(ckpt)
-            extra = {"shared_with": shared[cond_id]} if cond_id in shared else {}
-            note = (f"trained {result.get('seconds', 0):.0f} s on {worker}" if result.get("trained")
-                    else "reused its checkpoint")
-            if cond_id in shared:
-                note += f", shared with {', '.join(shared[cond_id])}"
-            yield Step(cond, compute=partial(_score, scorer, ckpt, lora, score, cond, result, extra), note=note,
-                       record={"checkpoint_dir": Path(ckpt).name}, work=work)
+            record = {"trained_now": bool(result.get("trained"))} | (
+                {"shared_with": shared[cond_id]} if cond_id in shared else {})
+            # inside the step: a missing or damaged checkpoint fails its conditions, not the arm
+            yield Step(cond, compute=partial(arm.outcome, cond, ckpt, record),
+                       note=training_note(result, shared.get(cond_id)), record={"checkpoint_dir": Path(ckpt).name}, work=work)
             work = None  # a training's time counts once, with its first condition
         for ckpt in dict.fromkeys(ckpts):
-            scorer.release(ckpt)
+            arm.scorer.release(ckpt)
+
+
+def training_note(result: dict, shared: list[str] | None) -> str:
+    """How a condition's model came to be, for its progress line."""
+    note = (f"trained {result.get('seconds', 0):.0f} s on {result.get('worker', '?')}" if result.get("trained")
+            else "reused its checkpoint")
+    return note + (f", shared with {', '.join(shared)}" if shared else "")
 
 
 def plan_trainings(jobs: Sequence[TrainJob]) -> str:
@@ -63,19 +62,6 @@ def plan_trainings(jobs: Sequence[TrainJob]) -> str:
     set_aside_damaged([Path(d) for j in jobs for _, d in j.checkpoints])
     to_train = sum(not all(is_finished(Path(d)) for _, d in j.checkpoints) for j in jobs)
     return f"{to_train} models to train, {len(jobs) - to_train} reused"
-
-
-def _score(scorer: Scorer, ckpt: str, lora: bool, score: Score, cond, result: dict, extra: dict) -> dict:
-    # inside the step: a missing or damaged checkpoint fails its conditions, not the arm
-    engine, adapter = scorer.checkpoint(ckpt, lora)  # verified first
-    return score(cond, engine, adapter, _checkpoint_record(ckpt, result) | extra)
-
-
-def _checkpoint_record(ckpt: str, result: dict) -> dict:
-    marker = read_marker(Path(ckpt))  # this checkpoint's own step, loss and time, trained now or before
-    return {"checkpoint_dir": Path(ckpt).name, "train_seconds": marker.get("seconds"),
-            "train_steps": marker.get("step"), "total_steps": marker.get("total_steps"),
-            "final_loss": marker.get("loss"), "trained_now": bool(result.get("trained"))}
 
 
 def execute_jobs(jobs: Sequence[TrainJob], executor: ExecutorSpec):
