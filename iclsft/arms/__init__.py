@@ -18,19 +18,20 @@ from iclsft.models import ModelRef
 from iclsft.runspec import make_icl_spec, make_implicit_spec, make_sft_spec
 
 
-def make_arm(spec, ref: ModelRef, *, progress: bool = True):
-    """The arm that computes `spec`'s conditions (its inputs checked against the tokenizer)."""
+def make_arm(spec, ref: ModelRef, *, progress: bool = True, scorer=None):
+    """The arm that computes `spec`'s conditions (its inputs checked against the tokenizer). `scorer`: the
+    engines to score with (a `Scorer` shared by several arms, e.g. on a scorer actor); default: its own."""
     if spec.kind == "icl":
         from iclsft.arms.linear2d import IclArm
 
-        return IclArm(spec, ref, progress=progress)
+        return IclArm(spec, ref, progress=progress, scorer=scorer)
     if spec.kind == "sft":
         from iclsft.arms.linear2d import SftArm
 
-        return SftArm(spec, ref, progress=progress)
+        return SftArm(spec, ref, progress=progress, scorer=scorer)
     from iclsft.arms.implicit import ImplicitIclArm, ImplicitSftArm
 
-    return (ImplicitIclArm if spec.method == "icl" else ImplicitSftArm)(spec, ref, progress=progress)
+    return (ImplicitIclArm if spec.method == "icl" else ImplicitSftArm)(spec, ref, progress=progress, scorer=scorer)
 
 
 def run_spec(spec, out: str | Path, ref: ModelRef, *, progress: bool = True) -> pd.DataFrame:

@@ -108,43 +108,102 @@ class ArmBase:
 
 def run_arm(arm: Arm, out: str | Path) -> pd.DataFrame:
     """Run (or resume) every condition of `arm` into the run directory `out`; return the run's metrics."""
-    spec = arm.spec
     run = RunDir(out)
-    run.open(spec)  # only now, with every input checked, does anything get written
+    run.open(arm.spec)  # only now, with every input checked, does anything get written
     run.acquire_lock()  # one process per run directory (store.RunDir.acquire_lock)
     try:
-        conds = spec.conditions()
-        todo = [c for c in conds if not run.is_done(c)]
-        note = arm.prepare(run, todo)  # e.g. the SFT arms plan their trainings: "2 models to train, 1 reused"
-        logger.info("%s: %d conditions, %d already finished, %d to run%s", spec.arm, len(conds),
-                    len(conds) - len(todo), len(todo), f"; {note}" if note else "")
-        started = time.time()
-        run.write_arm_record(spec.arm, "running", conditions=len(conds), todo=len(todo))
-        failures: list[str] = []
-        busy = Busy()
+        state = ArmRun(arm, run)
         try:
-            if todo:
-                for i, step in enumerate(arm.steps(run, todo), 1):
-                    _run_step(run, step, f"[{i}/{len(todo)}]", arm, failures, busy)
+            if state.todo:
+                for step in arm.steps(run, state.todo):
+                    state.step(step)
         except BaseException as e:
-            run.write_arm_record(spec.arm, "interrupted", error=f"{type(e).__name__}: {e}",
-                                 seconds=round(time.time() - started, 1))
+            state.interrupted(e)
             raise
         finally:
             arm.close()
-        table = recompute_metrics(run.path, skip_damaged=True)  # another arm's damaged file: named, not fatal
-        wall = time.time() - started
-        if todo:
-            logger.info("%s: %d conditions in %.0f s; %s", spec.arm, len(todo), wall, busy.summary(wall))
-        run.write_arm_record(spec.arm, "error" if failures else "ok", conditions=len(conds), failed=len(failures),
-                             seconds=round(wall, 1), busy=busy.record(wall), **arm.record())
-        if failures:
-            raise ConditionsFailed(
-                f"{len(failures)} of {len(todo)} {spec.arm} conditions failed (first: {failures[0]}; their "
-                f"record.json under {run.path / 'conditions'} holds the error); rerun the same command to retry them")
-        return table
+        return state.finish()
     finally:
         run.release_lock()
+
+
+class ArmRun:
+    """One arm's pass over its run directory (opened and locked by the caller): the to-do list and the
+    plan, each condition's record as it ends (computed here by `step`, or elsewhere: `done`, `failed`),
+    then the arm's run record, the run's metrics table and the failures as one `ConditionsFailed`."""
+
+    def __init__(self, arm: Arm, run: RunDir):
+        self.arm, self.run, spec = arm, run, arm.spec
+        run.open(spec)
+        self.conds = spec.conditions()
+        self.todo = [c for c in self.conds if not run.is_done(c)]
+        note = arm.prepare(run, self.todo)  # e.g. the SFT arms plan their trainings: "2 models to train, 1 reused"
+        logger.info("%s: %d conditions, %d already finished, %d to run%s", spec.arm, len(self.conds),
+                    len(self.conds) - len(self.todo), len(self.todo), f"; {note}" if note else "")
+        self.started = time.time()
+        run.write_arm_record(spec.arm, "running", conditions=len(self.conds), todo=len(self.todo))
+        self.failures: list[str] = []
+        self.busy = Busy()
+        self.count = 0
+
+    def step(self, step: Step) -> None:
+        """Compute a step here (or record its error) and write its outcome."""
+        if step.work is not None:
+            self.busy.add(*step.work)
+        if step.error is not None:
+            self.failed(step.cond, step.error, step.record)
+            return
+        t0 = time.time()
+        try:
+            outcome = step.compute()
+            self.run.write_condition(step.cond, outcome.files, **outcome.fields)
+        except STEP_ERRORS as e:
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # a full disk stops the run: recording it would fail too, and hide which file failed
+            self.failed(step.cond, traceback.format_exc(), step.record, error=f"{type(e).__name__}: {e}")
+            return
+        self._progress(step.cond, outcome, step.note, time.time() - t0, socket.gethostname(), written=True)
+
+    def done(self, cond, outcome: Outcome, note: str, seconds: float, worker: str) -> None:
+        """Write the outcome of a condition scored elsewhere (`worker`, in `seconds`)."""
+        self.run.write_condition(cond, outcome.files, **outcome.fields)
+        self._progress(cond, outcome, note, seconds, worker, written=True)
+
+    def failed(self, cond, trace: str, record: dict | None = None, error: str | None = None) -> None:
+        error = error or trace.strip().splitlines()[-1]
+        self.count += 1
+        self.run.write_condition_error(cond, error, traceback=trace, **(record or {}))
+        self.failures.append(error)
+        logger.warning("[%d/%d] %s: FAILED %s", self.count, len(self.todo), cond.label, error)
+
+    def _progress(self, cond, outcome: Outcome, note: str, seconds: float, worker: str, written: bool) -> None:
+        self.count += 1
+        self.busy.add("scorer", worker, seconds)
+        how = f"{note}, " if note else ""
+        where = f" on {worker}" if worker != socket.gethostname() else ""
+        logger.info("[%d/%d] %s: %s%s (%.1f s%s)", self.count, len(self.todo), cond.label, how,
+                    self.arm.describe(outcome.metrics), seconds, where)
+
+    def interrupted(self, e: BaseException) -> None:
+        self.run.write_arm_record(self.arm.spec.arm, "interrupted", error=f"{type(e).__name__}: {e}",
+                                  seconds=round(time.time() - self.started, 1))
+
+    def finish(self, **record) -> pd.DataFrame:
+        """The arm's run record and the run's metrics table; raises ConditionsFailed when any failed."""
+        spec, run = self.arm.spec, self.run
+        table = recompute_metrics(run.path, skip_damaged=True)  # another arm's damaged file: named, not fatal
+        wall = time.time() - self.started
+        if self.todo:
+            logger.info("%s: %d conditions in %.0f s; %s", spec.arm, len(self.todo), wall, self.busy.summary(wall))
+        run.write_arm_record(spec.arm, "error" if self.failures else "ok", conditions=len(self.conds),
+                             failed=len(self.failures), seconds=round(wall, 1), busy=self.busy.record(wall),
+                             **(self.arm.record() | record))
+        if self.failures:
+            raise ConditionsFailed(
+                f"{len(self.failures)} of {len(self.todo)} {spec.arm} conditions failed (first: {self.failures[0]}; "
+                f"their record.json under {run.path / 'conditions'} holds the error); rerun the same command to "
+                "retry them")
+        return table
 
 
 def checkpoint_record(ckpt: str | Path) -> dict:
@@ -178,31 +237,3 @@ class Busy:
         parts = [f"{role}s busy {r['seconds']:.0f} s on {r['workers']} worker{'s' * (r['workers'] > 1)} "
                  f"({100 * r['utilisation']:.0f}%)" for role, r in sorted(self.record(wall).items())]
         return ", ".join(parts) or "nothing computed"
-
-
-def _run_step(run: RunDir, step: Step, where: str, arm: Arm, failures: list[str], busy: Busy) -> None:
-    cond = step.cond
-    if step.work is not None:
-        busy.add(*step.work)
-    if step.error is not None:
-        error = step.error.strip().splitlines()[-1]
-        run.write_condition_error(cond, error, traceback=step.error, **step.record)
-        failures.append(error)
-        logger.warning("%s %s: FAILED %s", where, cond.label, error)
-        return
-    t0 = time.time()
-    try:
-        outcome = step.compute()
-        run.write_condition(cond, outcome.files, **outcome.fields)
-    except STEP_ERRORS as e:
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise  # a full disk stops the run: recording it would fail too, and hide which file failed
-        error = f"{type(e).__name__}: {e}"
-        run.write_condition_error(cond, error, traceback=traceback.format_exc(), **step.record)
-        failures.append(error)
-        logger.warning("%s %s: FAILED %s", where, cond.label, error)
-        return
-    seconds = time.time() - t0
-    busy.add("scorer", socket.gethostname(), seconds)
-    how = f"{step.note}, " if step.note else ""
-    logger.info("%s %s: %s%s (%.1f s)", where, cond.label, how, arm.describe(outcome.metrics), seconds)

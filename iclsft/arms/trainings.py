@@ -43,7 +43,8 @@ def training_steps(jobs: Sequence[TrainJob], where: dict[str, tuple[Any, str]], 
                 {"shared_with": shared[cond_id]} if cond_id in shared else {})
             # inside the step: a missing or damaged checkpoint fails its conditions, not the arm
             yield Step(cond, compute=partial(arm.outcome, cond, ckpt, record),
-                       note=training_note(result, shared.get(cond_id)), record={"checkpoint_dir": Path(ckpt).name}, work=work)
+                       note=training_note(result, shared.get(cond_id)), record={"checkpoint_dir": Path(ckpt).name},
+                       work=work)
             work = None  # a training's time counts once, with its first condition
         for ckpt in dict.fromkeys(ckpts):
             arm.scorer.release(ckpt)

@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from iclsft.graph.resources import Resources
 from iclsft.names import IMPLICIT_METHODS, METHODS, SFT_METHODS
 from iclsft.spec import ExecutorSpec, Frozen, TemplateSpec
 from iclsft.tasks import registry
@@ -92,6 +93,7 @@ class SweepConfig(Frozen):
     engine_options: dict = Field(default_factory=dict)  # EngineSpec fields other than name
     sft: dict[str, dict] = Field(default_factory=dict)
     executor: ExecutorSpec = ExecutorSpec()
+    resources: Resources = Resources()  # scorers and trainers of the work graph (iclsft.graph.resources)
     rsa: bool = False
     rsa_subset: Literal["exemplars", "grid"] = "exemplars"  # the 400x400 matrix's points (iclsft.rsa.points)
     report: bool = True

@@ -1,6 +1,10 @@
-"""Running a sweep: every model's arms in order (ICL first, then each SFT method, then the implicit
-suite), each through the one arm runner and resumable on its own, then RSA, circuits and the reports.
-An interrupted sweep recomputes nothing that finished. `OUT/sweep.json` holds the expanded config."""
+"""Running a sweep. On Ray (the default executor) every arm of every model is one work graph
+(`iclsft.graph`): trainings as tasks, scorings on scorer actors that each hold one engine, the arms
+overlapping; `OUT/graph.json` records the resources, per-role busy time and utilisation, and engine
+starts. With `executor: {name: local}` (or sharded training) the arms run one after another in this
+process, each through the one arm runner. Then RSA, circuits and the reports. Either way each arm
+resumes on its own: an interrupted sweep recomputes nothing that finished. `OUT/sweep.json` holds the
+expanded config."""
 
 from __future__ import annotations
 
@@ -56,7 +60,15 @@ def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out
     atomic_write_json(out / "sweep.json", json.loads(config.model_dump_json()))
     tables, failures = {}, []
     started = time.time()
-    for model in config.models:
+    if uses_graph(config, planned, planned_implicit):
+        ran = _run_graph(config, planned, planned_implicit, out, failures, progress)
+        for model in config.models:
+            if planned[model]:
+                tables[model] = ran.get(model_dir(out, model))
+                _finish_2d(config, model_dir(out, model), failures, started, progress)
+            if planned_implicit[model]:
+                _finish_implicit(config, model, implicit_dir(config.out, model), failures, started)
+    for model in [] if uses_graph(config, planned, planned_implicit) else config.models:
         if planned[model]:
             tables[model] = _run_arms(model, model_dir(out, model), planned[model], failures, started, progress)
             _finish_2d(config, model_dir(out, model), failures, started, progress)
@@ -71,6 +83,48 @@ def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out
     if failures:
         raise ConditionsFailed("; ".join(failures))
     return tables
+
+
+def uses_graph(config: SweepConfig, planned: dict, planned_implicit: dict) -> bool:
+    """On Ray, unless a training is sharded over Ray Train workers (those run one at a time)."""
+    sharded = any(getattr(getattr(spec, "sft", None), "workers", 1) > 1
+                  for arms in (*planned.values(), *planned_implicit.values()) for spec, _ in arms)
+    return config.executor.name == "ray" and not sharded
+
+
+def _run_graph(config: SweepConfig, planned: dict, planned_implicit: dict, out: Path, failures: list,
+               progress: bool) -> dict:
+    """Every arm of every model as one work graph on Ray; returns each run directory's metrics table."""
+    import ray
+
+    from iclsft.artifacts import atomic_write_json
+    from iclsft.graph.ray_backend import RayBackend, start_ray
+    from iclsft.graph.run import GraphRun
+
+    arms = [(model_dir(out, model), spec, ref) for model in config.models for spec, ref in planned[model]]
+    arms += [(implicit_dir(out, model), spec, ref) for model in config.models for spec, ref in planned_implicit[model]]
+    started_here = start_ray(config.executor)
+    try:
+        backend = RayBackend(config.resources, config.executor)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        logger.info("== work graph: %d arms on %s", len(arms), backend.slots_.describe())
+        try:
+            graph = GraphRun(arms, backend, "gpu" if gpus else "cpu")
+            logger.info("== %d trainings and %d scorings to run", sum(w.role == "trainer" for w in graph.works),
+                        sum(w.role == "scorer" for w in graph.works))
+            usage = graph.run()
+            starts = backend.engine_starts()
+        finally:
+            backend.close()
+    finally:
+        if started_here:
+            ray.shutdown()
+    failures.extend(graph.failures)
+    logger.info("== work graph done in %.0f s: %s; %d engine starts", usage.makespan, usage.summary(), starts)
+    atomic_write_json(out / "graph.json", {
+        "resources": backend.slots_.model_dump(), "makespan": round(usage.makespan, 1), "usage": usage.record(),
+        "engine_starts": starts, "placement": backend.placement})
+    return graph.tables
 
 
 def _run_arms(model: str, path: Path, arms: list, failures: list, started: float, progress: bool):

@@ -1,0 +1,121 @@
+"""The scheduler's backend on Ray: scorer actors (one engine each, restarted and their work retried
+when one dies) and trainings as tasks (retried by Ray), on a local Ray or a cluster (`ray_address`).
+Results stay in Ray's object store: a training's checkpoint files go to the scorers that need them
+without passing through the driver's disk."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from typing import Any
+
+from iclsft.graph.resources import Resources, Slots, resolve
+from iclsft.graph.work import Finished, Work
+from iclsft.spec import ExecutorSpec
+
+logger = logging.getLogger(__name__)
+
+
+def start_ray(executor: ExecutorSpec, cpus: int | None = None, gpus: float | None = None) -> bool:
+    """Join `executor.ray_address`, or start a local Ray (of `cpus` CPUs, default all, and `gpus`
+    declared GPUs); False when Ray was already running here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {k: v for k, v in os.environ.items() if k.startswith("ICLSFT_")}
+    options = dict(runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.ERROR)
+    if executor.ray_address:
+        ray.init(address=executor.ray_address, **options)  # Ray's own start-up lines are not ours to print
+    else:
+        ray.init(num_cpus=cpus or os.cpu_count() or 1, num_gpus=gpus, include_dashboard=False, **options)
+    return True
+
+
+class RayBackend:
+    def __init__(self, resources: Resources, executor: ExecutorSpec, *, progress: bool = False):
+        import ray
+
+        from iclsft.graph.remote import ScorerActor, train_task
+
+        total = ray.cluster_resources()
+        self.slots_ = resolve(resources, total.get("CPU", 0), total.get("GPU", 0))
+        s: Slots = self.slots_
+        retries = executor.max_retries
+        actor = ray.remote(ScorerActor).options(num_cpus=s.scorer_cpus, num_gpus=s.scorer_gpus,
+                                                max_restarts=retries, max_task_retries=retries)
+        self.actors = [actor.remote(threads=s.scorer_cpus, progress=progress) for _ in range(s.scorers)]
+        self.train = ray.remote(train_task).options(num_cpus=s.trainer_cpus, num_gpus=s.trainer_gpus,
+                                                    max_retries=retries, retry_exceptions=True)
+        self.running: dict[Any, tuple[Work, str, float]] = {}
+        self.results: dict[str, Any] = {}
+        self.placement: dict[str, dict] = {}  # slot -> where its works ran (hosts, GPU ids)
+
+    def slots(self, role: str) -> list[str]:
+        n = self.slots_.scorers if role == "scorer" else self.slots_.trainers
+        return [f"{role}-{i}" for i in range(n)]
+
+    def start(self, work: Work, slot: str, inputs: list[Any]) -> None:
+        payload = work.payload() if callable(work.payload) else work.payload
+        if work.role == "trainer":
+            ref = self.train.remote(*payload)
+        else:
+            ref = self.actors[int(slot.rsplit("-", 1)[1])].score.remote(payload, *inputs)
+        self.running[ref] = (work, slot, time.time())
+
+    def wait(self) -> list[Finished]:
+        import ray
+
+        ready, _ = ray.wait(list(self.running), num_returns=1)
+        ready, _ = ray.wait(list(self.running), num_returns=len(self.running), timeout=0)  # all that are done
+        out = []
+        for ref in ready:
+            work, slot, started = self.running.pop(ref)
+            try:
+                value = ray.get(ref)
+            except Exception as e:  # after Ray's bounded retries
+                out.append(Finished(work, slot, started, time.time(), error="".join(traceback.format_exception(e))))
+                continue
+            self.results[work.id] = ref
+            if work.role == "trainer":
+                host, gpus = value.get("worker", "?"), value.get("gpus", [])
+            else:
+                value, host, gpus = value
+            where = self.placement.setdefault(slot, {"hosts": [], "gpus": []})
+            for key, items in (("hosts", [host]), ("gpus", gpus)):
+                where[key].extend(i for i in items if i not in where[key])
+            out.append(Finished(work, slot, started, time.time(), result=value, host=host))
+        return out
+
+    def put(self, obj: Any) -> Any:
+        import ray
+
+        return ray.put(obj)
+
+    def handle(self, work_id: str) -> Any:
+        return self.results[work_id]
+
+    def forget(self, work_id: str) -> None:
+        self.results.pop(work_id, None)
+
+    def now(self) -> float:
+        return time.time()
+
+    def engine_starts(self) -> int:
+        import ray
+
+        return sum(ray.get([a.starts.remote() for a in self.actors]))
+
+    def close(self) -> None:
+        import ray
+
+        for ref in self.running:
+            ray.cancel(ref, force=True)
+        for a in self.actors:
+            try:
+                ray.get(a.close.remote(), timeout=60)
+            except Exception:  # a dead actor has nothing left to close
+                pass
+            ray.kill(a)

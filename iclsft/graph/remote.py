@@ -1,0 +1,212 @@
+"""What runs on a sweep's workers, on any node: the scorer actor and the training task.
+
+Nothing here reads or writes the driver's paths. The base model is resolved on the worker's own node
+(`local_model`: its cache, or the hub) and proved to be the run's by its fingerprint. A training
+saves its checkpoints in a scratch directory of its own and returns their files as data; a scorer
+gets a checkpoint's files as data (Ray's object store), keeps them in its own scratch directory, and
+returns each condition's `Outcome` for the driver to write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from iclsft.models import ModelRef
+
+KEEP_CHECKPOINTS = 4  # checkpoints a scorer keeps in its scratch directory (and engine) at once
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def local_model(name: str, fingerprint: str) -> ModelRef:
+    """This node's copy of the run's base model. A known name or hub id is resolved from this node's cache
+    (or hub); a model given as a directory is looked up in this node's model cache by fingerprint (copy
+    it into $ICLSFT_HOME/models/ under any name), else read from that directory on this node. Raises
+    ValueError when the copy found is not the run's model."""
+    from iclsft.models import KNOWN_MODELS, _looks_like_path, resolve_model
+
+    if name in KNOWN_MODELS or not _looks_like_path(name) and not Path(name).exists():
+        ref = resolve_model(name)
+    else:
+        ref = cached_model(fingerprint) or resolve_model(name)
+    if ref.fingerprint != fingerprint:
+        raise ValueError(f"model {name!r} on {socket.gethostname()} ({ref.path}) has fingerprint {ref.fingerprint}, "
+                         f"the run's is {fingerprint}: give every node the same weights")
+    return ref
+
+
+def cached_model(fingerprint: str) -> ModelRef | None:
+    """The model directory in this node's cache ($ICLSFT_HOME/models/*) with this fingerprint, if any."""
+    from iclsft.models import check_model_dir, models_dir
+    from iclsft.models import fingerprint as fingerprint_of
+
+    root = models_dir()
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        try:
+            check_model_dir(path)
+        except FileNotFoundError:
+            continue
+        if fingerprint_of(path) == fingerprint:
+            return ModelRef(str(path), path, fingerprint)
+    return None
+
+
+def read_tree(path: Path) -> dict[str, bytes]:
+    """Every file under `path`, by relative path: a checkpoint as data."""
+    path = Path(path)
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def write_tree(final: Path, files: dict[str, bytes]) -> None:
+    """Write a checkpoint sent as data into `final`, atomically (a complete directory or none); an already
+    finished copy is kept."""
+    from iclsft.artifacts import publish_dir
+    from iclsft.sft.adapters import is_finished
+
+    final = Path(final)
+    if is_finished(final):
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        try:
+            publish_dir(tmp, final)
+        except OSError:
+            if not is_finished(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gpu_ids() -> list:
+    try:
+        import ray
+
+        return [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+    except ImportError:
+        return []
+
+
+def train_task(job, model: str, fingerprint: str) -> dict:
+    """Train `job` on this node: the base model from this node's cache, the checkpoints saved in a scratch
+    directory and returned as data (`files`: checkpoint directory name -> its files)."""
+    from iclsft.sft.train import train
+
+    base = local_model(model, fingerprint)
+    with tempfile.TemporaryDirectory(prefix="iclsft-train-") as scratch:
+        local = [(f, str(Path(scratch) / Path(d).name)) for f, d in job.checkpoints]
+        result = train(dataclasses.replace(job, base_path=str(base.path), checkpoints=local))
+        result["files"] = {Path(d).name: read_tree(Path(d)) for _, d in local}
+    result["checkpoints"] = dict(job.checkpoints)
+    result["gpus"] = gpu_ids()
+    return result
+
+
+def _value(handle):
+    """A value sent through Ray's object store (inside a task, so not resolved by Ray itself)."""
+    try:
+        import ray
+    except ImportError:
+        return handle
+    return ray.get(handle) if isinstance(handle, ray.ObjectRef) else handle
+
+
+@dataclass
+class ScoreTask:
+    """One condition to score on a scorer actor: the arm (its spec, built once per actor), the base
+    model by name and fingerprint, and the checkpoint's directory name (None: the base model)."""
+
+    arm: str  # the arm's key: one arm object per key on each actor
+    spec: Any
+    model: str
+    fingerprint: str
+    cond: Any
+    checkpoint: str | None = None
+    record: dict = dataclasses.field(default_factory=dict)
+    files: Any = None  # the checkpoint's files when they come from the run directory (not from a training)
+
+
+class ScorerActor:
+    """Holds one engine per base model (opened once: full fine-tunes are swapped in where the engine can)
+    and the arms that score with it; returns each condition's outcome, never writes the run."""
+
+    def __init__(self, threads: float = 1, progress: bool = False):
+        import torch
+
+        from iclsft.models import quiet_loading
+
+        quiet_loading()
+        torch.set_num_threads(max(1, int(threads)))
+        self.progress = progress
+        self.scratch = Path(tempfile.mkdtemp(prefix="iclsft-scorer-"))
+        self.refs: dict[tuple, ModelRef] = {}
+        self.scorers: dict[tuple, Any] = {}
+        self.arms: dict[str, Any] = {}
+        self.checkpoints: OrderedDict[str, Path] = OrderedDict()
+
+    def score(self, task: ScoreTask, trained: dict | None = None) -> tuple:
+        """(outcome, worker, GPU ids) of one condition; `trained`: the result of the training that made
+        its checkpoint (its files among them)."""
+        arm = self._arm(task)
+        ckpt = None
+        if task.checkpoint is not None:
+            files = trained["files"][task.checkpoint] if trained is not None else _value(task.files)
+            ckpt = self._checkpoint(task.checkpoint, files, arm)
+        return arm.outcome(task.cond, ckpt, task.record), worker_name(), gpu_ids()
+
+    def starts(self) -> int:
+        return sum(s.starts for s in self.scorers.values())
+
+    def _arm(self, task: ScoreTask):
+        if task.arm not in self.arms:
+            from iclsft.arms import make_arm
+            from iclsft.arms.scorer import Scorer
+
+            key = (task.model, task.fingerprint)
+            if key not in self.refs:
+                self.refs[key] = local_model(task.model, task.fingerprint)
+            ref, spec = self.refs[key], task.spec
+            sft = getattr(spec, "sft", None)
+            lora_rank = sft.lora_r if sft is not None and sft.method == "lora" else None
+            # one engine per base model: arms of one model share it (hf serves adapters and swapped weights)
+            skey = (spec.engine.model_dump_json(), task.fingerprint, spec.dtype,
+                    None if spec.engine.name == "hf" else lora_rank)
+            if skey not in self.scorers:
+                self.scorers[skey] = Scorer(spec.engine, ref, spec.dtype, progress=self.progress, lora_rank=lora_rank)
+            self.arms[task.arm] = make_arm(spec, ref, progress=self.progress, scorer=self.scorers[skey])
+        return self.arms[task.arm]
+
+    def _checkpoint(self, name: str, files: dict[str, bytes], arm) -> str:
+        path = self.scratch / name
+        if name in self.checkpoints:
+            self.checkpoints.move_to_end(name)
+            return str(path)
+        write_tree(path, files)
+        self.checkpoints[name] = path
+        while len(self.checkpoints) > KEEP_CHECKPOINTS:
+            _, old = self.checkpoints.popitem(last=False)
+            for scorer in self.scorers.values():
+                scorer.release(old)
+            shutil.rmtree(old, ignore_errors=True)
+        return str(path)
+
+    def close(self) -> None:
+        for scorer in self.scorers.values():
+            scorer.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)

@@ -1,0 +1,190 @@
+"""A sweep's arms as one work graph: every arm of every model opened at once, their trainings and
+scorings handed to the scheduler, each outcome written by this process (the driver) as it arrives.
+
+Trainings start first, longest first; ICL conditions are scored while they run; each checkpoint's
+conditions are scored as soon as it exists, by whichever scorer is free. Only the driver touches the
+run directories: a training's checkpoint files arrive as data and are written here, and a reused
+checkpoint is read here and sent (once, through the backend's object store) to the scorers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from iclsft.arms.runner import ArmRun
+from iclsft.arms.trainings import training_note
+from iclsft.errors import ConditionsFailed
+from iclsft.graph.costs import condition_queries, prefix_tokens, score_seconds, train_seconds
+from iclsft.graph.remote import ScoreTask, read_tree, write_tree
+from iclsft.graph.schedule import Backend, Usage, schedule
+from iclsft.graph.work import Finished, Work
+from iclsft.sft.adapters import is_finished
+from iclsft.sft.train import total_steps
+from iclsft.store import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Arm:
+    key: str
+    state: ArmRun
+    left: int = 0  # works not yet ended
+    shared: dict = dataclasses.field(default_factory=dict)
+    table: Any = None
+
+
+class GraphRun:
+    """The driver's side of one graph: opens the arms, builds their works, writes what comes back."""
+
+    def __init__(self, arms: Sequence[tuple[Path, Any, Any]], backend: Backend, device: str = "cpu"):
+        from iclsft.arms import make_arm
+
+        self.backend, self.device = backend, device
+        self.runs: dict[Path, RunDir] = {}
+        self.arms: dict[str, _Arm] = {}
+        self.works: list[Work] = []
+        self.trained: dict[str, dict] = {}  # training work id -> what its conditions' records say of it
+        self.dirs: dict[str, dict[str, str]] = {}  # training work id -> checkpoint name -> driver's directory
+        self.puts: dict[str, list] = {}  # reused checkpoint dir -> [handle, conditions left]
+        self.failures: list[str] = []
+        self.tables: dict[Path, Any] = {}
+        try:
+            for path, spec, ref in arms:
+                run = self.runs.get(Path(path))
+                if run is None:
+                    run = self.runs[Path(path)] = RunDir(path)
+                    run.open(spec)
+                    run.acquire_lock()
+                arm = make_arm(spec, ref, progress=False)  # its scorer is never opened here
+                a = _Arm(f"{Path(path)}|{spec.arm}", ArmRun(arm, run))
+                self.arms[a.key] = a
+                self._add_works(a, spec, ref)
+        except BaseException:
+            self.close()
+            raise
+
+    def _add_works(self, a: _Arm, spec, ref) -> None:
+        arm, todo = a.state.arm, a.state.todo
+        base = dict(arm=a.key, spec=spec, model=ref.name, fingerprint=ref.fingerprint)
+        if not hasattr(arm, "jobs"):  # ICL: each condition on the base model
+            for cond in todo:
+                self._work(a, Work(f"{a.key}|{cond.id}", "scorer", cond.label, self._score_cost(cond), arm=a.key,
+                                   payload=ScoreTask(cond=cond, **base)))
+            return
+        a.shared = getattr(arm, "shared", {})
+        for job in arm.jobs:
+            missing = [(f, d) for f, d in job.checkpoints if not is_finished(Path(d))]
+            train_id = f"{a.key}|train|{job.key}"
+            if missing:
+                steps = total_steps(len(job.examples), job.sft)
+                self._work(a, Work(train_id, "trainer", f"model {job.key[:12]} ({job.sft.method}, {steps} steps)",
+                                   train_seconds(steps, job.sft.method, self.device), arm=a.key,
+                                   payload=(dataclasses.replace(job, checkpoints=missing), ref.name, ref.fingerprint)))
+                self.dirs[train_id] = {Path(d).name: d for _, d in missing}
+            for cond_id in job.meta["conditions"]:
+                cond, ckpt = arm.where[cond_id][:2]
+                name = Path(ckpt).name
+                record = {"shared_with": a.shared[cond_id]} if cond_id in a.shared else {}
+                if any(d == ckpt for _, d in missing):
+                    task = ScoreTask(cond=cond, checkpoint=name, record={"trained_now": True} | record, **base)
+                    needs = (train_id,)
+                else:
+                    self.puts.setdefault(ckpt, [None, 0])[1] += 1
+                    task = _Reused(self, ckpt, ScoreTask(cond=cond, checkpoint=name,
+                                                         record={"trained_now": False} | record, **base))
+                    needs = ()
+                self._work(a, Work(f"{a.key}|{cond.id}", "scorer", cond.label, self._score_cost(cond), needs=needs,
+                                   payload=task, arm=a.key))
+
+    def _work(self, a: _Arm, work: Work) -> None:
+        self.works.append(work)
+        a.left += 1
+
+    def _score_cost(self, cond) -> float:
+        return score_seconds(condition_queries(cond), prefix_tokens(cond), self.device)
+
+    def files(self, ckpt: str):
+        """A reused checkpoint's files, read and put once for all its conditions."""
+        entry = self.puts[ckpt]
+        if entry[0] is None:
+            entry[0] = self.backend.put(read_tree(Path(ckpt)))
+        entry[1] -= 1
+        handle = entry[0]
+        if entry[1] == 0:
+            del self.puts[ckpt]  # the tasks hold it from here on
+        return handle
+
+    def run(self) -> Usage:
+        try:
+            usage = schedule(self.works, self.backend, self.on_done)
+        except BaseException as e:
+            for a in self.arms.values():
+                if a.table is None:
+                    a.state.interrupted(e)
+            raise
+        finally:
+            self.close()
+        for a in self.arms.values():  # arms with nothing to do
+            if a.table is None:
+                self._finish(a)
+        return usage
+
+    def on_done(self, done: Finished) -> None:
+        work = done.work
+        a = self.arms[work.arm]
+        if work.role == "trainer":
+            if done.error is None:
+                result = done.result
+                for name, files in result["files"].items():
+                    write_tree(Path(self.dirs[work.id][name]), files)
+                self.trained[work.id] = {"trained": True, "seconds": result.get("seconds", 0.0),
+                                         "worker": done.host}
+                a.state.busy.add("trainer", done.host, float(result.get("seconds", 0.0)))
+                logger.info("%s: trained %s in %.0f s on %s", a.state.arm.spec.arm, work.label,
+                            result.get("seconds", 0.0), done.host)
+            else:
+                logger.warning("%s: %s FAILED %s", a.state.arm.spec.arm, work.label,
+                               done.error.strip().splitlines()[-1])
+        else:
+            task = work.payload.task if isinstance(work.payload, _Reused) else work.payload
+            cond = task.cond
+            if done.error is not None:
+                record = {"checkpoint_dir": task.checkpoint} if task.checkpoint else {}
+                a.state.failed(cond, done.error, record)
+            else:
+                note = ""
+                if task.checkpoint is not None:
+                    info = self.trained.get(work.needs[0], {}) if work.needs else {"trained": False}
+                    note = training_note(info, a.shared.get(cond.id))
+                a.state.done(cond, done.result, note, done.seconds, done.host)
+        a.left -= 1
+        if a.left == 0:
+            self._finish(a)
+
+    def _finish(self, a: _Arm) -> None:
+        try:
+            a.table = a.state.finish(engine_starts=None)  # engines are the scorers': counted for the sweep
+        except ConditionsFailed as e:
+            self.failures.append(f"{a.state.run.path.name} {a.state.arm.spec.arm}: {e}")
+            logger.warning("%s", e)
+            a.table = False
+        self.tables[a.state.run.path] = a.table if a.table is not False else self.tables.get(a.state.run.path)
+
+    def close(self) -> None:
+        for run in self.runs.values():
+            run.release_lock()
+
+
+class _Reused:
+    """A reused checkpoint's scoring: its files are read (once) when the first of its conditions starts."""
+
+    def __init__(self, graph: GraphRun, ckpt: str, task: ScoreTask):
+        self.graph, self.ckpt, self.task = graph, ckpt, task
+
+    def __call__(self) -> ScoreTask:
+        return dataclasses.replace(self.task, files=self.graph.files(self.ckpt))

@@ -1,0 +1,140 @@
+"""The scheduler: one loop that runs a work graph on any backend (Ray actors and tasks, or the
+simulator's timed stand-ins), so `sweep --simulate` measures the scheduler that real sweeps use.
+
+Each role has its slots (scorer actors; trainer slots that fit beside them). A free slot takes the
+next ready work of its role: trainings longest first (their tail sets the makespan), scorings of
+trained checkpoints before ICL scorings (a checkpoint's conditions finish, and its files are freed,
+as soon as it exists; ICL fills the scorers while trainings run). A work whose needed work failed
+ends with that error, unrun.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from iclsft.graph.work import ROLES, Finished, Work
+
+
+class Backend(Protocol):
+    def slots(self, role: str) -> list[str]: ...  # names of the slots of a role
+
+    def start(self, work: Work, slot: str, inputs: list[Any]) -> None: ...  # inputs: handles of needed results
+
+    def wait(self) -> list[Finished]: ...  # blocks until at least one started work ends
+
+    def put(self, obj: Any) -> Any: ...  # a handle for data sent to several works (a reused checkpoint)
+
+    def handle(self, work_id: str) -> Any: ...  # what a dependent is given for a finished work
+
+    def forget(self, work_id: str) -> None: ...  # no dependent needs that result any more
+
+    def now(self) -> float: ...
+
+
+class Usage:
+    """Busy seconds per role and slot over the graph's makespan."""
+
+    def __init__(self, slots: dict[str, list[str]], started: float):
+        self.slots, self.started = slots, started
+        self.busy: dict[str, dict[str, float]] = {r: dict.fromkeys(s, 0.0) for r, s in slots.items()}
+        self.ended = started
+        self.works: dict[str, int] = dict.fromkeys(slots, 0)
+
+    def add(self, done: Finished) -> None:
+        role = done.work.role
+        self.busy[role][done.worker] = self.busy[role].get(done.worker, 0.0) + done.seconds
+        self.works[role] += 1
+        self.ended = max(self.ended, done.ended)
+
+    @property
+    def makespan(self) -> float:
+        return self.ended - self.started
+
+    def record(self) -> dict:
+        """role -> works, busy seconds, slots, utilisation (busy / (slots x makespan))."""
+        span = self.makespan
+        return {role: {"works": self.works[role], "seconds": round(sum(b.values()), 1), "workers": len(b),
+                       "utilisation": round(sum(b.values()) / (len(b) * span), 3) if span > 0 and b else 0.0}
+                for role, b in self.busy.items() if b}
+
+    def summary(self) -> str:
+        return ", ".join(f"{role}s: {r['works']} works, busy {r['seconds']:.0f} s on {r['workers']} "
+                         f"({100 * r['utilisation']:.0f}%)" for role, r in self.record().items())
+
+
+def schedule(works: Iterable[Work], backend: Backend, on_done: Callable[[Finished], None]) -> Usage:
+    """Run every work on `backend` as its needs finish; `on_done` sees each as it ends (dependents of a
+    failed work end with its error, unrun). Returns per-role usage."""
+    works = list(works)
+    by_id = {w.id: w for w in works}
+    if len(by_id) != len(works):
+        raise ValueError("two works share an id")
+    missing = {n for w in works for n in w.needs if n not in by_id}
+    if missing:
+        raise ValueError(f"works need unknown works: {', '.join(sorted(missing))}")
+    waiting = {w.id: set(w.needs) for w in works}
+    dependents: dict[str, list[str]] = {}
+    for w in works:
+        for n in w.needs:
+            dependents.setdefault(n, []).append(w.id)
+    slots = {role: backend.slots(role) for role in ROLES}
+    for w in works:
+        if not slots[w.role]:
+            raise ValueError(f"no {w.role} slot to run {w.label}: give the sweep's resources at least one")
+    free = {role: list(reversed(s)) for role, s in slots.items()}
+    ready: dict[str, list] = {role: [] for role in ROLES}
+    order = itertools.count()
+    usage = Usage({r: s for r, s in slots.items() if any(w.role == r for w in works)}, backend.now())
+    remaining = {w.id: len(dependents.get(w.id, [])) for w in works}
+
+    def release(w: Work) -> None:  # a result no dependent still needs is let go
+        for n in w.needs:
+            remaining[n] -= 1
+            if remaining[n] == 0:
+                backend.forget(n)
+
+    def push(w: Work) -> None:
+        # trainers: longest first; scorers: trained checkpoints (needs) before ICL, then in plan order
+        key = -w.cost if w.role == "trainer" else (0 if w.needs else 1)
+        heapq.heappush(ready[w.role], (key, next(order), w))
+
+    def end(done: Finished) -> None:
+        on_done(done)
+        for dep in dependents.get(done.work.id, []):
+            waiting[dep].discard(done.work.id)
+            if done.error is not None and dep in waiting:
+                waiting.pop(dep)
+                release(by_id[dep])
+                now = backend.now()
+                end(Finished(by_id[dep], "-", now, now, error=done.error))
+            elif dep in waiting and not waiting[dep]:
+                waiting.pop(dep)
+                push(by_id[dep])
+
+    for w in works:
+        if not w.needs:
+            waiting.pop(w.id)
+            push(w)
+    running = 0
+    while running or any(ready.values()):
+        for role in ROLES:
+            while free[role] and ready[role]:
+                _, _, w = heapq.heappop(ready[role])
+                backend.start(w, free[role].pop(), [backend.handle(n) for n in w.needs])
+                running += 1
+        if not running:
+            break
+        for done in backend.wait():
+            running -= 1
+            free[done.work.role].append(done.worker)
+            usage.add(done)
+            end(done)
+            release(done.work)
+            if remaining[done.work.id] == 0:
+                backend.forget(done.work.id)
+    if waiting:  # cannot happen for a graph without cycles
+        raise ValueError(f"{len(waiting)} works never became ready (a cycle in their needs)")
+    return usage
