@@ -11,6 +11,7 @@ import time
 import traceback
 from typing import Any
 
+from iclsft.graph.remote import RsaTask
 from iclsft.graph.resources import Resources, Slots, resolve
 from iclsft.graph.work import Finished, Work
 from iclsft.spec import ExecutorSpec
@@ -62,7 +63,9 @@ class RayBackend:
         if work.role == "trainer":
             ref = self.train.remote(*payload)
         else:
-            ref = self.actors[int(slot.rsplit("-", 1)[1])].score.remote(payload, *inputs)
+            actor = self.actors[int(slot.rsplit("-", 1)[1])]
+            method = actor.rsa if isinstance(payload, RsaTask) else actor.score
+            ref = method.remote(payload, *inputs)
         self.running[ref] = (work, slot, time.time())
 
     def wait(self) -> list[Finished]:
@@ -82,7 +85,8 @@ class RayBackend:
             if work.role == "trainer":
                 host, gpus = value.get("worker", "?"), value.get("gpus", [])
             else:
-                value, host, gpus = value
+                *value, host, gpus = value
+                value = value[0] if len(value) == 1 else tuple(value)
             where = self.placement.setdefault(slot, {"hosts": [], "gpus": []})
             for key, items in (("hosts", [host]), ("gpus", gpus)):
                 where[key].extend(i for i in items if i not in where[key])

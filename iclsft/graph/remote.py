@@ -142,6 +142,19 @@ class ScoreTask:
     files: Any = None  # the checkpoint's files when they come from the run directory (not from a training)
 
 
+@dataclass
+class RsaTask:
+    """One condition's RSA on a scorer actor (HF hooks on the base model, or on its checkpoint)."""
+
+    cond: Any
+    model: str
+    fingerprint: str
+    dtype: str
+    subset: str
+    checkpoint: str | None = None
+    files: Any = None  # as ScoreTask.files
+
+
 class ScorerActor:
     """Holds one engine per base model (opened once: full fine-tunes are swapped in where the engine can)
     and the arms that score with it; returns each condition's outcome, never writes the run."""
@@ -159,6 +172,7 @@ class ScorerActor:
         self.scorers: dict[tuple, Any] = {}
         self.arms: dict[str, Any] = {}
         self.checkpoints: OrderedDict[str, Path] = OrderedDict()
+        self.rsa_models: dict[str, Any] = {}  # dtype -> iclsft.rsa.run.Models (HF hooks need a plain model)
 
     def score(self, task: ScoreTask, trained: dict | None = None) -> tuple:
         """(outcome, worker, GPU ids) of one condition; `trained`: the result of the training that made
@@ -167,8 +181,23 @@ class ScorerActor:
         ckpt = None
         if task.checkpoint is not None:
             files = trained["files"][task.checkpoint] if trained is not None else _value(task.files)
-            ckpt = self._checkpoint(task.checkpoint, files, arm)
+            ckpt = self._checkpoint(task.checkpoint, files)
         return arm.outcome(task.cond, ckpt, task.record), worker_name(), gpu_ids()
+
+    def rsa(self, task: RsaTask, *inputs) -> tuple:
+        """(rsa.npz bytes, a summary line, worker, GPU ids) of one condition; `inputs`: the results of its
+        scoring and, for a checkpoint trained in this sweep, of its training (its files among them)."""
+        from iclsft.rsa.run import Models, describe, npz_bytes, rsa_arrays
+
+        if task.dtype not in self.rsa_models:
+            self.rsa_models[task.dtype] = Models(task.dtype, resolve=local_model)
+        ckpt = None
+        if task.checkpoint is not None:
+            trained = next((i for i in inputs if isinstance(i, dict) and "files" in i), None)
+            files = trained["files"][task.checkpoint] if trained is not None else _value(task.files)
+            ckpt = self._checkpoint(task.checkpoint, files)
+        arrays = rsa_arrays(task.cond, self.rsa_models[task.dtype], ckpt, subset=task.subset)
+        return npz_bytes(arrays), describe(arrays), worker_name(), gpu_ids()
 
     def starts(self) -> int:
         return sum(s.starts for s in self.scorers.values())
@@ -192,7 +221,7 @@ class ScorerActor:
             self.arms[task.arm] = make_arm(spec, ref, progress=self.progress, scorer=self.scorers[skey])
         return self.arms[task.arm]
 
-    def _checkpoint(self, name: str, files: dict[str, bytes], arm) -> str:
+    def _checkpoint(self, name: str, files: dict[str, bytes]) -> str:
         path = self.scratch / name
         if name in self.checkpoints:
             self.checkpoints.move_to_end(name)
@@ -209,4 +238,6 @@ class ScorerActor:
     def close(self) -> None:
         for scorer in self.scorers.values():
             scorer.close()
+        for models in self.rsa_models.values():
+            models.close()
         shutil.rmtree(self.scratch, ignore_errors=True)

@@ -119,37 +119,21 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", subset: str = DE
                 if not rsa_is_current(cdir, rec["condition"], dtype, subset)]
         logger.info("RSA: %d finished conditions, %d already done, %d to compute",
                     len(finished), len(finished) - len(todo), len(todo))
-        models = _Models(dtype)
+        models = Models(dtype)
         for i, (cdir, cond_json, record) in enumerate(todo, 1):
             t0 = time.time()
             (cdir / RSA_JSON).unlink(missing_ok=True)  # from here on, nothing of an earlier pass is trusted
-            base = {"condition": record["condition"], "rsa_version": RSA_VERSION, "dtype": dtype,
-                    "rsa_subset": subset, "version": __version__}
             try:
                 arrays = condition_rsa(run, cdir, cond_json, record, models, subset=subset, batch_size=batch_size,
                                        progress=progress)
-                buf = io.BytesIO()
-                np.savez_compressed(buf, **arrays)
-                npz = write_checked(cdir / RSA_NPZ, buf.getvalue())
-                fault_point("rsa")
-                atomic_write_json(cdir / RSA_JSON, {
-                    "status": "ok", **base, "seconds": round(time.time() - t0, 2),
-                    "layers": len(arrays["layers"]), "pairs": int(arrays["hist_resid"][0].sum()),
-                    "subset": len(arrays["sub_truth"]), "subset_exemplars": int(arrays["sub_is_exemplar"].sum()),
-                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "files": {RSA_NPZ: npz}})
+                write_rsa(cdir, record["condition"], arrays, dtype, subset, time.time() - t0)
             except Exception as e:  # one condition's failure is recorded and the pass goes on
                 failed.append(cdir.name)
-                atomic_write_json(cdir / RSA_JSON, {"status": "error", **base, "error": f"{type(e).__name__}: {e}",
-                                                    "traceback": traceback.format_exc()})
+                write_rsa_error(cdir, record["condition"], dtype, subset, e, traceback.format_exc())
                 logger.warning("[%d/%d] RSA %s: FAILED %s: %s", i, len(todo), cdir.name, type(e).__name__, e)
                 continue
             done.append(cdir.name)
-            mid = len(arrays["layers"]) // 2
-            logger.info("[%d/%d] RSA %s: %.1f s, collapse (resid) layer %d %.3f, last %.3f; within exemplars "
-                        "%.3f, within tests %.3f", i, len(todo), cdir.name, time.time() - t0, mid,
-                        arrays["collapse_resid"][mid], arrays["collapse_resid"][-1],
-                        arrays["within_exemplar_resid"][mid], arrays["within_test_resid"][mid])
+            logger.info("[%d/%d] RSA %s: %.1f s, %s", i, len(todo), cdir.name, time.time() - t0, describe(arrays))
     finally:
         if models is not None:
             models.close()
@@ -160,18 +144,80 @@ def compute_rsa(run_dir: str | Path, *, dtype: str = "float32", subset: str = DE
     return done
 
 
-def condition_rsa(run: RunDir, cdir: Path, cond_json: dict, record: dict, models: _Models, *,
+def describe(arrays: dict) -> str:
+    """One condition's RSA in a few numbers, for progress lines."""
+    mid = len(arrays["layers"]) // 2
+    collapse = arrays["collapse_resid"]
+    return (f"collapse (resid) layer {mid} {collapse[mid]:.3f}, last {collapse[-1]:.3f}; "
+            f"within exemplars {arrays['within_exemplar_resid'][mid]:.3f}, within tests "
+            f"{arrays['within_test_resid'][mid]:.3f}")
+
+
+def rsa_base(condition_id: str, dtype: str, subset: str) -> dict:
+    return {"condition": condition_id, "rsa_version": RSA_VERSION, "dtype": dtype, "rsa_subset": subset,
+            "version": __version__}
+
+
+def npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def write_rsa(cdir: Path, condition_id: str, arrays: dict | bytes, dtype: str, subset: str, seconds: float) -> None:
+    """Write one condition's rsa.npz (the arrays, or their npz bytes), then its rsa.json (last: it makes it count)."""
+    data = arrays if isinstance(arrays, bytes) else npz_bytes(arrays)
+    if isinstance(arrays, bytes):
+        with np.load(io.BytesIO(data)) as z:
+            arrays = {k: z[k] for k in ("layers", "hist_resid", "sub_truth", "sub_is_exemplar")}
+    npz = write_checked(cdir / RSA_NPZ, data)
+    fault_point("rsa")
+    atomic_write_json(cdir / RSA_JSON, {
+        "status": "ok", **rsa_base(condition_id, dtype, subset), "seconds": round(seconds, 2),
+        "layers": len(arrays["layers"]), "pairs": int(arrays["hist_resid"][0].sum()),
+        "subset": len(arrays["sub_truth"]), "subset_exemplars": int(arrays["sub_is_exemplar"].sum()),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": {RSA_NPZ: npz}})
+
+
+def write_rsa_error(cdir: Path, condition_id: str, dtype: str, subset: str, error: BaseException | str,
+                    trace: str) -> None:
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    atomic_write_json(cdir / RSA_JSON, {"status": "error", **rsa_base(condition_id, dtype, subset), "error": message,
+                                        "traceback": trace})
+
+
+def condition_rsa(run: RunDir, cdir: Path, cond_json: dict, record: dict, models: Models, *,
                   subset: str = DEFAULT_SUBSET, batch_size: int | None = None,
                   progress: bool = False) -> dict[str, np.ndarray]:
-    """The rsa.npz arrays of one finished condition, from the same prompts as its scoring."""
-    from iclsft.prompts import builder_for
-    from iclsft.rsa.activations import activations
-    from iclsft.rsa.stats import BINS, layer_stats
-
+    """The rsa.npz arrays of one finished condition of `run`, from the same prompts as its scoring (its
+    files verified, its stored exemplars checked against the stream)."""
     cond = Condition.model_validate({k: v for k, v in cond_json.items() if k != "id"})
     if cond.id != record["condition"]:
         raise ValueError(f"{cdir / 'condition.json'} hashes to {cond.id}, its record says {record['condition']}")
     run.verify(cdir, record)
+    checkpoint = None
+    if cond.method == "icl":
+        exemplars = linear2d.exemplars(cond.task, cond.seed, cond.shots, cond.order)
+        stored = pd.read_parquet(cdir / "exemplars.parquet")
+        if not stored[["n1", "n2", "truth"]].reset_index(drop=True).equals(exemplars[["n1", "n2", "truth"]]):
+            raise ValueError(f"{cdir / 'exemplars.parquet'} is not the exemplar stream of seed {cond.seed} at "
+                             f"K={cond.shots} (order {cond.order}); the condition was scored with other exemplars")
+    else:
+        if not record.get("checkpoint_dir"):
+            raise ValueError(f"the record of SFT condition {cdir.name} names no checkpoint_dir")
+        checkpoint = run.path / "adapters" / record["checkpoint_dir"]
+    return rsa_arrays(cond, models, checkpoint, subset=subset, batch_size=batch_size, progress=progress)
+
+
+def rsa_arrays(cond: Condition, models: Models, checkpoint: str | Path | None = None, *,
+               subset: str = DEFAULT_SUBSET, batch_size: int | None = None,
+               progress: bool = False) -> dict[str, np.ndarray]:
+    """The rsa.npz arrays of one condition: the base model after its ICL prompt, or its fine-tuned
+    `checkpoint` zero-shot. Reads nothing of the run (a scorer actor computes it from data)."""
+    from iclsft.prompts import builder_for
+    from iclsft.rsa.activations import activations
+    from iclsft.rsa.stats import BINS, layer_stats
+
     tokenizer = models.tokenizer(cond.model)
     builder = builder_for(tokenizer, cond.template, cond.task)  # as scoring: labels, and words for `semantic`
     # the condition's 2K points, as scoring and training take them: the ICL prompt's exemplars and the SFT data
@@ -181,18 +227,12 @@ def condition_rsa(run: RunDir, cdir: Path, cond_json: dict, record: dict, models
     # the lattice, then the matrix points off it (exemplars), each read as a query after the same prefix
     n1 = np.concatenate([points.n1.to_numpy(), matrix.extra.n1.to_numpy()])
     n2 = np.concatenate([points.n2.to_numpy(), matrix.extra.n2.to_numpy()])
-    if cond.method == "icl":
-        stored = pd.read_parquet(cdir / "exemplars.parquet")
-        if not stored[["n1", "n2", "truth"]].reset_index(drop=True).equals(exemplars[["n1", "n2", "truth"]]):
-            raise ValueError(f"{cdir / 'exemplars.parquet'} is not the exemplar stream of seed {cond.seed} at "
-                             f"K={cond.shots} (order {cond.order}); the condition was scored with other exemplars")
-        prefix = builder.prefix(stored.n1, stored.n2, stored.truth)
+    if checkpoint is None:
+        prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
         loaded = _nothing_to_release(models.base(cond.model))
     else:  # a fine-tuned model is scored zero-shot: the prompt is BOS/header + query
-        if not record.get("checkpoint_dir"):
-            raise ValueError(f"the record of SFT condition {cdir.name} names no checkpoint_dir")
         prefix = builder.start()
-        loaded = models.checkpoint(cond.model, run.path / "adapters" / record["checkpoint_dir"])
+        loaded = models.checkpoint(cond.model, checkpoint)
     query_ids = builder.queries_after(prefix, n1, n2)  # tokenized in their context, as scoring does
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with loaded as model:
@@ -202,7 +242,7 @@ def condition_rsa(run: RunDir, cdir: Path, cond_json: dict, record: dict, models
         except (MemoryError, RuntimeError) as e:
             if not is_out_of_memory(e):
                 raise
-            raise out_of_memory(f"reading activations of {cdir.name}", "run `iclsft-eval rsa RUN --batch-size N` "
+            raise out_of_memory(f"reading activations of {cond.dirname}", "run `iclsft-eval rsa RUN --batch-size N` "
                                 "with a smaller N (queries per forward pass)", e) from e
     truth = points.truth.to_numpy()
     out = {"layers": np.arange(resid.shape[0], dtype=np.int64), "bins": BINS.copy()}
@@ -218,17 +258,20 @@ def _nothing_to_release(model):
     yield model
 
 
-class _Models:
+class Models:
     """Loads each base model and tokenizer once; attaches LoRA adapters to it, or loads a full
     fine-tune, for one condition at a time."""
 
-    def __init__(self, dtype: str):
+    def __init__(self, dtype: str, resolve=None):
         self.dtype = dtype
+        self._resolve = resolve  # (name, fingerprint) -> ModelRef; default: resolve_model, fingerprint checked
         self._refs: dict[ModelSpec, object] = {}
         self._tokenizers: dict[ModelSpec, object] = {}
         self._bases: dict[ModelSpec, object] = {}
 
     def ref(self, spec: ModelSpec):
+        if spec not in self._refs and self._resolve is not None:
+            self._refs[spec] = self._resolve(spec.name, spec.fingerprint)
         if spec not in self._refs:
             from iclsft.models import resolve_model
 
