@@ -1,20 +1,36 @@
-"""Estimated seconds of each piece of work, from measured rates (docs/sweep.md). The scheduler orders
-work with them (longest trainings first); the planner and the simulator (`sweep --dry-run`,
+"""Estimated seconds and bytes of each piece of work, from measured rates (docs/sweep.md). The scheduler
+orders work with them (longest trainings first); the planner and the simulator (`sweep --dry-run`,
 `sweep --simulate`) add them up and replay them."""
 
 from __future__ import annotations
 
-# Measured throughput, per device kind (SmolLM2-135M-class model): seconds per query (a + b * prefix
-# tokens), per training step (LoRA / full); starting an engine and loading the base model, once per
-# scorer and once per training.
+import functools
+from pathlib import Path
+
+# Per device kind, for a SmolLM2-135M-class model: seconds per query (a + b * prefix tokens), per
+# training step (LoRA / full), to load the base model (once per training, and once per scorer for the
+# RSA hooks), and to start a scoring engine (once per scorer and base model; an engine that cannot swap
+# a full fine-tune's weights, vllm, starts once more per full checkpoint). `measured` says which are.
 RATES = {
     # hf engine, fp32, 2 threads, full grid (docs/benchmarks/throughput.md): 132 q/s at a 166-token
-    # prefix, 97 at 1,650, 68 at 3,317 -> 7.2 ms + 2.26 us per prefix token
+    # prefix, 97 at 1,650, 68 at 3,317 -> 7.2 ms + 2.26 us per prefix token; LoRA r 8: 125 steps in
+    # ~60 s (docs/sft.md); vllm start 26-38 s (docs/benchmarks/throughput*.md)
     "cpu": {"query": 1 / 140, "per_prefix_token": 2.26e-6, "lora_step": 0.5, "full_step": 1.0,
-            "model_load": 2.0, "engine_start": 1.0},
+            "model_load": 2.0, "engine_start": 1.0, "vllm_start": 38.0,
+            "measured": ("query", "per_prefix_token", "lora_step", "vllm_start")},
+    # scoring: hf engine, bf16, one H100 (docs/benchmarks/gpu_hf_h100.json, 13.6-17.5k q/s at an 8k token
+    # budget, flat in the prefix); the rest assumed, not measured on a GPU yet
     "gpu": {"query": 1 / 13_600, "per_prefix_token": 0.0, "lora_step": 0.05, "full_step": 0.08,
-            "model_load": 5.0, "engine_start": 5.0},
+            "model_load": 5.0, "engine_start": 5.0, "vllm_start": 40.0, "measured": ("query", "per_prefix_token")},
 }
+
+# Bytes a condition leaves in its run directory: scores.parquet (~20 B per query: n1, n2, truth,
+# is_exemplar, two float64 log-probs) and field.npy (4 B per query) measured on a 10,000-query
+# condition (201 KB + 40 KB); exemplars.parquet, record and metrics ~4 KB.
+SCORE_BYTES_PER_QUERY = 24
+CONDITION_BYTES = 4_000
+RSA_POINTS = 400  # the matrix's points (iclsft.rsa.points.MATRIX_SIZE)
+CHECKPOINT_BYTES_PER_PARAM = 4  # checkpoints keep the training weights' dtype: fp32 (bf16-mixed too)
 
 
 def score_seconds(queries: int, prefix_tokens: float, device: str) -> float:
@@ -23,8 +39,20 @@ def score_seconds(queries: int, prefix_tokens: float, device: str) -> float:
 
 
 def train_seconds(steps: int, method: str, device: str) -> float:
+    """One training: its steps and the base model's load."""
+    return steps * step_seconds(method, device) + RATES[device]["model_load"]
+
+
+def step_seconds(method: str, device: str) -> float:
     r = RATES[device]
-    return steps * (r["lora_step"] if method == "lora" else r["full_step"]) + r["model_load"]
+    return r["lora_step"] if method == "lora" else r["full_step"]
+
+
+def engine_start_seconds(engine: str, device: str) -> float:
+    """Starting a scoring engine with the base model: vllm compiles and sizes its cache; the hf engine
+    loads the model."""
+    r = RATES[device]
+    return r["vllm_start"] if engine.startswith("vllm") else r["engine_start"] + r["model_load"]
 
 
 def condition_queries(cond) -> int:
@@ -38,6 +66,46 @@ def condition_queries(cond) -> int:
 
 
 def prefix_tokens(cond) -> float:
-    """Approximate prompt tokens before the queries: ~9 per 2D exemplar (2K of them), ~40 per implicit demo."""
+    """Approximate prompt tokens before the queries: ~9 per 2D exemplar (2K of them), ~40 per implicit demo;
+    a fine-tuned model is scored zero-shot (no exemplars in the prompt)."""
+    if getattr(cond, "method", "icl") != "icl":
+        return 0.0
     shots = getattr(cond, "shots", 0) or 0
     return 18.0 * shots if hasattr(getattr(cond, "task", None), "grid_step") else 40.0 * shots
+
+
+def condition_bytes(cond) -> int:
+    return condition_queries(cond) * SCORE_BYTES_PER_QUERY + CONDITION_BYTES
+
+
+@functools.lru_cache(maxsize=16)
+def model_shape(path: str) -> dict:
+    """From a model directory's config, without its weights: parameters (tied weights once), decoder
+    layers, and the (in, out) features of each linear module by its last name (`q_proj`, ...)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(Path(path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linears: dict[str, list[tuple[int, int]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            linears.setdefault(name.rsplit(".", 1)[-1], []).append((module.in_features, module.out_features))
+    return {"params": sum(p.numel() for p in model.parameters()), "layers": int(config.num_hidden_layers),
+            "linears": linears}
+
+
+def full_checkpoint_bytes(shape: dict) -> int:
+    return shape["params"] * CHECKPOINT_BYTES_PER_PARAM
+
+
+def lora_adapter_bytes(shape: dict, sft) -> int:
+    """A LoRA adapter's weights: r x (in + out) per targeted linear module, in fp32."""
+    params = sum(sft.lora_r * (i + o) for name in sft.target_modules for i, o in shape["linears"].get(name, ()))
+    return params * CHECKPOINT_BYTES_PER_PARAM
+
+
+def rsa_bytes(shape: dict) -> int:
+    """At most (np.savez_compressed rarely shrinks cosines much): two float16 M x M matrices per layer."""
+    return 2 * shape["layers"] * RSA_POINTS * RSA_POINTS * 2

@@ -3,10 +3,13 @@
     resources: {scorers: 2, scorer_gpus: 1, trainer_gpus: 0.25}   # four small-model trainings per GPU
 
 Scorers are long-lived actors, each holding one engine with the base model loaded once; trainers are
-tasks. Unset fields are chosen from the machine or cluster: with GPUs, one GPU per scorer and per
-trainer and a quarter of the GPUs (at least one) scoring; without, one CPU per scorer and per trainer
-and one scorer. A scorer's GPU is never given to a trainer: Ray holds a whole GPU for an actor that
-asks for one, and shares a GPU only between works that each ask for a fraction of it.
+tasks. Unset fields are chosen from the machine or cluster. With two GPUs or more: one GPU per scorer
+and per trainer, and the scorers' share of the GPUs that of scoring in the sweep's work (`scoring_share`,
+from the planner: seconds of scoring and RSA over all seconds; SCORING_SHARE when not known), at least
+one scorer and one trainer. With one GPU, the scorer and the trainer each take half of it (nothing else
+lets both run). Without GPUs: one CPU per scorer and per trainer, the same share of the CPUs scoring.
+A scorer's GPU is never given to a trainer: Ray holds a whole GPU for an actor that asks for one, and
+shares a GPU only between works that each ask for a fraction of it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pydantic import Field, model_validator
 
 from iclsft.spec import Frozen
 
-SCORING_SHARE = 0.25  # of the GPUs, when `scorers` is not set
+SCORING_SHARE = 0.5  # of the GPUs (or CPUs), when `scorers` is not set and the planner gave no share
 
 
 class Resources(Frozen):
@@ -57,18 +60,28 @@ class Slots(Frozen):
                 f"(of {_num(self.cpus)} CPUs, {_num(self.gpus)} GPUs)")
 
 
-def resolve(resources: Resources, cpus: float, gpus: float) -> Slots:
-    """Fill the unset fields from a cluster of `cpus` CPUs and `gpus` GPUs; raise ValueError (one line,
-    naming the values) when the scorers leave no room for one trainer."""
+def resolve(resources: Resources, cpus: float, gpus: float, scoring_share: float | None = None) -> Slots:
+    """Fill the unset fields from a cluster of `cpus` CPUs and `gpus` GPUs; `scoring_share` (0..1): the
+    part of the sweep's work that scorers do, which sets how many scorers there are when `scorers` is not
+    given. Raises ValueError (one line, naming the values) when the scorers leave no room for one trainer."""
     r = resources
-    scorer_gpus = r.scorer_gpus if r.scorer_gpus is not None else (1.0 if gpus >= 1 else 0.0)
-    trainer_gpus = r.trainer_gpus if r.trainer_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    if scoring_share is not None and not 0 <= scoring_share <= 1:
+        raise ValueError(f"scoring share {scoring_share!r} must lie in [0, 1]")
+    share = SCORING_SHARE if scoring_share is None else scoring_share
+    one_gpu = 1 <= gpus < 2  # one whole GPU: scorer and trainer share it, unless the config says otherwise
+    default_gpus = (0.5 if one_gpu else 1.0) if gpus >= 1 else 0.0
+    scorer_gpus = r.scorer_gpus if r.scorer_gpus is not None else default_gpus
+    trainer_gpus = r.trainer_gpus if r.trainer_gpus is not None else default_gpus
     if scorer_gpus > gpus or trainer_gpus > gpus:
         raise ValueError(f"resources: scorer_gpus {_num(scorer_gpus)} and trainer_gpus {_num(trainer_gpus)} must "
                          f"fit the cluster's {_num(gpus)} GPUs")
     scorers = r.scorers
     if scorers is None:
-        scorers = max(1, round(SCORING_SHARE * gpus / scorer_gpus)) if scorer_gpus else 1
+        # as many scorers as the share asks (at least one), leaving room for one trainer where it fits
+        pool, each = (gpus, scorer_gpus) if scorer_gpus else (cpus, r.scorer_cpus)
+        room = min((gpus - trainer_gpus) / scorer_gpus if scorer_gpus else float("inf"),
+                   (cpus - r.trainer_cpus) / r.scorer_cpus)
+        scorers = max(1, min(round(share * pool / each), math.floor(room + 1e-9)))
     free_gpus = gpus - scorers * scorer_gpus
     free_cpus = cpus - scorers * r.scorer_cpus
     fits = [math.floor(free_cpus / r.trainer_cpus + 1e-9)]

@@ -36,15 +36,24 @@ class _Arm:
     left: int = 0  # works not yet ended
     shared: dict = dataclasses.field(default_factory=dict)
     table: Any = None
+    rsa_failed: list = dataclasses.field(default_factory=list)
 
 
 class GraphRun:
     """The driver's side of one graph: opens the arms, builds their works, writes what comes back."""
 
-    def __init__(self, arms: Sequence[tuple[Path, Any, Any]], backend: Backend, device: str = "cpu"):
+    def __init__(self, arms: Sequence[tuple[Path, Any, Any]], device: str = "cpu", *,
+                 rsa: tuple[str, str] | None = None, drop_full_weights: bool = False):
+        """Open every arm (run directories locked until `run` ends) and build its works; `device`: the
+        rates the works' costs (their order) come from. `rsa`: (dtype, matrix subset) to compute RSA for
+        every 2D condition on the scorers, after its scoring; `drop_full_weights`: delete a full fine-tune's weight files once every condition scored
+        with it has its scores and RSA (the marker stays; metrics, scores and RSA are kept)."""
         from iclsft.arms import make_arm
 
-        self.backend, self.device = backend, device
+        self.backend: Backend | None = None
+        self.device = device
+        self.rsa, self.drop = rsa, drop_full_weights
+        self.users: dict[str, list] = {}  # full checkpoint dir -> [works still using it, failed]
         self.runs: dict[Path, RunDir] = {}
         self.arms: dict[str, _Arm] = {}
         self.works: list[Work] = []
@@ -71,10 +80,15 @@ class GraphRun:
     def _add_works(self, a: _Arm, spec, ref) -> None:
         arm, todo = a.state.arm, a.state.todo
         base = dict(arm=a.key, spec=spec, model=ref.name, fingerprint=ref.fingerprint)
+        rsa = self.rsa is not None and spec.kind in ("icl", "sft")  # the 2D study's arms
+        if rsa:
+            self._rsa_finished(a, spec, ref)
         if not hasattr(arm, "jobs"):  # ICL: each condition on the base model
             for cond in todo:
                 self._work(a, Work(f"{a.key}|{cond.id}", "scorer", cond.label, self._score_cost(cond), arm=a.key,
                                    payload=ScoreTask(cond=cond, **base)))
+                if rsa:
+                    self._rsa_work(a, cond, ref, (f"{a.key}|{cond.id}",))
             return
         a.shared = getattr(arm, "shared", {})
         for job in arm.jobs:
@@ -100,6 +114,39 @@ class GraphRun:
                     needs = ()
                 self._work(a, Work(f"{a.key}|{cond.id}", "scorer", cond.label, self._score_cost(cond), needs=needs,
                                    payload=task, arm=a.key))
+                if rsa:
+                    self._rsa_work(a, cond, ref, (f"{a.key}|{cond.id}", *needs), ckpt)
+                if self.drop and not arm.lora:
+                    self.users.setdefault(ckpt, [0, False])[0] += 1 + rsa
+
+    def _rsa_work(self, a: _Arm, cond, ref, needs: tuple, ckpt: str | None = None) -> None:
+        """RSA of one condition on a scorer, after its scoring (and its checkpoint's training, if now)."""
+        from iclsft.graph.remote import RsaTask
+
+        dtype, subset = self.rsa
+        task = RsaTask(cond=cond, model=ref.name, fingerprint=ref.fingerprint, dtype=dtype, subset=subset,
+                       checkpoint=Path(ckpt).name if ckpt else None)
+        if ckpt and not any("|train|" in n for n in needs):  # a reused checkpoint: its files from the run
+            self.puts.setdefault(ckpt, [None, 0])[1] += 1
+            task = _Reused(self, ckpt, task)
+        self._work(a, Work(f"{a.key}|rsa|{cond.id}", "scorer", f"RSA {cond.label}", self._score_cost(cond),
+                           needs=needs, payload=task, arm=a.key))
+
+    def _rsa_finished(self, a: _Arm, spec, ref) -> None:
+        """RSA works for this arm's conditions finished before this sweep that lack a current rsa.npz."""
+        from iclsft.rsa import rsa_is_current
+
+        run, todo = a.state.run, {c.id for c in a.state.todo}
+        conds = {c.id: c for c in spec.conditions() if c.id not in todo}
+        dtype, subset = self.rsa
+        for cdir, _, record in run.finished():
+            cond = conds.get(record["condition"])
+            if cond is None or rsa_is_current(cdir, cond.id, dtype, subset):
+                continue
+            ckpt = str(run.path / "adapters" / record["checkpoint_dir"]) if record.get("checkpoint_dir") else None
+            self._rsa_work(a, cond, ref, (), ckpt)
+            if self.drop and ckpt and not a.state.arm.lora:
+                self.users.setdefault(ckpt, [0, False])[0] += 1
 
     def _work(self, a: _Arm, work: Work) -> None:
         self.works.append(work)
@@ -119,9 +166,12 @@ class GraphRun:
             del self.puts[ckpt]  # the tasks hold it from here on
         return handle
 
-    def run(self) -> Usage:
+    def run(self, backend: Backend | None) -> Usage | None:
+        """Run the works on `backend` (None: there must be none to run); finish every arm."""
+        self.backend, usage = backend, None
         try:
-            usage = schedule(self.works, self.backend, self.on_done)
+            if self.works:
+                usage = schedule(self.works, backend, self.on_done)
         except BaseException as e:
             for a in self.arms.values():
                 if a.table is None:
@@ -150,6 +200,8 @@ class GraphRun:
             else:
                 logger.warning("%s: %s FAILED %s", a.state.arm.spec.arm, work.label,
                                done.error.strip().splitlines()[-1])
+        elif work.id.split("|")[-2] == "rsa":
+            self._rsa_done(a, done)
         else:
             task = work.payload.task if isinstance(work.payload, _Reused) else work.payload
             cond = task.cond
@@ -162,9 +214,47 @@ class GraphRun:
                     info = self.trained.get(work.needs[0], {}) if work.needs else {"trained": False}
                     note = training_note(info, a.shared.get(cond.id))
                 a.state.done(cond, done.result, note, done.seconds, done.host)
+            self._used(a, task.checkpoint, done.error)
         a.left -= 1
         if a.left == 0:
             self._finish(a)
+
+    def _rsa_done(self, a: _Arm, done: Finished) -> None:
+        from iclsft.rsa.run import RSA_JSON, write_rsa, write_rsa_error
+
+        task = done.work.payload.task if isinstance(done.work.payload, _Reused) else done.work.payload
+        cond, run = task.cond, a.state.run
+        self._used(a, task.checkpoint, done.error)
+        if done.worker == "-":  # its scoring failed: recorded there, nothing to compute
+            return
+        cdir = run.condition_dir(cond)
+        (cdir / RSA_JSON).unlink(missing_ok=True)  # from here on, nothing of an earlier pass is trusted
+        if done.error is not None:
+            write_rsa_error(cdir, cond.id, task.dtype, task.subset, done.error.strip().splitlines()[-1], done.error)
+            a.rsa_failed.append(cdir.name)
+            logger.warning("RSA %s: FAILED %s", cond.label, done.error.strip().splitlines()[-1])
+            return
+        npz, summary = done.result
+        write_rsa(cdir, cond.id, npz, task.dtype, task.subset, done.seconds)
+        logger.info("RSA %s: %s (%.1f s on %s)", cond.label, summary, done.seconds, done.host)
+
+    def _used(self, a: _Arm, checkpoint: str | None, error: str | None) -> None:
+        """One work less using a full checkpoint; its weights are dropped once all have succeeded."""
+        if not self.drop or checkpoint is None:
+            return
+        ckpt = str(a.state.run.path / "adapters" / checkpoint)
+        if ckpt not in self.users:
+            return
+        entry = self.users[ckpt]
+        entry[0] -= 1
+        entry[1] = entry[1] or error is not None
+        if entry[0] == 0:
+            del self.users[ckpt]
+            if not entry[1]:
+                from iclsft.sft.adapters import drop_weights
+
+                logger.info("dropped the weights of %s (%s freed): its conditions are scored%s", checkpoint,
+                            _size(drop_weights(Path(ckpt))), " and their RSA done" if self.rsa else "")
 
     def _finish(self, a: _Arm) -> None:
         try:
@@ -173,11 +263,18 @@ class GraphRun:
             self.failures.append(f"{a.state.run.path.name} {a.state.arm.spec.arm}: {e}")
             logger.warning("%s", e)
             a.table = False
+        if a.rsa_failed:
+            self.failures.append(f"{a.state.run.path.name} {a.state.arm.spec.arm} RSA: {len(a.rsa_failed)} conditions "
+                                 f"failed (their rsa.json holds the error): {', '.join(a.rsa_failed)}")
         self.tables[a.state.run.path] = a.table if a.table is not False else self.tables.get(a.state.run.path)
 
     def close(self) -> None:
         for run in self.runs.values():
             run.release_lock()
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 class _Reused:
@@ -186,5 +283,5 @@ class _Reused:
     def __init__(self, graph: GraphRun, ckpt: str, task: ScoreTask):
         self.graph, self.ckpt, self.task = graph, ckpt, task
 
-    def __call__(self) -> ScoreTask:
+    def __call__(self):
         return dataclasses.replace(self.task, files=self.graph.files(self.ckpt))

@@ -119,13 +119,33 @@ def checkpoint_problem(path: Path) -> str | None:
     if not is_finished(path):
         return None
     try:
-        files = read_marker(path).get("files", {})
+        marker = read_marker(path)
     except (OSError, ValueError) as e:
         return f"checkpoint {path} has an unreadable {MARKER} ({e})"
+    if marker.get("weights_dropped"):
+        return (f"checkpoint {path} had its weights dropped once its conditions were scored (drop_full_weights); "
+                "it is trained again where it is needed")
+    files = marker.get("files", {})
     bad = manifest_problems(path, files)
     if bad:
         return f"checkpoint {path} is damaged ({', '.join(bad)} missing or not matching the checksum in {MARKER})"
     return None
+
+
+def drop_weights(path: Path) -> int:
+    """Delete a finished full fine-tune's weight files, keeping its marker (now saying so) and config;
+    return the bytes freed. The checkpoint no longer verifies (`checkpoint_problem` says why)."""
+    from iclsft.models import WEIGHT_SUFFIXES
+
+    path = Path(path)
+    marker = read_marker(path)
+    weights = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    atomic_write_json(path / MARKER, {**marker, "weights_dropped": [f.name for f in weights]})  # first: never trusted
+    freed = 0
+    for f in weights:
+        freed += f.stat().st_size
+        f.unlink()
+    return freed
 
 
 def set_aside_damaged(paths: Sequence[Path]) -> list[Path]:

@@ -95,6 +95,7 @@ class SweepConfig(Frozen):
     executor: ExecutorSpec = ExecutorSpec()
     resources: Resources = Resources()  # scorers and trainers of the work graph (iclsft.graph.resources)
     rsa: bool = False
+    drop_full_weights: bool = False  # full fine-tunes' weights deleted once scored and their RSA done (on Ray)
     rsa_subset: Literal["exemplars", "grid"] = "exemplars"  # the 400x400 matrix's points (iclsft.rsa.points)
     report: bool = True
     implicit: ImplicitSweep | None = None

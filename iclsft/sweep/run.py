@@ -65,7 +65,7 @@ def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out
         for model in config.models:
             if planned[model]:
                 tables[model] = ran.get(model_dir(out, model))
-                _finish_2d(config, model_dir(out, model), failures, started, progress)
+                _finish_2d(config, model_dir(out, model), failures, started, progress, rsa=False)  # RSA: in the graph
             if planned_implicit[model]:
                 _finish_implicit(config, model, implicit_dir(config.out, model), failures, started)
     for model in [] if uses_graph(config, planned, planned_implicit) else config.models:
@@ -103,16 +103,20 @@ def _run_graph(config: SweepConfig, planned: dict, planned_implicit: dict, out: 
 
     arms = [(model_dir(out, model), spec, ref) for model in config.models for spec, ref in planned[model]]
     arms += [(implicit_dir(out, model), spec, ref) for model in config.models for spec, ref in planned_implicit[model]]
+    graph = GraphRun(arms, "gpu" if _has_gpu(config) else "cpu", drop_full_weights=config.drop_full_weights,
+                     rsa=(config.dtype, config.rsa_subset) if config.rsa else None)
+    trainings = sum(w.role == "trainer" for w in graph.works)
+    if not graph.works:  # everything finished: no Ray to start
+        graph.run(None)
+        failures.extend(graph.failures)
+        return graph.tables
     started_here = start_ray(config.executor)
     try:
         backend = RayBackend(config.resources, config.executor)
-        gpus = ray.cluster_resources().get("GPU", 0)
-        logger.info("== work graph: %d arms on %s", len(arms), backend.slots_.describe())
+        logger.info("== work graph: %d arms, %d trainings and %d scorings on %s", len(arms), trainings,
+                    len(graph.works) - trainings, backend.slots_.describe())
         try:
-            graph = GraphRun(arms, backend, "gpu" if gpus else "cpu")
-            logger.info("== %d trainings and %d scorings to run", sum(w.role == "trainer" for w in graph.works),
-                        sum(w.role == "scorer" for w in graph.works))
-            usage = graph.run()
+            usage = graph.run(backend)
             starts = backend.engine_starts()
         finally:
             backend.close()
@@ -125,6 +129,12 @@ def _run_graph(config: SweepConfig, planned: dict, planned_implicit: dict, out: 
         "resources": backend.slots_.model_dump(), "makespan": round(usage.makespan, 1), "usage": usage.record(),
         "engine_starts": starts, "placement": backend.placement})
     return graph.tables
+
+
+def _has_gpu(config: SweepConfig) -> bool:
+    import torch
+
+    return torch.cuda.is_available() or bool(config.executor.ray_address)  # a cluster is taken for GPUs
 
 
 def _run_arms(model: str, path: Path, arms: list, failures: list, started: float, progress: bool):
@@ -146,10 +156,11 @@ def _run_arms(model: str, path: Path, arms: list, failures: list, started: float
     return table
 
 
-def _finish_2d(config: SweepConfig, path: Path, failures: list, started: float, progress: bool) -> None:
-    """RSA and the report of one model's 2D run."""
+def _finish_2d(config: SweepConfig, path: Path, failures: list, started: float, progress: bool,
+               rsa: bool = True) -> None:
+    """RSA (unless the work graph did it) and the report of one model's 2D run."""
     model = path.name
-    if config.rsa:
+    if config.rsa and rsa:
         from iclsft.rsa import compute_rsa
 
         logger.info("== %s · RSA · %s", model, _elapsed(started))
