@@ -46,8 +46,9 @@ class GraphRun:
                  rsa: tuple[str, str] | None = None, drop_full_weights: bool = False):
         """Open every arm (run directories locked until `run` ends) and build its works; `device`: the
         rates the works' costs (their order) come from. `rsa`: (dtype, matrix subset) to compute RSA for
-        every 2D condition on the scorers, after its scoring; `drop_full_weights`: delete a full fine-tune's weight files once every condition scored
-        with it has its scores and RSA (the marker stays; metrics, scores and RSA are kept)."""
+        every 2D condition on the scorers, after its scoring; `drop_full_weights`: delete a full
+        fine-tune's weight files once every condition scored with it has its scores and RSA (the marker
+        stays; metrics, scores and RSA are kept)."""
         from iclsft.arms import make_arm
 
         self.backend: Backend | None = None
