@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from iclsft.artifacts import atomic_write_json
+from iclsft.artifacts import atomic_write_json, write_checked
 from iclsft.circuits import ComponentScores, PromptPair, attribution_scores, circuit_shift
 from iclsft.faults import fault_point
 from iclsft.implicit.data import TaskPrompts, demo_stream, derived_seed
@@ -66,8 +66,6 @@ def compute_circuits(path: str | Path, *, pairs: int = 32, shots: int = 8, seed:
     """Scores and shifts of every task of the implicit run at `path`; returns the shift table. A state
     whose .npz circuits.json lists with a matching checksum is read, not recomputed; fine-tuned models
     are loaded only after their checkpoint verifies (iclsft.sft.checkpoints)."""
-    import torch
-    from transformers import AutoTokenizer
 
     run = RunDir(path)
     arms = run.spec_json()["arms"]
@@ -77,39 +75,24 @@ def compute_circuits(path: str | Path, *, pairs: int = 32, shots: int = 8, seed:
         raise ValueError(f"model {ref.name!r} has changed since {run.path} was computed (fingerprint differs)")
     seed = icl_like["seeds"][0] if seed is None else seed
     tasks = list(dict.fromkeys(t for arm in arms.values() for t in arm["tasks"]))
-    tokenizer = AutoTokenizer.from_pretrained(ref.path)
     out = run.path / CIRCUITS_DIR
-    index = _read_index(out)
+    index = read_index(out)
     run.acquire_lock()
     try:
-        base, _ = load_model(ref, "float32")
+        base = tokenizer = None  # loaded only if a state is not stored yet
         rows = []
         for task in tasks:
-            p = TaskPrompts(tokenizer, get_task(task))
-            states = {"base": (None, p.start), f"icl-K{shots}": (None, p.prefix(demo_stream(p.task, seed)[:shots]))}
-            for method, ckpt in _finetuned(run, task, seed).items():
-                states[method] = (ckpt, p.start)
             scores = {}
-            for state, (ckpt, prefix) in states.items():
-                name = f"{task}-{state}.npz"
-                # the checkpoint by its directory name (a hash of its training): valid wherever the run is moved
-                key = {"pairs": pairs, "seed": seed, "checkpoint": ckpt.name if ckpt else None}
+            for state, ckpt in circuit_states(run, task, seed, shots).items():
+                name, key = state_key(task, state, ckpt, pairs, seed)
                 stored = _stored(out, name, index, key)
                 if stored is not None:
                     scores[state] = stored
                     continue
-                # a LoRA adapter is attached to `base` for this state and taken out again afterwards
-                loaded = nullcontext(base) if ckpt is None else load_checkpoint(base, ckpt)
-                with loaded as model, torch.enable_grad():
-                    s = attribution_scores(model, circuit_pairs(p, pairs, seed, prefix))
-                digest = s.save(out / name)
-                fault_point("circuits")
-                index[name] = {**key, **digest, "ld_clean": s.ld_clean_mean, "ld_corrupt": s.ld_corrupt_mean,
-                               "n_pairs": s.n_pairs}
-                atomic_write_json(out / "circuits.json", index)  # after each state: an interruption loses one
-                scores[state] = s
-                logger.info("%s %s: %d pairs, LD clean %.2f, corrupt %.2f", task, state, s.n_pairs,
-                            s.ld_clean_mean, s.ld_corrupt_mean)
+                if base is None:
+                    base, tokenizer = load_model(ref, "float32")
+                s = state_scores(base, tokenizer, task, state, ckpt, pairs=pairs, seed=seed, shots=shots)
+                scores[state] = store_state(out, index, name, key, s)
             for state, s in scores.items():
                 if state == "base":
                     continue
@@ -125,12 +108,53 @@ def compute_circuits(path: str | Path, *, pairs: int = 32, shots: int = 8, seed:
     return table
 
 
+def circuit_states(run: RunDir, task: str, seed: int, shots: int, checkpoints: dict[str, Path] | None = None
+                   ) -> dict[str, Path | None]:
+    """{state: checkpoint dir or None} of one task: base, ICL at `shots`, and each fine-tuned model (the
+    run's finished ones, then `checkpoints`: {method: dir} of models being trained now)."""
+    return {"base": None, f"icl-K{shots}": None, **_finetuned(run, task, seed), **(checkpoints or {})}
+
+
+def state_key(task: str, state: str, ckpt: str | Path | None, pairs: int, seed: int) -> tuple[str, dict]:
+    """The state's file name and what its circuits.json entry must hold to be reused. The checkpoint by
+    its directory name (a hash of its training): valid wherever the run is moved."""
+    return f"{task}-{state}.npz", {"pairs": pairs, "seed": seed, "checkpoint": Path(ckpt).name if ckpt else None}
+
+
+def state_scores(base, tokenizer, task: str, state: str, ckpt: str | Path | None, *, pairs: int, seed: int,
+                 shots: int) -> ComponentScores:
+    """Attribution scores of one state of one task: the base model zero-shot or after `shots` demos, or a
+    fine-tuned checkpoint zero-shot (a LoRA adapter is attached to `base` and taken out again)."""
+    import torch
+
+    p = TaskPrompts(tokenizer, get_task(task))
+    prefix = p.prefix(demo_stream(p.task, seed)[:shots]) if state.startswith("icl-") else p.start
+    loaded = nullcontext(base) if ckpt is None else load_checkpoint(base, ckpt)
+    with loaded as model, torch.enable_grad():
+        return attribution_scores(model, circuit_pairs(p, pairs, seed, prefix))
+
+
+def store_state(out: Path, index: dict, name: str, key: dict, scores: ComponentScores | bytes) -> ComponentScores:
+    """Write one state's scores (or their bytes) and its entry in circuits.json (after each state: an
+    interruption loses one)."""
+    data = scores if isinstance(scores, bytes) else scores.to_bytes()
+    s = ComponentScores.from_bytes(data) if isinstance(scores, bytes) else scores
+    digest = write_checked(out / name, data)
+    fault_point("circuits")
+    index[name] = {**key, **digest, "ld_clean": s.ld_clean_mean, "ld_corrupt": s.ld_corrupt_mean,
+                   "n_pairs": s.n_pairs}
+    atomic_write_json(out / "circuits.json", index)
+    logger.info("%s: %d pairs, LD clean %.2f, corrupt %.2f", name.removesuffix(".npz"), s.n_pairs,
+                s.ld_clean_mean, s.ld_corrupt_mean)
+    return s
+
+
 def load_shift(path: str | Path) -> pd.DataFrame | None:
     f = Path(path) / CIRCUITS_DIR / "shift.json"
     return pd.DataFrame(json.loads(f.read_text())) if f.is_file() else None
 
 
-def _read_index(out: Path) -> dict:
+def read_index(out: Path) -> dict:
     try:
         return json.loads((out / "circuits.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
