@@ -221,23 +221,38 @@ def implicit(**o):
 @main.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1)
-@click.option("--dry-run", is_flag=True, help="Print the expanded grid, what is left to run and a time estimate.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan: per arm what is left; per resource count (--gpus) the work per stage, engine "
+                   "starts, model loads, disk use and the wall time, with the rates used.")
+@click.option("--simulate", is_flag=True,
+              help="Run the sweep's scheduler on timed stand-ins of its works and print, per resource count "
+                   "(--gpus), the makespan and how busy each role's workers were.")
+@click.option("--gpus", default=None,
+              help="GPU counts to plan or simulate for, comma-separated (e.g. 1,8,64; 0: CPUs only). Default: this "
+                   "machine's, or the Ray cluster's at executor.ray_address.")
+@click.option("--cpus", type=click.IntRange(min=1), default=None,
+              help="CPUs for --gpus 0 (default: this machine's); with GPUs, 8 per GPU.")
 @click.option("--estimate-for", type=click.Choice(["cpu", "gpu"]), default=None,
-              help="Device the --dry-run estimate is for (default: this machine's).")
+              help="Same as --gpus 0 (cpu) or --gpus 1 (gpu).")
 @click.option("--quiet", is_flag=True, help="Only the final tables.")
 @user_errors
-def sweep(config, overrides, dry_run, estimate_for, quiet):
+def sweep(config, overrides, dry_run, simulate, gpus, cpus, estimate_for, quiet):
     """Run (or resume) a whole experiment from a YAML config; `key=value` overrides it
     (e.g. `shots=[1,2] tasks.0.angles=[0,90] sft.lora.epochs=3`)."""
-    from iclsft.sweep import format_plan, load_config, run_sweep
+    from iclsft.sweep import load_config, run_sweep
+    from iclsft.sweep.plan import cluster, format_plan, format_simulations, parse_gpus
 
+    counts = parse_gpus(gpus) if gpus is not None else None
     cfg = load_config(config, overrides)
-    if dry_run:
-        if estimate_for is None:
-            import torch
-
-            estimate_for = "gpu" if torch.cuda.is_available() else "cpu"
-        click.echo(format_plan(cfg, estimate_for))
+    if dry_run or simulate:
+        if counts is None:
+            counts = [{"cpu": 0.0, "gpu": 1.0}[estimate_for]] if estimate_for else [cluster(cfg)[1]]
+        if cpus is None and 0 in counts:
+            cpus = cluster(cfg)[0]
+        if dry_run:
+            click.echo(format_plan(cfg, gpus=counts, cpus=cpus))
+        if simulate:
+            click.echo(format_simulations(cfg, counts, cpus))
         return
     from iclsft.evaluate.runs import format_table
 

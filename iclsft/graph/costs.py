@@ -14,14 +14,17 @@ from pathlib import Path
 RATES = {
     # hf engine, fp32, 2 threads, full grid (docs/benchmarks/throughput.md): 132 q/s at a 166-token
     # prefix, 97 at 1,650, 68 at 3,317 -> 7.2 ms + 2.26 us per prefix token; LoRA r 8: 125 steps in
-    # ~60 s (docs/sft.md); vllm start 26-38 s (docs/benchmarks/throughput*.md)
-    "cpu": {"query": 1 / 140, "per_prefix_token": 2.26e-6, "lora_step": 0.5, "full_step": 1.0,
-            "model_load": 2.0, "engine_start": 1.0, "vllm_start": 38.0,
-            "measured": ("query", "per_prefix_token", "lora_step", "vllm_start")},
+    # ~60 s (docs/sft.md); vllm start 26-38 s (docs/benchmarks/throughput*.md). Per condition beyond its
+    # queries (prompt, metrics, files): ~0.7 s, and ~2 s more for RSA (its pair histograms), from the
+    # demo sweep's ICL arm (26 s for 16 conditions of 100 queries) and RSA (~90 s for 32) in docs/sweep.md
+    "cpu": {"query": 1 / 140, "per_prefix_token": 2.26e-6, "condition": 0.7, "rsa_condition": 2.0,
+            "lora_step": 0.5, "full_step": 1.0, "model_load": 2.0, "engine_start": 1.0, "vllm_start": 38.0,
+            "measured": ("query", "per_prefix_token", "condition", "rsa_condition", "lora_step", "vllm_start")},
     # scoring: hf engine, bf16, one H100 (docs/benchmarks/gpu_hf_h100.json, 13.6-17.5k q/s at an 8k token
     # budget, flat in the prefix); the rest assumed, not measured on a GPU yet
-    "gpu": {"query": 1 / 13_600, "per_prefix_token": 0.0, "lora_step": 0.05, "full_step": 0.08,
-            "model_load": 5.0, "engine_start": 5.0, "vllm_start": 40.0, "measured": ("query", "per_prefix_token")},
+    "gpu": {"query": 1 / 13_600, "per_prefix_token": 0.0, "condition": 0.1, "rsa_condition": 0.2,
+            "lora_step": 0.05, "full_step": 0.08, "model_load": 5.0, "engine_start": 5.0, "vllm_start": 40.0,
+            "measured": ("query", "per_prefix_token")},
 }
 
 # Bytes a condition leaves in its run directory: scores.parquet (~20 B per query: n1, n2, truth,
@@ -34,8 +37,15 @@ CHECKPOINT_BYTES_PER_PARAM = 4  # checkpoints keep the training weights' dtype: 
 
 
 def score_seconds(queries: int, prefix_tokens: float, device: str) -> float:
+    """Scoring one condition."""
     r = RATES[device]
-    return queries * (r["query"] + r["per_prefix_token"] * prefix_tokens)
+    return queries * (r["query"] + r["per_prefix_token"] * prefix_tokens) + r["condition"]
+
+
+def rsa_seconds(queries: int, prefix_tokens: float, device: str) -> float:
+    """One condition's RSA: one more pass over its queries (activations), then its pair statistics."""
+    r = RATES[device]
+    return queries * (r["query"] + r["per_prefix_token"] * prefix_tokens) + r["rsa_condition"]
 
 
 def train_seconds(steps: int, method: str, device: str) -> float:

@@ -77,17 +77,17 @@ def resolve(resources: Resources, cpus: float, gpus: float, scoring_share: float
                          f"fit the cluster's {_num(gpus)} GPUs")
     scorers = r.scorers
     if scorers is None:
-        # as many scorers as the share asks (at least one), leaving room for one trainer where it fits
-        pool, each = (gpus, scorer_gpus) if scorer_gpus else (cpus, r.scorer_cpus)
-        room = min((gpus - trainer_gpus) / scorer_gpus if scorer_gpus else float("inf"),
+        # the split that finishes both roles' shares of the work soonest: scoring / scorers against
+        # training / trainers (at least one scorer; fewer scorers on a tie)
+        room = min((gpus - trainer_gpus) / scorer_gpus if scorer_gpus else math.inf,
                    (cpus - r.trainer_cpus) / r.scorer_cpus)
-        scorers = max(1, min(round(share * pool / each), math.floor(room + 1e-9)))
+        def finish(n: int) -> float:  # when the later role ends, in units of the whole work
+            return max(share / n, (1 - share) / max(_trainers(r, n, scorer_gpus, trainer_gpus, cpus, gpus), 1e-9))
+
+        scorers = min(range(1, max(1, math.floor(room + 1e-9)) + 1), key=finish)
     free_gpus = gpus - scorers * scorer_gpus
     free_cpus = cpus - scorers * r.scorer_cpus
-    fits = [math.floor(free_cpus / r.trainer_cpus + 1e-9)]
-    if trainer_gpus:
-        fits.append(math.floor(free_gpus / trainer_gpus + 1e-9))
-    trainers = min(fits)
+    trainers = _trainers(r, scorers, scorer_gpus, trainer_gpus, cpus, gpus)
     if free_gpus < -1e-9 or free_cpus < -1e-9 or trainers < 1:
         raise ValueError(
             f"resources: {scorers} scorers x ({_num(scorer_gpus)} GPU, {_num(r.scorer_cpus)} CPU) leave no room for "
@@ -95,6 +95,14 @@ def resolve(resources: Resources, cpus: float, gpus: float, scoring_share: float
             f"{_num(gpus)} GPUs; lower resources.scorers or the per-role amounts")
     return Slots(scorers=scorers, scorer_gpus=scorer_gpus, scorer_cpus=r.scorer_cpus, trainer_gpus=trainer_gpus,
                  trainer_cpus=r.trainer_cpus, trainers=trainers, cpus=cpus, gpus=gpus)
+
+
+def _trainers(r: Resources, scorers: int, scorer_gpus: float, trainer_gpus: float, cpus: float, gpus: float) -> int:
+    """Trainers that fit beside `scorers`."""
+    fits = [math.floor((cpus - scorers * r.scorer_cpus) / r.trainer_cpus + 1e-9)]
+    if trainer_gpus:
+        fits.append(math.floor((gpus - scorers * scorer_gpus) / trainer_gpus + 1e-9))
+    return min(fits)
 
 
 def _num(x: float) -> str:

@@ -113,44 +113,186 @@ def _mean_prefix_tokens(conds) -> float:
     return float(sum(18 * c.shots for c in conds) / len(conds)) if conds else 0.0
 
 
-# Measured throughput, for estimates only (docs/sweep.md): per device kind, seconds per query
-# (a + b * prefix tokens), per training step (LoRA / full), and RSA as a second pass over queries.
-RATES = {
-    # hf engine, fp32, 2 threads, full grid (docs/benchmarks/throughput.md): 132 q/s at a 166-token
-    # prefix, 97 at 1,650, 68 at 3,317 -> 7.2 ms + 2.26 us per prefix token
-    "cpu": {"query": 1 / 140, "per_prefix_token": 2.26e-6, "lora_step": 0.5, "full_step": 1.0},
-    "gpu": {"query": 1 / 13_600, "per_prefix_token": 0.0, "lora_step": 0.05, "full_step": 0.08},
-}
+def cluster(config: SweepConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) the sweep would run on: the Ray cluster at `executor.ray_address`, else this machine."""
+    import os
+
+    if config.executor.ray_address:
+        import ray
+
+        from iclsft.graph.ray_backend import start_ray
+
+        started = start_ray(config.executor)
+        try:
+            total = ray.cluster_resources()
+        finally:
+            if started:
+                ray.shutdown()
+        return float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    import torch
+
+    return float(os.cpu_count() or 1), float(torch.cuda.device_count())
 
 
-def estimate_seconds(rows: list[dict], device: str, rsa: bool) -> float:
-    r = RATES[device]
-    total = 0.0
-    for row in rows:
-        per_query = r["query"] + r["per_prefix_token"] * row["prefix_tokens"]
-        scoring = row["queries"] * per_query
-        total += scoring * (2 if rsa else 1)
-        step = r["lora_step"] if row["arm"] in ("sft-lora", "implicit-lora") else r["full_step"]
-        total += row["train_steps"] * step
-    return total
+def parse_gpus(text: str) -> list[float]:
+    """`--gpus 1,8,64` -> [1.0, 8.0, 64.0]; ValueError naming the bad value."""
+    counts = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit():
+            raise ValueError(f"--gpus {text!r}: {item!r} is not a whole number of GPUs (0: CPUs only); give e.g. "
+                             "--gpus 1,8,64")
+        counts.append(float(item))
+    return counts
 
 
-def format_plan(config: SweepConfig, device: str) -> str:
+def work_totals(works) -> dict:
+    """What the works add up to, resource counts aside: counts, device-seconds per stage, bytes on disk
+    (`files`: kind -> [number, bytes])."""
+    t = {"trainings": 0, "steps": 0, "conditions": 0, "queries": 0, "rsa": 0, "train_seconds": 0.0,
+         "score_seconds": 0.0, "rsa_seconds": 0.0, "files": {}}
+    for w in works:
+        s = w.payload
+        if s.kind == "train":
+            t["trainings"] += 1
+            t["steps"] += s.steps
+            t["train_seconds"] += w.cost
+            kind, n = ("LoRA adapters" if s.method == "lora" else "full checkpoints"), s.checkpoints
+        elif s.kind == "score":
+            t["conditions"] += 1
+            t["queries"] += s.queries
+            t["score_seconds"] += w.cost
+            kind, n = "condition scores", 1
+        else:
+            t["rsa"] += 1
+            t["rsa_seconds"] += w.cost
+            kind, n = "RSA arrays (at most)", 1
+        files = t["files"].setdefault(kind, [0, 0])
+        files[0] += n
+        files[1] += s.bytes
+    return t
+
+
+def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[float] | None = None,
+                cpus: float | None = None) -> str:
+    """The `--dry-run` page: per model and arm what is left; then for each resource count (`gpus`; default:
+    this machine's, or the Ray cluster's at `executor.ray_address`; `device` "cpu" / "gpu" means [0] / [1])
+    the work per stage, engine starts, model loads, disk use and the wall time of the real scheduler on
+    timed stand-ins (`iclsft.graph.simulate`), and the rates used. `cpus`: for `gpus` 0 (default: this
+    machine's); with GPUs, GPU_NODE_CPUS per GPU."""
+    from iclsft.graph.costs import RATES
+    from iclsft.graph.simulate import planned_engine, simulate, simulation_works
+
     p = plan(config)
     lines = [f"{'model':<20} {'arm':<26} {'conditions':>10} {'to run':>7} {'trainings':>9} {'queries':>11}"]
     for r in p["rows"]:
         lines.append(f"{r['model']:<20} {r['arm']:<26} {r['conditions']:>10} {r['todo']:>7} {r['trainings']:>9} "
                      f"{r['queries']:>11,}")
-    tot = {k: sum(r[k] for r in p["rows"]) for k in ("conditions", "todo", "trainings", "queries", "train_steps")}
+    tot = {k: sum(r[k] for r in p["rows"]) for k in ("conditions", "todo", "trainings", "queries")}
     lines.append(f"{'total':<47} {tot['conditions']:>10} {tot['todo']:>7} {tot['trainings']:>9} "
                  f"{tot['queries']:>11,}")
-    seconds = estimate_seconds(p["rows"], device, config.rsa)
-    lines.append(f"estimate on one {device.upper()} (SmolLM2-135M-class model; rates in docs/sweep.md): "
-                 f"{_duration(seconds)} ({tot['train_steps']:,} training steps"
-                 f"{', RSA as a second pass' if config.rsa else ''})")
+    if gpus is None:
+        gpus = [1.0 if device == "gpu" else 0.0] if device else [cluster(config)[1]]
+    if cpus is None and 0 in gpus and device is None:
+        cpus = cluster(config)[0]
+    for dev in dict.fromkeys("gpu" if g else "cpu" for g in gpus):
+        engine = planned_engine(config, dev)
+        works = simulation_works(config, dev, engine)
+        t = work_totals(works)
+        loads = t["trainings"] * RATES[dev]["model_load"]
+        files = "; ".join(f"{n:,} {kind} {_bytes(b / n)} = {_bytes(b)}" for kind, (n, b) in t["files"].items() if n)
+        lines += ["", f"work, timed for {dev.upper()}s (engine {engine}):",
+                  f"  training  {t['trainings']:,} trainings, {t['steps']:,} steps: {_duration(t['train_seconds'])} "
+                  f"(steps {_duration(t['train_seconds'] - loads)}, {t['trainings']:,} model loads {_duration(loads)})",
+                  f"  scoring   {t['conditions']:,} conditions, {t['queries']:,} queries: "
+                  f"{_duration(t['score_seconds'])}",
+                  f"  RSA       {t['rsa']:,} passes, each one more pass over its condition's queries: "
+                  f"{_duration(t['rsa_seconds'])}",
+                  f"  disk      {files or 'nothing'}; total {_bytes(sum(b for _, b in t['files'].values()))}"]
+        if any("|train|" in key for w in works for key, _ in getattr(w.payload, "setup", ())):
+            lines.append(f"  note      {engine} cannot swap a full fine-tune's weights into a running engine: each "
+                         "full checkpoint opens an engine of its own on every scorer that scores one of its conditions "
+                         "(engine=hf swaps them: one engine per scorer)")
+        for g in (g for g in gpus if ("gpu" if g else "cpu") == dev):
+            sim = simulate(config, gpus=g, cpus=None if g else cpus, works=works)
+            hooks = sim.setups.get("hooks", 0)
+            where = f"{_num(g)} GPU{'' if g == 1 else 's'}" if g else f"{_num(sim.cpus)} CPUs"
+            lines += [f"on {where}: {sim.slots.describe()}",
+                      f"  engine starts {sim.engine_starts:,} ({_duration(_engine_seconds(sim, works))}); model loads "
+                      f"{t['trainings'] + sim.engine_starts + hooks:,} ({t['trainings']:,} trainings, "
+                      f"{sim.engine_starts:,} engine starts, {hooks:,} for RSA hooks)",
+                      f"  wall time {_duration(sim.makespan)}, {100 * sim.utilisation:.0f}% of the "
+                      f"{_num(sim.devices)} {'GPU' if g else 'worker'}{'s' if sim.devices != 1 else ''} busy "
+                      f"(total work / workers {_duration(sim.bound)})"]
+        lines.append(f"  rates: {_rates(dev)}")
+    if config.executor.name != "ray":
+        lines.append("executor local: the arms run one after another in this process, one work at a time "
+                     "(the wall time is about the total work)")
     return "\n".join(lines)
 
 
+def simulations(config: SweepConfig, gpus: list[float], cpus: float | None = None) -> list:
+    """`iclsft.graph.simulate.simulate` for each GPU count (0: CPUs only, `cpus` of them, default this
+    machine's), the works built once per device kind."""
+    from iclsft.graph.simulate import simulate, simulation_works
+
+    works = {dev: simulation_works(config, dev) for dev in dict.fromkeys("gpu" if g else "cpu" for g in gpus)}
+    return [simulate(config, gpus=g, cpus=None if g else cpus, works=works["gpu" if g else "cpu"]) for g in gpus]
+
+
+def format_simulations(config: SweepConfig, gpus: list[float], cpus: float | None = None) -> str:
+    """`sweep --simulate`: one row per resource count: the slots, the makespan of the real scheduler on
+    timed stand-ins, total work / workers (devices), and how busy the devices and each role's slots were."""
+    from iclsft.graph.simulate import planned_engine
+
+    sims = simulations(config, gpus, cpus)
+    engines = ", ".join(f"{dev} rates, engine {planned_engine(config, dev)}"
+                        for dev in dict.fromkeys("gpu" if g else "cpu" for g in gpus))
+    lines = [f"simulated ({engines}): the sweep's scheduler on timed stand-ins of its works",
+             f"{'GPUs':>5} {'CPUs':>5} {'scorers':>8} {'trainers':>9} {'makespan':>9} {'work/workers':>13} "
+             f"{'ratio':>6} {'busy':>5} {'scorers':>8} {'trainers':>9} {'engine starts':>14}"]
+    for sim in sims:
+        roles = sim.usage.record()
+        busy = {role: f"{100 * roles[role]['utilisation']:.0f}%" if role in roles else "-"
+                for role in ("scorer", "trainer")}
+        ratio = sim.makespan / sim.bound if sim.bound > 0 else 0.0
+        lines.append(f"{_num(sim.gpus):>5} {_num(sim.cpus):>5} {sim.slots.scorers:>8} {sim.slots.trainers:>9} "
+                     f"{_duration(sim.makespan):>9} {_duration(sim.bound):>13} {ratio:>6.2f} "
+                     f"{100 * sim.utilisation:>4.0f}% {busy['scorer']:>8} {busy['trainer']:>9} "
+                     f"{sim.engine_starts:>14,}")
+    lines.append("work/workers: the device-seconds of every work (engine starts included) over the GPUs the slots "
+                 "hold (without GPUs: the slots); busy: that over the makespan; scorers, trainers: each role's "
+                 "slots busy over the makespan")
+    return "\n".join(lines)
+
+
+def _engine_seconds(sim, works) -> float:
+    """Seconds of the simulation's engine starts (each setup's seconds, times the slots that did it)."""
+    seconds = {key: extra for w in works for key, extra in getattr(w.payload, "setup", ()) if key.startswith("engine")}
+    return sim.engine_starts * (sum(seconds.values()) / len(seconds)) if seconds else 0.0
+
+
+def _rates(device: str) -> str:
+    from iclsft.graph.costs import RATES
+
+    r = RATES[device]
+    per_token = f" + {r['per_prefix_token'] * 1e6:.2f} us per prefix token" if r["per_prefix_token"] else ""
+    return (f"{1 / r['query']:,.0f} queries/s{per_token}, + {r['condition']:g} s per condition (RSA + "
+            f"{r['rsa_condition']:g} s); SFT step LoRA {r['lora_step']:g} s, full {r['full_step']:g} s; model load "
+            f"{r['model_load']:g} s; engine start hf {r['engine_start']:g} s + model load, vllm {r['vllm_start']:g} s "
+            f"(measured: {', '.join(r['measured'])}; the rest assumed; docs/sweep.md)")
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"

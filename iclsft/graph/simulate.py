@@ -1,0 +1,332 @@
+"""A sweep's work graph without any tokenizer or model, run by the real scheduler on a virtual clock.
+
+`simulation_works(config, device)` builds the works a sweep has left: one scoring per condition, one
+training per distinct training (conditions whose batches hold the same exemplars share one), one RSA
+pass per 2D condition (`rsa: true`), each timed from the measured rates (costs.py). `simulate` hands
+them to `iclsft.graph.schedule.schedule`, the loop that real sweeps run on Ray, with a `VirtualBackend`
+that ends each work after its estimated seconds. A scorer pays once for each engine it opens (base
+model loaded, engine started) and once for the RSA hooks' model, on its first work that needs them.
+
+Slots holding fractions of a GPU share it: the works running on one GPU each get an equal part of its
+rate. The rates are measured on whole GPUs and a shared GPU is taken to be the bottleneck, so sharing is
+never shown faster than it is (a model too small to fill a GPU gains more from sharing than this says).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from iclsft.graph.costs import (
+    RATES,
+    condition_bytes,
+    condition_queries,
+    engine_start_seconds,
+    full_checkpoint_bytes,
+    lora_adapter_bytes,
+    model_shape,
+    prefix_tokens,
+    rsa_bytes,
+    rsa_seconds,
+    score_seconds,
+    train_seconds,
+)
+from iclsft.graph.resources import Resources, Slots, resolve
+from iclsft.graph.schedule import Usage, schedule
+from iclsft.graph.work import ROLES, Finished, Work
+
+GPU_NODE_CPUS = 8  # CPUs per GPU assumed when simulating GPUs without a CPU count
+
+
+@dataclass(frozen=True)
+class Stand:
+    """What a simulated work stands for; the planner adds these up."""
+
+    kind: str  # "train", "score" or "rsa"
+    model: str
+    method: str  # icl, lora, full, ...
+    queries: int = 0
+    steps: int = 0
+    checkpoints: int = 0  # a training's saved checkpoints
+    setup: tuple[tuple[str, float], ...] = ()  # (what its slot must have open, seconds to open it)
+    bytes: int = 0  # what it leaves on disk
+
+
+class VirtualBackend:
+    """The scheduler's backend on a virtual clock. A work needs `cost` seconds of its device, plus the
+    seconds of each setup (engine, hooks) its slot has not done yet. A slot holding a whole GPU (or CPUs)
+    gives it all of that device; slots holding fractions of a GPU (`gpus`: per role, below 1) are packed
+    onto shared GPUs, scorers first, and the works running on one GPU share it equally (each at 1/n of
+    the rate while n run: the rates are whole-GPU rates, and a shared GPU is taken to be the bottleneck).
+    Works in `fail` end with an error. Deterministic: works ending at one time end in start order."""
+
+    def __init__(self, slots: dict[str, int], *, gpus: dict[str, float] | None = None, fail: Iterable[str] = ()):
+        self.slots_ = {role: [f"{role}-{i}" for i in range(slots.get(role, 0))] for role in ROLES}
+        self.group: dict[str, int] = {}  # slot -> the shared GPU it sits on
+        self.devices = 0  # GPUs (or, without GPUs, slots) the slots occupy
+        room: list[float] = []  # left on each shared GPU
+        for role in ROLES:
+            f = (gpus or {}).get(role, 0.0)
+            for slot in self.slots_[role]:
+                if 0 < f < 1:
+                    g = next((i for i, left in enumerate(room) if left >= f - 1e-9), None)
+                    if g is None:
+                        g, _ = len(room), room.append(1.0)
+                    room[g] -= f
+                    self.group[slot] = g
+                else:
+                    self.devices += int(f) if f >= 1 else 1
+        self.devices += len(room)
+        self.fail = set(fail)
+        self.clock = 0.0
+        self.seq = itertools.count()
+        self.dedicated: list[tuple[float, int, Work, str, float]] = []  # (end, seq, work, slot, started)
+        self.shared: dict[int, list] = {}  # seq -> [work, slot, started, seconds left at full rate, GPU]
+        self.load: dict[int, int] = {}  # shared GPU -> works running on it
+        self.opened: dict[str, set[str]] = {}  # slot -> setups done there
+        self.setups: dict[str, int] = {}  # setup kind ("engine", "hooks") -> times done
+        self.work = 0.0  # device-seconds of all works started (costs and setups)
+        self.forgotten: list[str] = []
+
+    def slots(self, role: str) -> list[str]:
+        return self.slots_[role]
+
+    def start(self, work: Work, slot: str, inputs: list[Any]) -> None:
+        seconds = work.cost
+        opened = self.opened.setdefault(slot, set())
+        for key, extra in getattr(work.payload, "setup", ()):
+            if key not in opened:
+                opened.add(key)
+                seconds += extra
+                kind = key.split("|", 1)[0]
+                self.setups[kind] = self.setups.get(kind, 0) + 1
+        self.work += seconds
+        if slot in self.group:
+            g = self.group[slot]
+            self.shared[next(self.seq)] = [work, slot, self.clock, seconds, g]
+            self.load[g] = self.load.get(g, 0) + 1
+        else:
+            heapq.heappush(self.dedicated, (self.clock + seconds, next(self.seq), work, slot, self.clock))
+
+    def wait(self) -> list[Finished]:
+        if not self.dedicated and not self.shared:
+            raise RuntimeError("wait() with no work running")
+        t = min([self.dedicated[0][0]] if self.dedicated else []
+                + [self.clock + left * self.load[g] for _, _, _, left, g in self.shared.values()])
+        dt = t - self.clock
+        ended = []
+        while self.dedicated and self.dedicated[0][0] <= t + 1e-9:
+            end, seq, work, slot, started = heapq.heappop(self.dedicated)
+            ended.append((seq, work, slot, started))
+        for seq, entry in list(self.shared.items()):
+            entry[3] -= dt / self.load[entry[4]]
+            if entry[3] <= 1e-9:
+                del self.shared[seq]
+                ended.append((seq, *entry[:3]))
+        for _, _, slot, _ in ended:
+            if slot in self.group:
+                self.load[self.group[slot]] -= 1
+        self.clock = t
+        out = []
+        for _, work, slot, started in sorted(ended, key=lambda e: e[0]):
+            error = f"{work.label}: failed (simulated)" if work.id in self.fail else None
+            out.append(Finished(work, slot, started, t, result=None if error else work.id, error=error,
+                                host="virtual"))
+        return out
+
+    def put(self, obj: Any) -> Any:
+        return obj
+
+    def handle(self, work_id: str) -> Any:
+        return work_id
+
+    def forget(self, work_id: str) -> None:
+        self.forgotten.append(work_id)
+
+    def now(self) -> float:
+        return self.clock
+
+
+def planned_engine(config, device: str) -> str:
+    """The engine the sweep would score with on `device`: `auto` is vllm on GPUs where vLLM is installed."""
+    import importlib.util
+
+    from iclsft.engine.base import resolve_engine
+
+    if config.engine != "auto":
+        return resolve_engine(config.engine)
+    return "vllm" if device == "gpu" and importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def simulation_works(config, device: str, engine: str | None = None) -> list[Work]:
+    """The works `config` has left (finished conditions, and their current RSA, are skipped), timed for
+    `device` ("cpu" or "gpu") and scored with `engine` (default: `planned_engine`)."""
+    from iclsft.engine.base import engine_class
+    from iclsft.store import RunDir
+    from iclsft.sweep.plan import arm_specs, implicit_dir, implicit_specs, model_dir
+
+    if device not in RATES:
+        raise ValueError(f"device {device!r} is not one of {', '.join(RATES)}")
+    engine = engine or planned_engine(config, device)
+    graph = _Graph(config, device, engine_start_seconds(engine, device), engine_class(engine).can_load_weights)
+    for model in config.models:
+        for run, arms in ((RunDir(model_dir(config.out, model)), arm_specs(config, model)),
+                          (RunDir(implicit_dir(config.out, model)), implicit_specs(config, model))):
+            for spec, ref in arms:
+                graph.add_arm(model, run, spec, model_shape(str(ref.path)))
+    return graph.works
+
+
+class _Graph:
+    """The works of each arm in turn, as `iclsft.graph.run.GraphRun` builds them for a real sweep."""
+
+    def __init__(self, config, device: str, start: float, swaps: bool):
+        self.config, self.device, self.start, self.swaps = config, device, start, swaps
+        self.works: list[Work] = []
+
+    def add_arm(self, model: str, run, spec, shape: dict) -> None:
+        from iclsft.arms.linear2d import training_groups
+        from iclsft.sft.train import total_steps
+
+        key, sft = f"{model}|{spec.arm}", getattr(spec, "sft", None)
+        conds = spec.conditions()
+        todo = [c for c in conds if not run.is_done(c)]
+        needs: dict[str, tuple] = {}  # condition id -> the training of its checkpoint
+        if sft is None:
+            groups, steps = [], []
+        elif spec.kind == "implicit":  # one model per task (or mixture) and seed
+            by_group: dict[tuple, list] = {}
+            for c in todo:
+                by_group.setdefault(c.training_group, []).append(c)
+            groups = list(by_group.values())
+            steps = [total_steps(spec.examples_per_model, sft)] * len(groups)
+        else:  # one model per distinct training: conditions whose batches hold the same exemplars share it
+            trainings = training_groups(todo, sft)
+            groups = list(trainings.values())
+            steps = [total_steps(2 * shots, sft) for (_, _, shots, _) in trainings]
+        for i, (group, n) in enumerate(zip(groups, steps)):
+            tid = self._train(key, model, spec.arm, i, sft, n, len({getattr(c, "checkpoint", 1.0) for c in group}),
+                              shape)
+            needs.update((c.id, (tid,)) for c in group)
+        for c in todo:
+            self._score(key, model, c, sft, needs.get(c.id, ()))
+        if self.config.rsa and spec.kind != "implicit":
+            self._rsa(key, model, run, conds, {c.id for c in todo}, needs, sft, shape)
+
+    def _train(self, key: str, model: str, arm: str, i: int, sft, steps: int, checkpoints: int, shape: dict) -> str:
+        each = lora_adapter_bytes(shape, sft) if sft.method == "lora" else full_checkpoint_bytes(shape)
+        work = Work(f"{key}|train|{i}", "trainer", f"{arm} training {i} ({steps} steps)",
+                    train_seconds(steps, sft.method, self.device), arm=key,
+                    payload=Stand("train", model, sft.method, steps=steps, checkpoints=checkpoints,
+                                  bytes=checkpoints * each))
+        self.works.append(work)
+        return work.id
+
+    def _score(self, key: str, model: str, c, sft, needs: tuple) -> None:
+        method = sft.method if sft else "icl"
+        if sft is not None and method != "lora" and not self.swaps:
+            # a full checkpoint on an engine that cannot swap weights in (vllm): an engine of its own, opened
+            # once on each scorer that scores one of its conditions
+            setup = ((f"engine|{model}|{needs[0]}|{c.checkpoint}", self.start),)
+        else:
+            setup = ((f"engine|{model}", self.start),)
+        queries = condition_queries(c)
+        self.works.append(Work(f"{key}|{c.id}", "scorer", c.label,
+                               score_seconds(queries, prefix_tokens(c), self.device), needs=needs, arm=key,
+                               payload=Stand("score", model, method, queries=queries, setup=setup,
+                                             bytes=condition_bytes(c))))
+
+    def _rsa(self, key: str, model: str, run, conds, left: set, needs: dict, sft, shape: dict) -> None:
+        """One RSA pass per condition: after its scoring (and training) when it is left to run, else when its
+        stored RSA is not current."""
+        from iclsft.rsa.run import rsa_is_current
+
+        hooks = ((f"hooks|{model}", RATES[self.device]["model_load"]),)
+        for c in conds:
+            if c.id in left:
+                after = (f"{key}|{c.id}",) + needs.get(c.id, ())
+            elif not rsa_is_current(run.condition_dir(c), c.id, self.config.dtype, self.config.rsa_subset):
+                after = ()
+            else:
+                continue
+            queries = condition_queries(c)
+            self.works.append(Work(f"{key}|rsa|{c.id}", "scorer", f"RSA {c.label}",
+                                   rsa_seconds(queries, prefix_tokens(c), self.device), needs=after, arm=key,
+                                   payload=Stand("rsa", model, sft.method if sft else "icl", queries=queries,
+                                                 setup=hooks, bytes=rsa_bytes(shape))))
+
+
+def scoring_share(works: Iterable[Work]) -> float | None:
+    """The part of the works' seconds that scorers do (scoring and RSA, and each distinct setup once: at
+    least one engine per full checkpoint where engines cannot swap weights); None when there is no work."""
+    seconds = {role: 0.0 for role in ROLES}
+    setups: dict[str, tuple[str, float]] = {}
+    for w in works:
+        seconds[w.role] += w.cost
+        for key, extra in getattr(w.payload, "setup", ()):
+            setups[key] = (w.role, extra)
+    for role, extra in setups.values():
+        seconds[role] += extra
+    total = sum(seconds.values())
+    return seconds["scorer"] / total if total > 0 else None
+
+
+@dataclass
+class Simulation:
+    """One simulated run: the slots, the scheduler's usage, and what the virtual backend counted."""
+
+    gpus: float
+    cpus: float
+    slots: Slots
+    usage: Usage
+    work: float  # device-seconds of every work (costs and setups)
+    devices: int  # GPUs the slots occupy (without GPUs: the slots)
+    setups: dict[str, int] = field(default_factory=dict)  # engine starts ("engine") and RSA hook loads ("hooks")
+
+    @property
+    def engine_starts(self) -> int:
+        """The scorers' engines, and on engines that cannot swap weights those of full checkpoints."""
+        return self.setups.get("engine", 0)
+
+    @property
+    def makespan(self) -> float:
+        return self.usage.makespan
+
+    @property
+    def bound(self) -> float:
+        """Total work / workers (devices): the makespan if every device were busy to the end."""
+        return self.work / self.devices
+
+    @property
+    def utilisation(self) -> float:
+        return self.bound / self.makespan if self.makespan > 0 else 0.0
+
+    def record(self) -> dict:
+        return {"gpus": self.gpus, "cpus": self.cpus, "scorers": self.slots.scorers, "trainers": self.slots.trainers,
+                "devices": self.devices, "makespan": round(self.makespan, 1), "work": round(self.work, 1),
+                "work_per_worker": round(self.bound, 1),
+                "utilisation": round(self.utilisation, 3), "usage": self.usage.record(),
+                "engine_starts": self.engine_starts, "setups": dict(self.setups)}
+
+
+def simulate(config, *, gpus: float = 0, cpus: float | None = None, resources: Resources | None = None,
+             works: list[Work] | None = None) -> Simulation:
+    """The sweep's works (default: `simulation_works` for GPUs when `gpus` > 0, else CPUs) scheduled on
+    `gpus` GPUs and `cpus` CPUs (default: GPU_NODE_CPUS per GPU, or this machine's CPUs) with `resources`
+    (default: the config's; unset fields from the work's scoring share)."""
+    if gpus < 0:
+        raise ValueError(f"gpus {gpus!r} must be 0 (CPUs only) or more")
+    device = "gpu" if gpus else "cpu"
+    if works is None:
+        works = simulation_works(config, device)
+    if cpus is None:
+        cpus = GPU_NODE_CPUS * gpus if gpus else float(os.cpu_count() or 1)
+    slots = resolve(resources or config.resources, cpus, gpus, scoring_share(works))
+    backend = VirtualBackend({"scorer": slots.scorers, "trainer": slots.trainers},
+                             gpus={"scorer": slots.scorer_gpus, "trainer": slots.trainer_gpus})
+    usage = schedule(works, backend, lambda done: None)
+    return Simulation(gpus, cpus, slots, usage, backend.work, backend.devices, dict(backend.setups))
