@@ -11,7 +11,6 @@ import time
 import traceback
 from typing import Any
 
-from iclsft.graph.remote import RsaTask
 from iclsft.graph.resources import Resources, Slots, resolve
 from iclsft.graph.work import Finished, Work
 from iclsft.spec import ExecutorSpec
@@ -64,8 +63,7 @@ class RayBackend:
             ref = self.train.remote(*payload)
         else:
             actor = self.actors[int(slot.rsplit("-", 1)[1])]
-            method = actor.rsa if isinstance(payload, RsaTask) else actor.score
-            ref = method.remote(payload, *inputs)
+            ref = getattr(actor, payload.method).remote(payload, *inputs)  # score, rsa or circuits
         self.running[ref] = (work, slot, time.time())
 
     def wait(self) -> list[Finished]:

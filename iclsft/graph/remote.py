@@ -140,6 +140,7 @@ class ScoreTask:
     checkpoint: str | None = None
     record: dict = dataclasses.field(default_factory=dict)
     files: Any = None  # the checkpoint's files when they come from the run directory (not from a training)
+    method = "score"  # the ScorerActor method that runs it
 
 
 @dataclass
@@ -153,6 +154,23 @@ class RsaTask:
     subset: str
     checkpoint: str | None = None
     files: Any = None  # as ScoreTask.files
+    method = "rsa"
+
+
+@dataclass
+class CircuitTask:
+    """One circuit state of one task of the implicit suite (attribution patching, HF hooks)."""
+
+    model: str
+    fingerprint: str
+    task: str
+    state: str
+    pairs: int
+    seed: int
+    shots: int
+    checkpoint: str | None = None
+    files: Any = None  # as ScoreTask.files
+    method = "circuits"
 
 
 class ScorerActor:
@@ -178,26 +196,44 @@ class ScorerActor:
         """(outcome, worker, GPU ids) of one condition; `trained`: the result of the training that made
         its checkpoint (its files among them)."""
         arm = self._arm(task)
-        ckpt = None
-        if task.checkpoint is not None:
-            files = trained["files"][task.checkpoint] if trained is not None else _value(task.files)
-            ckpt = self._checkpoint(task.checkpoint, files)
+        ckpt = self._checkpoint_of(task, [trained])
         return arm.outcome(task.cond, ckpt, task.record), worker_name(), gpu_ids()
 
     def rsa(self, task: RsaTask, *inputs) -> tuple:
         """(rsa.npz bytes, a summary line, worker, GPU ids) of one condition; `inputs`: the results of its
         scoring and, for a checkpoint trained in this sweep, of its training (its files among them)."""
-        from iclsft.rsa.run import Models, describe, npz_bytes, rsa_arrays
+        from iclsft.rsa.run import describe, npz_bytes, rsa_arrays
 
-        if task.dtype not in self.rsa_models:
-            self.rsa_models[task.dtype] = Models(task.dtype, resolve=local_model)
-        ckpt = None
-        if task.checkpoint is not None:
-            trained = next((i for i in inputs if isinstance(i, dict) and "files" in i), None)
-            files = trained["files"][task.checkpoint] if trained is not None else _value(task.files)
-            ckpt = self._checkpoint(task.checkpoint, files)
-        arrays = rsa_arrays(task.cond, self.rsa_models[task.dtype], ckpt, subset=task.subset)
+        arrays = rsa_arrays(task.cond, self._models(task.dtype), self._checkpoint_of(task, inputs), subset=task.subset)
         return npz_bytes(arrays), describe(arrays), worker_name(), gpu_ids()
+
+    def circuits(self, task: CircuitTask, *inputs) -> tuple:
+        """(the state's scores as .npz bytes, a summary line, worker, GPU ids); `inputs` as for `rsa`."""
+        from iclsft.implicit.circuits import state_scores
+        from iclsft.spec import ModelSpec
+
+        models, spec = self._models("float32"), ModelSpec(name=task.model, fingerprint=task.fingerprint)
+        s = state_scores(models.base(spec), models.tokenizer(spec), task.task, task.state,
+                         self._checkpoint_of(task, inputs), pairs=task.pairs, seed=task.seed, shots=task.shots)
+        return (s.to_bytes(), f"{s.n_pairs} pairs, LD clean {s.ld_clean_mean:.2f}, corrupt {s.ld_corrupt_mean:.2f}",
+                worker_name(), gpu_ids())
+
+    def _models(self, dtype: str):
+        """Plain HF models for hooks (RSA, circuits), one base per model and dtype, loaded once."""
+        from iclsft.rsa.run import Models
+
+        if dtype not in self.rsa_models:
+            self.rsa_models[dtype] = Models(dtype, resolve=local_model)
+        return self.rsa_models[dtype]
+
+    def _checkpoint_of(self, task, inputs) -> str | None:
+        """The task's checkpoint in this actor's scratch directory: its files from the training among
+        `inputs` (results of the works it needed), else sent with the task."""
+        if task.checkpoint is None:
+            return None
+        trained = next((i for i in inputs if isinstance(i, dict) and "files" in i), None)
+        files = trained["files"][task.checkpoint] if trained is not None else _value(task.files)
+        return self._checkpoint(task.checkpoint, files)
 
     def starts(self) -> int:
         return sum(s.starts for s in self.scorers.values())

@@ -43,17 +43,21 @@ class GraphRun:
     """The driver's side of one graph: opens the arms, builds their works, writes what comes back."""
 
     def __init__(self, arms: Sequence[tuple[Path, Any, Any]], device: str = "cpu", *,
-                 rsa: tuple[str, str] | None = None, drop_full_weights: bool = False):
+                 rsa: tuple[str, str] | None = None, circuits: tuple[int, int] | None = None,
+                 drop_full_weights: bool = False):
         """Open every arm (run directories locked until `run` ends) and build its works; `device`: the
         rates the works' costs (their order) come from. `rsa`: (dtype, matrix subset) to compute RSA for
-        every 2D condition on the scorers, after its scoring; `drop_full_weights`: delete a full
+        every 2D condition on the scorers, after its scoring; `circuits`: (pairs, shots) to compute the
+        implicit suite's circuit states on the scorers (the driver's `compute_circuits` then only
+        tabulates the shift); `drop_full_weights`: delete a full
         fine-tune's weight files once every condition scored with it has its scores and RSA (the marker
-        stays; metrics, scores and RSA are kept)."""
+        stays; metrics, scores, RSA and circuits are kept)."""
         from iclsft.arms import make_arm
 
         self.backend: Backend | None = None
         self.device = device
-        self.rsa, self.drop = rsa, drop_full_weights
+        self.rsa, self.circuits, self.drop = rsa, circuits, drop_full_weights
+        self.indexes: dict[Path, dict] = {}  # implicit run dir -> its circuits.json, as written so far
         self.users: dict[str, list] = {}  # full checkpoint dir -> [works still using it, failed]
         self.runs: dict[Path, RunDir] = {}
         self.arms: dict[str, _Arm] = {}
@@ -74,6 +78,10 @@ class GraphRun:
                 a = _Arm(f"{Path(path)}|{spec.arm}", ArmRun(arm, run))
                 self.arms[a.key] = a
                 self._add_works(a, spec, ref)
+            if circuits is not None:
+                for path in dict.fromkeys(Path(p) for p, spec, _ in arms if spec.kind == "implicit"):
+                    run = self.runs[path]
+                    self._add_circuits(path, [a for a in self.arms.values() if a.state.run is run])
         except BaseException:
             self.close()
             raise
@@ -149,6 +157,57 @@ class GraphRun:
             if self.drop and ckpt and not a.state.arm.lora:
                 self.users.setdefault(ckpt, [0, False])[0] += 1
 
+    def _add_circuits(self, path: Path, arms: list[_Arm]) -> None:
+        """One work per circuit state of each task not stored yet: base and ICL on the base model, each
+        fine-tuned model on its checkpoint (after its training, when it is trained now)."""
+        from iclsft.graph.remote import CircuitTask
+        from iclsft.implicit.circuits import CIRCUITS_DIR, _stored, circuit_states, read_index, state_key
+
+        run, (pairs, shots) = self.runs[path], self.circuits
+        stored = run.spec_json()["arms"]
+        first = next(iter(stored.values()))  # as compute_circuits: the first arm's first seed
+        seed, model = first["seeds"][0], first["model"]
+        tasks = list(dict.fromkeys(t for arm in stored.values() for t in arm["tasks"]))
+        now: dict[str, dict[str, Path]] = {}  # task -> {method: checkpoint dir} of models trained in this graph
+        for a in arms:
+            for cond, ckpt in (v[:2] for v in getattr(a.state.arm, "where", {}).values()):
+                if cond.seed == seed:
+                    now.setdefault(cond.task, {})[cond.method] = Path(ckpt)
+        training = {d: t for t, names in self.dirs.items() for d in names.values()}
+        out = run.path / CIRCUITS_DIR
+        index = self.indexes[path] = read_index(out)
+        for task in tasks:
+            for state, ckpt in circuit_states(run, task, seed, shots, now.get(task)).items():
+                name, key = state_key(task, state, ckpt, pairs, seed)
+                if _stored(out, name, index, key) is not None:
+                    continue
+                payload = CircuitTask(model=model["name"], fingerprint=model["fingerprint"], task=task, state=state,
+                                      pairs=pairs, seed=seed, shots=shots, checkpoint=key["checkpoint"])
+                needs = (training[str(ckpt)],) if ckpt is not None and str(ckpt) in training else ()
+                if ckpt is not None and not needs:  # from an earlier run: its files from the run directory
+                    self.puts.setdefault(str(ckpt), [None, 0])[1] += 1
+                    payload = _Reused(self, str(ckpt), payload)
+                if self.drop and ckpt is not None and str(ckpt) in self.users:
+                    self.users[str(ckpt)][0] += 1
+                self.works.append(Work(f"{path}|circuits|{name}", "scorer", f"circuits {task} {state}",
+                                       score_seconds(3 * pairs, 0, self.device), needs=needs, payload=payload))
+
+    def _circuit_done(self, done: Finished) -> None:
+        from iclsft.implicit.circuits import CIRCUITS_DIR, state_key, store_state
+
+        task = done.work.payload.task if isinstance(done.work.payload, _Reused) else done.work.payload
+        path = Path(done.work.id.split("|circuits|")[0])
+        run = self.runs[path]
+        if task.checkpoint is not None:
+            self._used(str(run.path / "adapters" / task.checkpoint), done.error)
+        if done.error is not None:
+            error = done.error.strip().splitlines()[-1]
+            self.failures.append(f"{run.path.parent.name} circuits {task.task} {task.state}: {error}")
+            logger.warning("circuits %s %s: FAILED %s", task.task, task.state, error)
+            return
+        name, key = state_key(task.task, task.state, task.checkpoint, task.pairs, task.seed)
+        store_state(run.path / CIRCUITS_DIR, self.indexes[path], name, key, done.result[0])
+
     def _work(self, a: _Arm, work: Work) -> None:
         self.works.append(work)
         a.left += 1
@@ -187,6 +246,9 @@ class GraphRun:
 
     def on_done(self, done: Finished) -> None:
         work = done.work
+        if "|circuits|" in work.id:
+            self._circuit_done(done)
+            return
         a = self.arms[work.arm]
         if work.role == "trainer":
             if done.error is None:
@@ -215,7 +277,7 @@ class GraphRun:
                     info = self.trained.get(work.needs[0], {}) if work.needs else {"trained": False}
                     note = training_note(info, a.shared.get(cond.id))
                 a.state.done(cond, done.result, note, done.seconds, done.host)
-            self._used(a, task.checkpoint, done.error)
+            self._used(self._ckpt(a, task.checkpoint), done.error)
         a.left -= 1
         if a.left == 0:
             self._finish(a)
@@ -225,7 +287,7 @@ class GraphRun:
 
         task = done.work.payload.task if isinstance(done.work.payload, _Reused) else done.work.payload
         cond, run = task.cond, a.state.run
-        self._used(a, task.checkpoint, done.error)
+        self._used(self._ckpt(a, task.checkpoint), done.error)
         if done.worker == "-":  # its scoring failed: recorded there, nothing to compute
             return
         cdir = run.condition_dir(cond)
@@ -239,12 +301,13 @@ class GraphRun:
         write_rsa(cdir, cond.id, npz, task.dtype, task.subset, done.seconds)
         logger.info("RSA %s: %s (%.1f s on %s)", cond.label, summary, done.seconds, done.host)
 
-    def _used(self, a: _Arm, checkpoint: str | None, error: str | None) -> None:
+    @staticmethod
+    def _ckpt(a: _Arm, checkpoint: str | None) -> str | None:
+        return str(a.state.run.path / "adapters" / checkpoint) if checkpoint else None
+
+    def _used(self, ckpt: str | None, error: str | None) -> None:
         """One work less using a full checkpoint; its weights are dropped once all have succeeded."""
-        if not self.drop or checkpoint is None:
-            return
-        ckpt = str(a.state.run.path / "adapters" / checkpoint)
-        if ckpt not in self.users:
+        if not self.drop or ckpt not in self.users:
             return
         entry = self.users[ckpt]
         entry[0] -= 1
@@ -254,8 +317,8 @@ class GraphRun:
             if not entry[1]:
                 from iclsft.sft.adapters import drop_weights
 
-                logger.info("dropped the weights of %s (%s freed): its conditions are scored%s", checkpoint,
-                            _size(drop_weights(Path(ckpt))), " and their RSA done" if self.rsa else "")
+                logger.info("dropped the weights of %s (%s freed): every work that reads it is done", Path(ckpt).name,
+                            _size(drop_weights(Path(ckpt))))
 
     def _finish(self, a: _Arm) -> None:
         try:

@@ -103,8 +103,10 @@ def _run_graph(config: SweepConfig, planned: dict, planned_implicit: dict, out: 
 
     arms = [(model_dir(out, model), spec, ref) for model in config.models for spec, ref in planned[model]]
     arms += [(implicit_dir(out, model), spec, ref) for model in config.models for spec, ref in planned_implicit[model]]
+    imp = config.implicit
     graph = GraphRun(arms, "gpu" if _has_gpu(config) else "cpu", drop_full_weights=config.drop_full_weights,
-                     rsa=(config.dtype, config.rsa_subset) if config.rsa else None)
+                     rsa=(config.dtype, config.rsa_subset) if config.rsa else None,
+                     circuits=(imp.circuit_pairs, imp.circuit_shots) if imp is not None and imp.circuits else None)
     trainings = sum(w.role == "trainer" for w in graph.works)
     if not graph.works:  # everything finished: no Ray to start
         graph.run(None)
