@@ -1,0 +1,140 @@
+"""The sweep scheduler (iclsft.graph.schedule) on the simulator's virtual clock, against schedules worked
+out by hand: which slot runs what, when, and how busy each role was."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from iclsft.graph.schedule import schedule
+from iclsft.graph.simulate import VirtualBackend
+from iclsft.graph.work import Work
+
+
+@dataclass(frozen=True)
+class Setup:
+    setup: tuple = ()
+
+
+def run(works, slots, **options):
+    backend = VirtualBackend(slots, **options)
+    done = []
+    usage = schedule(works, backend, done.append)
+    return usage, {d.work.id: (d.worker, d.started, d.ended, d.error) for d in done}, backend
+
+
+def train(name, seconds, **kw):
+    return Work(name, "trainer", name, seconds, **kw)
+
+
+def score(name, seconds, needs=(), **kw):
+    return Work(name, "scorer", name, seconds, needs=needs, **kw)
+
+
+def test_three_trainings_on_two_slots_longest_first():
+    # by hand: t=0 the 5 s and 3 s trainings start (longest first, on trainer-0 then trainer-1);
+    # t=3 trainer-1 takes the 2 s one; both end at 5
+    usage, ran, _ = run([train("b", 3), train("c", 2), train("a", 5)], {"trainer": 2})
+    assert ran == {"a": ("trainer-0", 0, 5, None), "b": ("trainer-1", 0, 3, None), "c": ("trainer-1", 3, 5, None)}
+    assert usage.makespan == 5
+    assert usage.record()["trainer"] == {"works": 3, "seconds": 10.0, "workers": 2, "utilisation": 1.0}
+
+
+def test_one_trainer_slot_runs_trainings_longest_first():
+    usage, ran, _ = run([train("short", 2), train("long", 7), train("mid", 4)], {"trainer": 1})
+    assert [(w, ran[w][1], ran[w][2]) for w in ("long", "mid", "short")] == [("long", 0, 7), ("mid", 7, 11),
+                                                                          ("short", 11, 13)]
+    assert usage.makespan == 13
+
+
+def test_checkpoint_scorings_go_before_icl():
+    # one scorer, one trainer. t=0: ICL a (2 s) starts, the 1 s training too. t=1: the checkpoint's scoring
+    # is ready, but the scorer is busy. t=2: it goes before ICL b and c: 2-3, then b 3-5, c 5-7.
+    works = [score("icl-a", 2), score("icl-b", 2), score("icl-c", 2), train("t", 1), score("ckpt", 1, ("t",))]
+    usage, ran, _ = run(works, {"scorer": 1, "trainer": 1})
+    assert {w: ran[w][1:3] for w in ran} == {"icl-a": (0, 2), "t": (0, 1), "ckpt": (2, 3), "icl-b": (3, 5),
+                                             "icl-c": (5, 7)}
+    record = usage.record()
+    assert usage.makespan == 7
+    assert record["scorer"]["utilisation"] == 1.0 and record["trainer"]["utilisation"] == round(1 / 7, 3)
+
+
+def test_scorer_utilisation_by_hand():
+    # scorer-0 runs the 4 s work (0-4); scorer-1 the two 1 s works (0-1, 1-2): busy 6 of 2 x 4 slot-seconds
+    usage, ran, _ = run([score("x", 4), score("y", 1), score("z", 1)], {"scorer": 2})
+    assert ran["x"][:3] == ("scorer-0", 0, 4) and ran["z"][:3] == ("scorer-1", 1, 2)
+    assert usage.record()["scorer"] == {"works": 3, "seconds": 6.0, "workers": 2, "utilisation": 0.75}
+
+
+def test_a_failed_training_fails_its_dependents_unrun():
+    started = []
+
+    class Recording(VirtualBackend):
+        def start(self, work, slot, inputs):
+            started.append(work.id)
+            super().start(work, slot, inputs)
+
+    works = [train("bad", 3), train("good", 1), score("bad-1", 1, ("bad",)), score("bad-2", 1, ("bad",)),
+             score("good-1", 1, ("good",)), score("icl", 1)]
+    backend = Recording({"trainer": 1, "scorer": 1}, fail={"bad"})
+    done = []
+    schedule(works, backend, done.append)
+    by_id = {d.work.id: d for d in done}
+    assert sorted(started) == ["bad", "good", "good-1", "icl"]  # the bad training's scorings never start
+    assert by_id["bad"].error == "bad: failed (simulated)"
+    for dep in ("bad-1", "bad-2"):  # they end when the training does, with its error, on no slot
+        assert (by_id[dep].error, by_id[dep].worker, by_id[dep].started, by_id[dep].ended) == (
+            "bad: failed (simulated)", "-", 3, 3)
+    assert by_id["good-1"].error is None and by_id["icl"].error is None
+    assert set(backend.forgotten) >= {"bad", "good"}  # results no dependent needs are let go
+
+
+def test_a_setup_is_paid_once_per_slot():
+    # each scorer opens the engine (10 s) before its first work: scorer-0 runs a in 10+1, scorer-1 b; both
+    # free at 11, the slot freed last (scorer-1) takes c, its engine already open: 11-12
+    opens = Setup((("engine|m", 10.0),))
+    works = [score("a", 1, payload=opens), score("b", 1, payload=opens), score("c", 1, payload=opens)]
+    usage, ran, backend = run(works, {"scorer": 2})
+    assert ran == {"a": ("scorer-0", 0, 11, None), "b": ("scorer-1", 0, 11, None), "c": ("scorer-1", 11, 12, None)}
+    assert backend.setups == {"engine": 2} and backend.work == 23
+
+
+def test_slots_holding_half_a_gpu_share_it():
+    # scorer and trainer on one GPU, half each: both run at half speed until the 2 s training ends at 4;
+    # the scorer's 4 s work has 2 s left, alone on the GPU, and ends at 6 = the GPU's total work
+    usage, ran, backend = run([score("s", 4), train("t", 2)], {"scorer": 1, "trainer": 1},
+                              gpus={"scorer": 0.5, "trainer": 0.5})
+    assert ran["t"][1:3] == (0, 4) and ran["s"][1:3] == (0, 6)
+    assert backend.devices == 1 and usage.makespan == 6
+
+
+def test_whole_gpus_are_not_shared():
+    usage, ran, backend = run([score("s", 4), train("t", 2)], {"scorer": 1, "trainer": 1},
+                              gpus={"scorer": 1, "trainer": 1})
+    assert ran["t"][1:3] == (0, 2) and ran["s"][1:3] == (0, 4) and backend.devices == 2
+
+
+def test_quarter_gpu_trainers_pack_four_to_a_gpu():
+    backend = VirtualBackend({"scorer": 2, "trainer": 6}, gpus={"scorer": 1, "trainer": 0.25})
+    assert backend.devices == 4  # 2 scorer GPUs, then trainers 0-3 on one GPU and 4-5 on another
+    assert backend.group == {f"trainer-{i}": g for i, g in enumerate([0, 0, 0, 0, 1, 1])}
+
+
+def test_thousands_of_works_in_well_under_a_second():
+    works = [train(f"t{i}", 1 + i % 7) for i in range(500)]
+    works += [score(f"s{i}", 0.5, (f"t{i % 500}",)) for i in range(4500)]
+    began = time.perf_counter()
+    usage, ran, _ = run(works, {"scorer": 6, "trainer": 2})
+    assert time.perf_counter() - began < 2.0  # about 0.1 s alone; generous for a loaded 2-core machine
+    assert len(ran) == 5000 and usage.record()["trainer"]["seconds"] == sum(1 + i % 7 for i in range(500))
+    # determinism: the same schedule again
+    assert run(works, {"scorer": 6, "trainer": 2})[1] == ran
+
+
+def test_bad_backend_input_is_one_clear_error():
+    with pytest.raises(ValueError, match="no scorer slot to run"):
+        run([score("a", 1)], {"trainer": 1})
+    with pytest.raises(RuntimeError, match="no work running"):
+        VirtualBackend({"scorer": 1}).wait()

@@ -1,0 +1,167 @@
+"""The planner's and simulator's view of a sweep (iclsft.graph.simulate, iclsft.sweep.plan): the work graph
+of a small config counted by hand, the default split of scorers and trainers, and the CLI's lines."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from iclsft.cli import main
+from iclsft.graph.resources import Resources, resolve
+from iclsft.graph.simulate import simulate, simulation_works
+from iclsft.spec import TaskSpec
+from iclsft.sweep import SweepConfig
+from iclsft.tasks import linear2d
+
+SFT = {"epochs": 2, "min_steps": 0, "batch_size": 8}  # K = 1, 2: 2K <= 8, one batch per epoch, 2 steps
+
+
+@pytest.fixture()
+def config(tiny_model_dir, tmp_path) -> SweepConfig:
+    return SweepConfig(out=str(tmp_path / "out"), models=(str(tiny_model_dir),),
+                       tasks=({"name": "linear2d", "angles": (0, 45)},), methods=("icl", "lora", "full"),
+                       shots=(1, 2), seeds=(0,), orders=("random", "1221"), checkpoints=(0.5, 1.0), grid_step=10,
+                       engine="hf", rsa=True, sft={"lora": SFT, "full": SFT},
+                       implicit={"tasks": ("relation",), "methods": ("icl", "lora"), "shots": (0, 1), "train_size": 8,
+                                 "eval_size": 4, "sft": {"lora": {"epochs": 1, "min_steps": 0, "batch_size": 4}}})
+
+
+def by_kind(works):
+    out = {}
+    for w in works:
+        out.setdefault((w.arm.rsplit("|", 1)[1], w.payload.kind), []).append(w)
+    return out
+
+
+def test_the_work_graph_of_a_small_sweep_counted_by_hand(config):
+    # the orders only reorder the same 2K exemplars, and 2K <= the batch size: one batch, one training for both
+    for angle in (0, 45):
+        for k in (1, 2):
+            sets = [set(map(tuple, linear2d.exemplars(TaskSpec(name="linear2d", angle=angle), 0, k, order)[
+                ["n1", "n2"]].to_numpy().tolist())) for order in ("random", "1221")]
+            assert sets[0] == sets[1]
+    works = simulation_works(config, "gpu")
+    kinds = by_kind(works)
+    counts = {key: len(ws) for key, ws in kinds.items()}
+    assert counts == {
+        ("icl", "score"): 8, ("icl", "rsa"): 8,  # 2 angles x 2 orders x 2 K
+        # 2 angles x 2 K trainings, each scored for 2 orders x 2 checkpoints
+        ("sft-lora", "train"): 4, ("sft-lora", "score"): 16, ("sft-lora", "rsa"): 16,
+        ("sft-full", "train"): 4, ("sft-full", "score"): 16, ("sft-full", "rsa"): 16,
+        ("implicit-icl", "score"): 4,  # 1 task x 2 K x 2 variants; no RSA for the implicit suite
+        ("implicit-lora", "train"): 1, ("implicit-lora", "score"): 2,  # one model scored on both variants
+    }
+    ids = {w.id for w in works}
+    trainings = {w.id for w in works if w.role == "trainer"}
+    for w in works:
+        assert set(w.needs) <= ids
+        if w.payload.kind == "score":
+            assert len(w.needs) == (0 if w.payload.method == "icl" else 1) and set(w.needs) <= trainings
+        if w.payload.kind == "rsa":  # after its condition's scoring, and its training
+            assert w.needs[0] == w.id.replace("|rsa|", "|") and len(w.needs) == (1 if w.payload.method == "icl" else 2)
+    # each training: 2 steps, 2 checkpoints; GPU rates 0.05 s (LoRA) / 0.08 s (full) a step + 5 s model load
+    assert {(w.payload.steps, w.payload.checkpoints, w.cost) for w in kinds["sft-lora", "train"]} == {(2, 2, 5.1)}
+    assert {(w.payload.steps, w.payload.checkpoints, w.cost) for w in kinds["sft-full", "train"]} == {(2, 2, 5.16)}
+    assert [w.payload.steps for w in kinds["implicit-lora", "train"]] == [2]  # 8 items in batches of 4
+    # 100 queries (step-10 lattice) at 13,600/s + 0.1 s per condition; RSA + 0.2 s
+    assert {w.payload.queries for w in kinds["icl", "score"]} == {100}
+    assert {round(w.cost, 6) for w in kinds["icl", "score"]} == {round(100 / 13_600 + 0.1, 6)}
+    assert {round(w.cost, 6) for w in kinds["icl", "rsa"]} == {round(100 / 13_600 + 0.2, 6)}
+
+
+def test_cpu_costs_grow_with_the_prompt(config):
+    works = simulation_works(config, "cpu")
+    icl = {w.label: w.cost for w in works if w.arm.endswith("|icl") and w.payload.kind == "score"}
+    k2 = next(cost for label, cost in icl.items() if "K=2" in label)
+    # 100 queries x (1/140 s + 2.26 us x 36 prefix tokens: 2K = 4 exemplars of ~9 tokens) + 0.7 s
+    assert k2 == pytest.approx(100 * (1 / 140 + 2.26e-6 * 36) + 0.7)
+    sft = [w.cost for w in works if w.arm.endswith("|sft-lora") and w.payload.kind == "score"]
+    assert sft == [pytest.approx(100 / 140 + 0.7)] * 16  # scored zero-shot: no exemplars in the prompt
+
+
+def test_disk_use_of_the_tiny_model(config):
+    # tiny Llama: hidden 64, 4 heads of 16 (2 for k, v: 32 wide), MLP 128, 2 layers, vocab 49,152, tied embeddings
+    per_layer = (64 * 64 + 2 * 64 * 32 + 64 * 64) + 3 * 64 * 128 + 2 * 64
+    params = 49_152 * 64 + 2 * per_layer + 64
+    lora = 2 * 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64))  # r 8, 7 modules, 2 layers
+    kinds = by_kind(simulation_works(config, "gpu"))
+    assert {w.payload.bytes for w in kinds["sft-lora", "train"]} == {2 * 4 * lora}  # 2 checkpoints, fp32
+    assert {w.payload.bytes for w in kinds["sft-full", "train"]} == {2 * 4 * params}
+    assert {w.payload.bytes for w in kinds["icl", "rsa"]} == {2 * 2 * 400 * 400 * 2}  # resid+mlp, 2 layers, fp16
+    assert {w.payload.bytes for w in kinds["icl", "score"]} == {100 * 24 + 4_000}
+
+
+def test_engine_starts_one_per_scorer_and_per_full_checkpoint_on_vllm(config):
+    hf = simulate(config, gpus=1)
+    assert hf.engine_starts == 1 and hf.setups == {"engine": 1, "hooks": 1}
+    vllm = simulate(config, gpus=1, works=simulation_works(config, "gpu", engine="vllm"))
+    assert vllm.engine_starts == 1 + 4 * 2  # the base engine, and each full checkpoint (4 trainings x 2) once
+    assert hf.usage.record()["scorer"]["works"] == 8 + 32 + 40 + 4 + 2
+
+
+def test_simulate_on_eight_gpus(config):
+    sim = simulate(config, gpus=8)
+    assert sim.slots.scorers + sim.slots.trainers == 8 and sim.devices == 8 and sim.cpus == 64
+    record = sim.usage.record()
+    assert (record["scorer"]["works"], record["trainer"]["works"]) == (86, 9)
+    assert sim.makespan >= sim.bound > 0
+    assert sim.work == pytest.approx(sum(sum(b.values()) for b in sim.usage.busy.values()))  # whole GPUs
+
+
+def test_default_split_of_scorers_and_trainers():
+    # 8 GPUs, 63% of the work scoring: 5 scorers (5/8 of the GPUs) finish 0.63/5 = 0.126 against 0.37/3 = 0.123;
+    # 4 would take 0.158, 6 leave 2 trainers 0.185
+    s = resolve(Resources(), 64, 8, 0.63)
+    assert (s.scorers, s.trainers, s.scorer_gpus, s.trainer_gpus) == (5, 3, 1.0, 1.0)
+    one = resolve(Resources(), 8, 1)  # one GPU: half each, or nothing could train
+    assert (one.scorers, one.trainers, one.scorer_gpus, one.trainer_gpus) == (1, 1, 0.5, 0.5)
+    cpu = resolve(Resources(), 2, 0, 0.9)  # 2 cores: one scorer beside one trainer, whatever the share
+    assert (cpu.scorers, cpu.trainers, cpu.scorer_gpus, cpu.trainer_gpus) == (1, 1, 0.0, 0.0)
+    given = resolve(Resources(scorers=2), 8, 4, 0.9)
+    assert (given.scorers, given.trainers) == (2, 2)
+    with pytest.raises(ValueError, match="leave no room for one trainer"):
+        resolve(Resources(scorer_gpus=1), 8, 1)  # the scorer's whole GPU is never a trainer's
+    with pytest.raises(ValueError, match=r"scoring share 1.5 must lie in \[0, 1\]"):
+        resolve(Resources(), 8, 8, 1.5)
+
+
+@pytest.fixture()
+def config_file(config, tmp_path):
+    data = config.model_dump(mode="json", exclude={"resources"})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_cli_simulate_prints_one_row_per_gpu_count(config_file):
+    result = CliRunner().invoke(main, ["sweep", str(config_file), "--simulate", "--gpus", "1,8"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("simulated (gpu rates, engine hf)")
+    assert lines[1].split() == ["GPUs", "CPUs", "scorers", "trainers", "makespan", "work/workers", "ratio", "busy",
+                                "scorers", "trainers", "engine", "starts"]
+    rows = [line.split() for line in lines[2:4]]
+    assert [r[:4] for r in rows] == [["1", "8", "1", "1"], ["8", "64", rows[1][2], rows[1][3]]]
+    assert int(rows[1][2]) + int(rows[1][3]) == 8
+
+
+def test_cli_dry_run_on_two_cpus(config_file):
+    result = CliRunner().invoke(main, ["sweep", str(config_file), "--dry-run", "--gpus", "0", "--cpus", "2"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "work, timed for CPUs (engine hf):" in out
+    assert "  training  9 trainings, 18 steps:" in out  # 8 of 2 steps (2D) and 1 of 2 (implicit)
+    assert "  scoring   46 conditions, 4,024 queries:" in out  # 8 + 16 + 16 2D x 100, 6 implicit x 4
+    assert "on 2 CPUs: 1 x 1 CPU scoring, 1 x 1 CPU training (of 2 CPUs, 0 GPUs)" in out
+    assert "  engine starts 1 (" in out and "RSA       40 passes" in out
+    assert "rates: 140 queries/s + 2.26 us per prefix token" in out
+
+
+@pytest.mark.parametrize("value", ["2,x", "1.5", "-1", ""])
+def test_cli_bad_gpus_is_one_clear_line(config_file, value):
+    result = CliRunner().invoke(main, ["sweep", str(config_file), "--simulate", "--gpus", value])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: --gpus {value!r}: {value.split(',')[-1]!r} is not a whole number of GPUs (0: CPUs only); "
+        "give e.g. --gpus 1,8,64"]
