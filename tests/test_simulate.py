@@ -51,7 +51,10 @@ def test_the_work_graph_of_a_small_sweep_counted_by_hand(config):
         ("sft-full", "train"): 4, ("sft-full", "score"): 16, ("sft-full", "rsa"): 16,
         ("implicit-icl", "score"): 4,  # 1 task x 2 K x 2 variants; no RSA for the implicit suite
         ("implicit-lora", "train"): 1, ("implicit-lora", "score"): 2,  # one model scored on both variants
+        ("circuits", "circuits"): 3,  # relation: the base model, ICL, the LoRA model
     }
+    circuits = {w.payload.method: w.needs for w in kinds["circuits", "circuits"]}
+    assert circuits == {"base": (), "icl-K8": (), "lora": (kinds["implicit-lora", "train"][0].id,)}
     ids = {w.id for w in works}
     trainings = {w.id for w in works if w.role == "trainer"}
     for w in works:
@@ -97,14 +100,14 @@ def test_engine_starts_one_per_scorer_and_per_full_checkpoint_on_vllm(config):
     assert hf.engine_starts == 1 and hf.setups == {"engine": 1, "hooks": 1}
     vllm = simulate(config, gpus=1, works=simulation_works(config, "gpu", engine="vllm"))
     assert vllm.engine_starts == 1 + 4 * 2  # the base engine, and each full checkpoint (4 trainings x 2) once
-    assert hf.usage.record()["scorer"]["works"] == 8 + 32 + 40 + 4 + 2
+    assert hf.usage.record()["scorer"]["works"] == 8 + 32 + 40 + 4 + 2 + 3
 
 
 def test_simulate_on_eight_gpus(config):
     sim = simulate(config, gpus=8)
     assert sim.slots.scorers + sim.slots.trainers == 8 and sim.devices == 8 and sim.cpus == 64
     record = sim.usage.record()
-    assert (record["scorer"]["works"], record["trainer"]["works"]) == (86, 9)
+    assert (record["scorer"]["works"], record["trainer"]["works"]) == (89, 9)
     assert sim.makespan >= sim.bound > 0
     assert sim.work == pytest.approx(sum(sum(b.values()) for b in sim.usage.busy.values()))  # whole GPUs
 
@@ -154,7 +157,7 @@ def test_cli_dry_run_on_two_cpus(config_file):
     assert "  training  9 trainings, 18 steps:" in out  # 8 of 2 steps (2D) and 1 of 2 (implicit)
     assert "  scoring   46 conditions, 4,024 queries:" in out  # 8 + 16 + 16 2D x 100, 6 implicit x 4
     assert "on 2 CPUs: 1 x 1 CPU scoring, 1 x 1 CPU training (of 2 CPUs, 0 GPUs)" in out
-    assert "  engine starts 1 (" in out and "RSA       40 passes" in out
+    assert "  engine starts 1 (" in out and "RSA       40 passes" in out and "circuits  3 states" in out
     assert "rates: 140 queries/s + 2.26 us per prefix token" in out
 
 

@@ -46,7 +46,7 @@ GPU_NODE_CPUS = 8  # CPUs per GPU assumed when simulating GPUs without a CPU cou
 class Stand:
     """What a simulated work stands for; the planner adds these up."""
 
-    kind: str  # "train", "score" or "rsa"
+    kind: str  # "train", "score", "rsa" or "circuits"
     model: str
     method: str  # icl, lora, full, ...
     queries: int = 0
@@ -178,6 +178,8 @@ def simulation_works(config, device: str, engine: str | None = None) -> list[Wor
                           (RunDir(implicit_dir(config.out, model)), implicit_specs(config, model))):
             for spec, ref in arms:
                 graph.add_arm(model, run, spec, model_shape(str(ref.path)))
+        if config.implicit is not None and config.implicit.circuits and graph.implicit_left:
+            graph.add_circuits(model)
     return graph.works
 
 
@@ -187,6 +189,8 @@ class _Graph:
     def __init__(self, config, device: str, start: float, swaps: bool):
         self.config, self.device, self.start, self.swaps = config, device, start, swaps
         self.works: list[Work] = []
+        self.implicit_left = False  # the implicit suite of the model being added has work left
+        self.implicit_trainings: dict[tuple, str] = {}  # (method, task, seed) -> its training's work id
 
     def add_arm(self, model: str, run, spec, shape: dict) -> None:
         from iclsft.arms.linear2d import training_groups
@@ -212,10 +216,31 @@ class _Graph:
             tid = self._train(key, model, spec.arm, i, sft, n, len({getattr(c, "checkpoint", 1.0) for c in group}),
                               shape)
             needs.update((c.id, (tid,)) for c in group)
+            if spec.kind == "implicit":
+                self.implicit_trainings.update(((c.method, c.task, c.seed), tid) for c in group)
+        if spec.kind == "implicit":
+            self.implicit_left |= bool(todo)
         for c in todo:
             self._score(key, model, c, sft, needs.get(c.id, ()))
         if self.config.rsa and spec.kind != "implicit":
             self._rsa(key, model, run, conds, {c.id for c in todo}, needs, sft, shape)
+
+    def add_circuits(self, model: str) -> None:
+        """The implicit suite's circuit states (`iclsft.graph.run.GraphRun._add_circuits`): per task, the base
+        model, ICL, and each fine-tuned model, on the first seed, after that model's training."""
+        imp = self.config.implicit
+        seed = min(self.config.seeds)
+        hooks = ((f"hooks|{model}", RATES[self.device]["model_load"]),)
+        methods = [m for m in imp.methods if m != "icl"] * ("ours" in imp.recipes)
+        methods += ["full-original"] * ("original" in imp.recipes)
+        for task in imp.tasks:
+            for state in ("base", f"icl-K{imp.circuit_shots}", *methods):
+                tid = self.implicit_trainings.get((state, task, seed))
+                self.works.append(Work(f"{model}|circuits|{task}|{state}", "scorer", f"circuits {task} {state}",
+                                       score_seconds(3 * imp.circuit_pairs, 0, self.device),
+                                       needs=(tid,) if tid else (), arm=f"{model}|circuits",
+                                       payload=Stand("circuits", model, state, setup=hooks)))
+        self.implicit_left = False
 
     def _train(self, key: str, model: str, arm: str, i: int, sft, steps: int, checkpoints: int, shape: dict) -> str:
         each = lora_adapter_bytes(shape, sft) if sft.method == "lora" else full_checkpoint_bytes(shape)

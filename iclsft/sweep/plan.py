@@ -149,8 +149,8 @@ def parse_gpus(text: str) -> list[float]:
 def work_totals(works) -> dict:
     """What the works add up to, resource counts aside: counts, device-seconds per stage, bytes on disk
     (`files`: kind -> [number, bytes])."""
-    t = {"trainings": 0, "steps": 0, "conditions": 0, "queries": 0, "rsa": 0, "train_seconds": 0.0,
-         "score_seconds": 0.0, "rsa_seconds": 0.0, "files": {}}
+    t = {"trainings": 0, "steps": 0, "conditions": 0, "queries": 0, "rsa": 0, "circuits": 0, "train_seconds": 0.0,
+         "score_seconds": 0.0, "rsa_seconds": 0.0, "circuit_seconds": 0.0, "files": {}}
     for w in works:
         s = w.payload
         if s.kind == "train":
@@ -163,10 +163,14 @@ def work_totals(works) -> dict:
             t["queries"] += s.queries
             t["score_seconds"] += w.cost
             kind, n = "condition scores", 1
-        else:
+        elif s.kind == "rsa":
             t["rsa"] += 1
             t["rsa_seconds"] += w.cost
             kind, n = "RSA arrays (at most)", 1
+        else:
+            t["circuits"] += 1
+            t["circuit_seconds"] += w.cost
+            continue
         files = t["files"].setdefault(kind, [0, 0])
         files[0] += n
         files[1] += s.bytes
@@ -206,9 +210,13 @@ def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[fl
                   f"(steps {_duration(t['train_seconds'] - loads)}, {t['trainings']:,} model loads {_duration(loads)})",
                   f"  scoring   {t['conditions']:,} conditions, {t['queries']:,} queries: "
                   f"{_duration(t['score_seconds'])}",
-                  f"  RSA       {t['rsa']:,} passes, each one more pass over its condition's queries: "
-                  f"{_duration(t['rsa_seconds'])}",
                   f"  disk      {files or 'nothing'}; total {_bytes(sum(b for _, b in t['files'].values()))}"]
+        if t["rsa"]:
+            lines.insert(-1, f"  RSA       {t['rsa']:,} passes, each one more pass over its condition's queries: "
+                             f"{_duration(t['rsa_seconds'])}")
+        if t["circuits"]:
+            lines.insert(-1, f"  circuits  {t['circuits']:,} states of the implicit suite: "
+                             f"{_duration(t['circuit_seconds'])}")
         if any("|train|" in key for w in works for key, _ in getattr(w.payload, "setup", ())):
             lines.append(f"  note      {engine} cannot swap a full fine-tune's weights into a running engine: each "
                          "full checkpoint opens an engine of its own on every scorer that scores one of its conditions "
@@ -220,7 +228,7 @@ def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[fl
             lines += [f"on {where}: {sim.slots.describe()}",
                       f"  engine starts {sim.engine_starts:,} ({_duration(_engine_seconds(sim, works))}); model loads "
                       f"{t['trainings'] + sim.engine_starts + hooks:,} ({t['trainings']:,} trainings, "
-                      f"{sim.engine_starts:,} engine starts, {hooks:,} for RSA hooks)",
+                      f"{sim.engine_starts:,} engine starts, {hooks:,} for hooks: RSA, circuits)",
                       f"  wall time {_duration(sim.makespan)}, {100 * sim.utilisation:.0f}% of the "
                       f"{_num(sim.devices)} {'GPU' if g else 'worker'}{'s' if sim.devices != 1 else ''} busy "
                       f"(total work / workers {_duration(sim.bound)})"]
