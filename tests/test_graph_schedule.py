@@ -138,3 +138,24 @@ def test_bad_backend_input_is_one_clear_error():
         run([score("a", 1)], {"trainer": 1})
     with pytest.raises(RuntimeError, match="no work running"):
         VirtualBackend({"scorer": 1}).wait()
+
+
+def test_peak_of_full_checkpoints_dropped_once_their_works_end():
+    from iclsft.graph.simulate import Stand, _FullCheckpoints
+
+    # t=0-1 A trains; a1 scores A 1-6 on the one scorer while B trains 1-2: 100 + 50 B on disk; A is dropped
+    # at 6, B at 7 (b1: 6-7). A LoRA training's adapter is not counted.
+    works = [train("A", 1, payload=Stand("train", "m", "full", bytes=100)),
+             train("B", 1, payload=Stand("train", "m", "full", bytes=50)),
+             train("L", 0.5, payload=Stand("train", "m", "lora", bytes=1000)),
+             score("a1", 5, ("A",)), score("b1", 1, ("B",)), score("l1", 1, ("L",))]
+    held = _FullCheckpoints(works)
+    ends = []
+
+    def done(d):
+        held.done(d)
+        ends.append((d.work.id, d.ended, held.now))
+
+    schedule(works, VirtualBackend({"trainer": 1, "scorer": 1}), done)
+    assert held.peak == 150
+    assert [(w, t, now) for w, t, now in ends if w in ("a1", "b1")] == [("a1", 6, 50), ("b1", 7, 0)]

@@ -311,6 +311,7 @@ class Simulation:
     work: float  # device-seconds of every work (costs and setups)
     devices: int  # GPUs the slots occupy (without GPUs: the slots)
     setups: dict[str, int] = field(default_factory=dict)  # engine starts ("engine") and RSA hook loads ("hooks")
+    peak_full_bytes: int = 0  # full checkpoints on disk at most at once, each dropped once its users ended
 
     @property
     def engine_starts(self) -> int:
@@ -353,5 +354,31 @@ def simulate(config, *, gpus: float = 0, cpus: float | None = None, resources: R
     slots = resolve(resources or config.resources, cpus, gpus, scoring_share(works))
     backend = VirtualBackend({"scorer": slots.scorers, "trainer": slots.trainers},
                              gpus={"scorer": slots.scorer_gpus, "trainer": slots.trainer_gpus})
-    usage = schedule(works, backend, lambda done: None)
-    return Simulation(gpus, cpus, slots, usage, backend.work, backend.devices, dict(backend.setups))
+    held = _FullCheckpoints(works)
+    usage = schedule(works, backend, held.done)
+    return Simulation(gpus, cpus, slots, usage, backend.work, backend.devices, dict(backend.setups), held.peak)
+
+
+class _FullCheckpoints:
+    """Bytes of full checkpoints on disk over the run when each is dropped once every work that needs it
+    (its scorings, RSA, circuits) has ended (`drop_full_weights`): the peak."""
+
+    def __init__(self, works: list[Work]):
+        self.bytes = {w.id: w.payload.bytes for w in works
+                      if w.role == "trainer" and getattr(w.payload, "method", "lora") != "lora"}
+        self.users = {tid: 0 for tid in self.bytes}
+        for w in works:
+            for n in w.needs:
+                if n in self.users:
+                    self.users[n] += 1
+        self.now = self.peak = 0
+
+    def done(self, done: Finished) -> None:
+        if done.work.id in self.bytes and done.error is None:
+            self.now += self.bytes[done.work.id]
+            self.peak = max(self.peak, self.now)
+        for n in done.work.needs:
+            if n in self.users:
+                self.users[n] -= 1
+                if self.users[n] == 0:
+                    self.now -= self.bytes[n]

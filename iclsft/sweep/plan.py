@@ -229,6 +229,9 @@ def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[fl
                       f"  engine starts {sim.engine_starts:,} ({_duration(_engine_seconds(sim, works))}); model loads "
                       f"{t['trainings'] + sim.engine_starts + hooks:,} ({t['trainings']:,} trainings, "
                       f"{sim.engine_starts:,} engine starts, {hooks:,} for hooks: RSA, circuits)",
+                      *([f"  disk      with drop_full_weights: at most {_bytes(sim.peak_full_bytes)} of full "
+                         "checkpoints at once (each dropped once scored and its RSA done)"]
+                        if config.drop_full_weights and sim.peak_full_bytes else []),
                       f"  wall time {_duration(sim.makespan)}, {100 * sim.utilisation:.0f}% of the "
                       f"{_num(sim.devices)} {'GPU' if g else 'worker'}{'s' if sim.devices != 1 else ''} busy "
                       f"(total work / workers {_duration(sim.bound)})"]
