@@ -143,7 +143,7 @@ def test_cli_simulate_prints_one_row_per_gpu_count(config_file):
     lines = result.output.splitlines()
     assert lines[0].startswith("simulated (gpu rates, engine hf)")
     assert lines[1].split() == ["GPUs", "CPUs", "scorers", "trainers", "makespan", "work/workers", "ratio", "busy",
-                                "scorers", "trainers", "engine", "starts"]
+                                "scorers", "busy", "trainers", "busy", "engine", "starts"]
     rows = [line.split() for line in lines[2:4]]
     assert [r[:4] for r in rows] == [["1", "8", "1", "1"], ["8", "64", rows[1][2], rows[1][3]]]
     assert int(rows[1][2]) + int(rows[1][3]) == 8

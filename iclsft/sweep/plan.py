@@ -261,20 +261,27 @@ def format_simulations(config: SweepConfig, gpus: list[float], cpus: float | Non
                         for dev in dict.fromkeys("gpu" if g else "cpu" for g in gpus))
     lines = [f"simulated ({engines}): the sweep's scheduler on timed stand-ins of its works",
              f"{'GPUs':>5} {'CPUs':>5} {'scorers':>8} {'trainers':>9} {'makespan':>9} {'work/workers':>13} "
-             f"{'ratio':>6} {'busy':>5} {'scorers':>8} {'trainers':>9} {'engine starts':>14}"]
+             f"{'ratio':>6} {'busy':>5} {'scorers busy':>16} {'trainers busy':>16} {'engine starts':>14}"]
     for sim in sims:
-        roles = sim.usage.record()
-        busy = {role: f"{100 * roles[role]['utilisation']:.0f}%" if role in roles else "-"
-                for role in ("scorer", "trainer")}
+        busy = {role: _slots_busy(sim, role) for role in ("scorer", "trainer")}
         ratio = sim.makespan / sim.bound if sim.bound > 0 else 0.0
         lines.append(f"{_num(sim.gpus):>5} {_num(sim.cpus):>5} {sim.slots.scorers:>8} {sim.slots.trainers:>9} "
                      f"{_duration(sim.makespan):>9} {_duration(sim.bound):>13} {ratio:>6.2f} "
-                     f"{100 * sim.utilisation:>4.0f}% {busy['scorer']:>8} {busy['trainer']:>9} "
+                     f"{100 * sim.utilisation:>4.0f}% {busy['scorer']:>16} {busy['trainer']:>16} "
                      f"{sim.engine_starts:>14,}")
     lines.append("work/workers: the device-seconds of every work (engine starts included) over the GPUs the slots "
-                 "hold (without GPUs: the slots); busy: that over the makespan; scorers, trainers: each role's "
-                 "slots busy over the makespan")
+                 "hold (without GPUs: the slots); busy: that over the makespan; scorers busy, trainers busy: each "
+                 "role's slots' busy time over slots x makespan (in brackets the least and most busy slot)")
     return "\n".join(lines)
+
+
+def _slots_busy(sim, role: str) -> str:
+    """A role's utilisation, and its least and most busy slot: "96% (93-98%)"."""
+    busy = sim.usage.busy.get(role)
+    if not busy or sim.makespan <= 0:
+        return "-"
+    each = [100 * b / sim.makespan for b in busy.values()]
+    return f"{sum(each) / len(each):.0f}% ({min(each):.0f}-{max(each):.0f}%)"
 
 
 def _engine_seconds(sim, works) -> float:
