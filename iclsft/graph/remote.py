@@ -14,6 +14,8 @@ import os
 import shutil
 import socket
 import tempfile
+import time
+import traceback
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,16 +131,18 @@ def _value(handle):
 
 @dataclass
 class ScoreTask:
-    """One condition to score on a scorer actor: the arm (its spec, built once per actor), the base
+    """Conditions to score one after another on a scorer actor: an ICL chain (one task, seed and order,
+    K ascending: each prompt extends the last, whose KV the engine keeps) or every condition of one
+    checkpoint (one adapter load or weight swap). The arm (its spec, built once per actor), the base
     model by name and fingerprint, and the checkpoint's directory name (None: the base model)."""
 
     arm: str  # the arm's key: one arm object per key on each actor
     spec: Any
     model: str
     fingerprint: str
-    cond: Any
+    conds: tuple
+    records: tuple = ()  # per condition: fields for its record
     checkpoint: str | None = None
-    record: dict = dataclasses.field(default_factory=dict)
     files: Any = None  # the checkpoint's files when they come from the run directory (not from a training)
     method = "score"  # the ScorerActor method that runs it
 
@@ -193,11 +197,24 @@ class ScorerActor:
         self.rsa_models: dict[str, Any] = {}  # dtype -> iclsft.rsa.run.Models (HF hooks need a plain model)
 
     def score(self, task: ScoreTask, trained: dict | None = None) -> tuple:
-        """(outcome, worker, GPU ids) of one condition; `trained`: the result of the training that made
-        its checkpoint (its files among them)."""
+        """([per condition: (outcome, seconds) or (None, traceback)], worker, GPU ids); `trained`: the
+        result of the training that made the checkpoint (its files among them). A condition that fails
+        is reported and the others go on, as in the arm runner."""
+        from iclsft.arms.runner import STEP_ERRORS
+
         arm = self._arm(task)
-        ckpt = self._checkpoint_of(task, [trained])
-        return arm.outcome(task.cond, ckpt, task.record), worker_name(), gpu_ids()
+        results = []
+        try:
+            ckpt = self._checkpoint_of(task, [trained])
+        except STEP_ERRORS:  # e.g. a damaged checkpoint: every condition it serves fails
+            return [(None, traceback.format_exc())] * len(task.conds), worker_name(), gpu_ids()
+        for cond, record in zip(task.conds, task.records or [{}] * len(task.conds)):
+            t0 = time.time()
+            try:
+                results.append((arm.outcome(cond, ckpt, record), time.time() - t0))
+            except STEP_ERRORS:
+                results.append((None, traceback.format_exc()))
+        return results, worker_name(), gpu_ids()
 
     def rsa(self, task: RsaTask, *inputs) -> tuple:
         """(rsa.npz bytes, a summary line, worker, GPU ids) of one condition; `inputs`: the results of its

@@ -92,12 +92,13 @@ class GraphRun:
         rsa = self.rsa is not None and spec.kind in ("icl", "sft")  # the 2D study's arms
         if rsa:
             self._rsa_finished(a, spec, ref)
-        if not hasattr(arm, "jobs"):  # ICL: each condition on the base model
-            for cond in todo:
-                self._work(a, Work(f"{a.key}|{cond.id}", "scorer", cond.label, self._score_cost(cond), arm=a.key,
-                                   payload=ScoreTask(cond=cond, **base)))
-                if rsa:
-                    self._rsa_work(a, cond, ref, (f"{a.key}|{cond.id}",))
+        if not hasattr(arm, "jobs"):  # ICL: each chain on the base model, K ascending
+            for chain in icl_chains(todo):
+                unit = f"{a.key}|{chain[0].id}"
+                self._work(a, Work(unit, "scorer", _unit_label(chain), sum(map(self._score_cost, chain)), arm=a.key,
+                                   payload=ScoreTask(conds=tuple(chain), **base)))
+                for cond in chain if rsa else ():
+                    self._rsa_work(a, cond, ref, (unit,))
             return
         a.shared = getattr(arm, "shared", {})
         for job in arm.jobs:
@@ -109,24 +110,26 @@ class GraphRun:
                                    train_seconds(steps, job.sft.method, self.device), arm=a.key,
                                    payload=(dataclasses.replace(job, checkpoints=missing), ref.name, ref.fingerprint)))
                 self.dirs[train_id] = {Path(d).name: d for _, d in missing}
+            by_ckpt: dict[str, list] = {}  # every condition of one checkpoint: one work (one adapter load or swap)
             for cond_id in job.meta["conditions"]:
                 cond, ckpt = arm.where[cond_id][:2]
-                name = Path(ckpt).name
-                record = {"shared_with": a.shared[cond_id]} if cond_id in a.shared else {}
-                if any(d == ckpt for _, d in missing):
-                    task = ScoreTask(cond=cond, checkpoint=name, record={"trained_now": True} | record, **base)
-                    needs = (train_id,)
-                else:
+                by_ckpt.setdefault(ckpt, []).append(cond)
+            for ckpt, conds in by_ckpt.items():
+                trained = any(d == ckpt for _, d in missing)
+                records = tuple({"trained_now": trained} | ({"shared_with": a.shared[c.id]} if c.id in a.shared else {})
+                                for c in conds)
+                task = ScoreTask(conds=tuple(conds), records=records, checkpoint=Path(ckpt).name, **base)
+                needs = (train_id,) if trained else ()
+                if not trained:  # from an earlier run: its files from the run directory
                     self.puts.setdefault(ckpt, [None, 0])[1] += 1
-                    task = _Reused(self, ckpt, ScoreTask(cond=cond, checkpoint=name,
-                                                         record={"trained_now": False} | record, **base))
-                    needs = ()
-                self._work(a, Work(f"{a.key}|{cond.id}", "scorer", cond.label, self._score_cost(cond), needs=needs,
+                    task = _Reused(self, ckpt, task)
+                unit = f"{a.key}|{conds[0].id}"
+                self._work(a, Work(unit, "scorer", _unit_label(conds), sum(map(self._score_cost, conds)), needs=needs,
                                    payload=task, arm=a.key))
-                if rsa:
-                    self._rsa_work(a, cond, ref, (f"{a.key}|{cond.id}", *needs), ckpt)
+                for cond in conds if rsa else ():
+                    self._rsa_work(a, cond, ref, (unit, *needs), ckpt)
                 if self.drop and not arm.lora:
-                    self.users.setdefault(ckpt, [0, False])[0] += 1 + rsa
+                    self.users.setdefault(ckpt, [0, False])[0] += 1 + rsa * len(conds)
 
     def _rsa_work(self, a: _Arm, cond, ref, needs: tuple, ckpt: str | None = None) -> None:
         """RSA of one condition on a scorer, after its scoring (and its checkpoint's training, if now)."""
@@ -267,16 +270,16 @@ class GraphRun:
             self._rsa_done(a, done)
         else:
             task = work.payload.task if isinstance(work.payload, _Reused) else work.payload
-            cond = task.cond
-            if done.error is not None:
-                record = {"checkpoint_dir": task.checkpoint} if task.checkpoint else {}
-                a.state.failed(cond, done.error, record)
-            else:
+            results = done.result if done.error is None else [(None, done.error)] * len(task.conds)
+            for cond, (outcome, seconds) in zip(task.conds, results):
+                if outcome is None:  # `seconds` holds the traceback
+                    a.state.failed(cond, seconds, {"checkpoint_dir": task.checkpoint} if task.checkpoint else {})
+                    continue
                 note = ""
                 if task.checkpoint is not None:
                     info = self.trained.get(work.needs[0], {}) if work.needs else {"trained": False}
                     note = training_note(info, a.shared.get(cond.id))
-                a.state.done(cond, done.result, note, done.seconds, done.host)
+                a.state.done(cond, outcome, note, seconds, done.host)
             self._used(self._ckpt(a, task.checkpoint), done.error)
         a.left -= 1
         if a.left == 0:
@@ -335,6 +338,19 @@ class GraphRun:
     def close(self) -> None:
         for run in self.runs.values():
             run.release_lock()
+
+
+def icl_chains(conds: Sequence) -> list[list]:
+    """ICL conditions in chains that share a growing prompt: one task, seed, order (2D) and variant-free
+    (implicit: both variants after the same prompt), K ascending, in the arm's order otherwise."""
+    chains: dict[tuple, list] = {}
+    for c in conds:
+        chains.setdefault((c.task, c.seed, getattr(c, "order", None)), []).append(c)
+    return [sorted(chain, key=lambda c: (c.shots, getattr(c, "variant", ""))) for chain in chains.values()]
+
+
+def _unit_label(conds: Sequence) -> str:
+    return conds[0].label if len(conds) == 1 else f"{conds[0].label} (+{len(conds) - 1})"
 
 
 def _size(n: int) -> str:

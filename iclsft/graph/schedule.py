@@ -104,6 +104,8 @@ def schedule(works: Iterable[Work], backend: Backend, on_done: Callable[[Finishe
     def end(done: Finished) -> None:
         on_done(done)
         for dep in dependents.get(done.work.id, []):
+            if dep not in waiting:  # already ended: it also needed another work that failed
+                continue
             waiting[dep].discard(done.work.id)
             if done.error is not None and dep in waiting:
                 waiting.pop(dep)

@@ -1,0 +1,225 @@
+"""The work graph's driver (iclsft.graph.run.GraphRun) without Ray: an in-process backend runs each work
+through the same worker code (remote.train_task, remote.ScorerActor) one at a time, so what the driver
+writes, records, retries and drops is checked in seconds on the tiny model. The reference is the
+single-process sweep (`executor: local`: arms one after another through run_arm), bit for bit at one
+thread. Ray scheduling itself: tests/test_graph_ray.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from iclsft.graph import remote
+from iclsft.graph.run import GraphRun
+from iclsft.graph.work import Finished
+from iclsft.sft.adapters import checkpoint_problem, is_finished, read_marker
+from iclsft.sweep import SweepConfig, model_dir, run_sweep
+from iclsft.sweep.plan import arm_specs
+
+pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _own_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ICLSFT_HOME", str(tmp_path / "home"))
+
+
+class InlineBackend:
+    """One scorer and one trainer slot, each work run to its end in this process when it starts."""
+
+    def __init__(self):
+        self.actor = remote.ScorerActor(threads=1)
+        self.done: list[Finished] = []
+        self.results: dict[str, object] = {}
+        self.started: list[str] = []
+
+    def slots(self, role):
+        return [f"{role}-0"]
+
+    def start(self, work, slot, inputs):
+        self.started.append(work.id)
+        payload = work.payload() if callable(work.payload) else work.payload
+        t0 = time.time()
+        try:
+            if work.role == "trainer":
+                value = remote.train_task(*payload)
+                host = value["worker"]
+            else:
+                *value, host, _ = getattr(self.actor, payload.method)(payload, *inputs)
+                value = value[0] if len(value) == 1 else tuple(value)
+            self.results[work.id] = value
+            self.done.append(Finished(work, slot, t0, time.time(), result=value, host=host))
+        except (RuntimeError, ValueError, OSError) as e:
+            self.done.append(Finished(work, slot, t0, time.time(), error=f"Traceback\n{type(e).__name__}: {e}"))
+
+    def wait(self):
+        out, self.done = self.done, []
+        return out
+
+    def put(self, obj):
+        return obj
+
+    def handle(self, work_id):
+        return self.results[work_id]
+
+    def forget(self, work_id):
+        self.results.pop(work_id, None)
+
+    def now(self):
+        return time.time()
+
+
+def config(model: Path, out: Path, **changes) -> SweepConfig:
+    data = {"out": str(out), "models": [str(model)], "tasks": [{"name": "linear2d", "angles": [45]}],
+            "methods": ["icl", "lora", "full"], "shots": [1, 2], "seeds": [0], "orders": ["random", "12"],
+            "grid_step": 25, "engine": "hf", "rsa": True, "report": False,
+            "sft": {m: {"epochs": 1, "min_steps": 2, "batch_size": 2} for m in ("lora", "full")}}
+    return SweepConfig(**(data | changes))
+
+
+def run_graph(cfg: SweepConfig, backend=None, **options) -> GraphRun:
+    model = cfg.models[0]
+    graph = GraphRun([(model_dir(cfg.out, model), spec, ref) for spec, ref in arm_specs(cfg, model)],
+                     rsa=(cfg.dtype, cfg.rsa_subset) if cfg.rsa else None, **options)
+    backend = backend or InlineBackend()
+    try:
+        graph.run(backend if graph.works else None)
+    finally:
+        backend.actor.close()
+    return graph
+
+
+def conds_of(work) -> tuple:
+    payload = getattr(work.payload, "task", work.payload)  # a reused checkpoint's task is wrapped
+    return payload.conds
+
+
+def records(run: Path) -> dict[str, dict]:
+    return {json.loads(f.read_text())["condition"]: json.loads(f.read_text())
+            for f in run.glob("conditions/*/record.json")}
+
+
+def test_graph_results_equal_the_single_process_sweep_bit_for_bit(tiny_model_dir, tmp_path):
+    cfg = config(tiny_model_dir, tmp_path / "graph")
+    graph = run_graph(cfg)
+    assert not graph.failures
+    ref = config(tiny_model_dir, tmp_path / "local", executor={"name": "local"})
+    run_sweep(ref, progress=False)
+    a, b = model_dir(cfg.out, cfg.models[0]), model_dir(ref.out, ref.models[0])
+    timing = ["seconds", "train_seconds", "trained_now", "finished"]
+    ta, tb = (pd.read_parquet(d / "metrics.parquet").drop(columns=timing, errors="ignore") for d in (a, b))
+    pd.testing.assert_frame_equal(ta, tb, check_exact=True)
+    ra, rb = records(a), records(b)
+    assert set(ra) == set(rb) and len(ra) == 4 + 2 * 4  # ICL: 2 K x 2 orders; each SFT method the same
+    assert all(rec["status"] == "ok" for rec in ra.values())
+    for cdir in a.glob("conditions/*/"):
+        other = b / "conditions" / cdir.name
+        pd.testing.assert_frame_equal(pd.read_parquet(cdir / "scores.parquet"),
+                                      pd.read_parquet(other / "scores.parquet"), check_exact=True)
+        with np.load(cdir / "rsa.npz") as x, np.load(other / "rsa.npz") as y:
+            assert set(x.files) == set(y.files)
+            for k in x.files:
+                np.testing.assert_array_equal(x[k], y[k])
+    # the order probe "12" at batch size 2 never crosses a batch: one training serves both orders
+    assert sum(w.role == "trainer" for w in graph.works) == 2 * 2  # (lora, full) x K
+
+
+def test_rerun_computes_nothing_and_starts_no_backend(tiny_model_dir, tmp_path):
+    cfg = config(tiny_model_dir, tmp_path / "out", methods=["icl", "lora"])
+    run_graph(cfg)
+    run = model_dir(cfg.out, cfg.models[0])
+    before = {f: f.stat().st_mtime_ns for f in run.rglob("*") if f.is_file() and f.name != ".lock"}
+    table = pd.read_parquet(run / "metrics.parquet")
+    again = run_graph(cfg)
+    assert again.works == []
+    after = {f: f.stat().st_mtime_ns for f in run.rglob("*") if f.is_file() and f.name != ".lock"}
+    changed = sorted({f.name for f in before if after.get(f) != before[f]})
+    # only the run record (arm status) and the metrics table (recomputed from the scores, unchanged) are rewritten
+    assert changed == ["metrics.json", "metrics.parquet", "record.json"], changed
+    assert set(before) == set(after)
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "metrics.parquet"), table, check_exact=True)
+
+
+def test_a_failed_training_fails_its_conditions_only_and_a_rerun_trains_it(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = config(tiny_model_dir, tmp_path / "out", methods=["icl", "lora"], shots=[1, 2], orders=["random"])
+    real = remote.train_task
+
+    def flaky(job, model, fingerprint):
+        if job.meta["shots"] == 2:
+            raise RuntimeError("trainer lost")
+        return real(job, model, fingerprint)
+
+    monkeypatch.setattr(remote, "train_task", flaky)
+    graph = run_graph(cfg)
+    run = model_dir(cfg.out, cfg.models[0])
+    recs = records(run)
+    failed = [r for r in recs.values() if r["status"] == "error"]
+    assert len(failed) == 1 and "trainer lost" in failed[0]["error"] and failed[0]["checkpoint_dir"]
+    assert sum(r["status"] == "ok" for r in recs.values()) == 3  # both ICL conditions and LoRA at K=1
+    assert any("sft-lora" in f and "1 of 2" in f for f in graph.failures)
+    # the failed condition has no RSA written (its scoring never ran)
+    for cdir in run.glob("conditions/*/"):
+        rec = json.loads((cdir / "record.json").read_text())
+        assert (cdir / "rsa.json").is_file() == (rec["status"] == "ok")
+    monkeypatch.setattr(remote, "train_task", real)
+    rerun = run_graph(cfg)
+    assert [w.role for w in rerun.works].count("trainer") == 1 and not rerun.failures
+    assert all(r["status"] == "ok" for r in records(run).values())
+
+
+def test_drop_full_weights_after_scoring_and_rsa(tiny_model_dir, tmp_path):
+    cfg = config(tiny_model_dir, tmp_path / "out", methods=["full"], shots=[1], orders=["random"])
+    run_graph(cfg, drop_full_weights=True)
+    run = model_dir(cfg.out, cfg.models[0])
+    (ckpt,) = [d for d in (run / "adapters").iterdir() if is_finished(d)]
+    assert not list(ckpt.glob("*.safetensors"))
+    assert read_marker(ckpt)["weights_dropped"] == ["model.safetensors"]
+    assert "weights dropped" in checkpoint_problem(ckpt)
+    (cdir,) = run.glob("conditions/*/")
+    assert json.loads((cdir / "record.json").read_text())["status"] == "ok"
+    assert json.loads((cdir / "rsa.json").read_text())["status"] == "ok"  # RSA read the weights before the drop
+    assert run_graph(cfg, drop_full_weights=True).works == []  # nothing needs them again
+
+
+def test_an_interrupted_graph_says_so_and_resumes(tiny_model_dir, tmp_path):
+    cfg = config(tiny_model_dir, tmp_path / "out", methods=["icl", "lora"], orders=["random"])
+
+    class Interrupted(InlineBackend):
+        def wait(self):
+            out = super().wait()
+            if len(self.started) >= 3:
+                raise KeyboardInterrupt
+            return out
+
+    backend = Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        run_graph(cfg, backend)
+    run = model_dir(cfg.out, cfg.models[0])
+    arms = json.loads((run / "record.json").read_text())["arms"]
+    assert {a["status"] for a in arms.values()} == {"interrupted"}
+    finished = [r for r in records(run).values() if r["status"] == "ok"]
+    assert 1 <= len(finished) < 4
+    rerun = run_graph(cfg)
+    assert not rerun.failures
+    assert sum(r["status"] == "ok" for r in records(run).values()) == 4
+    scored = [c for w in rerun.works if w.role == "scorer" and "|rsa|" not in w.id for c in conds_of(w)]
+    assert len(scored) == 4 - len(finished)
+
+
+def test_conditions_failed_message_names_the_arm(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = config(tiny_model_dir, tmp_path / "out", methods=["icl"], shots=[1], orders=["random"], rsa=False)
+
+    def broken(self, task, trained=None):
+        raise ValueError("engine returned nonsense")
+
+    monkeypatch.setattr(remote.ScorerActor, "score", broken)
+    graph = run_graph(cfg)
+    assert len(graph.failures) == 1 and "icl" in graph.failures[0] and "1 of 1" in graph.failures[0]
+    (rec,) = records(model_dir(cfg.out, cfg.models[0])).values()
+    assert rec["status"] == "error" and rec["error"] == "ValueError: engine returned nonsense"
