@@ -159,3 +159,14 @@ def test_peak_of_full_checkpoints_dropped_once_their_works_end():
     schedule(works, VirtualBackend({"trainer": 1, "scorer": 1}), done)
     assert held.peak == 150
     assert [(w, t, now) for w, t, now in ends if w in ("a1", "b1")] == [("a1", 6, 50), ("b1", 7, 0)]
+
+
+def test_a_work_needing_a_failed_training_twice_over_ends_once():
+    # RSA of a checkpoint's condition needs its scoring and its training: the failed training ends the
+    # scoring, unrun, which ends the RSA; the training's own edge to the RSA then finds it ended
+    works = [train("t", 2), score("s", 1, ("t",)), score("rsa", 1, ("s", "t"))]
+    done = []
+    schedule(works, VirtualBackend({"trainer": 1, "scorer": 1}, fail={"t"}), done.append)
+    assert [(d.work.id, d.worker, d.ended, d.error) for d in done] == [
+        ("t", "trainer-0", 2, "t: failed (simulated)"), ("s", "-", 2, "t: failed (simulated)"),
+        ("rsa", "-", 2, "t: failed (simulated)")]
