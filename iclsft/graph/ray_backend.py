@@ -17,15 +17,20 @@ from iclsft.spec import ExecutorSpec
 
 logger = logging.getLogger(__name__)
 
+NODE_PATHS = ("ICLSFT_HOME", "ICLSFT_ADAPTER_ROOT")  # a node's own directories: never sent to a cluster's workers
+
 
 def start_ray(executor: ExecutorSpec, cpus: int | None = None, gpus: float | None = None) -> bool:
     """Join `executor.ray_address`, or start a local Ray (of `cpus` CPUs, default all, and `gpus`
-    declared GPUs); False when Ray was already running here."""
+    declared GPUs); False when Ray was already running here. The workers get this process's ICLSFT_*
+    variables (fault injection among them), except, on a cluster, the paths of this machine: each node
+    keeps its own cache (ICLSFT_HOME), where it finds the base model by fingerprint."""
     import ray
 
     if ray.is_initialized():
         return False
-    env = {k: v for k, v in os.environ.items() if k.startswith("ICLSFT_")}
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith("ICLSFT_") and not (executor.ray_address and k in NODE_PATHS)}
     options = dict(runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.ERROR)
     if executor.ray_address:
         ray.init(address=executor.ray_address, **options)  # Ray's own start-up lines are not ours to print
