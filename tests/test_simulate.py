@@ -45,42 +45,51 @@ def test_the_work_graph_of_a_small_sweep_counted_by_hand(config):
     kinds = by_kind(works)
     counts = {key: len(ws) for key, ws in kinds.items()}
     assert counts == {
-        ("icl", "score"): 8, ("icl", "rsa"): 8,  # 2 angles x 2 orders x 2 K
-        # 2 angles x 2 K trainings, each scored for 2 orders x 2 checkpoints
-        ("sft-lora", "train"): 4, ("sft-lora", "score"): 16, ("sft-lora", "rsa"): 16,
-        ("sft-full", "train"): 4, ("sft-full", "score"): 16, ("sft-full", "rsa"): 16,
-        ("implicit-icl", "score"): 4,  # 1 task x 2 K x 2 variants; no RSA for the implicit suite
-        ("implicit-lora", "train"): 1, ("implicit-lora", "score"): 2,  # one model scored on both variants
+        # ICL: one scoring per chain (angle, seed, order: 2 x 1 x 2) of both K; one RSA per condition (8)
+        ("icl", "score"): 4, ("icl", "rsa"): 8,
+        # 2 angles x 2 K trainings; one scoring per checkpoint (4 x 2 fractions) of both orders; RSA per condition
+        ("sft-lora", "train"): 4, ("sft-lora", "score"): 8, ("sft-lora", "rsa"): 16,
+        ("sft-full", "train"): 4, ("sft-full", "score"): 8, ("sft-full", "rsa"): 16,
+        ("implicit-icl", "score"): 1,  # one chain: 1 task, 1 seed, 2 K x 2 variants; no RSA for the implicit suite
+        ("implicit-lora", "train"): 1, ("implicit-lora", "score"): 1,  # one model scored on both variants
         ("circuits", "circuits"): 3,  # relation: the base model, ICL, the LoRA model
     }
+    assert {key: sum(w.payload.conditions for w in ws) for key, ws in kinds.items() if key[1] == "score"} == {
+        ("icl", "score"): 8, ("sft-lora", "score"): 16, ("sft-full", "score"): 16, ("implicit-icl", "score"): 4,
+        ("implicit-lora", "score"): 2}
     circuits = {w.payload.method: w.needs for w in kinds["circuits", "circuits"]}
     assert circuits == {"base": (), "icl-K8": (), "lora": (kinds["implicit-lora", "train"][0].id,)}
-    ids = {w.id for w in works}
+    by_id = {w.id: w for w in works}
     trainings = {w.id for w in works if w.role == "trainer"}
     for w in works:
-        assert set(w.needs) <= ids
+        assert set(w.needs) <= set(by_id)
         if w.payload.kind == "score":
             assert len(w.needs) == (0 if w.payload.method == "icl" else 1) and set(w.needs) <= trainings
         if w.payload.kind == "rsa":  # after its condition's scoring, and its training
-            assert w.needs[0] == w.id.replace("|rsa|", "|") and len(w.needs) == (1 if w.payload.method == "icl" else 2)
+            unit = by_id[w.needs[0]]
+            assert unit.payload.kind == "score" and unit.arm == w.arm and w.needs[1:] == unit.needs
     # each training: 2 steps, 2 checkpoints; GPU rates 0.05 s (LoRA) / 0.08 s (full) a step + 5 s model load
     assert {(w.payload.steps, w.payload.checkpoints, w.cost) for w in kinds["sft-lora", "train"]} == {(2, 2, 5.1)}
     assert {(w.payload.steps, w.payload.checkpoints, w.cost) for w in kinds["sft-full", "train"]} == {(2, 2, 5.16)}
     assert [w.payload.steps for w in kinds["implicit-lora", "train"]] == [2]  # 8 items in batches of 4
-    # 100 queries (step-10 lattice) at 13,600/s + 0.1 s per condition; RSA + 0.2 s
-    assert {w.payload.queries for w in kinds["icl", "score"]} == {100}
-    assert {round(w.cost, 6) for w in kinds["icl", "score"]} == {round(100 / 13_600 + 0.1, 6)}
+    # 100 queries per condition (step-10 lattice) at 13,600/s + 0.1 s per condition, two per chain; RSA + 0.2 s
+    assert {w.payload.queries for w in kinds["icl", "score"]} == {200}
+    assert {round(w.cost, 6) for w in kinds["icl", "score"]} == {round(2 * (100 / 13_600 + 0.1), 6)}
     assert {round(w.cost, 6) for w in kinds["icl", "rsa"]} == {round(100 / 13_600 + 0.2, 6)}
+    # a full fine-tune's RSA loads its checkpoint (5 s); a LoRA adapter is attached to the loaded base
+    assert {round(w.cost, 6) for w in kinds["sft-full", "rsa"]} == {round(100 / 13_600 + 0.2 + 5, 6)}
+    assert {round(w.cost, 6) for w in kinds["sft-lora", "rsa"]} == {round(100 / 13_600 + 0.2, 6)}
 
 
 def test_cpu_costs_grow_with_the_prompt(config):
     works = simulation_works(config, "cpu")
-    icl = {w.label: w.cost for w in works if w.arm.endswith("|icl") and w.payload.kind == "score"}
-    k2 = next(cost for label, cost in icl.items() if "K=2" in label)
-    # 100 queries x (1/140 s + 2.26 us x 36 prefix tokens: 2K = 4 exemplars of ~9 tokens) + 0.7 s
-    assert k2 == pytest.approx(100 * (1 / 140 + 2.26e-6 * 36) + 0.7)
+    icl = [w.cost for w in works if w.arm.endswith("|icl") and w.payload.kind == "score"]
+    # each chain: K=1 and K=2, 100 queries x (1/140 s + 2.26 us x 18 or 36 prefix tokens: 2K exemplars of ~9
+    # tokens) + 0.7 s each
+    chain = sum(100 * (1 / 140 + 2.26e-6 * 18 * k) + 0.7 for k in (1, 2))
+    assert icl == [pytest.approx(chain)] * 4
     sft = [w.cost for w in works if w.arm.endswith("|sft-lora") and w.payload.kind == "score"]
-    assert sft == [pytest.approx(100 / 140 + 0.7)] * 16  # scored zero-shot: no exemplars in the prompt
+    assert sft == [pytest.approx(2 * (100 / 140 + 0.7))] * 8  # scored zero-shot: no exemplars in the prompt
 
 
 def test_disk_use_of_the_tiny_model(config):
@@ -92,7 +101,7 @@ def test_disk_use_of_the_tiny_model(config):
     assert {w.payload.bytes for w in kinds["sft-lora", "train"]} == {2 * 4 * lora}  # 2 checkpoints, fp32
     assert {w.payload.bytes for w in kinds["sft-full", "train"]} == {2 * 4 * params}
     assert {w.payload.bytes for w in kinds["icl", "rsa"]} == {2 * 2 * 400 * 400 * 2}  # resid+mlp, 2 layers, fp16
-    assert {w.payload.bytes for w in kinds["icl", "score"]} == {100 * 24 + 4_000}
+    assert {w.payload.bytes for w in kinds["icl", "score"]} == {2 * (100 * 24 + 4_000)}  # two conditions each
 
 
 def test_engine_starts_one_per_scorer_and_per_full_checkpoint_on_vllm(config):
@@ -100,14 +109,14 @@ def test_engine_starts_one_per_scorer_and_per_full_checkpoint_on_vllm(config):
     assert hf.engine_starts == 1 and hf.setups == {"engine": 1, "hooks": 1}
     vllm = simulate(config, gpus=1, works=simulation_works(config, "gpu", engine="vllm"))
     assert vllm.engine_starts == 1 + 4 * 2  # the base engine, and each full checkpoint (4 trainings x 2) once
-    assert hf.usage.record()["scorer"]["works"] == 8 + 32 + 40 + 4 + 2 + 3
+    assert hf.usage.record()["scorer"]["works"] == 4 + 16 + 40 + 1 + 1 + 3
 
 
 def test_simulate_on_eight_gpus(config):
     sim = simulate(config, gpus=8)
     assert sim.slots.scorers + sim.slots.trainers == 8 and sim.devices == 8 and sim.cpus == 64
     record = sim.usage.record()
-    assert (record["scorer"]["works"], record["trainer"]["works"]) == (89, 9)
+    assert (record["scorer"]["works"], record["trainer"]["works"]) == (65, 9)
     assert sim.makespan >= sim.bound > 0
     assert sim.work == pytest.approx(sum(sum(b.values()) for b in sim.usage.busy.values()))  # whole GPUs
 
@@ -155,7 +164,8 @@ def test_cli_dry_run_on_two_cpus(config_file):
     out = result.output
     assert "work, timed for CPUs (engine hf):" in out
     assert "  training  9 trainings, 18 steps:" in out  # 8 of 2 steps (2D) and 1 of 2 (implicit)
-    assert "  scoring   46 conditions, 4,024 queries:" in out  # 8 + 16 + 16 2D x 100, 6 implicit x 4
+    # 8 + 16 + 16 2D conditions x 100 queries, 6 implicit x 4, in 4 + 8 + 8 + 1 + 1 works
+    assert "  scoring   46 conditions in 22 works (ICL chains, checkpoints), 4,024 queries:" in out
     assert "on 2 CPUs: 1 x 1 CPU scoring, 1 x 1 CPU training (of 2 CPUs, 0 GPUs)" in out
     assert "  engine starts 1 (" in out and "RSA       40 passes" in out and "circuits  3 states" in out
     assert "rates: 140 queries/s + 2.26 us per prefix token" in out

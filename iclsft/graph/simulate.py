@@ -1,8 +1,10 @@
 """A sweep's work graph without any tokenizer or model, run by the real scheduler on a virtual clock.
 
-`simulation_works(config, device)` builds the works a sweep has left: one scoring per condition, one
-training per distinct training (conditions whose batches hold the same exemplars share one), one RSA
-pass per 2D condition (`rsa: true`), each timed from the measured rates (costs.py). `simulate` hands
+`simulation_works(config, device)` builds the works a sweep has left as `iclsft.graph.run.GraphRun` does:
+one training per distinct training (conditions whose batches hold the same exemplars share one), one
+scoring per ICL chain (one task, seed and order, K ascending) and per trained checkpoint (all of its
+conditions), one RSA pass per 2D condition (`rsa: true`), the implicit suite's circuit states; each
+timed from the measured rates (costs.py). `simulate` hands
 them to `iclsft.graph.schedule.schedule`, the loop that real sweeps run on Ray, with a `VirtualBackend`
 that ends each work after its estimated seconds. A scorer pays once for each engine it opens (base
 model loaded, engine started) and once for the RSA hooks' model, on its first work that needs them.
@@ -49,6 +51,7 @@ class Stand:
     kind: str  # "train", "score", "rsa" or "circuits"
     model: str
     method: str  # icl, lora, full, ...
+    conditions: int = 0  # a scoring's conditions (an ICL chain, or every condition of one checkpoint)
     queries: int = 0
     steps: int = 0
     checkpoints: int = 0  # a training's saved checkpoints
@@ -220,10 +223,23 @@ class _Graph:
                 self.implicit_trainings.update(((c.method, c.task, c.seed), tid) for c in group)
         if spec.kind == "implicit":
             self.implicit_left |= bool(todo)
-        for c in todo:
-            self._score(key, model, c, sft, needs.get(c.id, ()))
+        # scoring units as the real graph has them: an ICL chain (one task, seed and order, K ascending), or
+        # every condition of one checkpoint (one training's checkpoint at one fraction)
+        if sft is None:
+            from iclsft.graph.run import icl_chains
+
+            units = icl_chains(todo)
+        else:
+            by_ckpt: dict[tuple, list] = {}
+            for c in todo:
+                by_ckpt.setdefault((needs[c.id], getattr(c, "checkpoint", None)), []).append(c)
+            units = list(by_ckpt.values())
+        unit_of: dict[str, str] = {}
+        for unit in units:
+            uid = self._score(key, model, unit, sft, needs.get(unit[0].id, ()))
+            unit_of.update((c.id, uid) for c in unit)
         if self.config.rsa and spec.kind != "implicit":
-            self._rsa(key, model, run, conds, {c.id for c in todo}, needs, sft, shape)
+            self._rsa(key, model, run, conds, unit_of, needs, sft, shape)
 
     def add_circuits(self, model: str) -> None:
         """The implicit suite's circuit states (`iclsft.graph.run.GraphRun._add_circuits`): per task, the base
@@ -251,36 +267,43 @@ class _Graph:
         self.works.append(work)
         return work.id
 
-    def _score(self, key: str, model: str, c, sft, needs: tuple) -> None:
-        method = sft.method if sft else "icl"
+    def _score(self, key: str, model: str, unit: list, sft, needs: tuple) -> str:
+        """One scoring work of `unit`'s conditions; returns its id."""
+        method, first = (sft.method if sft else "icl"), unit[0]
         if sft is not None and method != "lora" and not self.swaps:
-            # a full checkpoint on an engine that cannot swap weights in (vllm): an engine of its own, opened
-            # once on each scorer that scores one of its conditions
-            setup = ((f"engine|{model}|{needs[0]}|{c.checkpoint}", self.start),)
+            # a full checkpoint on an engine that cannot swap weights in (vllm): an engine of its own
+            setup = ((f"engine|{model}|{needs[0]}|{getattr(first, 'checkpoint', None)}", self.start),)
         else:
             setup = ((f"engine|{model}", self.start),)
-        queries = condition_queries(c)
-        self.works.append(Work(f"{key}|{c.id}", "scorer", c.label,
-                               score_seconds(queries, prefix_tokens(c), self.device), needs=needs, arm=key,
-                               payload=Stand("score", model, method, queries=queries, setup=setup,
-                                             bytes=condition_bytes(c))))
+        label = first.label if len(unit) == 1 else f"{first.label} (+{len(unit) - 1})"
+        work = Work(f"{key}|{first.id}", "scorer", label,
+                    sum(score_seconds(condition_queries(c), prefix_tokens(c), self.device) for c in unit),
+                    needs=needs, arm=key,
+                    payload=Stand("score", model, method, conditions=len(unit),
+                                  queries=sum(map(condition_queries, unit)), setup=setup,
+                                  bytes=sum(map(condition_bytes, unit))))
+        self.works.append(work)
+        return work.id
 
-    def _rsa(self, key: str, model: str, run, conds, left: set, needs: dict, sft, shape: dict) -> None:
-        """One RSA pass per condition: after its scoring (and training) when it is left to run, else when its
-        stored RSA is not current."""
+    def _rsa(self, key: str, model: str, run, conds, unit_of: dict, needs: dict, sft, shape: dict) -> None:
+        """One RSA pass per condition: after its scoring unit (and training) when it is left to run, else when
+        its stored RSA is not current."""
         from iclsft.rsa.run import rsa_is_current
 
         hooks = ((f"hooks|{model}", RATES[self.device]["model_load"]),)
         for c in conds:
-            if c.id in left:
-                after = (f"{key}|{c.id}",) + needs.get(c.id, ())
+            if c.id in unit_of:
+                after = (unit_of[c.id],) + needs.get(c.id, ())
             elif not rsa_is_current(run.condition_dir(c), c.id, self.config.dtype, self.config.rsa_subset):
                 after = ()
             else:
                 continue
             queries = condition_queries(c)
+            # a full fine-tune is loaded for each condition's RSA (iclsft.sft.checkpoints.load_checkpoint);
+            # a LoRA adapter is attached to the hooks' base model
+            load = RATES[self.device]["model_load"] if sft is not None and sft.method != "lora" else 0.0
             self.works.append(Work(f"{key}|rsa|{c.id}", "scorer", f"RSA {c.label}",
-                                   rsa_seconds(queries, prefix_tokens(c), self.device), needs=after, arm=key,
+                                   rsa_seconds(queries, prefix_tokens(c), self.device) + load, needs=after, arm=key,
                                    payload=Stand("rsa", model, sft.method if sft else "icl", queries=queries,
                                                  setup=hooks, bytes=rsa_bytes(shape))))
 

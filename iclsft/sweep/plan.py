@@ -149,8 +149,9 @@ def parse_gpus(text: str) -> list[float]:
 def work_totals(works) -> dict:
     """What the works add up to, resource counts aside: counts, device-seconds per stage, bytes on disk
     (`files`: kind -> [number, bytes])."""
-    t = {"trainings": 0, "steps": 0, "conditions": 0, "queries": 0, "rsa": 0, "circuits": 0, "train_seconds": 0.0,
-         "score_seconds": 0.0, "rsa_seconds": 0.0, "circuit_seconds": 0.0, "files": {}}
+    t = {"trainings": 0, "steps": 0, "conditions": 0, "scorings": 0, "queries": 0, "rsa": 0, "rsa_loads": 0,
+         "circuits": 0, "train_seconds": 0.0, "score_seconds": 0.0, "rsa_seconds": 0.0, "circuit_seconds": 0.0,
+         "files": {}}
     for w in works:
         s = w.payload
         if s.kind == "train":
@@ -159,12 +160,14 @@ def work_totals(works) -> dict:
             t["train_seconds"] += w.cost
             kind, n = ("LoRA adapters" if s.method == "lora" else "full checkpoints"), s.checkpoints
         elif s.kind == "score":
-            t["conditions"] += 1
+            t["conditions"] += s.conditions
+            t["scorings"] += 1
             t["queries"] += s.queries
             t["score_seconds"] += w.cost
-            kind, n = "condition scores", 1
+            kind, n = "condition scores", s.conditions
         elif s.kind == "rsa":
             t["rsa"] += 1
+            t["rsa_loads"] += s.method not in ("icl", "lora")  # a full checkpoint loaded for it
             t["rsa_seconds"] += w.cost
             kind, n = "RSA arrays (at most)", 1
         else:
@@ -208,12 +211,15 @@ def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[fl
         lines += ["", f"work, timed for {dev.upper()}s (engine {engine}):",
                   f"  training  {t['trainings']:,} trainings, {t['steps']:,} steps: {_duration(t['train_seconds'])} "
                   f"(steps {_duration(t['train_seconds'] - loads)}, {t['trainings']:,} model loads {_duration(loads)})",
-                  f"  scoring   {t['conditions']:,} conditions, {t['queries']:,} queries: "
+                  f"  scoring   {t['conditions']:,} conditions in {t['scorings']:,} works (ICL chains, "
+                  f"checkpoints), {t['queries']:,} queries: "
                   f"{_duration(t['score_seconds'])}",
                   f"  disk      {files or 'nothing'}; total {_bytes(sum(b for _, b in t['files'].values()))}"]
         if t["rsa"]:
+            loads = t["rsa_loads"] * RATES[dev]["model_load"]
             lines.insert(-1, f"  RSA       {t['rsa']:,} passes, each one more pass over its condition's queries: "
-                             f"{_duration(t['rsa_seconds'])}")
+                             f"{_duration(t['rsa_seconds'])}" + (f" (of which {t['rsa_loads']:,} full-checkpoint "
+                                                                 f"loads {_duration(loads)})" if loads else ""))
         if t["circuits"]:
             lines.insert(-1, f"  circuits  {t['circuits']:,} states of the implicit suite: "
                              f"{_duration(t['circuit_seconds'])}")
