@@ -225,16 +225,16 @@ def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[fl
                              f"{_duration(t['circuit_seconds'])}")
         if any("|train|" in key for w in works for key, _ in getattr(w.payload, "setup", ())):
             lines.append(f"  note      {engine} cannot swap a full fine-tune's weights into a running engine: each "
-                         "full checkpoint opens an engine of its own on every scorer that scores one of its conditions "
-                         "(engine=hf swaps them: one engine per scorer)")
+                         "full checkpoint opens an engine of its own (engine=hf swaps them: one engine per scorer)")
         for g in (g for g in gpus if ("gpu" if g else "cpu") == dev):
             sim = simulate(config, gpus=g, cpus=None if g else cpus, works=works)
             hooks = sim.setups.get("hooks", 0)
             where = f"{_num(g)} GPU{'' if g == 1 else 's'}" if g else f"{_num(sim.cpus)} CPUs"
             lines += [f"on {where}: {sim.slots.describe()}",
                       f"  engine starts {sim.engine_starts:,} ({_duration(_engine_seconds(sim, works))}); model loads "
-                      f"{t['trainings'] + sim.engine_starts + hooks:,} ({t['trainings']:,} trainings, "
-                      f"{sim.engine_starts:,} engine starts, {hooks:,} for hooks: RSA, circuits)",
+                      f"{t['trainings'] + sim.engine_starts + hooks + t['rsa_loads']:,} ({t['trainings']:,} trainings, "
+                      f"{sim.engine_starts:,} engine starts, {hooks:,} hook models for RSA and circuits, "
+                      f"{t['rsa_loads']:,} full checkpoints for their RSA)",
                       *([f"  disk      with drop_full_weights: at most {_bytes(sim.peak_full_bytes)} of full "
                          "checkpoints at once (each dropped once scored and its RSA done)"]
                         if config.drop_full_weights and sim.peak_full_bytes else []),
