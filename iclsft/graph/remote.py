@@ -149,9 +149,10 @@ class ScoreTask:
 
 @dataclass
 class RsaTask:
-    """One condition's RSA on a scorer actor (HF hooks on the base model, or on its checkpoint)."""
+    """The RSA of a scoring unit's conditions on a scorer actor (HF hooks on the base model, or on their
+    checkpoint, loaded once for all of them)."""
 
-    cond: Any
+    conds: tuple
     model: str
     fingerprint: str
     dtype: str
@@ -217,12 +218,25 @@ class ScorerActor:
         return results, worker_name(), gpu_ids()
 
     def rsa(self, task: RsaTask, *inputs) -> tuple:
-        """(rsa.npz bytes, a summary line, worker, GPU ids) of one condition; `inputs`: the results of its
-        scoring and, for a checkpoint trained in this sweep, of its training (its files among them)."""
+        """([per condition: (rsa.npz bytes, summary line, seconds) or (None, None, traceback)], worker, GPU
+        ids); `inputs`: the results of the conditions' scoring and, for a checkpoint trained in this sweep,
+        of its training (its files among them)."""
         from iclsft.rsa.run import describe, npz_bytes, rsa_arrays
 
-        arrays = rsa_arrays(task.cond, self._models(task.dtype), self._checkpoint_of(task, inputs), subset=task.subset)
-        return npz_bytes(arrays), describe(arrays), worker_name(), gpu_ids()
+        try:
+            ckpt, models = self._checkpoint_of(task, inputs), self._models(task.dtype)
+        except Exception:  # every condition of the unit fails alike (recorded in each rsa.json)
+            return [(None, None, traceback.format_exc())] * len(task.conds), worker_name(), gpu_ids()
+        results = []
+        with models.loaded(task.conds[0].model, ckpt) as model:  # the checkpoint loaded once for the unit
+            for cond in task.conds:
+                t0 = time.time()
+                try:
+                    arrays = rsa_arrays(cond, models, ckpt, subset=task.subset, model=model)
+                    results.append((npz_bytes(arrays), describe(arrays), time.time() - t0))
+                except Exception:  # as compute_rsa: one condition's failure is recorded, the others go on
+                    results.append((None, None, traceback.format_exc()))
+        return results, worker_name(), gpu_ids()
 
     def circuits(self, task: CircuitTask, *inputs) -> tuple:
         """(the state's scores as .npz bytes, a summary line, worker, GPU ids); `inputs` as for `rsa`."""

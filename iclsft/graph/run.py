@@ -18,7 +18,7 @@ from typing import Any
 from iclsft.arms.runner import ArmRun
 from iclsft.arms.trainings import training_note
 from iclsft.errors import ConditionsFailed
-from iclsft.graph.costs import condition_queries, prefix_tokens, score_seconds, train_seconds
+from iclsft.graph.costs import RATES, condition_queries, prefix_tokens, rsa_seconds, score_seconds, train_seconds
 from iclsft.graph.remote import ScoreTask, read_tree, write_tree
 from iclsft.graph.schedule import Backend, Usage, schedule
 from iclsft.graph.work import Finished, Work
@@ -97,8 +97,8 @@ class GraphRun:
                 unit = f"{a.key}|{chain[0].id}"
                 self._work(a, Work(unit, "scorer", _unit_label(chain), sum(map(self._score_cost, chain)), arm=a.key,
                                    payload=ScoreTask(conds=tuple(chain), **base)))
-                for cond in chain if rsa else ():
-                    self._rsa_work(a, cond, ref, (unit,))
+                if rsa:
+                    self._rsa_work(a, chain, ref, (unit,))
             return
         a.shared = getattr(arm, "shared", {})
         for job in arm.jobs:
@@ -126,23 +126,28 @@ class GraphRun:
                 unit = f"{a.key}|{conds[0].id}"
                 self._work(a, Work(unit, "scorer", _unit_label(conds), sum(map(self._score_cost, conds)), needs=needs,
                                    payload=task, arm=a.key))
-                for cond in conds if rsa else ():
-                    self._rsa_work(a, cond, ref, (unit, *needs), ckpt)
                 if self.drop and not arm.lora:
-                    self.users.setdefault(ckpt, [0, False])[0] += 1 + rsa * len(conds)
+                    self.users.setdefault(ckpt, [0, False])[0] += 1
+                if rsa:
+                    self._rsa_work(a, conds, ref, (unit, *needs), ckpt)
 
-    def _rsa_work(self, a: _Arm, cond, ref, needs: tuple, ckpt: str | None = None) -> None:
-        """RSA of one condition on a scorer, after its scoring (and its checkpoint's training, if now)."""
+    def _rsa_work(self, a: _Arm, conds: Sequence, ref, needs: tuple, ckpt: str | None = None) -> None:
+        """RSA of a unit's conditions on a scorer (their checkpoint loaded once), after their scoring (and
+        their checkpoint's training, when it is trained now)."""
         from iclsft.graph.remote import RsaTask
 
         dtype, subset = self.rsa
-        task = RsaTask(cond=cond, model=ref.name, fingerprint=ref.fingerprint, dtype=dtype, subset=subset,
+        task = RsaTask(conds=tuple(conds), model=ref.name, fingerprint=ref.fingerprint, dtype=dtype, subset=subset,
                        checkpoint=Path(ckpt).name if ckpt else None)
         if ckpt and not any("|train|" in n for n in needs):  # a reused checkpoint: its files from the run
             self.puts.setdefault(ckpt, [None, 0])[1] += 1
             task = _Reused(self, ckpt, task)
-        self._work(a, Work(f"{a.key}|rsa|{cond.id}", "scorer", f"RSA {cond.label}", self._score_cost(cond),
+        self._work(a, Work(f"{a.key}|rsa|{conds[0].id}", "scorer", f"RSA {_unit_label(conds)}",
+                           sum(rsa_seconds(condition_queries(c), prefix_tokens(c), self.device) for c in conds)
+                           + (RATES[self.device]["model_load"] if ckpt and not a.state.arm.lora else 0.0),
                            needs=needs, payload=task, arm=a.key))
+        if self.drop and ckpt and not a.state.arm.lora:
+            self.users.setdefault(ckpt, [0, False])[0] += 1
 
     def _rsa_finished(self, a: _Arm, spec, ref) -> None:
         """RSA works for this arm's conditions finished before this sweep that lack a current rsa.npz."""
@@ -151,14 +156,16 @@ class GraphRun:
         run, todo = a.state.run, {c.id for c in a.state.todo}
         conds = {c.id: c for c in spec.conditions() if c.id not in todo}
         dtype, subset = self.rsa
+        by_ckpt: dict[str | None, list] = {}
         for cdir, _, record in run.finished():
             cond = conds.get(record["condition"])
             if cond is None or rsa_is_current(cdir, cond.id, dtype, subset):
                 continue
             ckpt = str(run.path / "adapters" / record["checkpoint_dir"]) if record.get("checkpoint_dir") else None
-            self._rsa_work(a, cond, ref, (), ckpt)
-            if self.drop and ckpt and not a.state.arm.lora:
-                self.users.setdefault(ckpt, [0, False])[0] += 1
+            by_ckpt.setdefault(ckpt, []).append(cond)
+        for ckpt, group in by_ckpt.items():
+            for unit in icl_chains(group) if ckpt is None else [group]:
+                self._rsa_work(a, unit, ref, (), ckpt)
 
     def _add_circuits(self, path: Path, arms: list[_Arm]) -> None:
         """One work per circuit state of each task not stored yet: base and ICL on the base model, each
@@ -289,20 +296,24 @@ class GraphRun:
         from iclsft.rsa.run import RSA_JSON, write_rsa, write_rsa_error
 
         task = done.work.payload.task if isinstance(done.work.payload, _Reused) else done.work.payload
-        cond, run = task.cond, a.state.run
+        run = a.state.run
         self._used(self._ckpt(a, task.checkpoint), done.error)
-        if done.worker == "-":  # its scoring failed: recorded there, nothing to compute
+        if done.worker == "-":  # its scoring or training failed: recorded there, nothing was computed
             return
-        cdir = run.condition_dir(cond)
-        (cdir / RSA_JSON).unlink(missing_ok=True)  # from here on, nothing of an earlier pass is trusted
-        if done.error is not None:
-            write_rsa_error(cdir, cond.id, task.dtype, task.subset, done.error.strip().splitlines()[-1], done.error)
-            a.rsa_failed.append(cdir.name)
-            logger.warning("RSA %s: FAILED %s", cond.label, done.error.strip().splitlines()[-1])
-            return
-        npz, summary = done.result
-        write_rsa(cdir, cond.id, npz, task.dtype, task.subset, done.seconds)
-        logger.info("RSA %s: %s (%.1f s on %s)", cond.label, summary, done.seconds, done.host)
+        results = done.result if done.error is None else [(None, None, done.error)] * len(task.conds)
+        for cond, (npz, summary, seconds) in zip(task.conds, results):
+            if not run.is_done(cond):  # its scoring failed: recorded there
+                continue
+            cdir = run.condition_dir(cond)
+            (cdir / RSA_JSON).unlink(missing_ok=True)  # from here on, nothing of an earlier pass is trusted
+            if npz is None:  # `seconds` holds the traceback
+                error = seconds.strip().splitlines()[-1]
+                write_rsa_error(cdir, cond.id, task.dtype, task.subset, error, seconds)
+                a.rsa_failed.append(cdir.name)
+                logger.warning("RSA %s: FAILED %s", cond.label, error)
+                continue
+            write_rsa(cdir, cond.id, npz, task.dtype, task.subset, seconds)
+            logger.info("RSA %s: %s (%.1f s on %s)", cond.label, summary, seconds, done.host)
 
     @staticmethod
     def _ckpt(a: _Arm, checkpoint: str | None) -> str | None:

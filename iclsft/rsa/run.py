@@ -211,9 +211,10 @@ def condition_rsa(run: RunDir, cdir: Path, cond_json: dict, record: dict, models
 
 def rsa_arrays(cond: Condition, models: Models, checkpoint: str | Path | None = None, *,
                subset: str = DEFAULT_SUBSET, batch_size: int | None = None,
-               progress: bool = False) -> dict[str, np.ndarray]:
+               progress: bool = False, model=None) -> dict[str, np.ndarray]:
     """The rsa.npz arrays of one condition: the base model after its ICL prompt, or its fine-tuned
-    `checkpoint` zero-shot. Reads nothing of the run (a scorer actor computes it from data)."""
+    `checkpoint` zero-shot. Reads nothing of the run (a scorer actor computes it from data). `model`:
+    that model already loaded (`models.loaded`), for several conditions of one checkpoint."""
     from iclsft.prompts import builder_for
     from iclsft.rsa.activations import activations
     from iclsft.rsa.stats import BINS, layer_stats
@@ -227,12 +228,9 @@ def rsa_arrays(cond: Condition, models: Models, checkpoint: str | Path | None = 
     # the lattice, then the matrix points off it (exemplars), each read as a query after the same prefix
     n1 = np.concatenate([points.n1.to_numpy(), matrix.extra.n1.to_numpy()])
     n2 = np.concatenate([points.n2.to_numpy(), matrix.extra.n2.to_numpy()])
-    if checkpoint is None:
-        prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth)
-        loaded = _nothing_to_release(models.base(cond.model))
-    else:  # a fine-tuned model is scored zero-shot: the prompt is BOS/header + query
-        prefix = builder.start()
-        loaded = models.checkpoint(cond.model, checkpoint)
+    # a fine-tuned model is scored zero-shot: the prompt is BOS/header + query
+    prefix = builder.prefix(exemplars.n1, exemplars.n2, exemplars.truth) if checkpoint is None else builder.start()
+    loaded = _nothing_to_release(model) if model is not None else models.loaded(cond.model, checkpoint)
     query_ids = builder.queries_after(prefix, n1, n2)  # tokenized in their context, as scoring does
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with loaded as model:
@@ -295,6 +293,10 @@ class Models:
 
             self._bases[spec], _ = load_model(self.ref(spec), self.dtype)
         return self._bases[spec]
+
+    def loaded(self, spec: ModelSpec, checkpoint: str | Path | None = None):
+        """A context holding the base model, or the verified `checkpoint` on it (released on exit)."""
+        return _nothing_to_release(self.base(spec)) if checkpoint is None else self.checkpoint(spec, checkpoint)
 
     def checkpoint(self, spec: ModelSpec, path: Path):
         """The verified checkpoint at `path` on this spec's base (iclsft.sft.checkpoints.load_checkpoint)."""
