@@ -51,7 +51,8 @@ class RayBackend:
         retries = executor.max_retries
         actor = ray.remote(ScorerActor).options(num_cpus=s.scorer_cpus, num_gpus=s.scorer_gpus,
                                                 max_restarts=retries, max_task_retries=retries)
-        self.actors = [actor.remote(threads=s.scorer_cpus, progress=progress) for _ in range(s.scorers)]
+        self.new_actor = lambda: actor.remote(threads=s.scorer_cpus, progress=progress)
+        self.actors = [self.new_actor() for _ in range(s.scorers)]
         self.train = ray.remote(train_task).options(num_cpus=s.trainer_cpus, num_gpus=s.trainer_gpus,
                                                     max_retries=retries, retry_exceptions=True)
         self.running: dict[Any, tuple[Work, str, float]] = {}
@@ -83,6 +84,8 @@ class RayBackend:
                 value = ray.get(ref)
             except Exception as e:  # after Ray's bounded retries
                 out.append(Finished(work, slot, started, time.time(), error="".join(traceback.format_exception(e))))
+                if work.role == "scorer" and isinstance(e, ray.exceptions.ActorDiedError):
+                    self._replace(slot)
                 continue
             self.results[work.id] = ref
             if work.role == "trainer":
@@ -95,6 +98,16 @@ class RayBackend:
                 where[key].extend(i for i in items if i not in where[key])
             out.append(Finished(work, slot, started, time.time(), result=value, host=host))
         return out
+
+    def _replace(self, slot: str) -> None:
+        """A scorer dead for good (its restarts spent) gets a successor: else every later work given to its
+        slot would fail at once, and a slot that fails fast takes ever more of the remaining works."""
+        import ray
+
+        i = int(slot.rsplit("-", 1)[1])
+        ray.kill(self.actors[i])
+        self.actors[i] = self.new_actor()
+        logger.warning("%s died and has no restarts left: a new scorer takes its slot", slot)
 
     def put(self, obj: Any) -> Any:
         import ray
@@ -111,9 +124,16 @@ class RayBackend:
         return time.time()
 
     def engine_starts(self) -> int:
+        """Engines opened by the scorers alive now (a dead actor's count is gone with it)."""
         import ray
 
-        return sum(ray.get([a.starts.remote() for a in self.actors]))
+        starts = 0
+        for a in self.actors:
+            try:
+                starts += ray.get(a.starts.remote(), timeout=60)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+        return starts
 
     def close(self) -> None:
         import ray
