@@ -45,11 +45,11 @@ def test_the_work_graph_of_a_small_sweep_counted_by_hand(config):
     kinds = by_kind(works)
     counts = {key: len(ws) for key, ws in kinds.items()}
     assert counts == {
-        # ICL: one scoring per chain (angle, seed, order: 2 x 1 x 2) of both K; one RSA per condition (8)
-        ("icl", "score"): 4, ("icl", "rsa"): 8,
-        # 2 angles x 2 K trainings; one scoring per checkpoint (4 x 2 fractions) of both orders; RSA per condition
-        ("sft-lora", "train"): 4, ("sft-lora", "score"): 8, ("sft-lora", "rsa"): 16,
-        ("sft-full", "train"): 4, ("sft-full", "score"): 8, ("sft-full", "rsa"): 16,
+        # ICL: one scoring per chain (angle, seed, order: 2 x 1 x 2) of both K; one RSA per chain (4)
+        ("icl", "score"): 4, ("icl", "rsa"): 4,
+        # 2 angles x 2 K trainings; one scoring per checkpoint (4 x 2 fractions) of both orders; RSA per checkpoint
+        ("sft-lora", "train"): 4, ("sft-lora", "score"): 8, ("sft-lora", "rsa"): 8,
+        ("sft-full", "train"): 4, ("sft-full", "score"): 8, ("sft-full", "rsa"): 8,
         ("implicit-icl", "score"): 1,  # one chain: 1 task, 1 seed, 2 K x 2 variants; no RSA for the implicit suite
         ("implicit-lora", "train"): 1, ("implicit-lora", "score"): 1,  # one model scored on both variants
         ("circuits", "circuits"): 3,  # relation: the base model, ICL, the LoRA model
@@ -65,7 +65,7 @@ def test_the_work_graph_of_a_small_sweep_counted_by_hand(config):
         assert set(w.needs) <= set(by_id)
         if w.payload.kind == "score":
             assert len(w.needs) == (0 if w.payload.method == "icl" else 1) and set(w.needs) <= trainings
-        if w.payload.kind == "rsa":  # after its condition's scoring, and its training
+        if w.payload.kind == "rsa":  # after its unit's scoring, and its training
             unit = by_id[w.needs[0]]
             assert unit.payload.kind == "score" and unit.arm == w.arm and w.needs[1:] == unit.needs
     # each training: 2 steps, 2 checkpoints; GPU rates 0.05 s (LoRA) / 0.08 s (full) a step + 5 s model load
@@ -75,10 +75,11 @@ def test_the_work_graph_of_a_small_sweep_counted_by_hand(config):
     # 100 queries per condition (step-10 lattice) at 13,600/s + 0.1 s per condition, two per chain; RSA + 0.2 s
     assert {w.payload.queries for w in kinds["icl", "score"]} == {200}
     assert {round(w.cost, 6) for w in kinds["icl", "score"]} == {round(2 * (100 / 13_600 + 0.1), 6)}
-    assert {round(w.cost, 6) for w in kinds["icl", "rsa"]} == {round(100 / 13_600 + 0.2, 6)}
-    # a full fine-tune's RSA loads its checkpoint (5 s); a LoRA adapter is attached to the loaded base
-    assert {round(w.cost, 6) for w in kinds["sft-full", "rsa"]} == {round(100 / 13_600 + 0.2 + 5, 6)}
-    assert {round(w.cost, 6) for w in kinds["sft-lora", "rsa"]} == {round(100 / 13_600 + 0.2, 6)}
+    # RSA: each of the unit's two conditions (K, or orders sharing a checkpoint) + 0.2 s each
+    assert {round(w.cost, 6) for w in kinds["icl", "rsa"]} == {round(2 * (100 / 13_600 + 0.2), 6)}
+    # a full fine-tune's RSA loads its checkpoint once per unit (5 s); a LoRA adapter is attached to the loaded base
+    assert {round(w.cost, 6) for w in kinds["sft-full", "rsa"]} == {round(2 * (100 / 13_600 + 0.2) + 5, 6)}
+    assert {round(w.cost, 6) for w in kinds["sft-lora", "rsa"]} == {round(2 * (100 / 13_600 + 0.2), 6)}
 
 
 def test_cpu_costs_grow_with_the_prompt(config):
@@ -100,7 +101,7 @@ def test_disk_use_of_the_tiny_model(config):
     kinds = by_kind(simulation_works(config, "gpu"))
     assert {w.payload.bytes for w in kinds["sft-lora", "train"]} == {2 * 4 * lora}  # 2 checkpoints, fp32
     assert {w.payload.bytes for w in kinds["sft-full", "train"]} == {2 * 4 * params}
-    assert {w.payload.bytes for w in kinds["icl", "rsa"]} == {2 * 2 * 400 * 400 * 2}  # resid+mlp, 2 layers, fp16
+    assert {w.payload.bytes for w in kinds["icl", "rsa"]} == {2 * 2 * 2 * 400 * 400 * 2}  # 2 conds, 2 x 2 layers
     assert {w.payload.bytes for w in kinds["icl", "score"]} == {2 * (100 * 24 + 4_000)}  # two conditions each
 
 
@@ -109,14 +110,14 @@ def test_engine_starts_one_per_scorer_and_per_full_checkpoint_on_vllm(config):
     assert hf.engine_starts == 1 and hf.setups == {"engine": 1, "hooks": 1}
     vllm = simulate(config, gpus=1, works=simulation_works(config, "gpu", engine="vllm"))
     assert vllm.engine_starts == 1 + 4 * 2  # the base engine, and each full checkpoint (4 trainings x 2) once
-    assert hf.usage.record()["scorer"]["works"] == 4 + 16 + 40 + 1 + 1 + 3
+    assert hf.usage.record()["scorer"]["works"] == 4 + 16 + 20 + 1 + 1 + 3  # scorings, RSA units, circuits
 
 
 def test_simulate_on_eight_gpus(config):
     sim = simulate(config, gpus=8)
     assert sim.slots.scorers + sim.slots.trainers == 8 and sim.devices == 8 and sim.cpus == 64
     record = sim.usage.record()
-    assert (record["scorer"]["works"], record["trainer"]["works"]) == (65, 9)
+    assert (record["scorer"]["works"], record["trainer"]["works"]) == (45, 9)
     assert sim.makespan >= sim.bound > 0
     assert sim.work == pytest.approx(sum(sum(b.values()) for b in sim.usage.busy.values()))  # whole GPUs
 
@@ -167,7 +168,7 @@ def test_cli_dry_run_on_two_cpus(config_file):
     # 8 + 16 + 16 2D conditions x 100 queries, 6 implicit x 4, in 4 + 8 + 8 + 1 + 1 works
     assert "  scoring   46 conditions in 22 works (ICL chains, checkpoints), 4,024 queries:" in out
     assert "on 2 CPUs: 1 x 1 CPU scoring, 1 x 1 CPU training (of 2 CPUs, 0 GPUs)" in out
-    assert "  engine starts 1 (" in out and "RSA       40 passes" in out and "circuits  3 states" in out
+    assert "  engine starts 1 (" in out and "RSA       40 conditions in 20 works" in out and "circuits  3 states" in out
     assert "rates: 140 queries/s + 2.26 us per prefix token" in out
 
 

@@ -3,7 +3,7 @@
 `simulation_works(config, device)` builds the works a sweep has left as `iclsft.graph.run.GraphRun` does:
 one training per distinct training (conditions whose batches hold the same exemplars share one), one
 scoring per ICL chain (one task, seed and order, K ascending) and per trained checkpoint (all of its
-conditions), one RSA pass per 2D condition (`rsa: true`), the implicit suite's circuit states; each
+conditions), one RSA pass per scoring unit of the 2D study (`rsa: true`), the implicit suite's circuit states; each
 timed from the measured rates (costs.py). `simulate` hands
 them to `iclsft.graph.schedule.schedule`, the loop that real sweeps run on Ray, with a `VirtualBackend`
 that ends each work after its estimated seconds. A scorer pays once for each engine it opens (base
@@ -51,7 +51,7 @@ class Stand:
     kind: str  # "train", "score", "rsa" or "circuits"
     model: str
     method: str  # icl, lora, full, ...
-    conditions: int = 0  # a scoring's conditions (an ICL chain, or every condition of one checkpoint)
+    conditions: int = 0  # a scoring's or RSA's conditions (an ICL chain, or every condition of one checkpoint)
     queries: int = 0
     steps: int = 0
     checkpoints: int = 0  # a training's saved checkpoints
@@ -239,7 +239,7 @@ class _Graph:
             uid = self._score(key, model, unit, sft, needs.get(unit[0].id, ()))
             unit_of.update((c.id, uid) for c in unit)
         if self.config.rsa and spec.kind != "implicit":
-            self._rsa(key, model, run, conds, unit_of, needs, sft, shape)
+            self._rsa(key, model, run, conds, units, unit_of, needs, sft, shape)
 
     def add_circuits(self, model: str) -> None:
         """The implicit suite's circuit states (`iclsft.graph.run.GraphRun._add_circuits`): per task, the base
@@ -285,27 +285,27 @@ class _Graph:
         self.works.append(work)
         return work.id
 
-    def _rsa(self, key: str, model: str, run, conds, unit_of: dict, needs: dict, sft, shape: dict) -> None:
-        """One RSA pass per condition: after its scoring unit (and training) when it is left to run, else when
-        its stored RSA is not current."""
+    def _rsa(self, key: str, model: str, run, conds, units: list, unit_of: dict, needs: dict, sft,
+             shape: dict) -> None:
+        """RSA in the scoring units (`GraphRun._rsa_work`): one work per unit left to run, after it (and its
+        training), its checkpoint loaded once; a finished condition whose stored RSA is not current gets a
+        work of its own."""
         from iclsft.rsa.run import rsa_is_current
 
+        stale = [[c] for c in conds if c.id not in unit_of
+                 and not rsa_is_current(run.condition_dir(c), c.id, self.config.dtype, self.config.rsa_subset)]
         hooks = ((f"hooks|{model}", RATES[self.device]["model_load"]),)
-        for c in conds:
-            if c.id in unit_of:
-                after = (unit_of[c.id],) + needs.get(c.id, ())
-            elif not rsa_is_current(run.condition_dir(c), c.id, self.config.dtype, self.config.rsa_subset):
-                after = ()
-            else:
-                continue
-            queries = condition_queries(c)
-            # a full fine-tune is loaded for each condition's RSA (iclsft.sft.checkpoints.load_checkpoint);
-            # a LoRA adapter is attached to the hooks' base model
-            load = RATES[self.device]["model_load"] if sft is not None and sft.method != "lora" else 0.0
-            self.works.append(Work(f"{key}|rsa|{c.id}", "scorer", f"RSA {c.label}",
-                                   rsa_seconds(queries, prefix_tokens(c), self.device) + load, needs=after, arm=key,
-                                   payload=Stand("rsa", model, sft.method if sft else "icl", queries=queries,
-                                                 setup=hooks, bytes=rsa_bytes(shape))))
+        # a full fine-tune is loaded once per unit (iclsft.rsa.run.Models.loaded); LoRA attaches to the hooks' base
+        load = RATES[self.device]["model_load"] if sft is not None and sft.method != "lora" else 0.0
+        for unit in [*units, *stale]:
+            first = unit[0]
+            after = (unit_of[first.id], *needs.get(first.id, ())) if first.id in unit_of else ()
+            queries = sum(map(condition_queries, unit))
+            self.works.append(Work(f"{key}|rsa|{first.id}", "scorer", f"RSA {first.label}",
+                                   sum(rsa_seconds(condition_queries(c), prefix_tokens(c), self.device) for c in unit)
+                                   + load, needs=after, arm=key,
+                                   payload=Stand("rsa", model, sft.method if sft else "icl", conditions=len(unit),
+                                                 queries=queries, setup=hooks, bytes=len(unit) * rsa_bytes(shape))))
 
 
 def scoring_share(works: Iterable[Work]) -> float | None:

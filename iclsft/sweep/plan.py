@@ -149,9 +149,9 @@ def parse_gpus(text: str) -> list[float]:
 def work_totals(works) -> dict:
     """What the works add up to, resource counts aside: counts, device-seconds per stage, bytes on disk
     (`files`: kind -> [number, bytes])."""
-    t = {"trainings": 0, "steps": 0, "conditions": 0, "scorings": 0, "queries": 0, "rsa": 0, "rsa_loads": 0,
-         "circuits": 0, "train_seconds": 0.0, "score_seconds": 0.0, "rsa_seconds": 0.0, "circuit_seconds": 0.0,
-         "files": {}}
+    t = {"trainings": 0, "steps": 0, "conditions": 0, "scorings": 0, "queries": 0, "rsa": 0, "rsa_works": 0,
+         "rsa_loads": 0, "circuits": 0, "train_seconds": 0.0, "score_seconds": 0.0, "rsa_seconds": 0.0,
+         "circuit_seconds": 0.0, "files": {}}
     for w in works:
         s = w.payload
         if s.kind == "train":
@@ -166,10 +166,11 @@ def work_totals(works) -> dict:
             t["score_seconds"] += w.cost
             kind, n = "condition scores", s.conditions
         elif s.kind == "rsa":
-            t["rsa"] += 1
-            t["rsa_loads"] += s.method not in ("icl", "lora")  # a full checkpoint loaded for it
+            t["rsa"] += s.conditions
+            t["rsa_works"] += 1
+            t["rsa_loads"] += s.method not in ("icl", "lora")  # a full checkpoint loaded for its conditions
             t["rsa_seconds"] += w.cost
-            kind, n = "RSA arrays (at most)", 1
+            kind, n = "RSA arrays (at most)", s.conditions
         else:
             t["circuits"] += 1
             t["circuit_seconds"] += w.cost
@@ -217,7 +218,8 @@ def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[fl
                   f"  disk      {files or 'nothing'}; total {_bytes(sum(b for _, b in t['files'].values()))}"]
         if t["rsa"]:
             loads = t["rsa_loads"] * RATES[dev]["model_load"]
-            lines.insert(-1, f"  RSA       {t['rsa']:,} passes, each one more pass over its condition's queries: "
+            lines.insert(-1, f"  RSA       {t['rsa']:,} conditions in {t['rsa_works']:,} works (as scored), each one "
+                             "more pass over its condition's queries: "
                              f"{_duration(t['rsa_seconds'])}" + (f" (of which {t['rsa_loads']:,} full-checkpoint "
                                                                  f"loads {_duration(loads)})" if loads else ""))
         if t["circuits"]:
