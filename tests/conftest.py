@@ -149,6 +149,15 @@ SLOW_TESTS = {
     "tests/test_faults.py::test_damaged_artifacts_are_recomputed_on_resume": "4.4 s",
     "tests/test_faults.py::test_ray_worker_killed_mid_training_is_retried": "17.6 s",
     "tests/test_faults.py::test_killed_model_preparation_leaves_no_prepared_model": "7.6 s",  # 1.1 s when quieter
+    # Ray work-graph sweeps (measured 2026-12-01, one run of the file, setup + call; the first test's
+    # includes the in-process reference sweep the others reuse)
+    "tests/test_graph_ray.py::test_scorers_and_trainers_never_share_a_gpu": "29.2 s",
+    "tests/test_graph_ray.py::test_half_gpu_trainers_share_the_gpu_no_scorer_holds": "15.4 s",
+    "tests/test_graph_ray.py::test_full_fine_tunes_open_one_engine_per_scorer": "9.5 s",
+    "tests/test_graph_ray.py::test_two_nodes_without_a_shared_filesystem": "14.5 s",
+    "tests/test_graph_ray.py::test_killed_scorer_or_trainer_is_retried": "16.7 s",
+    "tests/test_graph_ray.py::test_killed_driver_is_resumed_by_the_rerun": "21.4 s",
+    "tests/test_graph_ray.py::test_a_scorer_dead_for_good_gives_its_slot_to_a_new_one": "19.3 s",
     "tests/test_implicit_run.py::test_a_damaged_implicit_adapter_is_set_aside_and_trained_again": "15.9 s",
     "tests/test_implicit_run.py::test_original_recipe_trains_one_model_for_every_task": "29.5 s",
     "tests/test_implicit_tokenization.py::test_answers_end_with_the_newline_as_a_demo_has_it[gemma3-tokens3]": "2.2 s",
