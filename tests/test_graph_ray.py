@@ -2,8 +2,7 @@
 
 Every graph sweep here is checked against the same sweep run in one process (executor local, torch
 at one thread as the scorer actors and trainers run): the metrics tables and every condition's raw
-scores, to the last bit where each scorer's engine saw the prompts in the reference's order, else to
-float32 rounding (SCHEDULE_EXACT says why). On top of that:
+scores, to the last bit. On top of that:
 - declared GPUs on a CPU machine (`ray.init(num_gpus=4)`): from the GPU ids Ray gave each work
   (graph.json's placement) no scorer shares a GPU with a trainer, whole or fractional; every
   condition is scored once (one progress line, one record);
@@ -47,12 +46,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TIMING = ["seconds", "train_seconds", "trained_now", "finished"]
 CONDITIONS = 8  # 4 ICL (K 1, 2 x two orders) + 4 LoRA
 TRAININGS = 2  # one per K: at batch 2 the orders random and 1221 give the same batches
-# Whether scores equal the reference's to the last bit when a condition's scorer cached other prompts
-# before it than the reference's engine did (several scorers, a restarted one). Not yet: the hf engine
-# extends a cached prefix's KV from wherever the two prompts diverge, so the last bits of a prompt's
-# KV depend on what was cached before (about 2e-6 in a log-prob). With prefix_kv reusing whole blocks at
-# fixed positions only, the KV is the same whatever was cached, and this can be True.
-SCHEDULE_EXACT = False
 
 
 def sweep_config(model: Path, out: Path, **changes) -> dict:
@@ -84,18 +77,18 @@ def ok_records(run: Path) -> dict[str, dict]:
     return out
 
 
-def assert_same_results(run: Path, reference: Path, exact: bool = True, conditions: int = CONDITIONS) -> None:
-    """Metrics tables and every condition's raw scores equal: to the last bit (`exact`), or to float32
-    rounding (see SCHEDULE_EXACT). `conditions`: how many `run` holds (fewer when some failed)."""
-    close = {"check_exact": True} if exact else {"check_exact": False, "rtol": 1e-5, "atol": 1e-6}
+def assert_same_results(run: Path, reference: Path, conditions: int = CONDITIONS) -> None:
+    """Metrics tables and every condition's raw scores equal to the last bit. `conditions`: how many `run`
+    holds (fewer when some failed). Exact because the graph scores each ICL chain (K ascending) as one
+    unit, so each prompt's KV extends the same cached prompt as in the single-process run."""
     names = sorted(ok_records(run))
     assert len(names) == conditions and set(names) <= set(ok_records(reference))
     got = table(run)
-    pd.testing.assert_frame_equal(got, table(reference).query("condition in @got.condition").reset_index(drop=True),
-                                  **close)
+    want = table(reference).query("condition in @got.condition").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
     for name in names:
         got, want = (pd.read_parquet(r / "conditions" / name / "scores.parquet") for r in (run, reference))
-        pd.testing.assert_frame_equal(got, want, **close)
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
 
 
 def graph_record(out: Path) -> dict:
@@ -197,7 +190,7 @@ def test_scorers_and_trainers_never_share_a_gpu(fake_gpus, reference, model, tmp
     assert scorer_gpus | trainer_gpus <= {"0", "1", "2", "3"}
     assert graph["engine_starts"] == 2
     assert_each_condition_scored_once(scored, out, run_dir(out, model))
-    assert_same_results(run_dir(out, model), reference, exact=SCHEDULE_EXACT)  # several scorers
+    assert_same_results(run_dir(out, model), reference)
 
 
 def test_half_gpu_trainers_share_the_gpu_no_scorer_holds(fake_gpus, reference, model, tmp_path):
@@ -214,7 +207,7 @@ def test_half_gpu_trainers_share_the_gpu_no_scorer_holds(fake_gpus, reference, m
     assert sorted(trainers) == ["trainer-0", "trainer-1"], graph["placement"]  # two trainings at once ...
     assert all(ids == [free] for ids in trainers.values()), graph["placement"]  # ... on the one free GPU
     assert_each_condition_scored_once(scored, out, run_dir(out, model))
-    assert_same_results(run_dir(out, model), reference, exact=SCHEDULE_EXACT)  # several scorers
+    assert_same_results(run_dir(out, model), reference)
 
 
 def test_full_fine_tunes_open_one_engine_per_scorer(fake_gpus, model, tmp_path):
@@ -391,7 +384,7 @@ def test_a_scorer_dead_for_good_gives_its_slot_to_a_new_one(reference, model, tm
     assert {(r["method"], r["shots"]) for r in failed} == {("icl", 1), ("icl", 2)}
     assert len({r["order"] for r in failed}) == 1
     assert graph_record(out)["engine_starts"] == 1  # the new scorer's (the dead one's count died with it)
-    assert_same_results(run, reference, exact=SCHEDULE_EXACT, conditions=CONDITIONS - 2)
+    assert_same_results(run, reference, conditions=CONDITIONS - 2)
 
 
 def test_killed_driver_is_resumed_by_the_rerun(reference, model, tmp_path, _ray_module):
@@ -422,4 +415,4 @@ def test_killed_driver_is_resumed_by_the_rerun(reference, model, tmp_path, _ray_
     assert len(scored) == len(set(scored)) == CONDITIONS - 6, scored  # the finished six were not scored again
     usage = graph_record(out)["usage"]
     assert usage.get("trainer", {}).get("works", 0) == TRAININGS - len(adapters)  # nor a checkpoint retrained
-    assert_same_results(run, reference, exact=SCHEDULE_EXACT)  # a new scorer: its first prompts computed afresh
+    assert_same_results(run, reference)
