@@ -136,13 +136,16 @@ class RayBackend:
         return starts
 
     def close(self) -> None:
+        """Stop what still runs (an interrupted graph), close every scorer (its engines and scratch
+        directory; at most a minute, all at once) and end the actors: nothing stays on a cluster."""
         import ray
 
-        for ref in self.running:
-            ray.cancel(ref, force=True)
-        for a in self.actors:
-            try:
-                ray.get(a.close.remote(), timeout=60)
-            except Exception:  # a dead actor has nothing left to close
+        for ref, (work, _, _) in self.running.items():
+            try:  # a task is stopped by killing its worker; Ray refuses that for an actor's task (killed below)
+                ray.cancel(ref, force=work.role == "trainer")
+            except Exception:  # already finished, or its worker gone
                 pass
-            ray.kill(a)
+        if self.actors:
+            ray.wait([a.close.remote() for a in self.actors], num_returns=len(self.actors), timeout=60)
+        for a in self.actors:
+            ray.kill(a)  # a dead actor has nothing left to end
