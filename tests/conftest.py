@@ -158,6 +158,7 @@ SLOW_TESTS = {
     "tests/test_graph_ray.py::test_killed_scorer_or_trainer_is_retried": "16.7 s",
     "tests/test_graph_ray.py::test_killed_driver_is_resumed_by_the_rerun": "21.4 s",
     "tests/test_graph_ray.py::test_a_scorer_dead_for_good_gives_its_slot_to_a_new_one": "19.3 s",
+    "tests/test_graph_ray.py::test_an_interrupted_graph_leaves_nothing_on_the_cluster": "12.8 s",
     "tests/test_implicit_run.py::test_a_damaged_implicit_adapter_is_set_aside_and_trained_again": "15.9 s",
     "tests/test_implicit_run.py::test_original_recipe_trains_one_model_for_every_task": "29.5 s",
     "tests/test_implicit_tokenization.py::test_answers_end_with_the_newline_as_a_demo_has_it[gemma3-tokens3]": "2.2 s",

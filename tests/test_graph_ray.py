@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -224,6 +225,27 @@ def test_full_fine_tunes_open_one_engine_per_scorer(fake_gpus, model, tmp_path):
     assert graph["usage"]["scorer"]["workers"] == 2  # both scorers scored (each opened its engine)
     assert len(gpu_ids(graph, "scorer")) == 2
     assert graph["engine_starts"] == 2
+
+
+def test_an_interrupted_graph_leaves_nothing_on_the_cluster(fake_gpus, model, tmp_path, monkeypatch):
+    """Ctrl-C while the first works run (scorer actors busy, trainings running): the interrupt reaches
+    the caller as it is, and every CPU and GPU of the running cluster is free again (actors ended, tasks
+    cancelled), the run directory unlocked."""
+    from iclsft.graph.ray_backend import RayBackend
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(RayBackend, "wait", interrupted)
+        sweep(sweep_config(model, out, resources={"scorers": 2}))
+    deadline = time.time() + 30  # Ray frees an ended actor's resources a moment later
+    while time.time() < deadline and ray.available_resources() != ray.cluster_resources():
+        time.sleep(0.2)
+    free, total = ray.available_resources(), ray.cluster_resources()
+    assert (free.get("CPU"), free.get("GPU")) == (total["CPU"], total["GPU"]) == (4, 4), free
+    assert len(sweep(sweep_config(model, out, resources={"scorers": 2}))) == CONDITIONS  # not locked, all to do
 
 
 # -- two nodes, nothing shared -----------------------------------------------------------------------
