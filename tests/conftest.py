@@ -154,7 +154,7 @@ SLOW_TESTS = {
     "tests/test_graph_ray.py::test_scorers_and_trainers_never_share_a_gpu": "29.2 s",
     "tests/test_graph_ray.py::test_half_gpu_trainers_share_the_gpu_no_scorer_holds": "15.4 s",
     "tests/test_graph_ray.py::test_full_fine_tunes_open_one_engine_per_scorer": "9.5 s",
-    "tests/test_graph_ray.py::test_two_nodes_without_a_shared_filesystem": "14.5 s",
+    "tests/test_graph_ray.py::test_two_nodes_without_a_shared_filesystem": "21.2 s",
     "tests/test_graph_ray.py::test_killed_scorer_or_trainer_is_retried": "16.7 s",
     "tests/test_graph_ray.py::test_killed_driver_is_resumed_by_the_rerun": "21.4 s",
     "tests/test_graph_ray.py::test_a_scorer_dead_for_good_gives_its_slot_to_a_new_one": "19.3 s",

@@ -359,6 +359,17 @@ def test_two_nodes_without_a_shared_filesystem(two_nodes, reference, model, monk
     for node in nodes:
         assert audit(node) == [], f"{node.name} touched the driver's files:\n" + "\n".join(audit(node)[:20])
 
+    # a LoRA condition to redo on a checkpoint the run already holds: the driver reads it and sends it
+    run = run_dir(out, model)
+    redo = sorted(name for name, r in ok_records(run).items() if r["method"] == "lora")[0]
+    (run / "conditions" / redo / "record.json").unlink()
+    again = sweep(config)
+    assert len(again) == 1 and "usage" in graph_record(out) and "trainer" not in graph_record(out)["usage"]
+    assert ok_records(run)[redo]["trained_now"] is False
+    assert_same_results(run, reference)
+    for node in nodes:
+        assert audit(node) == [], f"{node.name} touched the driver's files:\n" + "\n".join(audit(node)[:20])
+
     # the control: a worker that does open a driver path is logged, on its node only
     ray.init(address=cluster.address, log_to_driver=False)
     size = ray.get(_open_a_driver_path.options(resources={"node-b": 1}).remote(str(out / "sweep.json")))
