@@ -7,7 +7,8 @@ scores, to the last bit. On top of that:
   (graph.json's placement) no scorer shares a GPU with a trainer, whole or fractional; every
   condition is scored once (one progress line, one record);
 - a two-node local cluster joined with ray_address, whose nodes have their own TMPDIR and ICLSFT_HOME
-  (the base model found there by fingerprint): an audit hook in every worker logs each file event
+  (the base model found there by fingerprint), scoring, training and RSA (arrays equal to the
+  reference's), then redoing a condition on a checkpoint the run holds: an audit hook in every worker logs each file event
   under the driver's directories, and none is logged (a task that does open a driver path is: the
   control). Reads from native code (safetensors, tokenizers) bypass audit hooks; the Python-side
   opens of the same model directory (config.json, tokenizer_config.json) do not;
@@ -32,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -90,6 +92,18 @@ def assert_same_results(run: Path, reference: Path, conditions: int = CONDITIONS
     for name in names:
         got, want = (pd.read_parquet(r / "conditions" / name / "scores.parquet") for r in (run, reference))
         pd.testing.assert_frame_equal(got, want, check_exact=True)
+
+
+def assert_same_rsa(run: Path, reference: Path) -> None:
+    """Every condition's RSA arrays equal to the last bit."""
+    names = sorted(ok_records(reference))
+    assert sorted(p.parent.name for p in run.glob("conditions/*/rsa.npz")) == names
+    for name in names:
+        with np.load(run / "conditions" / name / "rsa.npz") as got, np.load(
+                reference / "conditions" / name / "rsa.npz") as want:
+            assert sorted(got.files) == sorted(want.files) and got.files
+            for key in want.files:
+                assert np.array_equal(got[key], want[key], equal_nan=True), (name, key)
 
 
 def graph_record(out: Path) -> dict:
@@ -151,12 +165,12 @@ def model(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(model, tmp_path_factory, one_thread) -> Path:
-    """The sweep in this process (executor local, one torch thread); returns its run directory."""
+    """The sweep in this process (executor local, one torch thread), with RSA; returns its run directory."""
     out = tmp_path_factory.mktemp("reference")
     old = os.environ.get("ICLSFT_HOME")
     os.environ["ICLSFT_HOME"] = str(out / "home")
     try:
-        run_sweep(SweepConfig(**sweep_config(model, out, executor={"name": "local"})), progress=False)
+        run_sweep(SweepConfig(**sweep_config(model, out, executor={"name": "local"}, rsa=True)), progress=False)
     finally:
         os.environ.pop("ICLSFT_HOME") if old is None else os.environ.__setitem__("ICLSFT_HOME", old)
     return run_dir(out, model)
@@ -343,7 +357,7 @@ def test_two_nodes_without_a_shared_filesystem(two_nodes, reference, model, monk
     cluster, driver, nodes = two_nodes
     monkeypatch.setenv("ICLSFT_HOME", str(driver / "home"))
     out = driver / "out"
-    config = sweep_config(model, out, resources={"scorers": 1},
+    config = sweep_config(model, out, resources={"scorers": 1}, rsa=True,
                           executor={"name": "ray", "max_retries": 1, "ray_address": cluster.address})
     scored = sweep(config)
     assert not ray.is_initialized()  # joined with --ray-address, and left
@@ -356,6 +370,7 @@ def test_two_nodes_without_a_shared_filesystem(two_nodes, reference, model, monk
     assert {p for pids in hosts.values() for p in pids} <= set().union(*on.values())  # nothing ran elsewhere
     assert_each_condition_scored_once(scored, out, run_dir(out, model))
     assert_same_results(run_dir(out, model), reference)
+    assert_same_rsa(run_dir(out, model), reference)
     for node in nodes:
         assert audit(node) == [], f"{node.name} touched the driver's files:\n" + "\n".join(audit(node)[:20])
 
@@ -367,6 +382,7 @@ def test_two_nodes_without_a_shared_filesystem(two_nodes, reference, model, monk
     assert len(again) == 1 and "usage" in graph_record(out) and "trainer" not in graph_record(out)["usage"]
     assert ok_records(run)[redo]["trained_now"] is False
     assert_same_results(run, reference)
+    assert_same_rsa(run, reference)
     for node in nodes:
         assert audit(node) == [], f"{node.name} touched the driver's files:\n" + "\n".join(audit(node)[:20])
 
