@@ -1,9 +1,11 @@
 """The `hf` engine: transformers in-process, prefix computed once, queries packed as a token tree.
 
 How one `score` call works:
-1. The prefix's KV cache is computed once and kept. A later prefix that shares its first tokens
-   (the ICL prompt at a smaller K is a token prefix of the one at a larger K) reuses them: only
-   tokens past the longest common prefix are computed, and a shorter prefix is a free slice.
+1. The prefix's KV cache is computed once and kept, in blocks of 256 tokens at fixed positions. A
+   later prefix that shares its first tokens (the ICL prompt at a smaller K is a token prefix of the
+   one at a larger K) reuses the whole blocks they share and computes the rest; the same prefix again
+   is reused whole. A prefix's KV, and every score after it, is therefore the same to the last bit
+   whatever prompt the engine scored before (a resumed run, or another scoring order, on a scorer).
 2. Queries are sorted and packed into one sequence per forward pass, as a trie (engine/packing.py):
    queries that start with the same tokens (all queries with the same n1 share "n1 ") share those
    nodes, and each label's tokens but its last hang below the query's last node. A node sees the
@@ -35,7 +37,7 @@ from iclsft.engine import generate, tree_attention, windows
 from iclsft.engine.base import Engine, check_generate_args, check_model_dir
 from iclsft.engine.budget import auto_token_budget, model_devices
 from iclsft.engine.packing import PackedBatch, pack
-from iclsft.engine.prefix_kv import KV, as_cache, cache_keyword, prefix_kv
+from iclsft.engine.prefix_kv import PREFIX_BLOCK, KV, as_cache, cache_keyword, prefix_kv
 
 ATTENTION = ("auto", "tree", "mask")
 
@@ -213,7 +215,7 @@ class HFEngine(Engine):
         self._require_open()
         prefix = [int(t) for t in prefix]
         cached = self._prefix_kv.get(key)
-        kv = prefix_kv(self.model, prefix, reuse=cached, chunk=self.token_budget, logits_to_keep=1)
+        kv = prefix_kv(self.model, prefix, reuse=cached, block=PREFIX_BLOCK, logits_to_keep=1)
         if kv and (cached is None or list(cached[0][: len(prefix)]) != prefix):
             self._prefix_kv[key] = (prefix, kv)  # longer than, or diverging from, the cached prefix
         return kv

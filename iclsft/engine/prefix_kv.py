@@ -19,6 +19,11 @@ from collections.abc import Sequence
 
 import torch
 
+# Tokens per prefix forward, at fixed positions (0, 256, 512, ...). A prefix is computed block by block and
+# only whole blocks of a cached prefix are reused, so its KV (and the scores after it) never depends on which
+# prompt the engine cached before: a resumed run, or a scorer given work in another order, scores as the
+# single-process run does, to the last bit.
+PREFIX_BLOCK = 256
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values): [batch, kv heads, tokens, head dim]
 
 
@@ -61,7 +66,7 @@ def as_cache(kv: KV, *, batch: int | None = None, config=None):
 
 @torch.no_grad()
 def prefix_kv(model, prefix: Sequence[int], *, reuse: tuple[Sequence[int], KV] | None = None,
-              chunk: int | None = None, config=None, **forward) -> KV:
+              chunk: int | None = None, block: int | None = None, config=None, **forward) -> KV:
     """Per-layer keys and values of `prefix` (batch 1). `reuse`: the tokens and KV of an earlier prefix;
     only the tokens past the longest start they share are computed (a shorter prefix is a free slice).
     `chunk`: at most this many tokens per forward. `config`: as in `as_cache`. `forward`: extra
@@ -74,12 +79,16 @@ def prefix_kv(model, prefix: Sequence[int], *, reuse: tuple[Sequence[int], KV] |
             if a != b:
                 break
             common += 1
+    if block and not (reuse is not None and common == len(prefix) == len(reuse[0])):
+        # whole blocks only (the same prompt again is reused whole): a block's KV then comes from one
+        # forward over that very block, whatever prompt was cached before
+        common -= common % block
     start = [(k[:, :, :common], v[:, :, :common]) for k, v in kv] if common else []
     if common == len(prefix):
         return start
     cache = as_cache(start, config=config)
     device = _input_device(model)
-    step = chunk or len(prefix)
+    step = block or chunk or len(prefix)
     keyword = cache_keyword(model)
     for begin in range(common, len(prefix), step):
         ids = torch.tensor([prefix[begin : begin + step]], device=device)
