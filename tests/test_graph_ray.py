@@ -8,8 +8,8 @@ scores, to the last bit. On top of that:
   condition is scored once (one progress line, one record);
 - a two-node local cluster joined with ray_address, whose nodes have their own TMPDIR and ICLSFT_HOME
   (the base model found there by fingerprint), scoring, training and RSA (arrays equal to the
-  reference's), then redoing a condition on a checkpoint the run holds: an audit hook in every worker logs each file event
-  under the driver's directories, and none is logged (a task that does open a driver path is: the
+  reference's), then redoing a condition on a checkpoint the run holds: an audit hook in every worker
+  logs each file event under the driver's directories, and none is logged (a task that does open a driver path is: the
   control). Reads from native code (safetensors, tokenizers) bypass audit hooks; the Python-side
   opens of the same model directory (config.json, tokenizer_config.json) do not;
 - a scorer actor and a trainer killed with SIGKILL mid-sweep are retried; a scorer with no restarts

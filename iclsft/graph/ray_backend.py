@@ -40,18 +40,20 @@ def start_ray(executor: ExecutorSpec, cpus: int | None = None, gpus: float | Non
 
 
 class RayBackend:
-    def __init__(self, resources: Resources, executor: ExecutorSpec, *, progress: bool = False):
+    def __init__(self, resources: Resources, executor: ExecutorSpec, *, progress: bool = False,
+                 scoring_share: float | None = None):
+        """`scoring_share`: the scorers' part of the work's seconds (the planner's), for the default split."""
         import ray
 
         from iclsft.graph.remote import ScorerActor, train_task
 
         total = ray.cluster_resources()
-        self.slots_ = resolve(resources, total.get("CPU", 0), total.get("GPU", 0))
+        self.slots_ = resolve(resources, total.get("CPU", 0), total.get("GPU", 0), scoring_share)
         s: Slots = self.slots_
         retries = executor.max_retries
         actor = ray.remote(ScorerActor).options(num_cpus=s.scorer_cpus, num_gpus=s.scorer_gpus,
                                                 max_restarts=retries, max_task_retries=retries)
-        self.new_actor = lambda: actor.remote(threads=s.scorer_cpus, progress=progress)
+        self.new_actor = lambda: actor.remote(threads=s.scorer_cpus, progress=progress, gpu_share=s.scorer_gpus)
         self.actors = [self.new_actor() for _ in range(s.scorers)]
         self.train = ray.remote(train_task).options(num_cpus=s.trainer_cpus, num_gpus=s.trainer_gpus,
                                                     max_retries=retries, retry_exceptions=True)
@@ -66,7 +68,7 @@ class RayBackend:
     def start(self, work: Work, slot: str, inputs: list[Any]) -> None:
         payload = work.payload() if callable(work.payload) else work.payload
         if work.role == "trainer":
-            ref = self.train.remote(*payload)
+            ref = self.train.remote(*payload, threads=self.slots_.trainer_cpus)
         else:
             actor = self.actors[int(slot.rsplit("-", 1)[1])]
             ref = getattr(actor, payload.method).remote(payload, *inputs)  # score, rsa or circuits

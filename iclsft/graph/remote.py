@@ -105,15 +105,17 @@ def gpu_ids() -> list:
         return []
 
 
-def train_task(job, model: str, fingerprint: str) -> dict:
+def train_task(job, model: str, fingerprint: str, threads: float | None = None) -> dict:
     """Train `job` on this node: the base model from this node's cache, the checkpoints saved in a scratch
-    directory and returned as data (`files`: checkpoint directory name -> its files)."""
+    directory and returned as data (`files`: checkpoint directory name -> its files). `threads`: torch
+    threads (the trainer slot's CPUs; default the job's own)."""
     from iclsft.sft.train import train
 
     base = local_model(model, fingerprint)
     with tempfile.TemporaryDirectory(prefix="iclsft-train-") as scratch:
         local = [(f, str(Path(scratch) / Path(d).name)) for f, d in job.checkpoints]
-        result = train(dataclasses.replace(job, base_path=str(base.path), checkpoints=local))
+        result = train(dataclasses.replace(job, base_path=str(base.path), checkpoints=local,
+                                           threads=max(1, int(threads)) if threads else job.threads))
         result["files"] = {Path(d).name: read_tree(Path(d)) for _, d in local}
     result["checkpoints"] = dict(job.checkpoints)
     result["gpus"] = gpu_ids()
@@ -182,14 +184,16 @@ class ScorerActor:
     """Holds one engine per base model (opened once: full fine-tunes are swapped in where the engine can)
     and the arms that score with it; returns each condition's outcome, never writes the run."""
 
-    def __init__(self, threads: float = 1, progress: bool = False):
+    def __init__(self, threads: float = 1, progress: bool = False, gpu_share: float = 1.0):
+        """`gpu_share`: the part of its GPU this scorer holds; a vllm engine then takes that part of the
+        memory vLLM would take on a whole GPU (unless the engine's gpu_memory_utilization is set)."""
         import torch
 
         from iclsft.models import quiet_loading
 
         quiet_loading()
         torch.set_num_threads(max(1, int(threads)))
-        self.progress = progress
+        self.progress, self.gpu_share = progress, gpu_share
         self.scratch = Path(tempfile.mkdtemp(prefix="iclsft-scorer-"))
         self.refs: dict[tuple, ModelRef] = {}
         self.scorers: dict[tuple, Any] = {}
@@ -278,13 +282,16 @@ class ScorerActor:
             if key not in self.refs:
                 self.refs[key] = local_model(task.model, task.fingerprint)
             ref, spec = self.refs[key], task.spec
+            engine = spec.engine
+            if engine.name == "vllm" and engine.gpu_memory_utilization is None and 0 < self.gpu_share < 1:
+                # vLLM's default 0.9 of the whole GPU would starve the trainings sharing it
+                engine = engine.model_copy(update={"gpu_memory_utilization": round(0.9 * self.gpu_share, 3)})
             sft = getattr(spec, "sft", None)
             lora_rank = sft.lora_r if sft is not None and sft.method == "lora" else None
             # one engine per base model: arms of one model share it (hf serves adapters and swapped weights)
-            skey = (spec.engine.model_dump_json(), task.fingerprint, spec.dtype,
-                    None if spec.engine.name == "hf" else lora_rank)
+            skey = (engine.model_dump_json(), task.fingerprint, spec.dtype, None if engine.name == "hf" else lora_rank)
             if skey not in self.scorers:
-                self.scorers[skey] = Scorer(spec.engine, ref, spec.dtype, progress=self.progress, lora_rank=lora_rank)
+                self.scorers[skey] = Scorer(engine, ref, spec.dtype, progress=self.progress, lora_rank=lora_rank)
             self.arms[task.arm] = make_arm(spec, ref, progress=self.progress, scorer=self.scorers[skey])
         return self.arms[task.arm]
 

@@ -100,6 +100,7 @@ def _run_graph(config: SweepConfig, planned: dict, planned_implicit: dict, out: 
     from iclsft.artifacts import atomic_write_json
     from iclsft.graph.ray_backend import RayBackend, start_ray
     from iclsft.graph.run import GraphRun
+    from iclsft.graph.simulate import scoring_share
 
     arms = [(model_dir(out, model), spec, ref) for model in config.models for spec, ref in planned[model]]
     arms += [(implicit_dir(out, model), spec, ref) for model in config.models for spec, ref in planned_implicit[model]]
@@ -114,7 +115,7 @@ def _run_graph(config: SweepConfig, planned: dict, planned_implicit: dict, out: 
         return graph.tables
     started_here = start_ray(config.executor)
     try:
-        backend = RayBackend(config.resources, config.executor)
+        backend = RayBackend(config.resources, config.executor, scoring_share=scoring_share(graph.works))
         logger.info("== work graph: %d arms, %d trainings and %d scorings on %s", len(arms), trainings,
                     len(graph.works) - trainings, backend.slots_.describe())
         try:
