@@ -159,6 +159,13 @@ SLOW_TESTS = {
     "tests/test_graph_ray.py::test_killed_driver_is_resumed_by_the_rerun": "21.4 s",
     "tests/test_graph_ray.py::test_a_scorer_dead_for_good_gives_its_slot_to_a_new_one": "19.3 s",
     "tests/test_graph_ray.py::test_an_interrupted_graph_leaves_nothing_on_the_cluster": "12.8 s",
+    # the work graph's driver on an in-process backend (measured 2026-12-01, call)
+    "tests/test_graph_run.py::test_graph_results_equal_the_single_process_sweep_bit_for_bit": "12.8 s",
+    "tests/test_graph_run.py::test_a_failed_training_fails_its_conditions_only_and_a_rerun_trains_it": "5.9 s",
+    "tests/test_graph_run.py::test_an_interrupted_graph_says_so_and_resumes": "4.9 s",
+    "tests/test_graph_run.py::test_a_run_cut_inside_an_icl_chain_resumes_to_the_same_bits": "4.3 s",
+    "tests/test_graph_run.py::test_rerun_computes_nothing_and_starts_no_backend": "3.6 s",
+    "tests/test_graph_run.py::test_drop_full_weights_after_scoring_and_rsa": "3.3 s",
     "tests/test_implicit_run.py::test_a_damaged_implicit_adapter_is_set_aside_and_trained_again": "15.9 s",
     "tests/test_implicit_run.py::test_original_recipe_trains_one_model_for_every_task": "29.5 s",
     "tests/test_implicit_tokenization.py::test_answers_end_with_the_newline_as_a_demo_has_it[gemma3-tokens3]": "2.2 s",

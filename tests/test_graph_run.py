@@ -223,3 +223,37 @@ def test_conditions_failed_message_names_the_arm(tiny_model_dir, tmp_path, monke
     assert len(graph.failures) == 1 and "icl" in graph.failures[0] and "1 of 1" in graph.failures[0]
     (rec,) = records(model_dir(cfg.out, cfg.models[0])).values()
     assert rec["status"] == "error" and rec["error"] == "ValueError: engine returned nonsense"
+
+
+def test_a_run_cut_inside_an_icl_chain_resumes_to_the_same_bits(tiny_model_dir, tmp_path, monkeypatch):
+    """The driver dies after writing two conditions of a chain (K=1, K=20); the rerun scores K=30 (~550
+    prompt tokens) with nothing cached, where the uninterrupted run extended K=20's cached ~370 tokens,
+    and still equals the single-process run bit for bit: the hf engine reuses only whole 256-token blocks
+    of a cached prefix, so both compute [0, 256) and then [256, 512) ... in the same forwards."""
+    from iclsft.store import RunDir
+
+    cfg = config(tiny_model_dir, tmp_path / "graph", methods=["icl"], shots=[1, 20, 30], orders=["random"], rsa=False)
+    real, calls = RunDir.write_condition, []
+
+    def dies_second(self, cond, files, **fields):
+        calls.append(cond.id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, cond, files, **fields)
+
+    monkeypatch.setattr(RunDir, "write_condition", dies_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_graph(cfg)
+    monkeypatch.setattr(RunDir, "write_condition", real)
+    run = model_dir(cfg.out, cfg.models[0])
+    assert [r["status"] for r in records(run).values()] == ["ok", "ok"]  # K=1 and K=20
+    rerun = run_graph(cfg)
+    assert [[c.shots for c in conds_of(w)] for w in rerun.works] == [[30]]  # the rest of the chain
+    ref = config(tiny_model_dir, tmp_path / "local", methods=["icl"], shots=[1, 20, 30], orders=["random"], rsa=False,
+                 executor={"name": "local"})
+    run_sweep(ref, progress=False)
+    other = model_dir(ref.out, ref.models[0])
+    for cdir in run.glob("conditions/*/"):
+        pd.testing.assert_frame_equal(pd.read_parquet(cdir / "scores.parquet"),
+                                      pd.read_parquet(other / "conditions" / cdir.name / "scores.parquet"),
+                                      check_exact=True)
