@@ -234,16 +234,19 @@ def implicit(**o):
               help="CPUs for --gpus 0 (default: this machine's); with GPUs, 8 per GPU.")
 @click.option("--estimate-for", type=click.Choice(["cpu", "gpu"]), default=None,
               help="Same as --gpus 0 (cpu) or --gpus 1 (gpu).")
+@click.option("--ray-address", default=None,
+              help="Join this Ray cluster (same as executor.ray_address=ADDR): the work graph's scorers and "
+                   "trainers run on its nodes, the run directory stays with this process.")
 @click.option("--quiet", is_flag=True, help="Only the final tables.")
 @user_errors
-def sweep(config, overrides, dry_run, simulate, gpus, cpus, estimate_for, quiet):
+def sweep(config, overrides, dry_run, simulate, gpus, cpus, estimate_for, ray_address, quiet):
     """Run (or resume) a whole experiment from a YAML config; `key=value` overrides it
     (e.g. `shots=[1,2] tasks.0.angles=[0,90] sft.lora.epochs=3`)."""
     from iclsft.sweep import load_config, run_sweep
     from iclsft.sweep.plan import cluster, format_plan, format_simulations, parse_gpus
 
     counts = parse_gpus(gpus) if gpus is not None else None
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, [*overrides, *([f"executor.ray_address={ray_address}"] if ray_address else [])])
     if dry_run or simulate:
         if counts is None:
             counts = [{"cpu": 0.0, "gpu": 1.0}[estimate_for]] if estimate_for else [cluster(cfg)[1]]
