@@ -159,6 +159,7 @@ SLOW_TESTS = {
     "tests/test_graph_ray.py::test_killed_driver_is_resumed_by_the_rerun": "21.4 s",
     "tests/test_graph_ray.py::test_a_scorer_dead_for_good_gives_its_slot_to_a_new_one": "19.3 s",
     "tests/test_graph_ray.py::test_an_interrupted_graph_leaves_nothing_on_the_cluster": "12.8 s",
+    "tests/test_graph_ray.py::test_the_sft_command_on_ray_is_a_one_arm_graph": "7.8 s",
     # the work graph's driver on an in-process backend (measured 2026-12-01, call)
     "tests/test_graph_run.py::test_graph_results_equal_the_single_process_sweep_bit_for_bit": "12.8 s",
     "tests/test_graph_run.py::test_a_failed_training_fails_its_conditions_only_and_a_rerun_trains_it": "5.9 s",

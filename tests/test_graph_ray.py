@@ -465,3 +465,26 @@ def test_killed_driver_is_resumed_by_the_rerun(reference, model, tmp_path, _ray_
     usage = graph_record(out)["usage"]
     assert usage.get("trainer", {}).get("works", 0) == TRAININGS - len(adapters)  # nor a checkpoint retrained
     assert_same_results(run, reference)
+
+
+# -- the sft command ---------------------------------------------------------------------------------
+def test_the_sft_command_on_ray_is_a_one_arm_graph(fake_gpus, model, tmp_path):
+    """`iclsft-eval sft` on Ray runs its arm as a work graph (a scorer actor on a GPU of its own, the
+    trainings on the others; RUN/graph.json), with the results of the same command in this process."""
+    from click.testing import CliRunner
+
+    from iclsft.cli import main
+
+    args = ["sft", "--model", str(model), "--angle", "30", "--shots", "1,2", "--grid-step", "25", "--epochs", "1",
+            "--min-steps", "2", "--batch-size", "2", "--engine", "hf", "--quiet"]
+    on_ray = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "ray")])
+    assert on_ray.exit_code == 0, on_ray.output
+    local = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "local"), "--executor", "local"])
+    assert local.exit_code == 0, local.output
+    graph = graph_record(tmp_path / "ray")
+    # one engine per scorer that scored; two trainings (one per K)
+    assert graph["engine_starts"] == graph["usage"]["scorer"]["workers"] and graph["usage"]["trainer"]["works"] == 2
+    scorer_gpus = {g for ids in gpu_ids(graph, "scorer").values() for g in ids}
+    trainer_gpus = {g for ids in gpu_ids(graph, "trainer").values() for g in ids}
+    assert scorer_gpus and trainer_gpus and not scorer_gpus & trainer_gpus
+    assert_same_results(tmp_path / "ray", tmp_path / "local", conditions=2)

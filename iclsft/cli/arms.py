@@ -104,6 +104,24 @@ def _common(o: dict) -> dict:
     )
 
 
+def _run_trained(spec, out: Path, ref, quiet: bool):
+    """An SFT arm: on Ray (unsharded) a one-arm work graph, as in a sweep (trainings as tasks, a scorer
+    actor with its own resources, so no training lands on the scorer's GPU; RUN/graph.json); else the
+    arm runner in this process."""
+    from iclsft.arms import run_spec
+
+    if spec.executor.name != "ray" or spec.sft.workers > 1:
+        return run_spec(spec, out, ref, progress=not quiet)
+    from iclsft.errors import ConditionsFailed
+    from iclsft.graph.run import run_graph
+    from iclsft.store import RunDir
+
+    tables, failures = run_graph([(out, spec, ref)], spec.executor, record=Path(out) / "graph.json")
+    if failures:
+        raise ConditionsFailed("; ".join(failures))
+    return tables[RunDir(out).path]
+
+
 def _finish(table, out: Path) -> None:
     from iclsft.evaluate.runs import format_table
 
@@ -153,7 +171,7 @@ def icl(**o):
 @user_errors
 def sft(**o):
     """Train one model per shot count on the ICL exemplars, then score every grid query zero-shot."""
-    from iclsft.arms import make_sft_spec, run_spec
+    from iclsft.arms import make_sft_spec
     from iclsft.spec import ExecutorSpec, sft_spec
 
     setup_logging(o["quiet"])
@@ -166,7 +184,7 @@ def sft(**o):
                             max_retries=o["max_retries"])
     spec, ref = make_sft_spec(**_common(o), sft=sft_spec(o["method"], **hyper), checkpoints=o["checkpoints"],
                               executor=executor)
-    _finish(run_spec(spec, o["out"], ref, progress=not o["quiet"]), o["out"])
+    _finish(_run_trained(spec, o["out"], ref, o["quiet"]), o["out"])
 
 
 @main.command()
@@ -213,7 +231,8 @@ def implicit(**o):
         recipe=o["recipe"],
         engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"]),
         executor=ExecutorSpec(name=o["executor"]))
-    table = run_spec(spec, o["out"], ref, progress=not o["quiet"])
+    table = (run_spec(spec, o["out"], ref, progress=not o["quiet"]) if o["method"] == "icl"
+             else _run_trained(spec, o["out"], ref, o["quiet"]))
     click.echo(results_table(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     click.echo(f"\nresults in {o['out']} (metrics.parquet, conditions/*/scores.parquet)", err=True)
 

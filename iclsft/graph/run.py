@@ -29,6 +29,51 @@ from iclsft.store import RunDir
 logger = logging.getLogger(__name__)
 
 
+def run_graph(arms: Sequence[tuple[Path, Any, Any]], executor, resources=None, record: Path | None = None,
+              **options) -> tuple[dict[Path, Any], list[str]]:
+    """Run (or resume) `arms` (run directory, spec, model ref) as one work graph on Ray (started here, or
+    joined at `executor.ray_address`); `record`: where to write the graph's resources, usage, engine
+    starts and placement (JSON); `options`: GraphRun's. Returns each run directory's metrics table and
+    the failures (one line per arm); nothing is started when nothing is left to run."""
+    import ray
+
+    from iclsft.artifacts import atomic_write_json
+    from iclsft.graph.ray_backend import RayBackend, start_ray
+    from iclsft.graph.resources import Resources
+    from iclsft.graph.simulate import scoring_share
+
+    graph = GraphRun(arms, "gpu" if _has_gpu(executor) else "cpu", **options)
+    if not graph.works:  # everything finished: no Ray to start
+        graph.run(None)
+        return graph.tables, graph.failures
+    trainings = sum(w.role == "trainer" for w in graph.works)
+    started_here = start_ray(executor)
+    try:
+        backend = RayBackend(resources or Resources(), executor, scoring_share=scoring_share(graph.works))
+        logger.info("== work graph: %d arms, %d trainings and %d scorings on %s", len(arms), trainings,
+                    len(graph.works) - trainings, backend.slots_.describe())
+        try:
+            usage = graph.run(backend)
+            starts = backend.engine_starts()
+        finally:
+            backend.close()
+    finally:
+        if started_here:
+            ray.shutdown()
+    logger.info("== work graph done in %.0f s: %s; %d engine starts", usage.makespan, usage.summary(), starts)
+    if record is not None:
+        atomic_write_json(record, {
+            "resources": backend.slots_.model_dump(), "makespan": round(usage.makespan, 1), "usage": usage.record(),
+            "engine_starts": starts, "placement": backend.placement})
+    return graph.tables, graph.failures
+
+
+def _has_gpu(executor) -> bool:
+    import torch
+
+    return torch.cuda.is_available() or bool(executor.ray_address)  # a cluster is taken for GPUs
+
+
 @dataclasses.dataclass
 class _Arm:
     key: str

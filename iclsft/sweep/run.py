@@ -95,49 +95,18 @@ def uses_graph(config: SweepConfig, planned: dict, planned_implicit: dict) -> bo
 def _run_graph(config: SweepConfig, planned: dict, planned_implicit: dict, out: Path, failures: list,
                progress: bool) -> dict:
     """Every arm of every model as one work graph on Ray; returns each run directory's metrics table."""
-    import ray
-
-    from iclsft.artifacts import atomic_write_json
-    from iclsft.graph.ray_backend import RayBackend, start_ray
-    from iclsft.graph.run import GraphRun
-    from iclsft.graph.simulate import scoring_share
+    from iclsft.graph.run import run_graph
 
     arms = [(model_dir(out, model), spec, ref) for model in config.models for spec, ref in planned[model]]
     arms += [(implicit_dir(out, model), spec, ref) for model in config.models for spec, ref in planned_implicit[model]]
     imp = config.implicit
-    graph = GraphRun(arms, "gpu" if _has_gpu(config) else "cpu", drop_full_weights=config.drop_full_weights,
-                     rsa=(config.dtype, config.rsa_subset) if config.rsa else None,
-                     circuits=(imp.circuit_pairs, imp.circuit_shots) if imp is not None and imp.circuits else None)
-    trainings = sum(w.role == "trainer" for w in graph.works)
-    if not graph.works:  # everything finished: no Ray to start
-        graph.run(None)
-        failures.extend(graph.failures)
-        return graph.tables
-    started_here = start_ray(config.executor)
-    try:
-        backend = RayBackend(config.resources, config.executor, scoring_share=scoring_share(graph.works))
-        logger.info("== work graph: %d arms, %d trainings and %d scorings on %s", len(arms), trainings,
-                    len(graph.works) - trainings, backend.slots_.describe())
-        try:
-            usage = graph.run(backend)
-            starts = backend.engine_starts()
-        finally:
-            backend.close()
-    finally:
-        if started_here:
-            ray.shutdown()
-    failures.extend(graph.failures)
-    logger.info("== work graph done in %.0f s: %s; %d engine starts", usage.makespan, usage.summary(), starts)
-    atomic_write_json(out / "graph.json", {
-        "resources": backend.slots_.model_dump(), "makespan": round(usage.makespan, 1), "usage": usage.record(),
-        "engine_starts": starts, "placement": backend.placement})
-    return graph.tables
-
-
-def _has_gpu(config: SweepConfig) -> bool:
-    import torch
-
-    return torch.cuda.is_available() or bool(config.executor.ray_address)  # a cluster is taken for GPUs
+    tables, failed = run_graph(arms, config.executor, config.resources, out / "graph.json",
+                               drop_full_weights=config.drop_full_weights,
+                               rsa=(config.dtype, config.rsa_subset) if config.rsa else None,
+                               circuits=(imp.circuit_pairs, imp.circuit_shots) if imp is not None and imp.circuits
+                               else None)
+    failures.extend(failed)
+    return tables
 
 
 def _run_arms(model: str, path: Path, arms: list, failures: list, started: float, progress: bool):
