@@ -179,3 +179,16 @@ def test_cli_bad_gpus_is_one_clear_line(config_file, value):
     assert result.output.strip().splitlines() == [
         f"Error: --gpus {value!r}: {value.split(',')[-1]!r} is not a whole number of GPUs (0: CPUs only); "
         "give e.g. --gpus 1,8,64"]
+
+
+def test_an_unreachable_ray_address_is_one_line(config_file):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(main, ["sweep", str(config_file), "--dry-run", "--ray-address", f"127.0.0.1:{port}"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: no Ray cluster answers at ray_address '127.0.0.1:{port}' (Connection refused); start one with "
+        "`ray start --head` or give the address `ray status` prints"]

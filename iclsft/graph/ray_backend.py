@@ -33,10 +33,26 @@ def start_ray(executor: ExecutorSpec, cpus: int | None = None, gpus: float | Non
            if k.startswith("ICLSFT_") and not (executor.ray_address and k in NODE_PATHS)}
     options = dict(runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.ERROR)
     if executor.ray_address:
+        check_reachable(executor.ray_address)
         ray.init(address=executor.ray_address, **options)  # Ray's own start-up lines are not ours to print
     else:
         ray.init(num_cpus=cpus or os.cpu_count() or 1, num_gpus=gpus, include_dashboard=False, **options)
     return True
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """One clear ConnectionError when nothing answers at a host:port Ray address (Ray itself waits a minute
+    or more, then fails with its own trace); "auto" and ray:// addresses are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if address in ("auto", "local") or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at ray_address {address!r} ({e.strerror or e}); start one "
+                              "with `ray start --head` or give the address `ray status` prints") from None
 
 
 class RayBackend:
