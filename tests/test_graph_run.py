@@ -257,3 +257,36 @@ def test_a_run_cut_inside_an_icl_chain_resumes_to_the_same_bits(tiny_model_dir, 
         pd.testing.assert_frame_equal(pd.read_parquet(cdir / "scores.parquet"),
                                       pd.read_parquet(other / "conditions" / cdir.name / "scores.parquet"),
                                       check_exact=True)
+
+
+def test_a_scorer_holds_one_base_model_at_a_time(tiny_model_dir, tmp_path):
+    """Two base models on one scorer (max_models 1): the second closes the first's engine and arms; going
+    back opens it again (engine starts count every opening) and scores as before, bit for bit."""
+    import shutil
+
+    from iclsft.graph.remote import ScoreTask
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    settings = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**settings, "iclsft_test_copy": True}))  # another fingerprint
+    tasks = []
+    for model in (tiny_model_dir, other):
+        cfg = config(model, tmp_path / "out", methods=["icl"], shots=[1], orders=["random"], rsa=False)
+        (spec, ref), = arm_specs(cfg, str(model))
+        tasks.append(ScoreTask(arm=f"{model}|icl", spec=spec, model=ref.name, fingerprint=ref.fingerprint,
+                               conds=tuple(spec.conditions())))
+    assert tasks[0].fingerprint != tasks[1].fingerprint
+    actor = remote.ScorerActor(threads=1, max_models=1)
+    try:
+        first = actor.score(tasks[0])[0]
+        assert actor.starts() == 1
+        actor.score(tasks[1])
+        assert actor.starts() == 2 and [k[1] for k in actor.scorers] == [tasks[1].fingerprint]
+        assert list(actor.arms) == [tasks[1].arm]
+        again = actor.score(tasks[0])[0]
+        assert actor.starts() == 3 and [k[1] for k in actor.scorers] == [tasks[0].fingerprint]
+        (a, _), (b, _) = first[0], again[0]
+        assert a.files["scores.parquet"] == b.files["scores.parquet"]
+    finally:
+        actor.close()

@@ -170,3 +170,23 @@ def test_a_work_needing_a_failed_training_twice_over_ends_once():
     assert [(d.work.id, d.worker, d.ended, d.error) for d in done] == [
         ("t", "trainer-0", 2, "t: failed (simulated)"), ("s", "-", 2, "t: failed (simulated)"),
         ("rsa", "-", 2, "t: failed (simulated)")]
+
+
+def test_a_scorer_keeps_to_its_model_while_that_model_has_work():
+    # two scorers, ICL of models A and B ready at once, in plan order A1 B1 A2 B2 A3 B3 (1 s each).
+    # By hand: t=0 one scorer takes A1, the other B1; at t=1 each keeps to its model (A2 / B2), at t=2
+    # the same (A3 / B3): no slot ever loads both models, and all ends at 3.
+    works = [score(f"{m}{i}", 1, affinity=m) for i in (1, 2, 3) for m in "AB"]
+    _, ran, _ = run(works, {"scorer": 2})
+    models = {slot: {w[0] for w, (s, *_) in ran.items() if s == slot} for slot in ("scorer-0", "scorer-1")}
+    assert sorted(map(sorted, models.values())) == [["A"], ["B"]]
+    assert max(end for _, _, end, _ in ran.values()) == 3
+
+
+def test_a_scorer_takes_another_model_when_its_own_has_nothing_ready():
+    # one scorer: A's checkpoint scoring needs a 2 s training; B's ICL is ready. t=0 B1 (1 s); t=1 B2
+    # (its own model, 1 s); t=2 the checkpoint of A is ready and B has nothing left: A (1 s), 2-3.
+    works = [train("t", 2), score("A", 1, ("t",), affinity="A"), score("B1", 1, affinity="B"),
+             score("B2", 1, affinity="B")]
+    _, ran, _ = run(works, {"scorer": 1, "trainer": 1})
+    assert {w: ran[w][1:3] for w in ("B1", "B2", "A")} == {"B1": (0, 1), "B2": (1, 2), "A": (2, 3)}

@@ -69,7 +69,8 @@ class RayBackend:
         retries = executor.max_retries
         actor = ray.remote(ScorerActor).options(num_cpus=s.scorer_cpus, num_gpus=s.scorer_gpus,
                                                 max_restarts=retries, max_task_retries=retries)
-        self.new_actor = lambda: actor.remote(threads=s.scorer_cpus, progress=progress, gpu_share=s.scorer_gpus)
+        self.new_actor = lambda: actor.remote(threads=s.scorer_cpus, progress=progress, gpu_share=s.scorer_gpus,
+                                              max_models=resources.models_per_scorer)
         self.actors = [self.new_actor() for _ in range(s.scorers)]
         self.train = ray.remote(train_task).options(num_cpus=s.trainer_cpus, num_gpus=s.trainer_gpus,
                                                     max_retries=retries, retry_exceptions=True)

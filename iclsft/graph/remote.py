@@ -10,6 +10,7 @@ returns each condition's `Outcome` for the driver to write.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import shutil
 import socket
@@ -184,16 +185,20 @@ class ScorerActor:
     """Holds one engine per base model (opened once: full fine-tunes are swapped in where the engine can)
     and the arms that score with it; returns each condition's outcome, never writes the run."""
 
-    def __init__(self, threads: float = 1, progress: bool = False, gpu_share: float = 1.0):
+    def __init__(self, threads: float = 1, progress: bool = False, gpu_share: float = 1.0, max_models: int = 1):
         """`gpu_share`: the part of its GPU this scorer holds; a vllm engine then takes that part of the
-        memory vLLM would take on a whole GPU (unless the engine's gpu_memory_utilization is set)."""
+        memory vLLM would take on a whole GPU (unless the engine's gpu_memory_utilization is set).
+        `max_models`: base models kept loaded at once; the least recently used one is closed beyond."""
         import torch
 
         from iclsft.models import quiet_loading
 
         quiet_loading()
         torch.set_num_threads(max(1, int(threads)))
-        self.progress, self.gpu_share = progress, gpu_share
+        self.progress, self.gpu_share, self.max_models = progress, gpu_share, max_models
+        self.recent: OrderedDict[str, None] = OrderedDict()  # fingerprints of the loaded base models, LRU first
+        self.arm_model: dict[str, str] = {}  # arm key -> its base model's fingerprint
+        self.closed_starts = 0
         self.scratch = Path(tempfile.mkdtemp(prefix="iclsft-scorer-"))
         self.refs: dict[tuple, ModelRef] = {}
         self.scorers: dict[tuple, Any] = {}
@@ -207,6 +212,7 @@ class ScorerActor:
         is reported and the others go on, as in the arm runner."""
         from iclsft.arms.runner import STEP_ERRORS
 
+        self._use(task.fingerprint)
         arm = self._arm(task)
         results = []
         try:
@@ -227,6 +233,7 @@ class ScorerActor:
         of its training (its files among them)."""
         from iclsft.rsa.run import describe, npz_bytes, rsa_arrays
 
+        self._use(task.fingerprint)
         try:
             ckpt, models = self._checkpoint_of(task, inputs), self._models(task.dtype)
         except Exception:  # every condition of the unit fails alike (recorded in each rsa.json)
@@ -247,6 +254,7 @@ class ScorerActor:
         from iclsft.implicit.circuits import state_scores
         from iclsft.spec import ModelSpec
 
+        self._use(task.fingerprint)
         models, spec = self._models("float32"), ModelSpec(name=task.model, fingerprint=task.fingerprint)
         s = state_scores(models.base(spec), models.tokenizer(spec), task.task, task.state,
                          self._checkpoint_of(task, inputs), pairs=task.pairs, seed=task.seed, shots=task.shots)
@@ -271,7 +279,8 @@ class ScorerActor:
         return self._checkpoint(task.checkpoint, files)
 
     def starts(self) -> int:
-        return sum(s.starts for s in self.scorers.values())
+        """Engines opened by this actor, closed ones included."""
+        return self.closed_starts + sum(s.starts for s in self.scorers.values())
 
     def _arm(self, task: ScoreTask):
         if task.arm not in self.arms:
@@ -293,7 +302,26 @@ class ScorerActor:
             if skey not in self.scorers:
                 self.scorers[skey] = Scorer(engine, ref, spec.dtype, progress=self.progress, lora_rank=lora_rank)
             self.arms[task.arm] = make_arm(spec, ref, progress=self.progress, scorer=self.scorers[skey])
+            self.arm_model[task.arm] = task.fingerprint
         return self.arms[task.arm]
+
+    def _use(self, fingerprint: str) -> None:
+        """Mark a base model as in use; close the least recently used ones beyond `max_models` (their
+        engines, arms and hooks' models), so a sweep over several large models holds one at a time."""
+        self.recent[fingerprint] = None
+        self.recent.move_to_end(fingerprint)
+        while len(self.recent) > self.max_models:
+            old, _ = self.recent.popitem(last=False)
+            for key in [k for k in self.scorers if k[1] == old]:
+                scorer = self.scorers.pop(key)
+                self.closed_starts += scorer.starts
+                scorer.close()
+            for arm in [a for a, f in self.arm_model.items() if f == old]:
+                del self.arms[arm], self.arm_model[arm]
+            for models in self.rsa_models.values():
+                models.drop(old)
+            gc.collect()
+
 
     def _checkpoint(self, name: str, files: dict[str, bytes]) -> str:
         path = self.scratch / name

@@ -29,6 +29,10 @@ class Resources(Frozen):
     scorer_cpus: float = Field(default=1, gt=0)
     trainer_gpus: float | None = Field(default=None, ge=0)
     trainer_cpus: float = Field(default=1, gt=0)
+    # base models a scorer keeps loaded at once (engine and hooks' model); beyond that the one it used
+    # least recently is closed. Scorers keep to one model while it has work (schedule.py), so 1 suits a
+    # sweep over several large models; more avoid reloads when small models' arms overlap.
+    models_per_scorer: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _fractions(self):

@@ -245,7 +245,8 @@ class GraphRun:
                 if self.drop and ckpt is not None and str(ckpt) in self.users:
                     self.users[str(ckpt)][0] += 1
                 self.works.append(Work(f"{path}|circuits|{name}", "scorer", f"circuits {task} {state}",
-                                       score_seconds(3 * pairs, 0, self.device), needs=needs, payload=payload))
+                                       score_seconds(3 * pairs, 0, self.device), needs=needs, payload=payload,
+                                       affinity=model["fingerprint"]))
 
     def _circuit_done(self, done: Finished) -> None:
         from iclsft.implicit.circuits import CIRCUITS_DIR, state_key, store_state
@@ -264,6 +265,8 @@ class GraphRun:
         store_state(run.path / CIRCUITS_DIR, self.indexes[path], name, key, done.result[0])
 
     def _work(self, a: _Arm, work: Work) -> None:
+        if work.role == "scorer":  # a scorer keeps to the base model it holds while that model has work
+            work.affinity = a.state.arm.ref.fingerprint
         self.works.append(work)
         a.left += 1
 

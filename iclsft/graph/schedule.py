@@ -2,9 +2,11 @@
 simulator's timed stand-ins), so `sweep --simulate` measures the scheduler that real sweeps use.
 
 Each role has its slots (scorer actors; trainer slots that fit beside them). A free slot takes the
-next ready work of its role: trainings longest first (their tail sets the makespan), scorings of
-trained checkpoints before ICL scorings (a checkpoint's conditions finish, and its files are freed,
-as soon as it exists; ICL fills the scorers while trainings run). A work whose needed work failed
+next ready work of its role — of the base model it ran last while that model has ready work (a
+scorer keeps its engine: `Work.affinity`), else the best ready work: trainings longest first (their
+tail sets the makespan), scorings of trained checkpoints before ICL scorings (a checkpoint's
+conditions finish, and its files are freed, as soon as it exists; ICL fills the scorers while
+trainings run). A work whose needed work failed
 ends with that error, unrun.
 """
 
@@ -85,7 +87,8 @@ def schedule(works: Iterable[Work], backend: Backend, on_done: Callable[[Finishe
         if not slots[w.role]:
             raise ValueError(f"no {w.role} slot to run {w.label}: give the sweep's resources at least one")
     free = {role: list(reversed(s)) for role, s in slots.items()}
-    ready: dict[str, list] = {role: [] for role in ROLES}
+    ready: dict[str, dict[str, list]] = {role: {} for role in ROLES}  # role -> affinity -> heap
+    last: dict[str, str] = {}  # slot -> the affinity (base model) of the last work it ran
     order = itertools.count()
     usage = Usage({r: s for r, s in slots.items() if any(w.role == r for w in works)}, backend.now())
     remaining = {w.id: len(dependents.get(w.id, [])) for w in works}
@@ -99,7 +102,19 @@ def schedule(works: Iterable[Work], backend: Backend, on_done: Callable[[Finishe
     def push(w: Work) -> None:
         # trainers: longest first; scorers: trained checkpoints (needs) before ICL, then in plan order
         key = -w.cost if w.role == "trainer" else (0 if w.needs else 1)
-        heapq.heappush(ready[w.role], (key, next(order), w))
+        heapq.heappush(ready[w.role].setdefault(w.affinity, []), (key, next(order), w))
+
+    def pick(role: str, slot: str) -> Work:
+        # the slot's own model while it has ready work (no engine swapped out), else the best ready work
+        heaps = ready[role]
+        affinity = last.get(slot)
+        if affinity not in heaps:
+            affinity = min(heaps, key=lambda a: heaps[a][0][:2])
+        _, _, w = heapq.heappop(heaps[affinity])
+        if not heaps[affinity]:
+            del heaps[affinity]
+        last[slot] = affinity
+        return w
 
     def end(done: Finished) -> None:
         on_done(done)
@@ -124,8 +139,9 @@ def schedule(works: Iterable[Work], backend: Backend, on_done: Callable[[Finishe
     while running or any(ready.values()):
         for role in ROLES:
             while free[role] and ready[role]:
-                _, _, w = heapq.heappop(ready[role])
-                backend.start(w, free[role].pop(), [backend.handle(n) for n in w.needs])
+                slot = free[role].pop()
+                w = pick(role, slot)
+                backend.start(w, slot, [backend.handle(n) for n in w.needs])
                 running += 1
         if not running:
             break

@@ -253,7 +253,7 @@ class _Graph:
             for state in ("base", f"icl-K{imp.circuit_shots}", *methods):
                 tid = self.implicit_trainings.get((state, task, seed))
                 self.works.append(Work(f"{model}|circuits|{task}|{state}", "scorer", f"circuits {task} {state}",
-                                       score_seconds(3 * imp.circuit_pairs, 0, self.device),
+                                       score_seconds(3 * imp.circuit_pairs, 0, self.device), affinity=model,
                                        needs=(tid,) if tid else (), arm=f"{model}|circuits",
                                        payload=Stand("circuits", model, state, setup=hooks)))
         self.implicit_left = False
@@ -278,7 +278,7 @@ class _Graph:
         label = first.label if len(unit) == 1 else f"{first.label} (+{len(unit) - 1})"
         work = Work(f"{key}|{first.id}", "scorer", label,
                     sum(score_seconds(condition_queries(c), prefix_tokens(c), self.device) for c in unit),
-                    needs=needs, arm=key,
+                    needs=needs, arm=key, affinity=model,
                     payload=Stand("score", model, method, conditions=len(unit),
                                   queries=sum(map(condition_queries, unit)), setup=setup,
                                   bytes=sum(map(condition_bytes, unit))))
@@ -303,7 +303,7 @@ class _Graph:
             queries = sum(map(condition_queries, unit))
             self.works.append(Work(f"{key}|rsa|{first.id}", "scorer", f"RSA {first.label}",
                                    sum(rsa_seconds(condition_queries(c), prefix_tokens(c), self.device) for c in unit)
-                                   + load, needs=after, arm=key,
+                                   + load, needs=after, arm=key, affinity=model,
                                    payload=Stand("rsa", model, sft.method if sft else "icl", conditions=len(unit),
                                                  queries=queries, setup=hooks, bytes=len(unit) * rsa_bytes(shape))))
 

@@ -23,6 +23,7 @@ class Work:
     needs: tuple[str, ...] = ()
     payload: Any = None  # what the backend runs (a training job, a scoring task)
     arm: str = ""  # the arm it belongs to (its run directory and arm name)
+    affinity: str = ""  # the base model it needs loaded (a scorer keeps to one while it has work)
 
     def __post_init__(self):
         if self.role not in ROLES:

@@ -304,5 +304,11 @@ class Models:
 
         return load_checkpoint(self.base(spec), path, dtype=self.dtype)
 
+    def drop(self, fingerprint: str) -> None:
+        """Forget the base model (and tokenizer) with this fingerprint, to load another in its place."""
+        for cache in (self._bases, self._tokenizers, self._refs):
+            for spec in [s for s in cache if s.fingerprint == fingerprint]:
+                del cache[spec]
+
     def close(self) -> None:
         self._bases.clear()
