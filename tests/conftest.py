@@ -167,6 +167,7 @@ SLOW_TESTS = {
     "tests/test_graph_run.py::test_a_run_cut_inside_an_icl_chain_resumes_to_the_same_bits": "4.3 s",
     "tests/test_graph_run.py::test_rerun_computes_nothing_and_starts_no_backend": "3.6 s",
     "tests/test_graph_run.py::test_drop_full_weights_after_scoring_and_rsa": "3.3 s",
+    "tests/test_graph_run.py::test_a_scorer_holds_one_base_model_at_a_time": "4.5 s",
     "tests/test_implicit_run.py::test_a_damaged_implicit_adapter_is_set_aside_and_trained_again": "15.9 s",
     "tests/test_implicit_run.py::test_original_recipe_trains_one_model_for_every_task": "29.5 s",
     "tests/test_implicit_tokenization.py::test_answers_end_with_the_newline_as_a_demo_has_it[gemma3-tokens3]": "2.2 s",
