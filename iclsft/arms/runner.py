@@ -128,13 +128,12 @@ def run_arm(arm: Arm, out: str | Path) -> pd.DataFrame:
 
 
 class ArmRun:
-    """One arm's pass over its run directory (opened and locked by the caller): the to-do list and the
+    """One arm's pass over its run directory (opened for its spec and locked by the caller): the to-do list and the
     plan, each condition's record as it ends (computed here by `step`, or elsewhere: `done`, `failed`),
     then the arm's run record, the run's metrics table and the failures as one `ConditionsFailed`."""
 
     def __init__(self, arm: Arm, run: RunDir):
         self.arm, self.run, spec = arm, run, arm.spec
-        run.open(spec)
         self.conds = spec.conditions()
         self.todo = [c for c in self.conds if not run.is_done(c)]
         note = arm.prepare(run, self.todo)  # e.g. the SFT arms plan their trainings: "2 models to train, 1 reused"

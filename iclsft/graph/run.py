@@ -22,7 +22,7 @@ from iclsft.graph.costs import RATES, condition_queries, prefix_tokens, rsa_seco
 from iclsft.graph.remote import ScoreTask, read_tree, write_tree
 from iclsft.graph.schedule import Backend, Usage, schedule
 from iclsft.graph.work import Finished, Work
-from iclsft.sft.adapters import is_finished
+from iclsft.sft.adapters import ADAPTERS_DIR, is_finished
 from iclsft.sft.train import total_steps
 from iclsft.store import RunDir
 
@@ -117,8 +117,8 @@ class GraphRun:
                 run = self.runs.get(Path(path))
                 if run is None:
                     run = self.runs[Path(path)] = RunDir(path)
-                    run.open(spec)
-                    run.acquire_lock()
+                run.open(spec)  # each arm's spec frozen (or checked) before anything is written
+                run.acquire_lock()  # once per run directory: a held lock is kept
                 arm = make_arm(spec, ref, progress=False)  # its scorer is never opened here
                 a = _Arm(f"{Path(path)}|{spec.arm}", ArmRun(arm, run))
                 self.arms[a.key] = a
@@ -166,8 +166,7 @@ class GraphRun:
                 task = ScoreTask(conds=tuple(conds), records=records, checkpoint=Path(ckpt).name, **base)
                 needs = (train_id,) if trained else ()
                 if not trained:  # from an earlier run: its files from the run directory
-                    self.puts.setdefault(ckpt, [None, 0])[1] += 1
-                    task = _Reused(self, ckpt, task)
+                    task = self._reused(ckpt, task)
                 unit = f"{a.key}|{conds[0].id}"
                 self._work(a, Work(unit, "scorer", _unit_label(conds), sum(map(self._score_cost, conds)), needs=needs,
                                    payload=task, arm=a.key))
@@ -185,8 +184,7 @@ class GraphRun:
         task = RsaTask(conds=tuple(conds), model=ref.name, fingerprint=ref.fingerprint, dtype=dtype, subset=subset,
                        checkpoint=Path(ckpt).name if ckpt else None)
         if ckpt and not any("|train|" in n for n in needs):  # a reused checkpoint: its files from the run
-            self.puts.setdefault(ckpt, [None, 0])[1] += 1
-            task = _Reused(self, ckpt, task)
+            task = self._reused(ckpt, task)
         self._work(a, Work(f"{a.key}|rsa|{conds[0].id}", "scorer", f"RSA {_unit_label(conds)}",
                            sum(rsa_seconds(condition_queries(c), prefix_tokens(c), self.device) for c in conds)
                            + (RATES[self.device]["model_load"] if ckpt and not a.state.arm.lora else 0.0),
@@ -206,7 +204,7 @@ class GraphRun:
             cond = conds.get(record["condition"])
             if cond is None or rsa_is_current(cdir, cond.id, dtype, subset):
                 continue
-            ckpt = str(run.path / "adapters" / record["checkpoint_dir"]) if record.get("checkpoint_dir") else None
+            ckpt = str(run.path / ADAPTERS_DIR / record["checkpoint_dir"]) if record.get("checkpoint_dir") else None
             by_ckpt.setdefault(ckpt, []).append(cond)
         for ckpt, group in by_ckpt.items():
             for unit in icl_chains(group) if ckpt is None else [group]:
@@ -240,8 +238,7 @@ class GraphRun:
                                       pairs=pairs, seed=seed, shots=shots, checkpoint=key["checkpoint"])
                 needs = (training[str(ckpt)],) if ckpt is not None and str(ckpt) in training else ()
                 if ckpt is not None and not needs:  # from an earlier run: its files from the run directory
-                    self.puts.setdefault(str(ckpt), [None, 0])[1] += 1
-                    payload = _Reused(self, str(ckpt), payload)
+                    payload = self._reused(str(ckpt), payload)
                 if self.drop and ckpt is not None and str(ckpt) in self.users:
                     self.users[str(ckpt)][0] += 1
                 self.works.append(Work(f"{path}|circuits|{name}", "scorer", f"circuits {task} {state}",
@@ -251,11 +248,11 @@ class GraphRun:
     def _circuit_done(self, done: Finished) -> None:
         from iclsft.implicit.circuits import CIRCUITS_DIR, state_key, store_state
 
-        task = done.work.payload.task if isinstance(done.work.payload, _Reused) else done.work.payload
+        task = _task(done.work)
         path = Path(done.work.id.split("|circuits|")[0])
         run = self.runs[path]
         if task.checkpoint is not None:
-            self._used(str(run.path / "adapters" / task.checkpoint), done.error)
+            self._used(str(run.path / ADAPTERS_DIR / task.checkpoint), done.error)
         if done.error is not None:
             error = done.error.strip().splitlines()[-1]
             self.failures.append(f"{run.path.parent.name} circuits {task.task} {task.state}: {error}")
@@ -272,6 +269,11 @@ class GraphRun:
 
     def _score_cost(self, cond) -> float:
         return score_seconds(condition_queries(cond), prefix_tokens(cond), self.device)
+
+    def _reused(self, ckpt: str, task) -> _Reused:
+        """`task` on a checkpoint from an earlier run: its files read (once for all its tasks) when it starts."""
+        self.puts.setdefault(ckpt, [None, 0])[1] += 1
+        return _Reused(self, ckpt, task)
 
     def files(self, ckpt: str):
         """A reused checkpoint's files, read and put once for all its conditions."""
@@ -304,7 +306,8 @@ class GraphRun:
 
     def on_done(self, done: Finished) -> None:
         work = done.work
-        if "|circuits|" in work.id:
+        method = _task(work).method if work.role == "scorer" else "train"
+        if method == "circuits":
             self._circuit_done(done)
             return
         a = self.arms[work.arm]
@@ -321,10 +324,10 @@ class GraphRun:
             else:
                 logger.warning("%s: %s FAILED %s", a.state.arm.spec.arm, work.label,
                                done.error.strip().splitlines()[-1])
-        elif work.id.split("|")[-2] == "rsa":
+        elif method == "rsa":
             self._rsa_done(a, done)
         else:
-            task = work.payload.task if isinstance(work.payload, _Reused) else work.payload
+            task = _task(work)
             results = done.result if done.error is None else [(None, done.error)] * len(task.conds)
             for cond, (outcome, seconds) in zip(task.conds, results):
                 if outcome is None:  # `seconds` holds the traceback
@@ -343,7 +346,7 @@ class GraphRun:
     def _rsa_done(self, a: _Arm, done: Finished) -> None:
         from iclsft.rsa.run import RSA_JSON, write_rsa, write_rsa_error
 
-        task = done.work.payload.task if isinstance(done.work.payload, _Reused) else done.work.payload
+        task = _task(done.work)
         run = a.state.run
         self._used(self._ckpt(a, task.checkpoint), done.error)
         if done.worker == "-":  # its scoring or training failed: recorded there, nothing was computed
@@ -365,7 +368,7 @@ class GraphRun:
 
     @staticmethod
     def _ckpt(a: _Arm, checkpoint: str | None) -> str | None:
-        return str(a.state.run.path / "adapters" / checkpoint) if checkpoint else None
+        return str(a.state.run.path / ADAPTERS_DIR / checkpoint) if checkpoint else None
 
     def _used(self, ckpt: str | None, error: str | None) -> None:
         """One work less using a full checkpoint; its weights are dropped once all have succeeded."""
@@ -414,6 +417,11 @@ def _unit_label(conds: Sequence) -> str:
 
 def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def _task(work: Work):
+    """A scorer work's task (ScoreTask, RsaTask or CircuitTask), unwrapped from `_Reused`."""
+    return work.payload.task if isinstance(work.payload, _Reused) else work.payload
 
 
 class _Reused:

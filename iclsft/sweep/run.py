@@ -60,21 +60,18 @@ def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out
     atomic_write_json(out / "sweep.json", json.loads(config.model_dump_json()))
     tables, failures = {}, []
     started = time.time()
-    if uses_graph(config, planned, planned_implicit):
-        ran = _run_graph(config, planned, planned_implicit, out, failures, progress)
-        for model in config.models:
-            if planned[model]:
-                tables[model] = ran.get(model_dir(out, model))
-                _finish_2d(config, model_dir(out, model), failures, started, progress, rsa=False)  # RSA: in the graph
-            if planned_implicit[model]:
-                _finish_implicit(config, model, implicit_dir(config.out, model), failures, started)
-    for model in [] if uses_graph(config, planned, planned_implicit) else config.models:
+    graph = uses_graph(config, planned, planned_implicit)
+    ran = _run_graph(config, planned, planned_implicit, out, failures, progress) if graph else {}
+    for model in config.models:
         if planned[model]:
-            tables[model] = _run_arms(model, model_dir(out, model), planned[model], failures, started, progress)
-            _finish_2d(config, model_dir(out, model), failures, started, progress)
+            path = model_dir(out, model)
+            tables[model] = ran.get(path) if graph else _run_arms(model, path, planned[model], failures, started,
+                                                                  progress)
+            _finish_2d(config, path, failures, started, progress, rsa=not graph)  # the graph did its RSA
         if planned_implicit[model]:
             path = implicit_dir(config.out, model)
-            _run_arms(model, path, planned_implicit[model], failures, started, progress)
+            if not graph:
+                _run_arms(model, path, planned_implicit[model], failures, started, progress)
             _finish_implicit(config, model, path, failures, started)
     if config.report and sum(bool(arms) for arms in planned.values()) > 1:
         from iclsft.report.models import build_models_report
