@@ -102,17 +102,11 @@ def _execute_ray(jobs: list[TrainJob], executor: ExecutorSpec):
         raise ImportError("the SFT arms train on Ray: pip install 'iclsft-eval[sft]' (or use --executor local)") from e
     import torch
 
-    started_here = not ray.is_initialized()
+    from iclsft.graph.ray_backend import start_ray
+
+    # keep one core for the driver, which scores finished models while the others train
+    started_here = start_ray(executor, cpus=max(1, (os.cpu_count() or 2) - 1))
     if started_here:
-        env = {k: v for k, v in os.environ.items() if k.startswith("ICLSFT_")}
-        if executor.ray_address:
-            ray.init(address=executor.ray_address, runtime_env={"env_vars": env}, log_to_driver=False,
-                     logging_level=logging.ERROR)  # Ray's own start-up lines are not ours to print
-        else:
-            # keep one core for the driver, which scores finished models while the others train
-            cpus = max(1, (os.cpu_count() or 2) - 1)
-            ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
-                     logging_level=logging.ERROR)
         logger.info("ray: %g CPUs, %g GPUs", ray.cluster_resources().get("CPU", 0),
                     ray.cluster_resources().get("GPU", 0))
     gpus = 1 if torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) >= 1 else 0

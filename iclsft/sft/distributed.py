@@ -23,7 +23,6 @@ weights). Worker 0's host therefore needs the model's fp32 size in CPU memory at
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import tempfile
@@ -63,11 +62,9 @@ def train_distributed(job: TrainJob, executor: ExecutorSpec | None = None) -> di
     except ImportError as e:
         raise ImportError("sharded training (sft workers > 1) runs on Ray Train: pip install 'ray[train]'") from e
     executor = executor or ExecutorSpec()
-    started_here = not ray.is_initialized()
-    if started_here:
-        env = {k: v for k, v in os.environ.items() if k.startswith("ICLSFT_")}
-        ray.init(address=executor.ray_address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env}, logging_level=logging.ERROR)  # Ray's start-up lines are not ours
+    from iclsft.graph.ray_backend import start_ray
+
+    started_here = start_ray(executor)
     try:
         gpus = ray.cluster_resources().get("GPU", 0) >= job.sft.workers
         box = ray.remote(num_cpus=0)(_ResultBox).remote()
