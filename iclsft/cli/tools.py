@@ -53,7 +53,7 @@ def models() -> None:
 @click.option("--force", is_flag=True, help="Convert again even if a prepared copy exists.")
 @user_errors
 def models_prepare(name, force):
-    """Convert a known model (default smollm2-135m) into the cache under $ICLSFT_HOME."""
+    """Convert a known model (default smollm2-135m; also gemma3-270m) into the cache under $ICLSFT_HOME."""
     from iclsft.models import prepare_model
 
     click.echo(prepare_model(name, force=force))
@@ -66,3 +66,5 @@ def models_list():
 
     for row in list_models():
         click.echo(f"{row['name']:<16} {row['state']:<13} {row['path']}\n{'':<16} {row['description']}")
+        if "licence" in row:
+            click.echo(f"{'':<16} licence: {row['licence']}")
