@@ -18,14 +18,11 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from sft_bench import linear2d_examples
 
-from iclsft.arms.linear2d import training_examples
 from iclsft.artifacts import atomic_write_json
-from iclsft.models import resolve_model
-from iclsft.prompts import builder_key, prompt_builders
 from iclsft.sft.train import batch_indices, batch_loss, prepare_model
-from iclsft.spec import TaskSpec, TemplateSpec, sft_spec
-from iclsft.tasks import linear2d
+from iclsft.spec import sft_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,13 +37,8 @@ def main() -> None:
     p.add_argument("--methods", default="lora,full")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "sft_scale.json")
     args = p.parse_args()
-    from transformers import AutoTokenizer
-
     torch.set_num_threads(args.threads)
-    ref = resolve_model(args.model)
-    task = TaskSpec(angle=90.0)
-    builder = prompt_builders(AutoTokenizer.from_pretrained(ref.path), TemplateSpec(), (task,))[builder_key(task)]
-    examples = training_examples(builder, linear2d.exemplars(task, 0, args.shots, "random"))
+    ref, examples = linear2d_examples(args.model, 90.0, args.shots)
     rows = []
     for method in args.methods.split(","):
         configs = {(prec, gc): sft_spec(method, precision=prec, gradient_checkpointing=gc)

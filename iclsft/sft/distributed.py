@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from iclsft.sft.adapters import is_finished, save_checkpoint
+from iclsft.sft.heap import heap_kept
 from iclsft.sft.train import (
     TrainJob,
     batch_indices,
@@ -117,6 +118,11 @@ def shard(model, device_type: str) -> None:
 
 def _worker_loop(config: dict) -> None:
     """One Ray Train worker: the single-process loop of `iclsft.sft.train`, on this worker's slice."""
+    with heap_kept():  # as `train`: each step reuses the last step's memory
+        _worker_steps(config)
+
+
+def _worker_steps(config: dict) -> None:
     import ray.train
     import ray.train.torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -34,6 +34,7 @@ import torch
 from iclsft.errors import is_out_of_memory, out_of_memory
 from iclsft.faults import fault_point
 from iclsft.sft.adapters import is_finished, save_checkpoint
+from iclsft.sft.heap import heap_kept
 from iclsft.spec import SftSpec
 
 
@@ -171,7 +172,11 @@ def make_trainable(model, sft: SftSpec):
     if sft.gradient_checkpointing:
         # non-reentrant: recomputes exactly and needs no input that requires grad; LoRA freezes the
         # embeddings, so the inputs are made to require grad anyway, as peft's own recipe does
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x renamed it activation checkpointing (the old name warns, then goes in v6)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if sft.method == "lora":
             model.enable_input_require_grads()
     if sft.method == "lora":
@@ -212,7 +217,8 @@ def train(job: TrainJob) -> dict:
     if job.threads:
         torch.set_num_threads(job.threads)
     try:
-        _train_missing(job, missing, result, started)
+        with heap_kept():  # each step's gradients and optimizer temporaries reuse the last step's memory
+            _train_missing(job, missing, result, started)
     except (MemoryError, RuntimeError) as e:
         if not is_out_of_memory(e):
             raise
