@@ -243,7 +243,8 @@ def test_old_run_directory_resumes_with_its_stream_order_checkpoints(tiny_model_
 
 def test_sweep_plan_counts_distinct_trainings(tiny_model_dir, tmp_path):
     def lora_trainings(*overrides: str) -> int:
-        config = load_config(ROOT / "configs" / "demo-cpu.yaml", [f"out={tmp_path}", *overrides])
+        config = load_config(ROOT / "configs" / "demo-cpu.yaml",
+                             [f"out={tmp_path}", f"models=[{tiny_model_dir}]", *overrides])
         (row,) = [r for r in plan(config)["rows"] if r["arm"] == "sft-lora"]
         return row["trainings"]
 

@@ -78,18 +78,38 @@ def test_shipped_configs_are_valid(name, tiny_model_dir, tmp_path):
             assert r["queries"] == r["todo"] * imp.eval_size
     else:
         assert not implicit
-    angles = sum(len(t.angles) for t in config.tasks)
-    per_method = angles * len(config.shots) * len(config.seeds) * len(config.orders)
     for r in rows:
-        checkpoints = 1 if r["arm"] == "icl" else len(config.checkpoints)
+        method = "icl" if r["arm"] == "icl" else r["arm"].removeprefix("sft-")
+        angles = sum(len(t.angles) for t in config.tasks if method in (t.methods or config.methods))
+        orders = config.orders if method == "icl" else (config.sft_orders or config.orders)
+        per_method = angles * len(config.shots) * len(config.seeds) * len(orders)
+        checkpoints = 1 if method == "icl" else len(config.checkpoints)
         assert r["conditions"] == r["todo"] == per_method * checkpoints
-        if r["arm"] == "icl":
+        if method == "icl":
             assert r["trainings"] == 0
             continue
-        method = r["arm"].removeprefix("sft-")
         # an even batch never splits an exemplar pair: every order probe shares the others' training
         assert sft_spec(method, **config.sft.get(method, {})).batch_size % 2 == 0
-        assert r["trainings"] == per_method // len(config.orders)
+        assert r["trainings"] == per_method // len(orders)
+
+
+def test_task_methods_and_sft_orders_choose_what_each_arm_runs(tiny_model_dir, tmp_path):
+    from iclsft.sweep.plan import arm_specs
+
+    config = SweepConfig(out=str(tmp_path), models=[str(tiny_model_dir)], methods=["icl", "lora", "full"],
+                         tasks=[{"name": "linear2d", "angles": [0, 90], "methods": ["icl"]},
+                                {"name": "linear2d", "angles": [45]}, {"name": "xor", "angles": [0],
+                                                                       "methods": ["lora"]}],
+                         shots=[1, 2], seeds=[0], orders=["random", "12"], sft_orders=["random"])
+    arms = {spec.arm: spec for spec, _ in arm_specs(config, str(tiny_model_dir))}
+    assert list(arms) == ["icl", "sft-lora", "sft-full"]  # the sweep's method order, not the tasks'
+    cells = {arm: sorted({(c.task.name, c.task.angle, c.order) for c in spec.conditions()})
+             for arm, spec in arms.items()}
+    assert cells["icl"] == [("linear2d", a, o) for a in (0.0, 45.0, 90.0) for o in ("12", "random")]
+    assert cells["sft-lora"] == [("linear2d", 45.0, "random"), ("xor", 0.0, "random")]
+    assert cells["sft-full"] == [("linear2d", 45.0, "random")]
+    counts = {r["arm"]: r["conditions"] for r in plan(config)["rows"]}
+    assert counts == {"icl": 3 * 2 * 2, "sft-lora": 2 * 2, "sft-full": 1 * 2}
 
 
 def test_paper_config_is_the_papers_design():
@@ -121,6 +141,10 @@ def test_overrides_reach_nested_keys():
          r"methods: method 'qlora' is not allowed; allowed: icl, lora, full, full-frozen-unembed"),
         ("shots=many", r"shots: .*got 'many'"),
         ("tasks.3.angles=[1]", r"'3' is not an index of a list of 1"),
+        ("tasks.0.methods=[full]", r"tasks.0.methods: 'full' is not one of the sweep's methods \(icl, lora\)"),
+        ("tasks=[{angles: [0, 45]}, {angles: [45], methods: [lora]}]",
+         r"tasks.0 and tasks.1 both run lora on linear2d at angle 45; give each \(task, angle, method\) once"),
+        ("sft_orders=[sideways]", r"sft_orders: .*order pattern .sideways. is not allowed"),
         ("noequals", r"must look like key=value"),
     ],
 )

@@ -25,6 +25,8 @@ class SweepTask(Frozen):
     name: str = "linear2d"  # a 2D task of the registry (iclsft.tasks.registry)
     angles: tuple[float, ...] = (45.0,)
     words: str | None = None  # tasks that write words (semantic): the word list (None: the task's default)
+    # the methods run at these angles (None: every method of the sweep), e.g. ICL alone at extra angles
+    methods: tuple[str, ...] | None = None
 
     @field_validator("name")
     @classmethod
@@ -83,6 +85,9 @@ class SweepConfig(Frozen):
     shots: tuple[int, ...] = (1, 2, 5, 10)
     seeds: tuple[int, ...] = (0,)
     orders: tuple[str, ...] = ("random",)
+    # the SFT arms' orders (None: `orders`); with an even batch size every order probe trains the same
+    # model as random order (docs/sft.md), so `[random]` keeps the probes for ICL and scores each model once
+    sft_orders: tuple[str, ...] | None = None
     checkpoints: tuple[float, ...] = (1.0,)
     labels: tuple[str, str] = (" Baz", " Rud")
     swap_labels: bool = False
@@ -107,6 +112,32 @@ class SweepConfig(Frozen):
         if bad:
             raise ValueError(f"method {bad[0]!r} is not allowed; allowed: {', '.join(METHODS)}")
         return v
+
+    @field_validator("orders", "sft_orders")
+    @classmethod
+    def _orders(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        from iclsft.tasks.linear2d import check_order
+
+        if v is not None and not v:
+            raise ValueError("name at least one order ('random' or a pattern such as 1221)")
+        return None if v is None else tuple(check_order(o) for o in v)
+
+    @model_validator(mode="after")
+    def _task_methods(self) -> SweepConfig:
+        seen: dict[tuple, int] = {}
+        for i, task in enumerate(self.tasks):
+            bad = [m for m in task.methods or () if m not in self.methods]
+            if bad:
+                raise ValueError(f"tasks.{i}.methods: {bad[0]!r} is not one of the sweep's methods "
+                                 f"({', '.join(self.methods)})")
+            for method in task.methods or self.methods:
+                for angle in task.angles:
+                    key = (task.name, task.words, float(angle), method)
+                    if key in seen:
+                        raise ValueError(f"tasks.{seen[key]} and tasks.{i} both run {method} on {task.name} at "
+                                         f"angle {angle:g}; give each (task, angle, method) once")
+                    seen[key] = i
+        return self
 
     @field_validator("sft")
     @classmethod

@@ -26,16 +26,16 @@ def arm_specs(config: SweepConfig, model: str) -> list:
 
     engine = EngineSpec(name=resolve_engine(config.engine), **config.engine_options)
     specs = []
-    for task in config.tasks:
-        common = dict(model=model, task=task.name, angles=task.angles, words=task.words, shots=config.shots,
-                      seeds=config.seeds, labels=config.labels, swap_labels=config.swap_labels,
-                      grid_step=config.grid_step, orders=config.orders, dtype=config.dtype,
-                      template=config.template, engine=engine)
-        for method in config.methods:
+    for method in config.methods:
+        for task in (t for t in config.tasks if method in (t.methods or config.methods)):
+            common = dict(model=model, task=task.name, angles=task.angles, words=task.words, shots=config.shots,
+                          seeds=config.seeds, labels=config.labels, swap_labels=config.swap_labels,
+                          grid_step=config.grid_step, dtype=config.dtype, template=config.template, engine=engine)
             if method == "icl":
-                specs.append(make_icl_spec(**common))
+                specs.append(make_icl_spec(**common, orders=config.orders))
             else:
-                specs.append(make_sft_spec(**common, sft=sft_spec(method, **config.sft.get(method, {})),
+                specs.append(make_sft_spec(**common, orders=config.sft_orders or config.orders,
+                                           sft=sft_spec(method, **config.sft.get(method, {})),
                                            checkpoints=config.checkpoints, executor=config.executor))
     return _merge_tasks(specs)
 
