@@ -186,7 +186,9 @@ def test_non_ascii_paths(tiny_model_dir, tmp_path):
     code, output = invoke("icl", "--model", model, "--out", out, *ICL)
     assert code == 0, output
     code, output = invoke("metrics", out)
-    assert code == 0 and len(output.strip().splitlines()) == 3, output
+    assert code == 0, output
+    table, summary = output.strip().split("\n\n")
+    assert len(table.splitlines()) == 3 and summary.startswith("ICL θ=30°:"), output  # header, K=1, K=2
     code, output = invoke("report", out)
     assert code == 0, output
     html = (out / "report" / "index.html").read_text(encoding="utf-8")

@@ -72,7 +72,8 @@ def copy_run(base_run, tmp_path) -> Path:
 
 def test_run_prints_metrics_table(base_run):
     _, result = base_run
-    lines = result.stdout.strip().splitlines()
+    table, summary = result.stdout.strip().split("\n\n")
+    lines = table.splitlines()
     header = lines[0].split()
     for column in ("angle", "method", "shots", "seed", "accuracy", "auc", "cal_accuracy", "label_mass"):
         assert column in header
@@ -81,6 +82,9 @@ def test_run_prints_metrics_table(base_run):
     assert [r[header.index("shots")] for r in rows] == ["1", "2"]
     assert all(r[header.index("method")] == "icl" for r in rows)
     assert "2 conditions, 0 already finished, 2 to run" in result.stderr
+    accuracy = [float(r[header.index("accuracy")]) for r in rows]
+    assert summary.startswith("ICL θ=45°: accuracy ")
+    assert f"{accuracy[0]:.2f} (K=1) → {accuracy[1]:.2f} (K=2)" in summary
 
 
 def test_run_dir_top_level(base_run, tiny_model_dir):
@@ -522,3 +526,25 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("icl", "metrics", "models"):
         assert command in result.output
+
+
+def test_help_shows_template_escapes_and_the_shown_default_is_the_default(base_run, tiny_model_dir, tmp_path):
+    """`icl --help` shows the exemplar template with `\\n` (not a newline printed as a space), and the
+    text shown, typed back on the command line, is the same template: the run's conditions are kept."""
+    import re
+
+    help_text = invoke("icl", "--help").output
+    shown = re.search(r"\[default: '([^']*)'\]", help_text.split("--exemplar-template", 1)[1])[1]
+    assert shown == r"{x1} {x2} ->{label}\n"
+    out = copy_run(base_run, tmp_path)
+    before = snapshot(out / "conditions")
+    result = icl(out, tiny_model_dir, "--exemplar-template", shown, "--query-template", "{x1} {x2} ->")
+    assert result.exit_code == 0, result.output
+    assert snapshot(out / "conditions") == before  # same template, so the same conditions: nothing rescored
+    template = json.loads((out / "spec.json").read_text())["arms"]["icl"]["template"]
+    assert template["exemplar"] == "{x1} {x2} ->{label}\n"
+    result = icl(tmp_path / "tab", tiny_model_dir, "--exemplar-template", r"{x1}\t{x2} ->{label}\n",
+                 "--query-template", r"{x1}\t{x2} ->")
+    assert result.exit_code == 0, result.output
+    template = json.loads((tmp_path / "tab" / "spec.json").read_text())["arms"]["icl"]["template"]
+    assert template["exemplar"] == "{x1}\t{x2} ->{label}\n" and template["query"] == "{x1}\t{x2} ->"

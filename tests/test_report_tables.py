@@ -51,3 +51,29 @@ def test_stats_tables_name_method_and_n_and_bold_by_holm(tmp_path):
     # θ 0: the larger of the 2 p-values, so Holm multiplies it by 1: 1 − t/√(2 + t²) at t = 0.655.
     assert "0.050 [-0.279, 0.379] p_H 0.580" in html
     assert (tmp_path / "stats.csv").is_file() and "p_holm" in pd.read_csv(tmp_path / "paired_differences.csv")
+
+
+# -- the one-line summary under the printed table -------------------------------------------------
+
+
+def test_learning_summary_by_hand():
+    from iclsft.evaluate.runs import learning_summary
+
+    rows = [  # ICL at θ=0 over two seeds: means 0.50 → 0.85; LoRA at θ=45 flat; a mid-training checkpoint ignored
+        dict(method="icl", angle=0.0, shots=1, seed=0, checkpoint=None, accuracy=0.48, auc=0.50),
+        dict(method="icl", angle=0.0, shots=1, seed=1, checkpoint=None, accuracy=0.52, auc=0.54),
+        dict(method="icl", angle=0.0, shots=25, seed=0, checkpoint=None, accuracy=0.80, auc=0.90),
+        dict(method="icl", angle=0.0, shots=25, seed=1, checkpoint=None, accuracy=0.90, auc=0.96),
+        dict(method="lora", angle=45.0, shots=2, seed=0, checkpoint=1.0, accuracy=0.60, auc=0.70),
+        dict(method="lora", angle=45.0, shots=2, seed=0, checkpoint=0.5, accuracy=0.10, auc=0.10),
+        dict(method="lora", angle=45.0, shots=10, seed=0, checkpoint=1.0, accuracy=0.62, auc=0.71),
+        dict(method="lora", angle=90.0, shots=10, seed=0, checkpoint=1.0, accuracy=0.70, auc=0.80),  # one K: no curve
+    ]
+    assert learning_summary(pd.DataFrame(rows)) == [
+        "ICL θ=0°: accuracy rises with K, 0.50 (K=1) → 0.85 (K=25); AUC 0.52 → 0.93 (2 seeds)",
+        "lora θ=45°: accuracy stays flat with K, 0.60 (K=2) → 0.62 (K=10); AUC 0.70 → 0.71 (1 seed)",
+    ]
+    falling = pd.DataFrame([dict(method="full", angle=0.0, shots=k, seed=0, checkpoint=1.0, accuracy=a, auc=0.5)
+                            for k, a in ((5, 0.9), (50, 0.7))])
+    assert learning_summary(falling)[0].startswith("full θ=0°: accuracy falls with K, 0.90 (K=5) → 0.70 (K=50)")
+    assert learning_summary(pd.DataFrame({"task": ["xor"], "accuracy": [0.5]})) == []  # no angle column

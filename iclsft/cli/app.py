@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 
 import click
 
@@ -69,6 +70,23 @@ def _labels(ctx, param, value: str) -> tuple[str, str]:
     return tuple(labels)
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def _escapes(ctx, param, value: str | None) -> str | None:
+    """Template text as typed on a command line: `\\n`, `\\t` and `\\\\` are a newline, a tab and a
+    backslash (as `--help` shows the defaults); any other backslash stays as it is."""
+    if value is None:
+        return None
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m[1], m[0]), value)
+
+
+def shown(text: str) -> str:
+    """A template default as `--help` shows it: newlines and tabs as `\\n` and `\\t`, so that copying it
+    gives the same template."""
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+
 class _EchoHandler(logging.Handler):
     """Progress on stderr: INFO lines as they are, warnings with a "warning:" prefix."""
 
@@ -90,7 +108,34 @@ def setup_logging(quiet: bool) -> None:
     hf_logging.disable_progress_bar()
 
 
+def echo_table(table, columns: list[str] | None = None) -> None:
+    """A run's metrics table and, after a blank line, one line per learning curve saying what it shows
+    (the same for a run, its recomputed metrics and each model of a sweep)."""
+    from iclsft.evaluate.runs import format_table, learning_summary
+
+    click.echo(format_table(table, columns))
+    summary = learning_summary(table)
+    if summary:
+        click.echo("\n" + "\n".join(summary))
+
+
 @click.group()
 @click.version_option(__version__, prog_name="iclsft-eval")
 def main() -> None:
     """Compare in-context learning and supervised fine-tuning, shot by shot."""
+
+
+def run() -> None:
+    """The `iclsft-eval` program: `main` with SIGTERM and SIGHUP (what a supervisor, container runtime or
+    job scheduler sends, or a closed terminal) stopping a command as Ctrl-C does: the stack unwinds, so
+    finished work stays, a run records that it was interrupted, in-process engines and Ray shut down,
+    and the exit status is 128 + the signal. A second such signal ends the process at once."""
+    import signal
+
+    def stop(signum, _frame) -> None:
+        signal.signal(signum, signal.SIG_DFL)
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+    main()

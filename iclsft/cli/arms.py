@@ -6,10 +6,14 @@ from pathlib import Path
 
 import click
 
-from iclsft.cli.app import _labels, _number_list, main, setup_logging, user_errors
+from iclsft.cli.app import _escapes, _labels, _number_list, echo_table, main, setup_logging, shown, user_errors
 from iclsft.models import DEFAULT_MODEL
 from iclsft.names import ENGINE_CHOICES, SFT_METHODS
+from iclsft.spec import TemplateSpec
 from iclsft.tasks import registry
+
+EXEMPLAR_TEMPLATE = TemplateSpec().exemplar
+QUERY_TEMPLATE = TemplateSpec().query
 
 
 def run_options(fn):
@@ -30,7 +34,9 @@ def run_options(fn):
                      help="semantic: the adjectives, ordered by sentiment intensity (default, the study's) "
                           "or by size; part of the spec."),
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
-                     help="Known model name, local HF model directory, or hub id."),
+                     help="Known model name (smollm2-135m: SmolLM2-135M-Instruct from a Q4_1 GGUF; gemma3-270m: "
+                          "Gemma 3 270M base from a Q4_K_M GGUF, under the Gemma Terms of Use; `models list`), "
+                          "local HF model directory, or hub id."),
         click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto",
                      show_default=True,
                      help="auto: vllm on a GPU when vLLM is installed, else hf (the faster one on CPUs)."),
@@ -62,9 +68,13 @@ def run_options(fn):
                           "comma-separated for several."),
         click.option("--grid-step", default=1, show_default=True,
                      help="Query every N-th value of n1 and n2 (1 = full grid)."),
-        click.option("--header", default="", help="Instruction text before the exemplars (part of the template)."),
-        click.option("--exemplar-template", default="{x1} {x2} ->{label}\n", show_default=True),
-        click.option("--query-template", default="{x1} {x2} ->", show_default=True),
+        click.option("--header", default="", callback=_escapes,
+                     help="Instruction text before the exemplars (part of the template; \\n is a newline)."),
+        click.option("--exemplar-template", default=EXEMPLAR_TEMPLATE, callback=_escapes,
+                     help=f"One exemplar: {{x1}} {{x2}} and {{label}}; \\n, \\t and \\\\ are a newline, a tab and a "
+                          f"backslash.  [default: '{shown(EXEMPLAR_TEMPLATE)}']"),
+        click.option("--query-template", default=QUERY_TEMPLATE, callback=_escapes,
+                     help=f"One query: {{x1}} {{x2}}, escapes as above.  [default: '{shown(QUERY_TEMPLATE)}']"),
         click.option("--bos", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
                      help="Prepend the BOS token: as the tokenizer does by default, always, or never."),
         click.option("--chat", is_flag=True, help="Wrap header, exemplars and query as the user's turn of the "
@@ -123,9 +133,7 @@ def _run_trained(spec, out: Path, ref, quiet: bool):
 
 
 def _finish(table, out: Path) -> None:
-    from iclsft.evaluate.runs import format_table
-
-    click.echo(format_table(table))
+    echo_table(table)
     click.echo(f"\nresults in {out} (metrics.parquet, conditions/*/scores.parquet)", err=True)
 
 
@@ -276,10 +284,8 @@ def sweep(config, overrides, dry_run, simulate, gpus, cpus, estimate_for, ray_ad
         if simulate:
             click.echo(format_simulations(cfg, counts, cpus))
         return
-    from iclsft.evaluate.runs import format_table
-
     setup_logging(quiet)
     for model, table in run_sweep(cfg, progress=not quiet).items():
         click.echo(f"\n{model}")
-        click.echo(format_table(table))
+        echo_table(table)
     click.echo(f"\nresults in {cfg.out}", err=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from iclsft.cli.app import main, setup_logging, user_errors
+from iclsft.cli.app import echo_table, main, setup_logging, user_errors
 
 
 @main.command()
@@ -20,6 +20,7 @@ def compare(run_dir, metrics_):
     """ICL vs SFT metrics side by side per shot count (any run directory of either study)."""
     from iclsft.evaluate.runs import compare_table, recompute_metrics
 
+    setup_logging(True)  # warnings (e.g. conditions scored under different library versions) on stderr
     table = recompute_metrics(run_dir)
     if table.empty:
         raise click.ClickException(f"{run_dir} has no finished conditions")
@@ -32,12 +33,13 @@ def compare(run_dir, metrics_):
 @user_errors
 def metrics(run_dir, all_columns):
     """Recompute metrics of a run of either study from its stored scores (no model needed)."""
-    from iclsft.evaluate.runs import format_table, recompute_metrics
+    from iclsft.evaluate.runs import recompute_metrics
 
+    setup_logging(True)
     table = recompute_metrics(run_dir)
     if table.empty:
         raise click.ClickException(f"{run_dir} has no finished conditions")
-    click.echo(format_table(table, list(table.columns) if all_columns else None))
+    echo_table(table, list(table.columns) if all_columns else None)
 
 
 @main.command()

@@ -13,6 +13,7 @@ from iclsft.artifacts import atomic_write_bytes, atomic_write_json, file_digest,
 from iclsft.evaluate.metrics import METRIC_NAMES, compute_metrics
 from iclsft.faults import fault_point
 from iclsft.store import RunDir
+from iclsft.versions import version_mix
 
 KEY_COLUMNS = ["task", "angle", "method", "shots", "seed", "checkpoint", "order", "model", "dtype", "condition"]
 IMPLICIT_KEY_COLUMNS = ["task", "variant", "method", "shots", "seed", "train_size", "eval_size", "model", "dtype",
@@ -56,10 +57,11 @@ def recompute_metrics(run: str | Path, *, verify: bool = True, skip_damaged: boo
     another arm's damaged file, which that arm recomputes when it runs."""
     rundir = RunDir(run)
     study = study_of(rundir)
-    rows = []
+    rows, records = [], []
     for cdir, cond, record in rundir.finished():
         if (cond.get("suite") == "implicit") != (study == "implicit"):
             continue
+        records.append(record)
         if verify:
             try:
                 rundir.verify(cdir, record)
@@ -73,6 +75,9 @@ def recompute_metrics(run: str | Path, *, verify: bool = True, skip_damaged: boo
             rows.append(implicit_metrics_row(scores, record))
         else:
             rows.append(condition_metrics(scores, {"checkpoint": None, **record}))
+    mix = version_mix(records)
+    if mix:
+        logger.warning("%s: %s", rundir.path, mix)
     if study == "implicit":
         from iclsft.implicit.evaluate import METRICS
 
@@ -153,3 +158,36 @@ def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:
     if "checkpoint" in shown:  # ICL has no training checkpoint: show a blank, not None/NaN
         shown["checkpoint"] = [("" if pd.isna(v) else f"{v:g}") for v in shown["checkpoint"]]
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+RISE = 0.05  # accuracy change from the smallest to the largest K that counts as learning (or unlearning)
+
+
+def learning_summary(table: pd.DataFrame) -> list[str]:
+    """One line per learning curve of a 2D table (method, task, angle, order; final checkpoints; mean
+    over seeds, with at least two K): what the numbers show, e.g. "ICL θ=0°: accuracy rises with K,
+    0.52 (K=1) → 0.84 (K=25); AUC 0.50 → 0.96 (1 seed)"."""
+    if "angle" not in table or table.empty:
+        return []
+    t = table
+    if "checkpoint" in t:
+        cp = pd.to_numeric(t["checkpoint"], errors="coerce")
+        t = t[cp.isna() | (cp == 1.0)]
+    keys = [k for k in ("method", "task", "angle", "order") if k in t]
+    lines = []
+    for key, g in t.groupby(keys, sort=True):
+        curve = g.groupby("shots")[["accuracy", "auc"]].mean()
+        if len(curve) < 2:
+            continue
+        first, last = curve.iloc[0], curve.iloc[-1]
+        change = last["accuracy"] - first["accuracy"]
+        trend = "rises" if change >= RISE else "falls" if change <= -RISE else "stays flat"
+        named = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        where = [f"θ={named['angle']:g}°"] + [f"{k} {named[k]}" for k in ("task", "order")
+                                               if k in named and t[k].nunique() > 1]
+        seeds = g["seed"].nunique() if "seed" in g else 1
+        lines.append(f"{named['method'].upper() if named['method'] == 'icl' else named['method']} {', '.join(where)}: "
+                     f"accuracy {trend} with K, {first['accuracy']:.2f} (K={curve.index[0]}) → "
+                     f"{last['accuracy']:.2f} (K={curve.index[-1]}); AUC {first['auc']:.2f} → {last['auc']:.2f} "
+                     f"({seeds} seed{'s' if seeds != 1 else ''})")
+    return lines
