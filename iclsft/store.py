@@ -30,6 +30,7 @@ from iclsft.artifacts import atomic_write_json, file_matches, write_checked
 from iclsft.errors import RunLockedError, SpecMismatchError
 from iclsft.faults import fault_point
 from iclsft.spec import Condition
+from iclsft.versions import scoring_libraries
 
 
 class RunDir:
@@ -166,7 +167,8 @@ class RunDir:
     # Only the holder of the run's lock writes it (read, update its own arm, write), so arms run one after
     # another in the same directory keep every entry.
     def write_arm_record(self, arm: str, status: str, **fields: Any) -> None:
-        record = {"status": status, "version": __version__, "host": socket.gethostname(),
+        record = {"status": status, "version": __version__, "libraries": scoring_libraries(),
+                  "host": socket.gethostname(),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
         arms = self.arm_records()
         arms[arm] = record
@@ -223,7 +225,7 @@ class RunDir:
 
     def _write_condition_record(self, cond: Condition, status: str, **fields: Any) -> None:
         record = {"status": status, "condition": cond.id, **cond.row(), "version": __version__,
-                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+                  "libraries": scoring_libraries(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
         atomic_write_json(self.condition_dir(cond) / "record.json", record)
 
     def finished(self) -> list[tuple[Path, dict, dict]]:
