@@ -22,6 +22,7 @@ most) and prints both label probabilities for each input point.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 MAX_PROMPTS_PER_REQUEST = 256  # the vllm-server engine sends 64
 MAX_SEQUENCES_PER_PROMPT = 16
+GUARD = "iclsft.engine.vllm_guard.PromptLogprobsGuard"
+STOP_GRACE_S = 20.0  # after SIGTERM/SIGINT/SIGHUP: how long the server has to stop before it is killed
 ADAPTER_ROOT_ENV = "ICLSFT_ADAPTER_ROOT"  # tells iclsft.engine.vllm_cli where runtime loading may read
 # `vllm serve` options that serve sets (or must not be changed: the adapter check runs in this API server process)
 MANAGED_OPTIONS = {"--host": "--host", "--port": "--port", "--api-key": "--api-key (or $ICLSFT_VLLM_API_KEY)",
@@ -114,8 +117,11 @@ def serve_command(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
     longest = run_longest_prompt(run_dir) if options.max_model_len is None else None
     cmd = [sys.executable, "-m", "iclsft.engine.vllm_cli", "serve", str(base), "--host", host,
            "--port", str(port), "--served-model-name", spec["model"]["name"]]
-    cmd += serve_flags(options, gpu=_has_gpu(), lora_rank=rank, longest_prompt=longest and longest[0],
+    gpu = _has_gpu()
+    cmd += serve_flags(options, gpu=gpu, lora_rank=rank, longest_prompt=longest and longest[0],
                        label_tokens=longest and longest[1], model_context=model_context(base), given=extra)
+    if rank is not None and not gpu:
+        cmd += ["--middleware", GUARD]  # prompt log-probs one at a time (iclsft.engine.vllm_guard)
     if adapters:
         cmd += ["--lora-modules", *[f"{a.name}={a.path.resolve()}" for a in adapters]]
     return cmd + list(extra), adapters
@@ -185,9 +191,9 @@ def server_env(run_dir: str | Path, api_key: str | None, allow_adapter_loading: 
 def serve(run_dir: str | Path, *, host: str, port: int, api_key: str | None, allow_adapter_loading: bool,
           dtype: str | None, extra: tuple[str, ...], max_lora_rank: int | None = None,
           options: VLLMOptions | None = None) -> int:
-    """Run the server in the foreground (Ctrl-C stops it); return its exit code."""
+    """Run the server in the foreground until it ends or this process gets SIGTERM, SIGINT (Ctrl-C) or
+    SIGHUP (run_server); return its exit status."""
     import importlib.util
-    import subprocess
 
     if importlib.util.find_spec("vllm") is None:
         raise ModuleNotFoundError("serve needs vLLM: pip install 'iclsft-eval[cpu]' (CPU) or 'iclsft-eval[gpu]'")
@@ -214,7 +220,72 @@ def serve(run_dir: str | Path, *, host: str, port: int, api_key: str | None, all
                 url, key, run_dir, example, url, key, run_dir)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         logger.warning("bound to %s without --api-key: anyone who can reach this port can use the server", host)
-    return subprocess.call(cmd, env=env)
+    return run_server(cmd, env)
+
+
+def run_server(cmd: list[str], env: dict[str, str], grace_s: float = STOP_GRACE_S) -> int:
+    """Run the server in a process group of its own and stop all of it with this process: SIGTERM,
+    SIGINT and SIGHUP are passed on to the group (SIGHUP as SIGTERM), whatever is left of it after
+    `grace_s` is killed, and so is anything the server leaves behind when it ends (its engine
+    processes); if this process is killed outright, so is the server (_die_with_parent).
+    Returns the server's exit code, or 128 + the signal that ended it (as a shell does)."""
+    import signal
+    import subprocess
+    import time
+
+    parent = os.getpid()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                            preexec_fn=functools.partial(_die_with_parent, parent))
+    stop: list[tuple[int, float]] = []
+
+    def forward(signum, _frame) -> None:
+        if not stop:
+            stop.append((signum, time.monotonic()))
+            logger.info("%s: stopping the server (up to %g s)", signal.Signals(signum).name, grace_s)
+        _signal_group(proc.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    caught = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in caught}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if stop and time.monotonic() - stop[0][1] > grace_s:
+                    logger.warning("the server did not stop within %g s: killed", grace_s)
+                    _signal_group(proc.pid, signal.SIGKILL)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _signal_group(proc.pid, signal.SIGKILL)  # engine processes the server left behind, if any
+        if proc.poll() is None:
+            proc.wait()
+    code = 128 - code if code < 0 else code
+    logger.info("the server ended with exit status %d%s", code,
+                f" after {signal.Signals(stop[0][0]).name}" if stop else "")
+    return code
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the server's process, before it starts: SIGKILL when this process dies, even by SIGKILL (Linux
+    prctl PR_SET_PDEATHSIG), since the server's own process group does not share its fate. SIGKILL, not
+    SIGTERM: vLLM's graceful stop goes on serving its open requests, while a CLI killed outright means
+    the server is gone (its engine processes watch it and end too)."""
+    import ctypes
+    import signal
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # it died before the call
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone
 
 
 def _has_gpu() -> bool:

@@ -255,6 +255,8 @@ def test_serve_command_registers_every_adapter(tmp_path, fake_base):
     assert option("--dtype") == "bfloat16"
     assert "--enable-lora" in cmd
     assert option("--max-lora-rank") == "16"  # the largest rank, 12, rounded up to a rank vLLM accepts
+    if not torch.cuda.is_available():  # LoRA on a CPU server: prompt log-probs one at a time (vLLM #16668)
+        assert option("--middleware") == "iclsft.engine.vllm_guard.PromptLogprobsGuard"
     start = cmd.index("--lora-modules") + 1
     assert cmd[start:-2] == [f"linear2d-a45-K10-lora-s0={(run / ADAPTERS_DIR / ('a1' * 10)).resolve()}",
                              f"linear2d-a30-K10-lora-s0={(run / ADAPTERS_DIR / ('c3' * 10)).resolve()}"]
@@ -267,7 +269,7 @@ def test_serve_command_without_adapters(tmp_path, fake_base):
     assert adapters == []
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert cmd[cmd.index("--dtype") + 1] == "float32"
-    assert "--enable-lora" not in cmd and "--lora-modules" not in cmd
+    assert "--enable-lora" not in cmd and "--lora-modules" not in cmd and "--middleware" not in cmd
     assert cmd[cmd.index("--block-size") + 1] == "32"  # on CPUs: vLLM's 128-token default recomputes more
     cmd, _ = serve_command(run, extra=("--block-size", "64"))
     assert cmd.count("--block-size") == 1 and cmd[-2:] == ["--block-size", "64"]
@@ -275,6 +277,7 @@ def test_serve_command_without_adapters(tmp_path, fake_base):
     # runtime loading needs LoRA enabled even with nothing registered
     cmd, _ = serve_command(run, allow_adapter_loading=True)
     assert "--enable-lora" in cmd and "--lora-modules" not in cmd
+    assert ("--middleware" in cmd) == (not torch.cuda.is_available())
     assert cmd[cmd.index("--max-lora-rank") + 1] == "8"
 
     # adapters of a larger rank, loaded later, need the room made for them at start

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from processes import marked
 
 from iclsft.arms import make_icl_spec, make_sft_spec, run_spec
 from iclsft.cli import main
@@ -46,10 +47,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run_dir: Path, port: int, log: Path) -> subprocess.Popen:
+def start_server(run_dir: Path, port: int, log: Path, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "iclsft.cli", "serve", str(run_dir), "--port", str(port), "--api-key", KEY,
            "--allow-adapter-loading"]
-    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 60
+    while not port_free(port) and time.time() < deadline:  # a server stopped just before may still hold it
+        time.sleep(0.5)
+    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.time() + START_TIMEOUT
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -63,6 +67,16 @@ def start_server(run_dir: Path, port: int, log: Path) -> subprocess.Popen:
             time.sleep(2)
     stop_server(proc)
     pytest.fail(f"the server did not answer within {START_TIMEOUT} s:\n{log.read_text()[-3000:]}")
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def stop_server(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
@@ -244,6 +258,99 @@ def test_vllm_server_run_matches_hf_then_survives_a_server_kill(server, tmp_path
     a = pd.read_parquet(out / "conditions" / cond.dirname / "scores.parquet")
     b = pd.read_parquet(tmp_path / "hf3" / "conditions" / cond.dirname / "scores.parquet")
     np.testing.assert_allclose(a[["lp_0", "lp_1"]], b[["lp_0", "lp_1"]], rtol=0, atol=ATOL)
+
+
+def post(server, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"{server['url']}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def hf_prompt_logprobs(run_dir: Path, prompts: list[list[int]], adapter: Path | None) -> list[np.ndarray]:
+    """log p(token t | tokens before t) for t >= 1 of each prompt: a plain forward of the base model, or of
+    the base model with the adapter (peft), fp32."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_base_model(run_dir)[1], dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+            out.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy())
+    return out
+
+
+def test_echo_batches_on_a_lora_server_are_answered_and_equal_hf(server):
+    """vLLM on CPU with LoRA on dies when several prompt-log-prob sequences share an engine step (vLLM
+    #16668; a 12-prompt echo request, or one echoed prompt beside running generations, killed it here).
+    Through serve's guard (iclsft.engine.vllm_guard) both are answered, each prompt's log-probs equal a
+    plain hf forward, and the server goes on answering."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer
+
+    (adapter,) = run_adapters(server["run"])
+    tokenizer = AutoTokenizer.from_pretrained(run_base_model(server["run"])[1])
+    prompts = [tokenizer(f"{i} {90 - i} -> Baz\n{i + 7} {i} ->")["input_ids"] for i in range(12)]
+    reference = {}
+    for model, path in (("smollm2-135m", None), (adapter.name, adapter.path)):
+        status, answer = post(server, {"model": model, "prompt": prompts, "echo": True, "logprobs": 1,
+                                       "max_tokens": 1, "temperature": 0})
+        assert status == 200, answer
+        assert [c["index"] for c in answer["choices"]] == list(range(12))
+        want = hf_prompt_logprobs(server["run"], prompts, path)
+        reference[model] = want
+        for ids, choice, ref in zip(prompts, answer["choices"], want):
+            got = choice["logprobs"]["token_logprobs"]
+            assert got[0] is None
+            np.testing.assert_allclose(got[1:len(ids)], ref, rtol=0, atol=ATOL)
+        assert answer["usage"]["prompt_tokens"] == sum(len(p) for p in prompts)
+
+    generate = {"model": "smollm2-135m", "prompt": "Count: 1 2 3", "max_tokens": 24, "temperature": 0}
+    echo = {"model": adapter.name, "prompt": prompts[0], "echo": True, "logprobs": 0, "max_tokens": 1}
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda body: post(server, body), [generate, generate, echo, generate]))
+    assert [status for status, _ in answers] == [200] * 4, answers
+    np.testing.assert_allclose(answers[2][1]["choices"][0]["logprobs"]["token_logprobs"][1:len(prompts[0])],
+                               reference[adapter.name][0], rtol=0, atol=ATOL)
+    assert len({a["choices"][0]["text"] for i, (_, a) in enumerate(answers) if i != 2}) == 1  # greedy, same prompt
+
+
+def test_prompt_logprob_requests_that_cannot_run_alone_are_refused_clearly(server):
+    for extra, words in (({"n": 2}, "n=2"), ({"stream": True}, "stream=true")):
+        status, answer = post(server, {"model": "smollm2-135m", "prompt": ["1 2 ->", "3 4 ->"], "echo": True,
+                                       "logprobs": 1, "max_tokens": 1, **extra})
+        assert status == 400 and words in answer["error"]["message"] and "16668" in answer["error"]["message"]
+    status, answer = post(server, {"model": "smollm2-135m", "prompt": ["1 2 ->", "3 4 ->"], "max_tokens": 2, "n": 2})
+    assert status == 200 and len(answer["choices"]) == 4  # without prompt log-probs nothing is changed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_stops_everything_on_a_signal(run_dir, tmp_path, sig):
+    """`kill PID` (or Ctrl-C) of `iclsft-eval serve` ends the vLLM server and its engine processes: within
+    30 s no process of it is left (found by an environment variable every descendant inherits) and the
+    port can be bound again."""
+    port, mark = free_port(), f"serve-stop-{sig.name}-{os.getpid()}"
+    proc = start_server(run_dir, port, tmp_path / "server.log", env={**os.environ, "ICLSFT_TEST_MARK": mark})
+    assert len(marked(mark)) >= 3  # the CLI, vLLM's API server, its engine core
+    os.kill(proc.pid, sig)  # the CLI alone, not its process group
+    proc.wait(timeout=60)
+    deadline = time.time() + 30
+    while marked(mark) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not marked(mark), (marked(mark), (tmp_path / "server.log").read_text()[-2000:])
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds (TIME_WAIT may remain)
+        s.bind(("127.0.0.1", port))
+    assert f"after {sig.name}" in (tmp_path / "server.log").read_text()
 
 
 def finished(out: Path) -> list[Path]:

@@ -66,9 +66,7 @@ def launched(monkeypatch) -> list[tuple[list[str], dict]]:
         calls.append((cmd, env))
         return 0
 
-    import subprocess
-
-    monkeypatch.setattr(subprocess, "call", call)
+    monkeypatch.setattr(serve_mod, "run_server", call)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
     monkeypatch.setattr(serve_mod, "_has_gpu", lambda: False)
     return calls

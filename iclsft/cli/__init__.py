@@ -5,6 +5,6 @@ compare, report, claims, rsa, circuits), serving (serve, query), tools (bench, m
 """
 
 from iclsft.cli import arms, results, serving, tools  # noqa: F401 (each module registers its commands)
-from iclsft.cli.app import main
+from iclsft.cli.app import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from iclsft.cli import main
+from iclsft.cli import run
 
-sys.exit(main())
+sys.exit(run())
