@@ -187,6 +187,35 @@ def test_drop_full_weights_after_scoring_and_rsa(tiny_model_dir, tmp_path):
     assert run_graph(cfg, drop_full_weights=True).works == []  # nothing needs them again
 
 
+def test_full_weights_stay_while_a_condition_that_reads_them_failed(tiny_model_dir, tmp_path, monkeypatch):
+    """A condition that fails inside a scoring work that otherwise succeeded keeps its checkpoint's weights
+    (they were dropped, so a rerun had to train again): the rerun scores it from them, trains nothing,
+    and only then are they dropped."""
+    from iclsft.arms.runner import ArmBase
+
+    cfg = config(tiny_model_dir, tmp_path / "out", methods=["full"], shots=[1], orders=["random"],
+                 checkpoints=[0.5, 1.0], rsa=False)
+    real, calls = ArmBase.outcome, []
+
+    def first_fails(self, cond, checkpoint=None, record=None):
+        calls.append(cond.id)
+        if len(calls) == 1:
+            raise ValueError("scoring went wrong once")
+        return real(self, cond, checkpoint, record)
+
+    monkeypatch.setattr(ArmBase, "outcome", first_fails)
+    graph = run_graph(cfg, drop_full_weights=True)
+    run = model_dir(cfg.out, cfg.models[0])
+    assert sorted(r["status"] for r in records(run).values()) == ["error", "ok"] and graph.failures
+    by_status = {r["status"]: run / "adapters" / r["checkpoint_dir"] for r in records(run).values()}
+    assert list(by_status["error"].glob("*.safetensors"))  # kept for the failed condition
+    assert not list(by_status["ok"].glob("*.safetensors"))  # its checkpoint at the other fraction: done, dropped
+    rerun = run_graph(cfg, drop_full_weights=True)
+    assert not rerun.failures and [w.role for w in rerun.works].count("trainer") == 0
+    assert {r["status"] for r in records(run).values()} == {"ok"}
+    assert not list(by_status["error"].glob("*.safetensors"))  # every condition is scored now: dropped
+
+
 def test_an_interrupted_graph_says_so_and_resumes(tiny_model_dir, tmp_path):
     cfg = config(tiny_model_dir, tmp_path / "out", methods=["icl", "lora"], orders=["random"])
 

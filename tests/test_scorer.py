@@ -112,3 +112,38 @@ def test_an_engine_that_cannot_swap_weights_opens_one_per_checkpoint_and_never_t
     scorer.close()
     assert opened == ckpts[:2] and closed == ckpts[:2] and scorer.starts == 2
     assert str(ref.path) not in opened
+
+
+def test_a_swap_with_adapters_still_loaded_takes_them_out_and_scores_right(full_run, smollm_tokenizer, tmp_path):
+    """A sweep's scorer keeps its recent LoRA adapters loaded (the Ray scorer releases one only as it leaves
+    its last KEEP_CHECKPOINTS): a full fine-tune swapped in then must neither fail (it did: "swap weights
+    only into a base model without adapters", 3 conditions of a reproduction run) nor mix with them. The
+    full checkpoint scores as on an engine of its own, and the adapter afterwards as it did before."""
+    out, spec, ref, _ = full_run
+    lora, _ = make_sft_spec(model=str(ref.path), angles=(45.0,), shots=(1,), grid_step=20,
+                            sft=sft_spec("lora", epochs=1, min_steps=4, lr=1e-2), executor=ExecutorSpec(name="local"),
+                            engine=EngineSpec(name="hf"))
+    run_spec(lora, tmp_path / "lora", ref, progress=False)
+    adapter = next(p for p in (tmp_path / "lora" / "adapters").iterdir() if not p.name.startswith("."))
+    full = next(p for p in (out / "adapters").iterdir() if not p.name.startswith("."))
+    builder = next(iter(prompt_builders(smollm_tokenizer, spec.template, spec.tasks).values()))
+    start, queries = builder.start(), builder.queries([10, 60, 90], [20, 40, 5])
+    scorer = Scorer(EngineSpec(name="hf"), ref, "float32", progress=False)
+    try:
+        engine, name = scorer.checkpoint(adapter, lora=True)
+        with_adapter = engine.score(start, queries, builder.label_ids, adapter=name)
+        base = engine.score(start, queries, builder.label_ids)
+        engine, _ = scorer.checkpoint(full, lora=False)  # the adapter is still loaded
+        tuned = engine.score(start, queries, builder.label_ids)
+        engine, name = scorer.checkpoint(adapter, lora=True)
+        again = engine.score(start, queries, builder.label_ids, adapter=name)
+        assert scorer.starts == 1
+    finally:
+        scorer.close()
+    fresh = open_engine(EngineSpec(name="hf"), full, "float32", progress=False)
+    try:
+        np.testing.assert_array_equal(tuned, fresh.score(start, queries, builder.label_ids))
+    finally:
+        fresh.close()
+    np.testing.assert_array_equal(again, with_adapter)
+    assert np.abs(with_adapter - base).max() > 1e-4 and np.abs(tuned - base).max() > 1e-4

@@ -98,13 +98,17 @@ class HFEngine(Engine):
 
     def load_weights(self, path: str | Path) -> None:
         """Copy the weights of the full fine-tune saved in `path` (safetensors, as `save_pretrained`
-        writes them) into the live model, cast to its dtype; the prefix caches are dropped. Every parameter
-        must be in the files, except those tied to one that is (the output head to the embeddings)."""
+        writes them) into the live model, cast to its dtype; loaded adapters and the prefix caches are
+        dropped. Every parameter must be in the files, except those tied to one that is (the output head
+        to the embeddings)."""
         self._require_open()
         from safetensors.torch import load_file
 
         if self.model is not self.base:
-            raise ValueError("swap weights only into a base model without adapters (full fine-tunes)")
+            # LoRA adapters still loaded (a sweep's scorer keeps its recent ones): they belong to the base
+            # weights this swap replaces, so they are taken out; one used again is read from its directory
+            self.base = self.model.unload()
+            self.model = self.base
         files = sorted(Path(path).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors weights in {path}")

@@ -252,7 +252,7 @@ class GraphRun:
         path = Path(done.work.id.split("|circuits|")[0])
         run = self.runs[path]
         if task.checkpoint is not None:
-            self._used(str(run.path / ADAPTERS_DIR / task.checkpoint), done.error)
+            self._used(str(run.path / ADAPTERS_DIR / task.checkpoint), done.error is not None)
         if done.error is not None:
             error = done.error.strip().splitlines()[-1]
             self.failures.append(f"{run.path.parent.name} circuits {task.task} {task.state}: {error}")
@@ -338,7 +338,7 @@ class GraphRun:
                     info = self.trained.get(work.needs[0], {}) if work.needs else {"trained": False}
                     note = training_note(info, a.shared.get(cond.id))
                 a.state.done(cond, outcome, note, seconds, done.host)
-            self._used(self._ckpt(a, task.checkpoint), done.error)
+            self._used(self._ckpt(a, task.checkpoint), any(outcome is None for outcome, _ in results))
         a.left -= 1
         if a.left == 0:
             self._finish(a)
@@ -348,10 +348,11 @@ class GraphRun:
 
         task = _task(done.work)
         run = a.state.run
-        self._used(self._ckpt(a, task.checkpoint), done.error)
         if done.worker == "-":  # its scoring or training failed: recorded there, nothing was computed
+            self._used(self._ckpt(a, task.checkpoint), True)
             return
         results = done.result if done.error is None else [(None, None, done.error)] * len(task.conds)
+        self._used(self._ckpt(a, task.checkpoint), any(npz is None for npz, _, _ in results))
         for cond, (npz, summary, seconds) in zip(task.conds, results):
             if not run.is_done(cond):  # its scoring failed: recorded there
                 continue
@@ -370,13 +371,14 @@ class GraphRun:
     def _ckpt(a: _Arm, checkpoint: str | None) -> str | None:
         return str(a.state.run.path / ADAPTERS_DIR / checkpoint) if checkpoint else None
 
-    def _used(self, ckpt: str | None, error: str | None) -> None:
-        """One work less using a full checkpoint; its weights are dropped once all have succeeded."""
+    def _used(self, ckpt: str | None, failed: bool) -> None:
+        """One work less using a full checkpoint; its weights are dropped once all have succeeded, every
+        condition of each included (a rerun of a failed one reads them again instead of training anew)."""
         if not self.drop or ckpt not in self.users:
             return
         entry = self.users[ckpt]
         entry[0] -= 1
-        entry[1] = entry[1] or error is not None
+        entry[1] = entry[1] or failed
         if entry[0] == 0:
             del self.users[ckpt]
             if not entry[1]:
