@@ -53,8 +53,8 @@ def _small(**extra) -> dict:
                 max_position_embeddings=8192, initializer_range=0.2, **extra)
 
 
-def make_model(kind: str, vocab: int, window: int):
-    """A random 2-4 layer model of family `kind` whose window is `window` tokens."""
+def make_model(kind: str, vocab: int, window: int, **extra):
+    """A random 2-4 layer model of family `kind` whose window is `window` tokens (`extra`: config fields)."""
     from transformers import (
         Gemma3ForCausalLM,
         Gemma3TextConfig,
@@ -70,7 +70,7 @@ def make_model(kind: str, vocab: int, window: int):
     elif kind == "gemma3":  # local, global, local, global
         config = Gemma3TextConfig(vocab_size=vocab, num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=16,
                                   sliding_window=window, layer_types=["sliding_attention", "full_attention"] * 2,
-                                  **_small())
+                                  **_small(**extra))
         cls = Gemma3ForCausalLM
     elif kind == "qwen2":  # layer 0 full, layers 1-2 windowed (max_window_layers)
         config = Qwen2Config(vocab_size=vocab, num_hidden_layers=3, use_sliding_window=True, sliding_window=window,
@@ -369,18 +369,28 @@ def test_engine_spec_device_map_option(monkeypatch, tmp_path):
     assert seen["device_map"] == "balanced"
 
 
-def test_generation_refuses_a_window_the_prompt_outgrows_and_runs_within_it(models, ids):
-    """Greedy generation's step masks do not slide: past the window it refuses by name; within the
-    window it generates what a plain greedy loop through the model's own attention generates."""
-    model = models[("mistral", 16)]
-    engine = HFEngine(model, token_budget=64, progress=False)
-    prompt = ids["prefix"][4][:40]  # the K=4 prompt: 83 tokens, longer than the window
-    with pytest.raises(ValueError, match="sliding-window attention: the model's window is 16 tokens"):
-        engine.generate(prompt[:30], [prompt[30:34]], stop_ids=[], max_new_tokens=4)
-    short = prompt[:6]
-    got = engine.generate(short[:3], [short[3:]], stop_ids=[], max_new_tokens=4)
-    seq = list(short)
-    for _ in range(4):  # independent reference: the model's own forward, one token at a time
+def _greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """Independent reference: the model's own forward (its own sliding-window masks), one token at a time."""
+    seq = list(prompt)
+    for _ in range(steps):
         with torch.no_grad():
             seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
-    assert got == [seq[len(short):]]
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("kind,window", MODELS)
+def test_generation_applies_the_window_past_it(models, ids, kind, window):
+    """Greedy generation with a prompt 2-5x the window and answers that run on past it: queries sharing
+    their first tokens (one tree), the model's own greedy loop as reference, and the same weights without
+    the window generating something else (so the test can fail)."""
+    # Gemma's tied head over its scaled embeddings repeats the last token whatever it attends to
+    model = make_model(kind, ids["vocab"], window, tie_word_embeddings=False) if kind == "gemma3" else models[(kind, window)]
+    engine = HFEngine(model, token_budget=64, progress=False)
+    prompt = ids["prefix"][4]
+    prefix, queries, steps = prompt[:3 * window], [ids["queries"][i] for i in (0, 1, 2, 5)], window + 4
+    got = engine.generate(prefix, queries, stop_ids=[], max_new_tokens=steps)
+    expected = [_greedy(model, prefix + q, steps) for q in queries]
+    assert got == expected
+    ignoring = [_greedy(_unwindowed(model), prefix + q, steps) for q in queries]
+    assert ignoring != expected
+    assert engine.generate([], queries[:1], stop_ids=[], max_new_tokens=steps) == [_greedy(model, queries[0], steps)]

@@ -6,10 +6,16 @@ nodes. One forward over the tree gives each query's first token; then each step 
 per unfinished query to the same batch-1 cache, the mask letting it see the prefix, its query's
 ancestors and its own earlier tokens. Nothing is copied per query: the prefix is never expanded,
 and one step reads every weight once for all queries of the batch.
+
+Sliding-window layers (engine/windows.py) get their own masks: a cache column is visible to a token at
+position p only if its position is above p - window (each column's position is kept: prefix tokens,
+tree nodes at P + depth, generated tokens where they were appended). The cache keeps full layers, so
+every layer's mask covers every column.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,30 +25,20 @@ from iclsft.engine import windows
 from iclsft.engine.prefix_kv import KV, as_cache
 
 
-def check_windows(layer_windows: Sequence[int | None], longest: int) -> None:
-    """Refuse generation whose prompt + answer (`longest` tokens) outgrows a sliding window: the step
-    masks below are plain causal-tree masks, and past the window they would let a token see keys the
-    model's own attention hides."""
-    narrowest = min((w for w in layer_windows if w is not None), default=None)
-    if narrowest is not None and windows.cuts(narrowest, 0, longest - 1):
-        raise ValueError(f"greedy generation does not apply sliding-window attention: the model's window is "
-                         f"{narrowest} tokens and prompt + answer reach {longest}; use a shorter prompt (fewer "
-                         "shots) or a model without sliding-window layers")
-
-
 def decode(model, kv: KV, prefix_len: int, tokens: Sequence[int], depth: Sequence[int], tree: np.ndarray,
            last: Sequence[int], stop_ids: torch.Tensor, max_new_tokens: int, *, device,
-           keyword: str) -> list[list[int]]:
+           keyword: str, layer_windows: Sequence[int | None] = (None,), config=None) -> list[list[int]]:
     """Greedy tokens after each query of one packed tree (`tokens`, `depth`, ancestor mask `tree`;
     `last`: each query's last node), up to a token in `stop_ids` (left out) or `max_new_tokens`.
-    `keyword`: the model's cache keyword (engine/prefix_kv.py)."""
+    `keyword`: the model's cache keyword (engine/prefix_kv.py); `layer_windows`: each layer's sliding
+    window (None: full attention), `config` the model's (needed when layers differ)."""
     n = len(tokens)
+    mask = windows.model_masks(config, layer_windows, prefix_len, depth, tree, device)
     tree = torch.from_numpy(tree)
-    mask = torch.cat([torch.ones(n, prefix_len, dtype=torch.bool), tree], dim=1)
     cache = as_cache(kv)  # batch 1, full layers; every step appends to it
     output = model(input_ids=torch.tensor([list(tokens)], device=device),
                    position_ids=torch.tensor([list(depth)], device=device) + prefix_len,
-                   attention_mask=mask[None, None].to(device), use_cache=True, **{keyword: cache},
+                   attention_mask=mask, use_cache=True, **{keyword: cache},
                    logits_to_keep=torch.tensor(list(last), device=device))
     token = output.logits[0].argmax(-1).cpu()
     rows = len(last)
@@ -51,6 +47,7 @@ def decode(model, kv: KV, prefix_len: int, tokens: Sequence[int], depth: Sequenc
     ancestors = tree[list(last)]  # (rows, n): each row's query path
     position = np.array([depth[node] + 1 for node in last]) + prefix_len
     width = prefix_len + n
+    columns = [torch.arange(prefix_len), torch.as_tensor(np.asarray(depth, dtype=np.int64)) + prefix_len]
     active = list(range(rows))
     for step in range(max_new_tokens):
         stopped = torch.isin(token, stop_ids).tolist()
@@ -70,10 +67,24 @@ def decode(model, kv: KV, prefix_len: int, tokens: Sequence[int], depth: Sequenc
             step_mask[i, width + i] = True
             own[r].append(width + i)
         active = [r for r, _ in active_next]
+        at = torch.from_numpy(position[active])  # the new tokens' positions
+        columns.append(at)
+        seen = torch.cat(columns)  # each cache column's position, the new tokens' included
         output = model(input_ids=torch.tensor([[t for _, t in active_next]], device=device),
-                       position_ids=torch.from_numpy(position[active])[None].to(device),
-                       attention_mask=step_mask[None, None].to(device), use_cache=True, **{keyword: cache})
+                       position_ids=at[None].to(device),
+                       attention_mask=windows.per_layer(config, layer_windows,
+                                                        functools.partial(_within, step_mask, seen, at, device=device)),
+                       use_cache=True, **{keyword: cache})
         token = output.logits[0, :, :].argmax(-1).cpu()
         position[active] += 1
         width += a
     return new
+
+
+def _within(mask: torch.Tensor, columns: torch.Tensor, rows: torch.Tensor, window: int | None, *,
+            device) -> torch.Tensor:
+    """[1, 1, a, width]: `mask` where each row (a token at position `rows[i]`) also sees only the columns
+    whose positions are inside its window."""
+    if window is not None:
+        mask = mask & (columns[None, :] > rows[:, None] - window)
+    return mask[None, None].to(device)

@@ -261,7 +261,6 @@ class HFEngine(Engine):
         self._require_open()
         if not queries:
             return []
-        generate.check_windows(self.windows, len(prefix) + max(len(q) for q in queries) + max_new_tokens)
         key = self._activate(adapter)
         stop = torch.tensor(sorted({int(t) for t in stop_ids}), dtype=torch.long)
         out: list[list[int]] = [[] for _ in queries]
@@ -271,7 +270,8 @@ class HFEngine(Engine):
                 index = [q for q, _ in batch.reads]
                 last = [per_label[0][0][0] for _, per_label in batch.reads]
                 new = generate.decode(self.model, kv, len(prefix), batch.tokens, batch.depth, batch.ancestor_mask(),
-                                      last, stop, max_new_tokens, device=self.device, keyword=self.cache_keyword)
+                                      last, stop, max_new_tokens, device=self.device, keyword=self.cache_keyword,
+                                      layer_windows=self.windows, config=self.base.config)
                 for q, tokens in zip(index, new):
                     out[q] = tokens
         return out

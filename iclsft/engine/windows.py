@@ -160,8 +160,14 @@ def model_masks(config, windows: Sequence[int | None], prefix_len: int, depth: S
                 ancestors: np.ndarray, device) -> torch.Tensor | dict[str, torch.Tensor]:
     """The `attention_mask` argument for one packed forward: a [1, 1, n, P + n] mask when every layer
     sees the same, else a dict by layer type (the form transformers' models with `layer_types` take)."""
+    return per_layer(config, windows, lambda w: tree_mask(prefix_len, depth, ancestors, w)[None, None].to(device))
+
+
+def per_layer(config, windows: Sequence[int | None], mask_for) -> torch.Tensor | dict[str, torch.Tensor]:
+    """`mask_for(window)` for each distinct window of the layers: one mask when every layer has the same
+    window, else a dict by layer type."""
     distinct = sorted(set(windows), key=lambda w: -1 if w is None else w)
-    masks = {w: tree_mask(prefix_len, depth, ancestors, w)[None, None].to(device) for w in distinct}
+    masks = {w: mask_for(w) for w in distinct}
     if len(distinct) == 1:
         return masks[distinct[0]]
     types = config.get_text_config(decoder=True).layer_types
