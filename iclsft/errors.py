@@ -16,6 +16,10 @@ class SpecMismatchError(ValueError):
     """The run directory holds results of a different spec."""
 
 
+class DeletedCheckpointError(ValueError):
+    """Work needs a checkpoint that its run deleted on purpose (`checkpoints_keep`)."""
+
+
 OOM_SCORING = ("lower --token-budget (tokens per forward pass of the hf engine; sweep: engine_options.token_budget), "
                "or for vllm --gpu-memory-utilization / --kv-cache-gib")
 

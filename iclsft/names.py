@@ -8,3 +8,4 @@ RECIPES = ("ours", "original")  # the implicit suite's fine-tuning recipes
 ENGINES = ("hf", "vllm", "vllm-server")
 ENGINE_CHOICES = ("auto", *ENGINES)  # "auto": vllm on a GPU where vLLM is installed, else hf
 DTYPES = ("float32", "bfloat16")
+CHECKPOINTS_KEEP = ("all", "final", "none")  # full fine-tunes' checkpoints kept: every one, each training's last, none

@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from iclsft.names import CHECKPOINTS_KEEP
 from iclsft.tasks import registry
 
 HASH_VERSION = "v1"
@@ -411,8 +412,11 @@ class SftRunSpec(RunSpecBase):
     sft: SftSpec = SftSpec()
     checkpoints: tuple[float, ...] = (1.0,)
     executor: ExecutorSpec = ExecutorSpec()
+    # what is kept of full fine-tunes once read (iclsft.sft.retention); not part of any identity
+    checkpoints_keep: Literal[CHECKPOINTS_KEEP] = "all"
+    retrain_deleted: bool = False
 
-    TRANSPORT: ClassVar[set[str]] = {"engine", "executor", "tokens"}
+    TRANSPORT: ClassVar[set[str]] = {"engine", "executor", "tokens", "checkpoints_keep", "retrain_deleted"}
 
     @field_validator("checkpoints")
     @classmethod

@@ -173,18 +173,72 @@ def test_a_failed_training_fails_its_conditions_only_and_a_rerun_trains_it(tiny_
     assert all(r["status"] == "ok" for r in records(run).values())
 
 
-def test_drop_full_weights_after_scoring_and_rsa(tiny_model_dir, tmp_path):
-    cfg = config(tiny_model_dir, tmp_path / "out", methods=["full"], shots=[1], orders=["random"])
-    run_graph(cfg, drop_full_weights=True)
+def weights(ckpt: Path) -> list[str]:
+    return sorted(f.name for f in ckpt.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("policy", ["none", "final"])
+def test_checkpoints_keep_deletes_once_scored_and_rsa_done(tiny_model_dir, tmp_path, policy):
+    """`none` deletes both checkpoints of each full fine-tune, `final` the half-way one, each once its
+    scoring and RSA are written; metrics and RSA equal those of `all`; the marker says what was deleted,
+    with the files' checksums; a rerun computes nothing, and the LoRA arm keeps its adapters."""
+    from iclsft.rsa.run import load_rsa
+
+    common = dict(methods=["lora", "full"], shots=[1], orders=["random"], checkpoints=[0.5, 1.0])
+    kept = config(tiny_model_dir, tmp_path / "all", **common)
+    cfg = config(tiny_model_dir, tmp_path / policy, checkpoints_keep=policy, **common)
+    assert not run_graph(kept).failures and not run_graph(cfg).failures
+    a, b = model_dir(kept.out, kept.models[0]), model_dir(cfg.out, cfg.models[0])
+    timing = ["seconds", "train_seconds", "trained_now", "finished"]
+    ta, tb = (pd.read_parquet(d / "metrics.parquet").drop(columns=timing, errors="ignore") for d in (a, b))
+    pd.testing.assert_frame_equal(ta, tb, check_exact=True)
+    assert records(b) and all(rec["status"] == "ok" for rec in records(b).values())
+    for cdir in b.glob("conditions/*/"):
+        twin = a / "conditions" / cdir.name
+        got, want = load_rsa(cdir), load_rsa(twin)
+        assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    for ckpt in sorted(p for p in (b / "adapters").iterdir() if is_finished(p)):
+        marker = read_marker(ckpt)
+        if marker["method"] == "lora":
+            assert checkpoint_problem(ckpt) is None  # adapters are always kept
+            continue
+        twin = read_marker(a / "adapters" / ckpt.name)
+        assert marker["files"] == twin["files"]  # sizes and sha256 of what was scored, kept
+        if policy == "final" and marker["fraction"] == 1.0:
+            assert weights(ckpt) == ["model.safetensors"] and "deleted" not in marker
+            continue
+        assert weights(ckpt) == [] and marker["deleted"]["policy"] == policy
+        assert marker["deleted"]["files"] == ["model.safetensors"]
+        assert "deleted on purpose" in checkpoint_problem(ckpt) and "--retrain-deleted" in checkpoint_problem(ckpt)
+    rerun = run_graph(cfg)
+    assert rerun.works == [] and not rerun.failures  # nothing needs them again, nothing is called damaged
+    assert not list((b / "adapters").glob(".damaged-*"))
+
+
+def test_work_that_needs_a_deleted_checkpoint_is_refused_or_retrained(tiny_model_dir, tmp_path):
+    """RSA asked for after the checkpoints were deleted: refused in one line naming the option;
+    with retrain_deleted the model is trained again, its conditions scored again (equal scores) and
+    their RSA computed, then deleted again."""
+    from iclsft.errors import DeletedCheckpointError
+
+    cfg = config(tiny_model_dir, tmp_path / "out", methods=["full"], shots=[1], orders=["random"], rsa=False,
+                 checkpoints_keep="none")
+    run_graph(cfg)
     run = model_dir(cfg.out, cfg.models[0])
-    (ckpt,) = [d for d in (run / "adapters").iterdir() if is_finished(d)]
-    assert not list(ckpt.glob("*.safetensors"))
-    assert read_marker(ckpt)["weights_dropped"] == ["model.safetensors"]
-    assert "weights dropped" in checkpoint_problem(ckpt)
-    (cdir,) = run.glob("conditions/*/")
-    assert json.loads((cdir / "record.json").read_text())["status"] == "ok"
-    assert json.loads((cdir / "rsa.json").read_text())["status"] == "ok"  # RSA read the weights before the drop
-    assert run_graph(cfg, drop_full_weights=True).works == []  # nothing needs them again
+    before = {n: r["metrics"] for n, r in records(run).items()}
+    with_rsa = cfg.model_copy(update={"rsa": True})
+    with pytest.raises(DeletedCheckpointError, match=r"RSA of .* needs checkpoint \w+, deleted on purpose "
+                                                     r"\(checkpoints_keep: none on .*--retrain-deleted"):
+        run_graph(with_rsa)
+    graph = run_graph(with_rsa.model_copy(update={"retrain_deleted": True}))
+    assert not graph.failures and [w.role for w in graph.works].count("trainer") == 1
+    after = records(run)
+    assert {n: r["metrics"] for n, r in after.items()} == before
+    for cdir in run.glob("conditions/*/"):
+        assert json.loads((cdir / "rsa.json").read_text())["status"] == "ok"
+    (ckpt,) = [p for p in (run / "adapters").iterdir() if is_finished(p)]
+    assert weights(ckpt) == [] and read_marker(ckpt)["deleted"]["policy"] == "none"
+    assert len(list(run.glob(".redo/*/record.json"))) == 1  # the first scoring, set aside, kept for inspection
 
 
 def test_full_weights_stay_while_a_condition_that_reads_them_failed(tiny_model_dir, tmp_path, monkeypatch):
@@ -194,7 +248,7 @@ def test_full_weights_stay_while_a_condition_that_reads_them_failed(tiny_model_d
     from iclsft.arms.runner import ArmBase
 
     cfg = config(tiny_model_dir, tmp_path / "out", methods=["full"], shots=[1], orders=["random"],
-                 checkpoints=[0.5, 1.0], rsa=False)
+                 checkpoints=[0.5, 1.0], rsa=False, checkpoints_keep="none")
     real, calls = ArmBase.outcome, []
 
     def first_fails(self, cond, checkpoint=None, record=None):
@@ -204,13 +258,13 @@ def test_full_weights_stay_while_a_condition_that_reads_them_failed(tiny_model_d
         return real(self, cond, checkpoint, record)
 
     monkeypatch.setattr(ArmBase, "outcome", first_fails)
-    graph = run_graph(cfg, drop_full_weights=True)
+    graph = run_graph(cfg)
     run = model_dir(cfg.out, cfg.models[0])
     assert sorted(r["status"] for r in records(run).values()) == ["error", "ok"] and graph.failures
     by_status = {r["status"]: run / "adapters" / r["checkpoint_dir"] for r in records(run).values()}
     assert list(by_status["error"].glob("*.safetensors"))  # kept for the failed condition
     assert not list(by_status["ok"].glob("*.safetensors"))  # its checkpoint at the other fraction: done, dropped
-    rerun = run_graph(cfg, drop_full_weights=True)
+    rerun = run_graph(cfg)
     assert not rerun.failures and [w.role for w in rerun.works].count("trainer") == 0
     assert {r["status"] for r in records(run).values()} == {"ok"}
     assert not list(by_status["error"].glob("*.safetensors"))  # every condition is scored now: dropped

@@ -140,13 +140,14 @@ def test_bad_backend_input_is_one_clear_error():
         VirtualBackend({"scorer": 1}).wait()
 
 
-def test_peak_of_full_checkpoints_dropped_once_their_works_end():
+def test_disk_of_full_checkpoints_per_policy():
     from iclsft.graph.simulate import Stand, _FullCheckpoints
 
-    # t=0-1 A trains; a1 scores A 1-6 on the one scorer while B trains 1-2: 100 + 50 B on disk; A is dropped
-    # at 6, B at 7 (b1: 6-7). A LoRA training's adapter is not counted.
-    works = [train("A", 1, payload=Stand("train", "m", "full", bytes=100)),
-             train("B", 1, payload=Stand("train", "m", "full", bytes=50)),
+    # t=0-1 A trains (2 checkpoints, 100 bytes); a1 scores A 1-6 on the one scorer while B (1 checkpoint, 50)
+    # trains 1-2: 150 on disk; under `none` A goes at 6, B at 7 (b1: 6-7); under `final` A keeps its last 50.
+    # A LoRA training's adapter is not counted.
+    works = [train("A", 1, payload=Stand("train", "m", "full", checkpoints=2, bytes=100)),
+             train("B", 1, payload=Stand("train", "m", "full", checkpoints=1, bytes=50)),
              train("L", 0.5, payload=Stand("train", "m", "lora", bytes=1000)),
              score("a1", 5, ("A",)), score("b1", 1, ("B",)), score("l1", 1, ("L",))]
     held = _FullCheckpoints(works)
@@ -154,11 +155,35 @@ def test_peak_of_full_checkpoints_dropped_once_their_works_end():
 
     def done(d):
         held.done(d)
-        ends.append((d.work.id, d.ended, held.now))
+        ends.append((d.work.id, d.ended, dict(held.now)))
 
     schedule(works, VirtualBackend({"trainer": 1, "scorer": 1}), done)
-    assert held.peak == 150
-    assert [(w, t, now) for w, t, now in ends if w in ("a1", "b1")] == [("a1", 6, 50), ("b1", 7, 0)]
+    assert held.disk() == {"all": (150, 150), "final": (150, 100), "none": (150, 0)}
+    assert [(w, t, now) for w, t, now in ends if w in ("a1", "b1")] == [
+        ("a1", 6, {"none": 50, "final": 100}), ("b1", 7, {"none": 0, "final": 100})]
+
+
+def test_full_checkpoints_in_flight_are_bounded():
+    """By hand, 2 trainer slots, 1 scorer, max_held 3: A (5 s, 2 checkpoints) and B (4 s, 1) start at 0;
+    at 4 trainer-1 is free but C (3 s, 1) would make 4 held, so the LoRA training L (holds nothing) takes
+    it (4-4.5); B's scoring (4-5) lets B go at 5, and C starts then (5-8). Without the bound C starts at 4.
+    With max_held 2, A alone holds 2: B and C wait until A's scoring lets it go (7)."""
+    def works():
+        return [train("A", 5, holds=2), train("B", 4, holds=1), train("C", 3, holds=1), train("L", 0.5),
+                score("a", 2, ("A",)), score("b", 1, ("B",)), score("c", 1, ("C",)), score("l", 0.5, ("L",))]
+
+    def ran(max_held):
+        done = []
+        schedule(works(), VirtualBackend({"trainer": 2, "scorer": 1}), done.append, max_held=max_held)
+        return {d.work.id: (d.started, d.ended) for d in done}
+
+    three = ran(3)
+    assert (three["A"], three["B"], three["L"], three["b"], three["C"]) == ((0, 5), (0, 4), (4, 4.5), (4, 5), (5, 8))
+    assert ran(None)["C"] == (4, 7)
+    two = ran(2)
+    assert two["A"] == (0, 5) and two["a"] == (5, 7) and two["B"][0] == two["C"][0] == 7
+    with pytest.raises(ValueError, match="max_held 0: at least 1"):
+        schedule(works(), VirtualBackend({"trainer": 1, "scorer": 1}), lambda d: None, max_held=0)
 
 
 def test_a_work_needing_a_failed_training_twice_over_ends_once():

@@ -34,9 +34,10 @@ def make_arm(spec, ref: ModelRef, *, progress: bool = True, scorer=None):
     return (ImplicitIclArm if spec.method == "icl" else ImplicitSftArm)(spec, ref, progress=progress, scorer=scorer)
 
 
-def run_spec(spec, out: str | Path, ref: ModelRef, *, progress: bool = True) -> pd.DataFrame:
-    """Run (or resume) every condition of the arm `spec` into the run directory `out`; return its metrics."""
-    return run_arm(make_arm(spec, ref, progress=progress), out)
+def run_spec(spec, out: str | Path, ref: ModelRef, *, progress: bool = True, retain: bool = True) -> pd.DataFrame:
+    """Run (or resume) every condition of the arm `spec` into the run directory `out`; return its metrics
+    (`retain`: as `run_arm`'s)."""
+    return run_arm(make_arm(spec, ref, progress=progress), out, retain=retain)
 
 
 __all__ = ["make_arm", "make_icl_spec", "make_implicit_spec", "make_sft_spec", "run_arm", "run_spec"]

@@ -16,7 +16,7 @@ from functools import partial
 
 from iclsft.arms.runner import ArmBase, Outcome, Step
 from iclsft.arms.scorer import Scorer
-from iclsft.arms.trainings import plan_trainings, training_steps
+from iclsft.arms.trainings import plan_trainings, redo_deleted, training_steps
 from iclsft.artifacts import parquet_bytes
 from iclsft.faults import fault_point
 from iclsft.implicit.data import (
@@ -78,10 +78,15 @@ class ImplicitIclArm(_ImplicitArm):
 
 
 class ImplicitSftArm(_ImplicitArm):
+    trains = True
+
     def __init__(self, spec: ImplicitSpec, ref: ModelRef, *, progress: bool = True, scorer: Scorer | None = None):
         super().__init__(spec, ref, progress=progress, scorer=scorer)
         self.jobs: list[TrainJob] = []
         self.where: dict[str, tuple] = {}
+
+    def redo(self, run: RunDir) -> int:
+        return redo_deleted(self, run)
 
     def prepare(self, run: RunDir, todo: list) -> str:
         """One job per (task, seed), or per seed for the original recipe's mixed file."""
@@ -105,7 +110,7 @@ class ImplicitSftArm(_ImplicitArm):
                                       loss=loss, meta={"conditions": [c.id for c in conds], **meta}))
             for c in conds:
                 self.where[c.id] = (c, str(ckpt))
-        return plan_trainings(self.jobs)
+        return plan_trainings(self.jobs, spec.retrain_deleted)
 
     def steps(self, run: RunDir, todo: list) -> Iterator[Step]:
         yield from training_steps(self.jobs, self.where, self.spec.executor, self)

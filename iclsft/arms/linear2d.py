@@ -20,7 +20,7 @@ import pandas as pd
 
 from iclsft.arms.runner import ArmBase, Outcome, Step
 from iclsft.arms.scorer import Scorer
-from iclsft.arms.trainings import plan_trainings, training_steps
+from iclsft.arms.trainings import plan_trainings, redo_deleted, training_steps
 from iclsft.artifacts import npy_bytes, parquet_bytes
 from iclsft.errors import OOM_SCORING, is_out_of_memory, out_of_memory
 from iclsft.evaluate.metrics import compute_metrics, decision_field
@@ -108,14 +108,19 @@ class SftArm(_Linear2dArm):
 
     spec: SftRunSpec
 
+    trains = True
+
     def __init__(self, spec: SftRunSpec, ref: ModelRef, *, progress: bool = True, scorer: Scorer | None = None):
         self.lora = spec.sft.method == "lora"
         super().__init__(spec, ref, progress=progress, lora_rank=spec.sft.lora_r if self.lora else None, scorer=scorer)
 
+    def redo(self, run: RunDir) -> int:
+        return redo_deleted(self, run)
+
     def prepare(self, run: RunDir, todo: list) -> str:
         self.jobs, self.where = plan_jobs(self.spec, run, self.ref, self.builders, todo)
         self.shared = sharing(self.jobs, self.where)
-        return (plan_trainings(self.jobs)
+        return (plan_trainings(self.jobs, self.spec.retrain_deleted)
                 + (f"; {len(self.shared)} conditions share their model with another condition (identical training)"
                    if self.shared else ""))
 

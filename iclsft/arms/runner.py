@@ -64,6 +64,8 @@ class Step:
 class Arm(Protocol):
     spec: Any  # the arm's frozen, checked spec: .arm, .conditions(), .identity()
 
+    def redo(self, run: RunDir) -> int: ...  # conditions set aside to compute again, before the to-do list
+
     def prepare(self, run: RunDir, todo: list) -> str: ...  # plan the work; a note for the first progress line
 
     def steps(self, run: RunDir, todo: list) -> Iterator[Step]: ...
@@ -81,6 +83,7 @@ class ArmBase:
     trained checkpoint (the one entry point of the local runner and of scorer actors)."""
 
     scorer: Any
+    trains: bool = False  # the arm trains models (SFT): it has checkpoints and their policy
     lora: bool = False  # the arm's checkpoints are LoRA adapters
 
     def outcome(self, cond, checkpoint: str | None = None, record: dict | None = None) -> Outcome:
@@ -95,6 +98,10 @@ class ArmBase:
     def score(self, cond, engine, adapter: str | None, record: dict) -> Outcome:
         raise NotImplementedError
 
+    def redo(self, run: RunDir) -> int:
+        """Finished conditions to compute again (set aside here): none, but see the SFT arms."""
+        return 0
+
     def prepare(self, run: RunDir, todo: list) -> str:
         return ""
 
@@ -106,8 +113,10 @@ class ArmBase:
         return {"engine_starts": self.scorer.starts}
 
 
-def run_arm(arm: Arm, out: str | Path) -> pd.DataFrame:
-    """Run (or resume) every condition of `arm` into the run directory `out`; return the run's metrics."""
+def run_arm(arm: Arm, out: str | Path, *, retain: bool = True) -> pd.DataFrame:
+    """Run (or resume) every condition of `arm` into the run directory `out`; return the run's metrics.
+    `retain`: then delete the full checkpoints the arm's `checkpoints_keep` deletes (False when RSA or
+    circuits will still read them: the caller calls `iclsft.sft.retention.retain` after those)."""
     run = RunDir(out)
     run.open(arm.spec)  # only now, with every input checked, does anything get written
     run.acquire_lock()  # one process per run directory (store.RunDir.acquire_lock)
@@ -122,7 +131,12 @@ def run_arm(arm: Arm, out: str | Path) -> pd.DataFrame:
             raise
         finally:
             arm.close()
-        return state.finish()
+        table = state.finish()
+        if retain and arm.trains:
+            from iclsft.sft.retention import retain as delete_unneeded
+
+            delete_unneeded(run, arm.spec)
+        return table
     finally:
         run.release_lock()
 
@@ -135,6 +149,12 @@ class ArmRun:
     def __init__(self, arm: Arm, run: RunDir):
         self.arm, self.run, spec = arm, run, arm.spec
         self.conds = spec.conditions()
+        if arm.trains:
+            from iclsft.sft.adapters import ADAPTERS_DIR
+            from iclsft.sft.retention import finish_deletions
+
+            finish_deletions(run.path / ADAPTERS_DIR)  # what a killed deletion left
+        arm.redo(run)  # e.g. conditions scored with a checkpoint deleted on purpose, with retrain_deleted
         self.todo = [c for c in self.conds if not run.is_done(c)]
         note = arm.prepare(run, self.todo)  # e.g. the SFT arms plan their trainings: "2 models to train, 1 reused"
         logger.info("%s: %d conditions, %d already finished, %d to run%s", spec.arm, len(self.conds),

@@ -23,6 +23,15 @@ from iclsft.spec import ExecutorSpec
 
 logger = logging.getLogger(__name__)
 
+def redo_deleted(arm, run) -> int:
+    """The SFT arms' `redo`: with `retrain_deleted`, the conditions scored with a deleted checkpoint."""
+    if arm.lora or not arm.spec.retrain_deleted:
+        return 0
+    from iclsft.sft.retention import redo_deleted as redo
+
+    return redo(run, arm.spec.conditions())
+
+
 def training_steps(jobs: Sequence[TrainJob], where: dict[str, tuple[Any, str]], executor: ExecutorSpec, arm,
                    shared: dict[str, list[str]] | None = None) -> Iterator[Step]:
     """One step per condition of each job as its training finishes (`where`: condition id -> (condition,
@@ -57,10 +66,15 @@ def training_note(result: dict, shared: list[str] | None) -> str:
     return note + (f", shared with {', '.join(shared)}" if shared else "")
 
 
-def plan_trainings(jobs: Sequence[TrainJob]) -> str:
-    """Set damaged checkpoints aside (renamed, never read; they are trained again), then say how many
-    models are to be trained and how many are reused."""
-    set_aside_damaged([Path(d) for j in jobs for _, d in j.checkpoints])
+def plan_trainings(jobs: Sequence[TrainJob], retrain_deleted: bool = False) -> str:
+    """Set damaged checkpoints aside (renamed, never read; they are trained again), refuse checkpoints
+    deleted on purpose (or with `retrain_deleted` remove them: trained again; iclsft.sft.retention), then
+    say how many models are to be trained and how many are reused."""
+    from iclsft.sft.retention import check_needed
+
+    paths = [Path(d) for j in jobs for _, d in j.checkpoints]
+    set_aside_damaged(paths)
+    check_needed(paths, retrain_deleted, f"scoring {sum(len(j.meta['conditions']) for j in jobs)} conditions")
     to_train = sum(not all(is_finished(Path(d)) for _, d in j.checkpoints) for j in jobs)
     return f"{to_train} models to train, {len(jobs) - to_train} reused"
 

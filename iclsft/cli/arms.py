@@ -8,7 +8,7 @@ import click
 
 from iclsft.cli.app import _escapes, _labels, _number_list, echo_table, main, setup_logging, shown, user_errors
 from iclsft.models import DEFAULT_MODEL
-from iclsft.names import ENGINE_CHOICES, SFT_METHODS
+from iclsft.names import CHECKPOINTS_KEEP, ENGINE_CHOICES, SFT_METHODS
 from iclsft.spec import TemplateSpec
 from iclsft.tasks import registry
 
@@ -114,6 +114,17 @@ def _common(o: dict) -> dict:
     )
 
 
+def retention_options(fn):
+    """What the fine-tuning commands keep of their full fine-tunes (iclsft.sft.retention)."""
+    fn = click.option("--retrain-deleted", is_flag=True,
+                      help="Train a checkpoint deleted by --checkpoints-keep again when work needs it (and compute "
+                           "again what was scored with it); without it such work is refused by name.")(fn)
+    return click.option("--checkpoints-keep", type=click.Choice(CHECKPOINTS_KEEP), default="all", show_default=True,
+                        help="Full fine-tunes: keep every checkpoint, each training's last (final) or none, each "
+                             "deleted once everything that reads it is written (LoRA adapters are always kept; "
+                             "the run records what was deleted, with checksums).")(fn)
+
+
 def _run_trained(spec, out: Path, ref, quiet: bool):
     """An SFT arm: on Ray (unsharded) a one-arm work graph, as in a sweep (trainings as tasks, a scorer
     actor with its own resources, so no training lands on the scorer's GPU; RUN/graph.json); else the
@@ -176,6 +187,7 @@ def icl(**o):
 @click.option("--ray-address", default=None, help="Join an existing Ray cluster (e.g. auto or host:6379).")
 @click.option("--cpus-per-task", default=1, show_default=True, help="CPUs (torch threads) per training.")
 @click.option("--max-retries", default=2, show_default=True, help="Retries of a failed training.")
+@retention_options
 @user_errors
 def sft(**o):
     """Train one model per shot count on the ICL exemplars, then score every grid query zero-shot."""
@@ -191,7 +203,8 @@ def sft(**o):
     executor = ExecutorSpec(name=o["executor"], ray_address=o["ray_address"], cpus_per_task=o["cpus_per_task"],
                             max_retries=o["max_retries"])
     spec, ref = make_sft_spec(**_common(o), sft=sft_spec(o["method"], **hyper), checkpoints=o["checkpoints"],
-                              executor=executor)
+                              executor=executor, checkpoints_keep=o["checkpoints_keep"],
+                              retrain_deleted=o["retrain_deleted"])
     _finish(_run_trained(spec, o["out"], ref, o["quiet"]), o["out"])
 
 
@@ -222,6 +235,7 @@ def sft(**o):
               help="Tokens per packed forward pass (default: 1024 on CPUs, from free memory on CUDA).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--quiet", is_flag=True)
+@retention_options
 @user_errors
 def implicit(**o):
     """The implicit-pattern suite: ICL per K or a fine-tuned model, on both variants of each task."""
@@ -238,7 +252,9 @@ def implicit(**o):
         train_size=o["train_size"], eval_size=o["eval_size"], faithful=o["faithful"], dtype=o["dtype"],
         recipe=o["recipe"],
         engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"]),
-        executor=ExecutorSpec(name=o["executor"]))
+        executor=ExecutorSpec(name=o["executor"]),
+        **({"checkpoints_keep": o["checkpoints_keep"], "retrain_deleted": o["retrain_deleted"]}
+           if o["method"] != "icl" else {}))
     table = (run_spec(spec, o["out"], ref, progress=not o["quiet"]) if o["method"] == "icl"
              else _run_trained(spec, o["out"], ref, o["quiet"]))
     click.echo(results_table(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -33,6 +33,10 @@ class Resources(Frozen):
     # least recently is closed. Scorers keep to one model while it has work (schedule.py), so 1 suits a
     # sweep over several large models; more avoid reloads when small models' arms overlap.
     models_per_scorer: int = Field(default=1, ge=1)
+    # full fine-tunes' checkpoints in flight at once (trained and still needed by a scoring, RSA or circuit
+    # work): a training that would exceed it waits (one always may run). None: no bound. With
+    # checkpoints_keep final/none this bounds the run's disk as well as Ray's object store.
+    checkpoints_in_flight: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _fractions(self):

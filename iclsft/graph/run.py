@@ -53,7 +53,7 @@ def run_graph(arms: Sequence[tuple[Path, Any, Any]], executor, resources=None, r
         logger.info("== work graph: %d arms, %d trainings and %d scorings on %s", len(arms), trainings,
                     len(graph.works) - trainings, backend.slots_.describe())
         try:
-            usage = graph.run(backend)
+            usage = graph.run(backend, (resources or Resources()).checkpoints_in_flight)
             starts = backend.engine_starts()
         finally:
             backend.close()
@@ -88,22 +88,22 @@ class GraphRun:
     """The driver's side of one graph: opens the arms, builds their works, writes what comes back."""
 
     def __init__(self, arms: Sequence[tuple[Path, Any, Any]], device: str = "cpu", *,
-                 rsa: tuple[str, str] | None = None, circuits: tuple[int, int] | None = None,
-                 drop_full_weights: bool = False):
+                 rsa: tuple[str, str] | None = None, circuits: tuple[int, int] | None = None):
         """Open every arm (run directories locked until `run` ends) and build its works; `device`: the
         rates the works' costs (their order) come from. `rsa`: (dtype, matrix subset) to compute RSA for
         every 2D condition on the scorers, after its scoring; `circuits`: (pairs, shots) to compute the
         implicit suite's circuit states on the scorers (the driver's `compute_circuits` then only
-        tabulates the shift); `drop_full_weights`: delete a full
-        fine-tune's weight files once every condition scored with it has its scores and RSA (the marker
-        stays; metrics, scores, RSA and circuits are kept)."""
+        tabulates the shift). A full fine-tune's checkpoint that its arm's `checkpoints_keep` deletes
+        (iclsft.sft.retention) is deleted as soon as every work that reads it (its scorings, RSA and
+        circuit states) has succeeded and been written (the marker stays, with the files' checksums)."""
         from iclsft.arms import make_arm
 
         self.backend: Backend | None = None
         self.device = device
-        self.rsa, self.circuits, self.drop = rsa, circuits, drop_full_weights
+        self.rsa, self.circuits = rsa, circuits
         self.indexes: dict[Path, dict] = {}  # implicit run dir -> its circuits.json, as written so far
-        self.users: dict[str, list] = {}  # full checkpoint dir -> [works still using it, failed]
+        self.users: dict[str, list] = {}  # deletable checkpoint dir -> [works still using it, failed, policy]
+        self.fractions: dict[str, float] = {}  # checkpoint dir -> its fraction of training (jobs of this graph)
         self.runs: dict[Path, RunDir] = {}
         self.arms: dict[str, _Arm] = {}
         self.works: list[Work] = []
@@ -137,7 +137,7 @@ class GraphRun:
         rsa = self.rsa is not None and spec.kind in ("icl", "sft")  # the 2D study's arms
         if rsa:
             self._rsa_finished(a, spec, ref)
-        if not hasattr(arm, "jobs"):  # ICL: each chain on the base model, K ascending
+        if not arm.trains:  # ICL: each chain on the base model, K ascending
             for chain in icl_chains(todo):
                 unit = f"{a.key}|{chain[0].id}"
                 self._work(a, Work(unit, "scorer", _unit_label(chain), sum(map(self._score_cost, chain)), arm=a.key,
@@ -147,13 +147,15 @@ class GraphRun:
             return
         a.shared = getattr(arm, "shared", {})
         for job in arm.jobs:
+            self.fractions.update((d, f) for f, d in job.checkpoints)
             missing = [(f, d) for f, d in job.checkpoints if not is_finished(Path(d))]
             train_id = f"{a.key}|train|{job.key}"
             if missing:
                 steps = total_steps(len(job.examples), job.sft)
                 self._work(a, Work(train_id, "trainer", f"model {job.key[:12]} ({job.sft.method}, {steps} steps)",
                                    train_seconds(steps, job.sft.method, self.device), arm=a.key,
-                                   payload=(dataclasses.replace(job, checkpoints=missing), ref.name, ref.fingerprint)))
+                                   payload=(dataclasses.replace(job, checkpoints=missing), ref.name, ref.fingerprint),
+                                   holds=0 if arm.lora else len(missing)))
                 self.dirs[train_id] = {Path(d).name: d for _, d in missing}
             by_ckpt: dict[str, list] = {}  # every condition of one checkpoint: one work (one adapter load or swap)
             for cond_id in job.meta["conditions"]:
@@ -170,8 +172,7 @@ class GraphRun:
                 unit = f"{a.key}|{conds[0].id}"
                 self._work(a, Work(unit, "scorer", _unit_label(conds), sum(map(self._score_cost, conds)), needs=needs,
                                    payload=task, arm=a.key))
-                if self.drop and not arm.lora:
-                    self.users.setdefault(ckpt, [0, False])[0] += 1
+                self._user(a, ckpt)
                 if rsa:
                     self._rsa_work(a, conds, ref, (unit, *needs), ckpt)
 
@@ -189,8 +190,7 @@ class GraphRun:
                            sum(rsa_seconds(condition_queries(c), prefix_tokens(c), self.device) for c in conds)
                            + (RATES[self.device]["model_load"] if ckpt and not a.state.arm.lora else 0.0),
                            needs=needs, payload=task, arm=a.key))
-        if self.drop and ckpt and not a.state.arm.lora:
-            self.users.setdefault(ckpt, [0, False])[0] += 1
+        self._user(a, ckpt)
 
     def _rsa_finished(self, a: _Arm, spec, ref) -> None:
         """RSA works for this arm's conditions finished before this sweep that lack a current rsa.npz."""
@@ -239,7 +239,7 @@ class GraphRun:
                 needs = (training[str(ckpt)],) if ckpt is not None and str(ckpt) in training else ()
                 if ckpt is not None and not needs:  # from an earlier run: its files from the run directory
                     payload = self._reused(str(ckpt), payload)
-                if self.drop and ckpt is not None and str(ckpt) in self.users:
+                if ckpt is not None and str(ckpt) in self.users:
                     self.users[str(ckpt)][0] += 1
                 self.works.append(Work(f"{path}|circuits|{name}", "scorer", f"circuits {task} {state}",
                                        score_seconds(3 * pairs, 0, self.device), needs=needs, payload=payload,
@@ -271,7 +271,14 @@ class GraphRun:
         return score_seconds(condition_queries(cond), prefix_tokens(cond), self.device)
 
     def _reused(self, ckpt: str, task) -> _Reused:
-        """`task` on a checkpoint from an earlier run: its files read (once for all its tasks) when it starts."""
+        """`task` on a checkpoint from an earlier run: its files read (once for all its tasks) when it starts.
+        One deleted on purpose is refused here, before anything runs (retrain_deleted made the conditions
+        scored with it, and so their RSA and circuits, part of the to-do list: trained again)."""
+        from iclsft.sft.retention import check_needed
+
+        what = (f"circuits of {task.task} {task.state}" if task.method == "circuits"
+                else f"{'RSA of ' if task.method == 'rsa' else ''}{_unit_label(task.conds)}")
+        check_needed([ckpt], False, what)
         self.puts.setdefault(ckpt, [None, 0])[1] += 1
         return _Reused(self, ckpt, task)
 
@@ -286,12 +293,13 @@ class GraphRun:
             del self.puts[ckpt]  # the tasks hold it from here on
         return handle
 
-    def run(self, backend: Backend | None) -> Usage | None:
-        """Run the works on `backend` (None: there must be none to run); finish every arm."""
+    def run(self, backend: Backend | None, max_held: int | None = None) -> Usage | None:
+        """Run the works on `backend` (None: there must be none to run), at most `max_held` full checkpoints
+        in flight (`Resources.checkpoints_in_flight`); finish every arm."""
         self.backend, usage = backend, None
         try:
             if self.works:
-                usage = schedule(self.works, backend, self.on_done)
+                usage = schedule(self.works, backend, self.on_done, max_held)
         except BaseException as e:
             for a in self.arms.values():
                 if a.table is None:
@@ -371,10 +379,24 @@ class GraphRun:
     def _ckpt(a: _Arm, checkpoint: str | None) -> str | None:
         return str(a.state.run.path / ADAPTERS_DIR / checkpoint) if checkpoint else None
 
+    def _user(self, a: _Arm, ckpt: str | None) -> None:
+        """One more work reading `ckpt`, when its arm's policy deletes it once read."""
+        from iclsft.sft.adapters import read_marker
+        from iclsft.sft.retention import deletable
+
+        arm = a.state.arm
+        if ckpt is None or not arm.trains or arm.lora or arm.spec.checkpoints_keep == "all":
+            return
+        fraction = self.fractions.get(ckpt)
+        if fraction is None:  # from an earlier run: its marker says
+            fraction = read_marker(Path(ckpt)).get("fraction", 1.0) if is_finished(Path(ckpt)) else 1.0
+        if deletable(arm.spec.checkpoints_keep, fraction, arm.lora):
+            self.users.setdefault(ckpt, [0, False, arm.spec.checkpoints_keep])[0] += 1
+
     def _used(self, ckpt: str | None, failed: bool) -> None:
-        """One work less using a full checkpoint; its weights are dropped once all have succeeded, every
-        condition of each included (a rerun of a failed one reads them again instead of training anew)."""
-        if not self.drop or ckpt not in self.users:
+        """One work less reading a deletable checkpoint; it is deleted once all have succeeded, every
+        condition of each included (a rerun of a failed one reads it again instead of training anew)."""
+        if ckpt not in self.users:
             return
         entry = self.users[ckpt]
         entry[0] -= 1
@@ -382,10 +404,11 @@ class GraphRun:
         if entry[0] == 0:
             del self.users[ckpt]
             if not entry[1]:
-                from iclsft.sft.adapters import drop_weights
+                from iclsft.sft.retention import delete_checkpoint
 
-                logger.info("dropped the weights of %s (%s freed): every work that reads it is done", Path(ckpt).name,
-                            _size(drop_weights(Path(ckpt))))
+                freed = delete_checkpoint(Path(ckpt), entry[2])
+                logger.info("deleted checkpoint %s (checkpoints_keep: %s, %s freed): every work that reads it is done",
+                            Path(ckpt).name, entry[2], _size(freed))
 
     def _finish(self, a: _Arm) -> None:
         try:

@@ -7,7 +7,9 @@ scorer keeps its engine: `Work.affinity`), else the best ready work: trainings l
 tail sets the makespan), scorings of trained checkpoints before ICL scorings (a checkpoint's
 conditions finish, and its files are freed, as soon as it exists; ICL fills the scorers while
 trainings run). A work whose needed work failed
-ends with that error, unrun.
+ends with that error, unrun. With `max_held`, a training that makes full checkpoints (`Work.holds`)
+starts only while the checkpoints made and still needed by some work stay within that bound (one
+training always may), so memory and disk for full fine-tunes stay bounded whatever the graph's size.
 """
 
 from __future__ import annotations
@@ -67,9 +69,13 @@ class Usage:
                          f"({100 * r['utilisation']:.0f}%)" for role, r in self.record().items())
 
 
-def schedule(works: Iterable[Work], backend: Backend, on_done: Callable[[Finished], None]) -> Usage:
+def schedule(works: Iterable[Work], backend: Backend, on_done: Callable[[Finished], None],
+             max_held: int | None = None) -> Usage:
     """Run every work on `backend` as its needs finish; `on_done` sees each as it ends (dependents of a
-    failed work end with its error, unrun). Returns per-role usage."""
+    failed work end with its error, unrun). `max_held`: full checkpoints held at once (module doc).
+    Returns per-role usage."""
+    if max_held is not None and max_held < 1:
+        raise ValueError(f"max_held {max_held!r}: at least 1 full checkpoint must be allowed in flight")
     works = list(works)
     by_id = {w.id: w for w in works}
     if len(by_id) != len(works):
@@ -92,28 +98,50 @@ def schedule(works: Iterable[Work], backend: Backend, on_done: Callable[[Finishe
     order = itertools.count()
     usage = Usage({r: s for r, s in slots.items() if any(w.role == r for w in works)}, backend.now())
     remaining = {w.id: len(dependents.get(w.id, [])) for w in works}
+    held = [0]  # full checkpoints made or being made, still needed
+    gone: set[str] = set()
+
+    def let_go(work_id: str) -> None:
+        if work_id not in gone:
+            gone.add(work_id)
+            backend.forget(work_id)
+            held[0] -= by_id[work_id].holds
 
     def release(w: Work) -> None:  # a result no dependent still needs is let go
         for n in w.needs:
             remaining[n] -= 1
             if remaining[n] == 0:
-                backend.forget(n)
+                let_go(n)
+
+    def fits(w: Work) -> bool:
+        return max_held is None or not w.holds or held[0] == 0 or held[0] + w.holds <= max_held
 
     def push(w: Work) -> None:
         # trainers: longest first; scorers: trained checkpoints (needs) before ICL, then in plan order
         key = -w.cost if w.role == "trainer" else (0 if w.needs else 1)
         heapq.heappush(ready[w.role].setdefault(w.affinity, []), (key, next(order), w))
 
-    def pick(role: str, slot: str) -> Work:
-        # the slot's own model while it has ready work (no engine swapped out), else the best ready work
+    def pick(role: str, slot: str) -> Work | None:
+        # the slot's own model while it has ready work (no engine swapped out), else the best ready work;
+        # the best of those that fit the bound on held checkpoints (None: none fits now)
         heaps = ready[role]
         affinity = last.get(slot)
         if affinity not in heaps:
             affinity = min(heaps, key=lambda a: heaps[a][0][:2])
-        _, _, w = heapq.heappop(heaps[affinity])
+        skipped, w = [], None
+        while heaps[affinity]:
+            entry = heapq.heappop(heaps[affinity])
+            if fits(entry[2]):
+                w = entry[2]
+                break
+            skipped.append(entry)
+        for entry in skipped:
+            heapq.heappush(heaps[affinity], entry)
         if not heaps[affinity]:
             del heaps[affinity]
-        last[slot] = affinity
+        if w is not None:
+            last[slot] = affinity
+            held[0] += w.holds
         return w
 
     def end(done: Finished) -> None:
@@ -141,6 +169,9 @@ def schedule(works: Iterable[Work], backend: Backend, on_done: Callable[[Finishe
             while free[role] and ready[role]:
                 slot = free[role].pop()
                 w = pick(role, slot)
+                if w is None:  # every ready work waits for held checkpoints to be let go
+                    free[role].append(slot)
+                    break
                 backend.start(w, slot, [backend.handle(n) for n in w.needs])
                 running += 1
         if not running:
@@ -152,7 +183,7 @@ def schedule(works: Iterable[Work], backend: Backend, on_done: Callable[[Finishe
             end(done)
             release(done.work)
             if remaining[done.work.id] == 0:
-                backend.forget(done.work.id)
+                let_go(done.work.id)
     if waiting:  # cannot happen for a graph without cycles
         raise ValueError(f"{len(waiting)} works never became ready (a cycle in their needs)")
     return usage

@@ -263,7 +263,7 @@ class _Graph:
         work = Work(f"{key}|train|{i}", "trainer", f"{arm} training {i} ({steps} steps)",
                     train_seconds(steps, sft.method, self.device), arm=key,
                     payload=Stand("train", model, sft.method, steps=steps, checkpoints=checkpoints,
-                                  bytes=checkpoints * each))
+                                  bytes=checkpoints * each), holds=0 if sft.method == "lora" else checkpoints)
         self.works.append(work)
         return work.id
 
@@ -334,7 +334,8 @@ class Simulation:
     work: float  # device-seconds of every work (costs and setups)
     devices: int  # GPUs the slots occupy (without GPUs: the slots)
     setups: dict[str, int] = field(default_factory=dict)  # engine starts ("engine") and RSA hook loads ("hooks")
-    peak_full_bytes: int = 0  # full checkpoints on disk at most at once, each dropped once its users ended
+    # checkpoints_keep policy -> (peak, final) bytes of full checkpoints on disk (iclsft.sft.retention)
+    full_disk: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def engine_starts(self) -> int:
@@ -378,30 +379,44 @@ def simulate(config, *, gpus: float = 0, cpus: float | None = None, resources: R
     backend = VirtualBackend({"scorer": slots.scorers, "trainer": slots.trainers},
                              gpus={"scorer": slots.scorer_gpus, "trainer": slots.trainer_gpus})
     held = _FullCheckpoints(works)
-    usage = schedule(works, backend, held.done)
-    return Simulation(gpus, cpus, slots, usage, backend.work, backend.devices, dict(backend.setups), held.peak)
+    usage = schedule(works, backend, held.done, (resources or config.resources).checkpoints_in_flight)
+    return Simulation(gpus, cpus, slots, usage, backend.work, backend.devices, dict(backend.setups), held.disk())
 
 
 class _FullCheckpoints:
-    """Bytes of full checkpoints on disk over the run when each is dropped once every work that needs it
-    (its scorings, RSA, circuits) has ended (`drop_full_weights`): the peak."""
+    """Bytes of full checkpoints on disk over the run under each `checkpoints_keep` policy (iclsft.sft.retention)
+    when a deleted one goes as soon as every work that needs it (its scorings, RSA, circuits) has ended:
+    `peak` and `final` per policy. A training's checkpoints end together (their works are the training's);
+    `final` keeps one of each training's `checkpoints`."""
 
     def __init__(self, works: list[Work]):
-        self.bytes = {w.id: w.payload.bytes for w in works
-                      if w.role == "trainer" and getattr(w.payload, "method", "lora") != "lora"}
+        trainings = [w for w in works if w.role == "trainer" and getattr(w.payload, "method", "lora") != "lora"]
+        self.bytes = {w.id: w.payload.bytes for w in trainings}
+        self.last = {w.id: w.payload.bytes // max(1, getattr(w.payload, "checkpoints", 1)) for w in trainings}
         self.users = {tid: 0 for tid in self.bytes}
         for w in works:
             for n in w.needs:
                 if n in self.users:
                     self.users[n] += 1
-        self.now = self.peak = 0
+        self.now = {"none": 0, "final": 0}
+        self.peak = dict(self.now)
+        self.trained: set[str] = set()
 
     def done(self, done: Finished) -> None:
         if done.work.id in self.bytes and done.error is None:
-            self.now += self.bytes[done.work.id]
-            self.peak = max(self.peak, self.now)
+            self.trained.add(done.work.id)
+            for policy in self.now:
+                self.now[policy] += self.bytes[done.work.id]
+                self.peak[policy] = max(self.peak[policy], self.now[policy])
         for n in done.work.needs:
             if n in self.users:
                 self.users[n] -= 1
-                if self.users[n] == 0:
-                    self.now -= self.bytes[n]
+                if self.users[n] == 0 and n in self.trained:
+                    self.now["none"] -= self.bytes[n]
+                    self.now["final"] -= self.bytes[n] - self.last[n]
+
+    def disk(self) -> dict[str, tuple[int, int]]:
+        """Policy -> (peak, final) bytes of full checkpoints."""
+        total = sum(self.bytes[t] for t in self.trained)
+        return {"all": (total, total), "final": (self.peak["final"], sum(self.last[t] for t in self.trained)),
+                "none": (self.peak["none"], 0)}

@@ -24,6 +24,9 @@ class Work:
     payload: Any = None  # what the backend runs (a training job, a scoring task)
     arm: str = ""  # the arm it belongs to (its run directory and arm name)
     affinity: str = ""  # the base model it needs loaded (a scorer keeps to one while it has work)
+    # full checkpoints it makes: held (object store, scorers' scratch, the run's disk) until every work
+    # that needs it has ended; the scheduler keeps at most `max_held` of them at once
+    holds: int = 0
 
     def __post_init__(self):
         if self.role not in ROLES:

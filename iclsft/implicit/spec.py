@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
-from iclsft.names import RECIPES
+from iclsft.names import CHECKPOINTS_KEEP, RECIPES
 from iclsft.spec import ArmSpec, ConditionBase, ExecutorSpec, ModelSpec, SftSpec
 from iclsft.tasks import registry
 
@@ -98,8 +98,10 @@ class ImplicitSpec(ArmSpec):
     sft: SftSpec | None = None
     recipe: str = "ours"
     executor: ExecutorSpec = ExecutorSpec()
+    checkpoints_keep: Literal[CHECKPOINTS_KEEP] = "all"  # as SftRunSpec's (iclsft.sft.retention)
+    retrain_deleted: bool = False
 
-    TRANSPORT: ClassVar[set[str]] = {"engine", "executor"}
+    TRANSPORT: ClassVar[set[str]] = {"engine", "executor", "checkpoints_keep", "retrain_deleted"}
 
     @model_serializer(mode="wrap")
     def _omit_default_recipe(self, handler):

@@ -122,9 +122,9 @@ def checkpoint_problem(path: Path) -> str | None:
         marker = read_marker(path)
     except (OSError, ValueError) as e:
         return f"checkpoint {path} has an unreadable {MARKER} ({e})"
-    if marker.get("weights_dropped"):
-        return (f"checkpoint {path} had its weights dropped once its conditions were scored (drop_full_weights); "
-                "it is trained again where it is needed")
+    info = deletion(path, marker)
+    if info is not None:
+        return deleted_message(path, info)
     files = marker.get("files", {})
     bad = manifest_problems(path, files)
     if bad:
@@ -132,30 +132,40 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def drop_weights(path: Path) -> int:
-    """Delete a finished full fine-tune's weight files, keeping its marker (now saying so) and config;
-    return the bytes freed. The checkpoint no longer verifies (`checkpoint_problem` says why)."""
-    from iclsft.models import WEIGHT_SUFFIXES
+RETRAIN = "rerun with --retrain-deleted (sweep: retrain_deleted: true) to train it again"
 
-    path = Path(path)
-    marker = read_marker(path)
-    weights = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
-    atomic_write_json(path / MARKER, {**marker, "weights_dropped": [f.name for f in weights]})  # first: never trusted
-    freed = 0
-    for f in weights:
-        freed += f.stat().st_size
-        f.unlink()
-    return freed
+
+def deletion(path: Path, marker: dict | None = None) -> dict | None:
+    """What a finished checkpoint's marker says of its deletion on purpose (policy, time, files;
+    `iclsft.sft.retention`), or None. Markers of `drop_full_weights` (before the policy) count as `none`."""
+    if marker is None:
+        if not is_finished(path):
+            return None
+        try:
+            marker = read_marker(path)
+        except (OSError, ValueError):
+            return None
+    if "deleted" in marker:
+        return marker["deleted"]
+    if marker.get("weights_dropped"):
+        return {"policy": "none", "files": marker["weights_dropped"]}
+    return None
+
+
+def deleted_message(path: Path, info: dict) -> str:
+    when = f" on {info['time']}" if info.get("time") else ""
+    return (f"checkpoint {Path(path).name} was deleted on purpose (checkpoints_keep: {info.get('policy', 'none')}"
+            f"{when}) once everything that read it was written; {RETRAIN}")
 
 
 def set_aside_damaged(paths: Sequence[Path]) -> list[Path]:
     """Rename each damaged checkpoint to `.damaged-<name>-<time>` beside it (kept for inspection, never
-    read), so that it counts as unfinished and is trained again; logs a warning for each. Call with the
-    run's lock held."""
+    read), so that it counts as unfinished and is trained again; logs a warning for each. A checkpoint
+    deleted on purpose is not damaged: it stays (`iclsft.sft.retention`). Call with the run's lock held."""
     moved = []
     for path in paths:
         problem = checkpoint_problem(Path(path))
-        if problem:
+        if problem and deletion(Path(path)) is None:
             aside = set_aside(Path(path), "damaged")
             logger.warning("%s: set aside as %s; it is trained again", problem, aside.name)
             moved.append(aside)

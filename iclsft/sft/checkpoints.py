@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from iclsft.sft.adapters import MARKER, checkpoint_problem, is_finished, read_marker
+from iclsft.errors import DeletedCheckpointError
+from iclsft.sft.adapters import MARKER, checkpoint_problem, deletion, is_finished, read_marker
 
 
 def verify_checkpoint(path: str | Path) -> dict:
@@ -28,6 +29,8 @@ def verify_checkpoint(path: str | Path) -> dict:
     if not is_finished(path):
         raise FileNotFoundError(f"checkpoint {path} is unfinished (no {MARKER}); rerun the sft arm that trains it")
     problem = checkpoint_problem(path)
+    if problem and deletion(path) is not None:
+        raise DeletedCheckpointError(problem)
     if problem:
         raise ValueError(f"{problem}; delete it and the conditions scored with it, then rerun the sft arm")
     try:

@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from iclsft.graph.resources import Resources
-from iclsft.names import IMPLICIT_METHODS, METHODS, SFT_METHODS
+from iclsft.names import CHECKPOINTS_KEEP, IMPLICIT_METHODS, METHODS, SFT_METHODS
 from iclsft.spec import ExecutorSpec, Frozen, TemplateSpec
 from iclsft.tasks import registry
 
@@ -100,10 +100,25 @@ class SweepConfig(Frozen):
     executor: ExecutorSpec = ExecutorSpec()
     resources: Resources = Resources()  # scorers and trainers of the work graph (iclsft.graph.resources)
     rsa: bool = False
-    drop_full_weights: bool = False  # full fine-tunes' weights deleted once scored and their RSA done (on Ray)
+    # full fine-tunes' checkpoints kept once everything that reads them is written: every one, each
+    # training's last, none (iclsft.sft.retention); LoRA adapters are always kept
+    checkpoints_keep: Literal[CHECKPOINTS_KEEP] = "all"
+    retrain_deleted: bool = False  # train a deleted checkpoint again when work needs it (else refused by name)
     rsa_subset: Literal["exemplars", "grid"] = "exemplars"  # the 400x400 matrix's points (iclsft.rsa.points)
     report: bool = True
     implicit: ImplicitSweep | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_full_weights(cls, data):
+        # the key before checkpoints_keep: `drop_full_weights: true` is `checkpoints_keep: none`
+        if isinstance(data, dict) and "drop_full_weights" in data:
+            data = dict(data)
+            drop = data.pop("drop_full_weights")
+            if drop and data.setdefault("checkpoints_keep", "none") != "none":
+                raise ValueError(f"drop_full_weights: true means checkpoints_keep: none, not "
+                                 f"{data['checkpoints_keep']!r}; give checkpoints_keep alone")
+        return data
 
     @field_validator("methods")
     @classmethod

@@ -36,7 +36,8 @@ def arm_specs(config: SweepConfig, model: str) -> list:
             else:
                 specs.append(make_sft_spec(**common, orders=config.sft_orders or config.orders,
                                            sft=sft_spec(method, **config.sft.get(method, {})),
-                                           checkpoints=config.checkpoints, executor=config.executor))
+                                           checkpoints=config.checkpoints, executor=config.executor,
+                                           **retention(config)))
     return _merge_tasks(specs)
 
 
@@ -52,11 +53,18 @@ def implicit_specs(config: SweepConfig, model: str) -> list:
     common = dict(model=model, engine=engine, executor=config.executor, tasks=imp.tasks, shots=imp.shots,
                   seeds=config.seeds, train_size=imp.train_size, eval_size=imp.eval_size, faithful=imp.faithful,
                   dtype=config.dtype)
-    arms = [make_implicit_spec(method=method, sft=imp.sft.get(method), **common)
+    arms = [make_implicit_spec(method=method, sft=imp.sft.get(method), **common,
+                               **(retention(config) if method != "icl" else {}))
             for method in imp.methods if method == "icl" or "ours" in imp.recipes]  # recipes are fine-tunings
     if "original" in imp.recipes:
-        arms.append(make_implicit_spec(method="full", recipe="original", sft=imp.sft.get("full-original"), **common))
+        arms.append(make_implicit_spec(method="full", recipe="original", sft=imp.sft.get("full-original"), **common,
+                                       **retention(config)))
     return arms
+
+
+def retention(config: SweepConfig) -> dict:
+    """The SFT arms' checkpoint policy (iclsft.sft.retention), as spec fields."""
+    return {"checkpoints_keep": config.checkpoints_keep, "retrain_deleted": config.retrain_deleted}
 
 
 def implicit_dir(out: str | Path, model: str) -> Path:
@@ -237,9 +245,7 @@ def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[fl
                       f"{t['trainings'] + sim.engine_starts + hooks + t['rsa_loads']:,} ({t['trainings']:,} trainings, "
                       f"{sim.engine_starts:,} engine starts, {hooks:,} hook models for RSA and circuits, "
                       f"{t['rsa_loads']:,} full checkpoints for their RSA)",
-                      *([f"  disk      with drop_full_weights: at most {_bytes(sim.peak_full_bytes)} of full "
-                         "checkpoints at once (each dropped once scored and its RSA done)"]
-                        if config.drop_full_weights and sim.peak_full_bytes else []),
+                      *_disk_lines(config, sim.full_disk, sum(b for _, b in t["files"].values())),
                       f"  wall time {_duration(sim.makespan)}, {100 * sim.utilisation:.0f}% of the "
                       f"{_num(sim.devices)} {'GPU' if g else 'worker'}{'s' if sim.devices != 1 else ''} busy "
                       f"(total work / workers {_duration(sim.bound)})"]
@@ -248,6 +254,36 @@ def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[fl
         lines.append("executor local: the arms run one after another in this process, one work at a time "
                      "(the wall time is about the total work)")
     return "\n".join(lines)
+
+
+def _disk_lines(config: SweepConfig, full_disk: dict[str, tuple[int, int]], total: int) -> list[str]:
+    """The full checkpoints' disk at its peak and at the end under each `checkpoints_keep` policy (the
+    chosen one first), and a warning when the run's peak exceeds the free space where it writes."""
+    if not full_disk or not full_disk["all"][0]:
+        return []
+    chosen = config.checkpoints_keep
+    order = [chosen, *(p for p in ("all", "final", "none") if p != chosen)]
+    each = [f"{p}{' (chosen)' if p == chosen else ''} {_bytes(full_disk[p][0])} at the peak, {_bytes(full_disk[p][1])} "
+            "at the end" for p in order]
+    lines = [f"  disk      full checkpoints by checkpoints_keep: {'; '.join(each)} (each deleted once everything "
+             "that reads it is written)"]
+    peak = total - full_disk["all"][0] + full_disk[chosen][0]
+    free = free_bytes(Path(config.out))
+    if free is not None and peak > free:
+        lines.append(f"  warning   this run needs up to {_bytes(peak)} on disk (checkpoints_keep: {chosen}) and the "
+                     f"filesystem of {config.out} has {_bytes(free)} free"
+                     + ("; checkpoints_keep: final or none needs less" if chosen != "none" else ""))
+    return lines
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent)."""
+    import shutil
+
+    for p in (path, *path.resolve().parents):
+        if p.exists():
+            return shutil.disk_usage(p).free
+    return None
 
 
 def simulations(config: SweepConfig, gpus: list[float], cpus: float | None = None) -> list:

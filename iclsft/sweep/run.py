@@ -64,15 +64,19 @@ def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out
     ran = _run_graph(config, planned, planned_implicit, out, failures, progress) if graph else {}
     for model in config.models:
         if planned[model]:
-            path = model_dir(out, model)
+            path, before = model_dir(out, model), len(failures)
             tables[model] = ran.get(path) if graph else _run_arms(model, path, planned[model], failures, started,
                                                                   progress)
             _finish_2d(config, path, failures, started, progress, rsa=not graph)  # the graph did its RSA
+            if not graph and len(failures) == before:  # the graph deleted what it could as it went
+                _retain(path, planned[model], (config.dtype, config.rsa_subset) if config.rsa else None)
         if planned_implicit[model]:
-            path = implicit_dir(config.out, model)
+            path, before = implicit_dir(config.out, model), len(failures)
             if not graph:
                 _run_arms(model, path, planned_implicit[model], failures, started, progress)
             _finish_implicit(config, model, path, failures, started)
+            if not graph and len(failures) == before:
+                _retain(path, planned_implicit[model])
     if config.report and sum(bool(arms) for arms in planned.values()) > 1:
         from iclsft.report.models import build_models_report
 
@@ -98,7 +102,6 @@ def _run_graph(config: SweepConfig, planned: dict, planned_implicit: dict, out: 
     arms += [(implicit_dir(out, model), spec, ref) for model in config.models for spec, ref in planned_implicit[model]]
     imp = config.implicit
     tables, failed = run_graph(arms, config.executor, config.resources, out / "graph.json",
-                               drop_full_weights=config.drop_full_weights,
                                rsa=(config.dtype, config.rsa_subset) if config.rsa else None,
                                circuits=(imp.circuit_pairs, imp.circuit_shots) if imp is not None and imp.circuits
                                else None)
@@ -118,11 +121,29 @@ def _run_arms(model: str, path: Path, arms: list, failures: list, started: float
         logger.info("== %s · %s (%d/%d arms): %d/%d conditions done, %d to run · %s", model, spec.arm, i, len(arms),
                     done, len(conds), len(conds) - done, _elapsed(started))
         try:
-            table = run_spec(spec, path, ref, progress=progress)
+            table = run_spec(spec, path, ref, progress=progress, retain=False)  # RSA and circuits read them next
         except ConditionsFailed as e:
             failures.append(f"{model} {spec.arm}: {e}")
             logger.warning("%s", e)
     return table
+
+
+def _retain(path: Path, arms: list, rsa: tuple[str, str] | None = None) -> None:
+    """After the arms, RSA and circuits of one run directory in this process: delete the full checkpoints
+    the SFT arms' `checkpoints_keep` deletes (iclsft.sft.retention)."""
+    from iclsft.sft.retention import retain
+    from iclsft.store import RunDir
+
+    arms = [spec for spec, _ in arms if getattr(spec, "sft", None) is not None]
+    if not any(spec.checkpoints_keep != "all" for spec in arms):
+        return
+    run = RunDir(path)
+    run.acquire_lock()
+    try:
+        for spec in arms:
+            retain(run, spec, rsa)
+    finally:
+        run.release_lock()
 
 
 def _finish_2d(config: SweepConfig, path: Path, failures: list, started: float, progress: bool,
