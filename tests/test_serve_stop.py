@@ -42,12 +42,12 @@ DRIVER = ("import logging, os, sys; from iclsft.serve import run_server; logging
           "grace_s=float(sys.argv[2])))")
 
 
-def start(tmp_path: Path, *, code=0, tidy=False, stubborn=False, grace=5.0):
+def start(tmp_path: Path, *, code=0, tidy=False, stubborn=False, grace=5.0, new_session=False):
     mark, pids = uuid.uuid4().hex, tmp_path / "pids"
     env = {**os.environ, "ICLSFT_TEST_MARK": mark, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, SERVER, str(grace), str(pids), str(code),
                              "1" if tidy else "0", "1" if stubborn else "0"], env=env, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, start_new_session=new_session)
     deadline = time.time() + 30
     while not (pids.is_file() and pids.read_text()) and time.time() < deadline:
         time.sleep(0.05)
@@ -91,13 +91,25 @@ def test_a_server_that_ends_by_itself_gives_its_exit_code_and_leaves_nothing(tmp
     assert gone(mark, within=5), marked(mark)
 
 
-def test_a_killed_driver_takes_the_server_with_it(tmp_path):
-    """SIGKILL cannot be passed on: the kernel kills the server too (PR_SET_PDEATHSIG), and its engine,
-    which watches its parent as vLLM's engine processes do, ends with it."""
+@pytest.mark.parametrize("tidy", [True, False], ids=["engine-watches-its-parent", "engine-outlives-it"])
+def test_a_killed_driver_takes_the_server_and_its_engine_with_it(tmp_path, tidy):
+    """SIGKILL cannot be passed on: the kernel kills the server too (PR_SET_PDEATHSIG) and the reaper
+    kills the rest of its group, an engine that does not end with its server included (vLLM's engine
+    core outlived its server in CI); the driver's whole process group killed at once, likewise."""
     if not sys.platform.startswith("linux"):
         pytest.skip("PR_SET_PDEATHSIG is Linux's")
-    proc, mark = start(tmp_path, tidy=True)
+    proc, mark = start(tmp_path, tidy=tidy)
     proc.kill()
+    proc.wait(timeout=20)
+    assert gone(mark, within=10), marked(mark)
+
+
+def test_a_killed_driver_group_takes_everything_with_it(tmp_path):
+    """`kill -9 -PGID` of the driver's group (what a test harness or a job scheduler does)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    proc, mark = start(tmp_path, tidy=False, new_session=True)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=20)
     assert gone(mark, within=10), marked(mark)
 
