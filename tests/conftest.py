@@ -168,6 +168,7 @@ SLOW_TESTS = {
     "tests/test_graph_run.py::test_rerun_computes_nothing_and_starts_no_backend": "3.6 s",
     "tests/test_graph_run.py::test_checkpoints_keep_deletes_once_scored_and_rsa_done": "20 s",
     "tests/test_graph_run.py::test_work_that_needs_a_deleted_checkpoint_is_refused_or_retrained": "12 s",
+    "tests/test_graph_run.py::test_a_policy_given_later_deletes_what_nothing_reads_any_more": "6 s",
     "tests/test_retention.py::test_local_sweep_deletes_after_rsa_with_the_same_results": "18 s",
     "tests/test_retention.py::test_sft_command_keeps_none_and_refuses": "4.2 s",
     "tests/test_retention.py::test_rsa_of_a_deleted_checkpoint_is_a_clear_error": "3.6 s",

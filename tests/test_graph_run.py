@@ -215,6 +215,18 @@ def test_checkpoints_keep_deletes_once_scored_and_rsa_done(tiny_model_dir, tmp_p
     assert not list((b / "adapters").glob(".damaged-*"))
 
 
+def test_a_policy_given_later_deletes_what_nothing_reads_any_more(tiny_model_dir, tmp_path):
+    """Run under `all`, then again under `final`: nothing is computed, and the half-way checkpoints go."""
+    cfg = config(tiny_model_dir, tmp_path / "out", methods=["full"], shots=[1], orders=["random"], rsa=False,
+                 checkpoints=[0.5, 1.0])
+    run_graph(cfg)
+    run = model_dir(cfg.out, cfg.models[0])
+    rerun = run_graph(cfg.model_copy(update={"checkpoints_keep": "final"}))
+    assert rerun.works == [] and not rerun.failures
+    kept = {read_marker(p)["fraction"]: weights(p) for p in (run / "adapters").iterdir() if is_finished(p)}
+    assert kept == {0.5: [], 1.0: ["model.safetensors"]}
+
+
 def test_work_that_needs_a_deleted_checkpoint_is_refused_or_retrained(tiny_model_dir, tmp_path):
     """RSA asked for after the checkpoints were deleted: refused in one line naming the option;
     with retrain_deleted the model is trained again, its conditions scored again (equal scores) and

@@ -300,6 +300,8 @@ class GraphRun:
         try:
             if self.works:
                 usage = schedule(self.works, backend, self.on_done, max_held)
+            if not self.failures:
+                self._retain()
         except BaseException as e:
             for a in self.arms.values():
                 if a.table is None:
@@ -311,6 +313,16 @@ class GraphRun:
             if a.table is None:
                 self._finish(a)
         return usage
+
+    def _retain(self) -> None:
+        """After a graph without failures: what the SFT arms' policy deletes and no work of this graph
+        read (e.g. checkpoints whose conditions finished in an earlier run under `all`)."""
+        from iclsft.sft.retention import retain
+
+        for a in self.arms.values():
+            arm = a.state.arm
+            if arm.trains and not arm.lora and arm.spec.checkpoints_keep != "all":
+                retain(a.state.run, arm.spec, self.rsa if arm.spec.kind == "sft" else None)
 
     def on_done(self, done: Finished) -> None:
         work = done.work
