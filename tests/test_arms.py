@@ -30,6 +30,11 @@ class StandIn:
         self.spec, self.closed = spec, False
         self.fail_training, self.fail_scoring, self.interrupt_at = fail_training, fail_scoring, interrupt_at
 
+    trains = False  # no checkpoints of its own to keep or delete
+
+    def redo(self, run):
+        return 0
+
     def prepare(self, run, todo):
         return f"{len(todo)} planned"
 

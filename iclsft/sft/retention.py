@@ -114,9 +114,10 @@ def redo_deleted(run, conds) -> int:
             if record.get("condition") in ids and record.get("checkpoint_dir")
             and is_deleted(adapters / record["checkpoint_dir"])]
     aside = Path(run.path) / REDO_DIR
-    for cdir, _ in redo:  # out of conditions/: nothing there reads them again
+    for cdir, _ in redo:  # out of conditions/ (nothing there reads them again), under a name of its time
         aside.mkdir(exist_ok=True)
-        os.replace(set_aside(cdir, "redo"), aside / cdir.name)
+        moved = set_aside(cdir, "redo")
+        os.replace(moved, aside / moved.name)
     check_needed([ckpt for _, ckpt in redo], True, "")
     if redo:
         logger.info("%d conditions scored with a deleted checkpoint are computed again (retrain_deleted)", len(redo))
