@@ -82,7 +82,7 @@ def test_weights_of_another_architecture_are_refused(full_run, tmp_path):
 
 
 def test_an_engine_that_cannot_swap_weights_opens_one_per_checkpoint_and_never_the_base(full_run, monkeypatch):
-    """vllm cannot swap weights: each full checkpoint gets an engine of its own, opened once for all its
+    """An engine that cannot swap weights: each full checkpoint gets an engine of its own, opened once for all its
     conditions and closed when released; the base model's engine is never opened for nothing."""
     import iclsft.arms.scorer as scorer_module
 

@@ -105,12 +105,34 @@ def test_disk_use_of_the_tiny_model(config):
     assert {w.payload.bytes for w in kinds["icl", "score"]} == {2 * (100 * 24 + 4_000)}  # two conditions each
 
 
-def test_engine_starts_one_per_scorer_and_per_full_checkpoint_on_vllm(config):
+TINY_PARAMS = 49_152 * 64 + 2 * ((64 * 64 + 2 * 64 * 32 + 64 * 64) + 3 * 64 * 128 + 2 * 64) + 64  # as above
+
+
+def test_engine_starts_one_per_scorer_and_full_checkpoints_swapped_in(config, monkeypatch):
+    """hf and vllm swap each full checkpoint into the scorer's engine (priced: 0.5 s per GB of its fp32
+    weights on a GPU); vllm starts a second engine for LoRA arms (LoRA is enabled at its start); an engine
+    that cannot swap starts one per full checkpoint instead."""
+    import iclsft.engine.base
+
     hf = simulate(config, gpus=1)
     assert hf.engine_starts == 1 and hf.setups == {"engine": 1, "hooks": 1}
     vllm = simulate(config, gpus=1, works=simulation_works(config, "gpu", engine="vllm"))
-    assert vllm.engine_starts == 1 + 4 * 2  # the base engine, and each full checkpoint (4 trainings x 2) once
+    assert vllm.engine_starts == 2
+    full = [w.cost for w in simulation_works(config, "gpu", engine="vllm")
+            if w.arm.endswith("|sft-full") and w.payload.kind == "score"]
+    # each checkpoint's unit: its two orders, 100 queries each at 13,600/s + 0.1 s, after one swap
+    assert full == [pytest.approx(4 * TINY_PARAMS / 1e9 * 0.5 + 2 * (100 / 13_600 + 0.1))] * 8
     assert hf.usage.record()["scorer"]["works"] == 4 + 16 + 20 + 1 + 1 + 3  # scorings, RSA units, circuits
+
+    class NoSwap:
+        can_load_weights = False
+
+    monkeypatch.setattr(iclsft.engine.base, "engine_class", lambda name: NoSwap)
+    apart = simulate(config, gpus=1, works=simulation_works(config, "gpu", engine="vllm"))
+    assert apart.engine_starts == 2 + 4 * 2  # and each full checkpoint (4 trainings x 2) once
+    full = [w.cost for w in simulation_works(config, "gpu", engine="vllm")
+            if w.arm.endswith("|sft-full") and w.payload.kind == "score"]
+    assert full == [pytest.approx(2 * (100 / 13_600 + 0.1))] * 8
 
 
 def test_simulate_on_eight_gpus(config):

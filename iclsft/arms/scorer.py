@@ -1,7 +1,7 @@
 """The engines an arm scores with, for both studies: the base model's engine (opened once, proved to
 hold the run's model by its fingerprint), LoRA adapters on that shared base, and full fine-tunes.
-A full fine-tune's weights are swapped into the live engine where the engine can (hf: one engine
-start for every checkpoint of the arm); elsewhere (vllm) each checkpoint gets an engine of its own.
+A full fine-tune's weights are swapped into the live engine where the engine can (hf and vllm: one
+engine start for every checkpoint of the arm); an engine that cannot gets one engine per checkpoint.
 A checkpoint is verified against its marker's checksums before it is read."""
 
 from __future__ import annotations

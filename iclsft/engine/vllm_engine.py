@@ -19,6 +19,11 @@ two adapters never share prefix-cache entries (vLLM keys the cache by adapter na
 scores several adapters in one `generate` call (one LoRARequest per read; up to max_loras adapters
 share a batch); base-model reads go in a call of their own (see there).
 
+Full fine-tunes are swapped into the running engine (`load_weights`: vLLM's in-place reload, through
+`vllm_worker.WeightSwap`, which also repacks a tied output head on CPUs), each swap followed by a
+prefix-cache reset: cached blocks of the old weights would otherwise be read as the new model's (0.26
+nats off, docs/vllm.md). The base model comes back the same way.
+
 `generate` asks vLLM for greedy continuations (temperature 0, the model's end-of-sequence token
 ignored, the caller's stop ids as stop tokens), after the same one-read warm-up that puts the
 prefix into the prefix cache.
@@ -37,6 +42,7 @@ import numpy as np
 
 from iclsft.engine.base import Engine, check_generate_args, check_model_dir
 from iclsft.engine.reads import adapter_name, adapter_rank, plan_reads
+from iclsft.engine.weights import check_swappable
 from iclsft.engine.vllm_options import (
     CPU_BLOCK_SIZE,
     CPU_KV_CACHE_GIB,
@@ -47,6 +53,8 @@ from iclsft.engine.vllm_options import (
 )
 
 __all__ = ["CPU_BLOCK_SIZE", "CPU_KV_CACHE_GIB", "VLLMEngine"]
+
+WORKER_EXTENSION = "iclsft.engine.vllm_worker.WeightSwap"  # mixed into vLLM's worker: swap_weights
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +95,8 @@ class VLLMEngine(Engine):
             fields["max_loras"] = max_loras
         self.options = VLLMOptions(**fields)
         self.model_path, self.seed, self.lora_rank = str(model_path), seed, lora_rank
+        self.base_path = self.model_path  # the architecture every swapped-in fine-tune must have
+        self.swaps = 0
         self.gpu = torch.cuda.is_available()
         self.progress = progress
         self._llm = None
@@ -117,7 +127,7 @@ class VLLMEngine(Engine):
                                longest_prompt=longest, model_context=self._model_context,
                                floor=at_least, seed=self.seed)
         with _quiet_engine_process():
-            self._llm = LLM(**kwargs)
+            self._llm = LLM(**kwargs, worker_extension_cls=WORKER_EXTENSION)
 
     def _fit(self, longest: int) -> None:
         """Start the engine for reads of up to `longest` tokens (each generates one more), or restart it
@@ -237,6 +247,25 @@ class VLLMEngine(Engine):
 
     def check_model(self, path: str | Path, fingerprint: str) -> None:
         check_model_dir(self.name, self.model_path, path, fingerprint)
+
+    can_load_weights = True
+
+    def load_weights(self, path: str | Path) -> None:
+        """Swap the full fine-tune in the model directory `path` (or the base model again) into the running
+        engine, then empty its prefix cache; a directory whose architecture or tensors differ from the base
+        model's is refused before anything is loaded. An engine not started yet starts on `path`."""
+        path = str(path)
+        check_swappable(self.base_path, path, self.name)
+        if self._llm is not None and Path(path).resolve() != Path(self.model_path).resolve():
+            self._llm.collective_rpc("swap_weights", kwargs={"path": path})
+            self.reset_prefix_cache()
+            self.swaps += 1
+        self.model_path = path
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached block (they hold keys and values of the weights they were computed with)."""
+        if not self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running)")
 
     def release(self, adapter: str | None) -> None:
         """Nothing to do: vLLM keeps adapters in an LRU cache (max_cpu_loras) and evicts them itself."""

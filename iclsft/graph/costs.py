@@ -10,7 +10,8 @@ from pathlib import Path
 # Per device kind, for a SmolLM2-135M-class model: seconds per query (a + b * prefix tokens), per
 # training step (LoRA / full), to load the base model (once per training, and once per scorer for the
 # RSA hooks), and to start a scoring engine (once per scorer and base model; an engine that cannot swap
-# a full fine-tune's weights, vllm, starts once more per full checkpoint). `measured` says which are.
+# a full fine-tune's weights starts once more per full checkpoint; the others read each checkpoint into the
+# running engine: swap_per_gb seconds per GB of its files). `measured` says which are.
 RATES = {
     # hf engine, fp32, 2 threads, full grid (docs/benchmarks/throughput.md): 132 q/s at a 166-token
     # prefix, 97 at 1,650, 68 at 3,317 -> 7.2 ms + 2.26 us per prefix token; LoRA r 8: 125 steps in
@@ -19,12 +20,12 @@ RATES = {
     # demo sweep's ICL arm (26 s for 16 conditions of 100 queries) and RSA (~90 s for 32) in docs/sweep.md
     "cpu": {"query": 1 / 140, "per_prefix_token": 2.26e-6, "condition": 0.7, "rsa_condition": 2.0,
             "lora_step": 0.5, "full_step": 1.0, "model_load": 2.0, "engine_start": 1.0, "vllm_start": 38.0,
-            "measured": ("query", "per_prefix_token", "condition", "rsa_condition", "lora_step", "vllm_start")},
+            "swap_per_gb": 1.0, "measured": ("query", "per_prefix_token", "condition", "rsa_condition", "lora_step", "vllm_start")},
     # scoring: hf engine, bf16, one H100 (docs/benchmarks/gpu_hf_h100.json, 13.6-17.5k q/s at an 8k token
     # budget, flat in the prefix); the rest assumed, not measured on a GPU yet
     "gpu": {"query": 1 / 13_600, "per_prefix_token": 0.0, "condition": 0.1, "rsa_condition": 0.2,
             "lora_step": 0.05, "full_step": 0.08, "model_load": 5.0, "engine_start": 5.0, "vllm_start": 40.0,
-            "measured": ("query", "per_prefix_token")},
+            "swap_per_gb": 0.5, "measured": ("query", "per_prefix_token")},
 }
 
 # Bytes a condition leaves in its run directory: scores.parquet (~20 B per query: n1, n2, truth,
@@ -63,6 +64,12 @@ def engine_start_seconds(engine: str, device: str) -> float:
     loads the model."""
     r = RATES[device]
     return r["vllm_start"] if engine.startswith("vllm") else r["engine_start"] + r["model_load"]
+
+
+def swap_seconds(checkpoint_bytes: int, device: str) -> float:
+    """Reading a full checkpoint's weights into a running engine (hf: copied into its model; vllm: reloaded
+    in place, then its prefix cache emptied)."""
+    return checkpoint_bytes / 1e9 * RATES[device]["swap_per_gb"]
 
 
 def condition_queries(cond) -> int:

@@ -35,6 +35,7 @@ from iclsft.graph.costs import (
     rsa_bytes,
     rsa_seconds,
     score_seconds,
+    swap_seconds,
     train_seconds,
 )
 from iclsft.graph.resources import Resources, Slots, resolve
@@ -175,7 +176,7 @@ def simulation_works(config, device: str, engine: str | None = None) -> list[Wor
     if device not in RATES:
         raise ValueError(f"device {device!r} is not one of {', '.join(RATES)}")
     engine = engine or planned_engine(config, device)
-    graph = _Graph(config, device, engine_start_seconds(engine, device), engine_class(engine).can_load_weights)
+    graph = _Graph(config, device, engine, engine_start_seconds(engine, device), engine_class(engine).can_load_weights)
     for model in config.models:
         for run, arms in ((RunDir(model_dir(config.out, model)), arm_specs(config, model)),
                           (RunDir(implicit_dir(config.out, model)), implicit_specs(config, model))):
@@ -189,8 +190,8 @@ def simulation_works(config, device: str, engine: str | None = None) -> list[Wor
 class _Graph:
     """The works of each arm in turn, as `iclsft.graph.run.GraphRun` builds them for a real sweep."""
 
-    def __init__(self, config, device: str, start: float, swaps: bool):
-        self.config, self.device, self.start, self.swaps = config, device, start, swaps
+    def __init__(self, config, device: str, engine: str, start: float, swaps: bool):
+        self.config, self.device, self.engine, self.start, self.swaps = config, device, engine, start, swaps
         self.works: list[Work] = []
         self.implicit_left = False  # the implicit suite of the model being added has work left
         self.implicit_trainings: dict[tuple, str] = {}  # (method, task, seed) -> its training's work id
@@ -236,7 +237,7 @@ class _Graph:
             units = list(by_ckpt.values())
         unit_of: dict[str, str] = {}
         for unit in units:
-            uid = self._score(key, model, unit, sft, needs.get(unit[0].id, ()))
+            uid = self._score(key, model, unit, sft, needs.get(unit[0].id, ()), shape)
             unit_of.update((c.id, uid) for c in unit)
         if self.config.rsa and spec.kind != "implicit":
             self._rsa(key, model, run, conds, units, unit_of, needs, sft, shape)
@@ -267,17 +268,21 @@ class _Graph:
         self.works.append(work)
         return work.id
 
-    def _score(self, key: str, model: str, unit: list, sft, needs: tuple) -> str:
-        """One scoring work of `unit`'s conditions; returns its id."""
+    def _score(self, key: str, model: str, unit: list, sft, needs: tuple, shape: dict) -> str:
+        """One scoring work of `unit`'s conditions; returns its id. A full checkpoint is swapped into the
+        scorer's engine (its read priced per work) or, on an engine that cannot swap, gets an engine of its
+        own; vllm keeps LoRA arms on an engine of their own (ScorerActor: LoRA is enabled at start)."""
         method, first = (sft.method if sft else "icl"), unit[0]
-        if sft is not None and method != "lora" and not self.swaps:
-            # a full checkpoint on an engine that cannot swap weights in (vllm): an engine of its own
+        full, swap = sft is not None and method != "lora", 0.0
+        if full and not self.swaps:
             setup = ((f"engine|{model}|{needs[0]}|{getattr(first, 'checkpoint', None)}", self.start),)
         else:
-            setup = ((f"engine|{model}", self.start),)
+            lora = "|lora" if method == "lora" and self.engine != "hf" else ""
+            setup = ((f"engine|{model}{lora}", self.start),)
+            swap = swap_seconds(full_checkpoint_bytes(shape), self.device) if full else 0.0
         label = first.label if len(unit) == 1 else f"{first.label} (+{len(unit) - 1})"
         work = Work(f"{key}|{first.id}", "scorer", label,
-                    sum(score_seconds(condition_queries(c), prefix_tokens(c), self.device) for c in unit),
+                    swap + sum(score_seconds(condition_queries(c), prefix_tokens(c), self.device) for c in unit),
                     needs=needs, arm=key, affinity=model,
                     payload=Stand("score", model, method, conditions=len(unit),
                                   queries=sum(map(condition_queries, unit)), setup=setup,
