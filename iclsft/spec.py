@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from iclsft.names import CHECKPOINTS_KEEP
+from iclsft.names import BOS_CHOICES, CHECKPOINTS_KEEP, DTYPES, ENGINES, EXECUTORS, PRECISIONS, SFT_METHODS
 from iclsft.tasks import registry
 
 HASH_VERSION = "v1"
@@ -32,7 +32,7 @@ class TemplateSpec(Frozen):
     header: str = ""
     exemplar: str = "{x1} {x2} ->{label}\n"
     query: str = "{x1} {x2} ->"
-    bos: Literal["auto", "always", "never"] = "auto"
+    bos: Literal[BOS_CHOICES] = "auto"
     # Wrap header + exemplars + query as the user's turn of the model's chat template (instruct
     # models); the label follows the generation prompt. Left out of the stored spec when False.
     chat: bool = False
@@ -178,7 +178,7 @@ class EngineSpec(Frozen):
     `vllm`: max_loras, max_lora_rank, block_size, gpu_memory_utilization,
     kv_cache_gib (CPU). `vllm-server`: url, api_key (never stored), timeout, retries, concurrency."""
 
-    name: Literal["hf", "vllm", "vllm-server"] = "hf"
+    name: Literal[ENGINES] = "hf"
     token_budget: int | None = Field(default=None, ge=16)
     threads: int | None = Field(default=None, ge=1)
     device_map: str | None = Field(default=None,
@@ -238,7 +238,7 @@ class ArmSpec(Frozen):
 
     model: ModelSpec
     seeds: tuple[int, ...] = (0,)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal[DTYPES] = "float32"
     engine: EngineSpec = EngineSpec()
 
     TRANSPORT: ClassVar[set[str]] = {"engine"}
@@ -341,7 +341,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class SftSpec(Frozen):
     """Training hyper-parameters (SPEC §6). Everything here is hashed into the adapter's identity."""
 
-    method: Literal["lora", "full", "full-frozen-unembed"] = "lora"
+    method: Literal[SFT_METHODS] = "lora"
     lr: float = Field(default=1e-3, gt=0)
     epochs: int = Field(default=5, ge=1)
     min_steps: int = Field(default=60, ge=0)  # small K: 2K examples x 5 epochs is only a few steps
@@ -355,7 +355,7 @@ class SftSpec(Frozen):
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     # "bf16-mixed": fp32 weights and optimizer state, forward/backward under bf16 autocast. It changes
     # results, so it enters ids; "fp32" (default) is left out, so existing ids and stored specs stay.
-    precision: Literal["fp32", "bf16-mixed"] = "fp32"
+    precision: Literal[PRECISIONS] = "fp32"
     # Memory knobs that leave out no id: checkpointing recomputes activations exactly; `workers` > 1
     # shards a full fine-tune over Ray Train workers (FSDP2), which changes only the reduction order
     # (fp32 rounding; tests/test_sft_scale.py bounds it). Never serialized, so never hashed.
@@ -399,7 +399,7 @@ def sft_spec(method: str = "lora", **overrides) -> SftSpec:
 class ExecutorSpec(Frozen):
     """Where trainings run (transport: not part of any identity)."""
 
-    name: Literal["ray", "local"] = "ray"
+    name: Literal[EXECUTORS] = "ray"
     ray_address: str | None = None
     cpus_per_task: int = Field(default=1, ge=1)
     max_retries: int = Field(default=2, ge=0)

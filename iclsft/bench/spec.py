@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from iclsft.names import DEFAULT_MODEL, DTYPES
+
 METHODS = ("naive", "hf", "hf-mask", "vllm", "vllm-plain", "lm-eval")
 HF_OPTIONS = {"hf": {}, "hf-mask": {"attention": "mask", "merge_lora": False}}
 VLLM_METHODS = ("vllm", "vllm-plain", "lm-eval")
@@ -20,7 +22,7 @@ class BenchSpec:
     """One benchmark run. `queries`: grid queries scored by `hf` (all 10,000 = the full grid); the
     sampled methods use the first `naive_sample` / `vllm_sample` of a fixed random order of them."""
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     shots: tuple[int, ...] = (10, 100, 200)
     queries: int = GRID
     adapters: int = 3
@@ -48,8 +50,8 @@ class BenchSpec:
         for name in ("naive_sample", "vllm_sample"):
             if not 1 <= getattr(self, name) <= self.queries:
                 raise ValueError(f"{name} {getattr(self, name)} must be in 1..queries ({self.queries})")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype {self.dtype!r} must be float32 or bfloat16")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not allowed: choose one of {', '.join(DTYPES)}")
 
 
 @dataclass

@@ -7,10 +7,23 @@ from pathlib import Path
 import click
 
 from iclsft.cli.app import _escapes, _labels, _number_list, echo_table, main, setup_logging, shown, user_errors
-from iclsft.models import DEFAULT_MODEL
-from iclsft.names import CHECKPOINTS_KEEP, ENGINE_CHOICES, SFT_METHODS
+from iclsft.names import (
+    BOS_CHOICES,
+    CHECKPOINTS_KEEP,
+    DEFAULT_MODEL,
+    DEVICES,
+    DTYPES,
+    ENGINE_CHOICES,
+    EXECUTORS,
+    IMPLICIT_METHODS,
+    PRECISIONS,
+    RECIPES,
+    SFT_METHODS,
+)
 from iclsft.spec import TemplateSpec
 from iclsft.tasks import registry
+
+WORD_LISTS = sorted({w for t in registry.names("linear2d") for w in registry.get(t, "linear2d").word_lists})
 
 EXEMPLAR_TEMPLATE = TemplateSpec().exemplar
 QUERY_TEMPLATE = TemplateSpec().query
@@ -30,7 +43,7 @@ def run_options(fn):
         click.option("--task", type=click.Choice(registry.names("linear2d")), default="linear2d",
                      show_default=True, help="xor: XOR of the boundaries at angle and angle+90; semantic: "
                                              "n1, n2 written as adjectives (SPEC §2)."),
-        click.option("--words", type=click.Choice(["sentiment", "size"]), default=None,
+        click.option("--words", type=click.Choice(WORD_LISTS), default=None,
                      help="semantic: the adjectives, ordered by sentiment intensity (default, the study's) "
                           "or by size; part of the spec."),
         click.option("--model", default=DEFAULT_MODEL, show_default=True,
@@ -58,7 +71,7 @@ def run_options(fn):
         click.option("--gpu-memory-utilization", type=float, default=None, help="vllm on GPUs: memory fraction."),
         click.option("--kv-cache-gib", type=float, default=None,
                      help="vllm on CPUs: KV cache size in GiB (default 4)."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+        click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
                      help="Scoring precision (bf16 is slow on CPUs without native bf16)."),
         click.option("--labels", default="Baz,Rud", callback=_labels, show_default=True,
                      help="Two labels: words (a leading space is added) or a JSON list of exact strings."),
@@ -75,7 +88,7 @@ def run_options(fn):
                           f"backslash.  [default: '{shown(EXEMPLAR_TEMPLATE)}']"),
         click.option("--query-template", default=QUERY_TEMPLATE, callback=_escapes,
                      help=f"One query: {{x1}} {{x2}}, escapes as above.  [default: '{shown(QUERY_TEMPLATE)}']"),
-        click.option("--bos", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+        click.option("--bos", type=click.Choice(BOS_CHOICES), default="auto", show_default=True,
                      help="Prepend the BOS token: as the tokenizer does by default, always, or never."),
         click.option("--chat", is_flag=True, help="Wrap header, exemplars and query as the user's turn of the "
                      "model's chat template (instruct models; docs/tokenization.md)."),
@@ -175,14 +188,14 @@ def icl(**o):
 @click.option("--lora-alpha", type=float, default=None)
 @click.option("--lora-dropout", type=float, default=None)
 @click.option("--target-modules", default=None, help="Comma-separated module names for LoRA.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16-mixed"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="bf16-mixed: fp32 weights, bf16 autocast forward/backward (part of the condition ids).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory).")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Full fine-tunes: shard each training over this many Ray Train workers (FSDP2).")
 @click.option("--checkpoints", default="1", callback=_number_list(float, "checkpoints"), show_default=True,
               help="Fractions of training to save and score, e.g. 0.25,0.5,1.")
-@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+@click.option("--executor", type=click.Choice(EXECUTORS), default="ray", show_default=True,
               help="Train on Ray (default; a local cluster unless --ray-address) or in this process.")
 @click.option("--ray-address", default=None, help="Join an existing Ray cluster (e.g. auto or host:6379).")
 @click.option("--cpus-per-task", default=1, show_default=True, help="CPUs (torch threads) per training.")
@@ -212,7 +225,7 @@ def sft(**o):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory (resumed if it exists).")
 @click.option("--tasks", default="expression,relation,boolean,code", show_default=True,
               help="Comma-separated tasks of the suite (SPEC §8).")
-@click.option("--method", type=click.Choice(["icl", "lora", "full"]), default="icl", show_default=True,
+@click.option("--method", type=click.Choice(IMPLICIT_METHODS), default="icl", show_default=True,
               help="icl: K demos in the prompt; lora/full: fine-tuned on --train-size items, scored zero-shot.")
 @click.option("--shots", default="0,1,2,4,8,16,32", callback=_number_list(int, "shots"), show_default=True,
               help="ICL: numbers of demos K, comma-separated.")
@@ -221,16 +234,17 @@ def sft(**o):
               "evaluation set, so it identifies ICL conditions too).")
 @click.option("--eval-size", default=200, show_default=True, help="Evaluation items per task and variant.")
 @click.option("--faithful", is_flag=True, help="Reproduce the original generators' quirks (docs/implicit.md).")
-@click.option("--recipe", type=click.Choice(["ours", "original"]), default="ours", show_default=True,
+@click.option("--recipe", type=click.Choice(RECIPES), default="ours", show_default=True,
               help="Fine-tuning recipe. original (with --method full): the study's, one model per seed on the "
                    "mixed items of every task, loss on every token, lr 1e-5, batch 16 (docs/implicit.md).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--engine", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--engine", type=click.Choice([e for e in ENGINE_CHOICES if e != "vllm-server"]), default="auto",
+              show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--lr", type=float, default=None, help="SFT learning rate (default: per method).")
 @click.option("--epochs", type=int, default=None, help="SFT passes over the training items (default 1).")
 @click.option("--batch-size", type=int, default=None)
-@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True)
+@click.option("--executor", type=click.Choice(EXECUTORS), default="ray", show_default=True)
 @click.option("--token-budget", type=int, default=None,
               help="Tokens per packed forward pass (default: 1024 on CPUs, from free memory on CUDA).")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
@@ -275,7 +289,7 @@ def implicit(**o):
                    "machine's, or the Ray cluster's at executor.ray_address.")
 @click.option("--cpus", type=click.IntRange(min=1), default=None,
               help="CPUs for --gpus 0 (default: this machine's); with GPUs, 8 per GPU.")
-@click.option("--estimate-for", type=click.Choice(["cpu", "gpu"]), default=None,
+@click.option("--estimate-for", type=click.Choice(DEVICES), default=None,
               help="Same as --gpus 0 (cpu) or --gpus 1 (gpu).")
 @click.option("--ray-address", default=None,
               help="Join this Ray cluster (same as executor.ray_address=ADDR): the work graph's scorers and "

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from iclsft.cli.app import echo_table, main, setup_logging, user_errors
+from iclsft.names import DTYPES, RSA_SUBSETS
 
 
 @main.command()
@@ -72,10 +73,10 @@ def claims(run_dir, json_):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Queries per forward pass (default: from a token budget).")
-@click.option("--subset", type=click.Choice(["exemplars", "grid"]), default="exemplars", show_default=True,
+@click.option("--subset", type=click.Choice(RSA_SUBSETS), default="exemplars", show_default=True,
               help="Points of the 400x400 matrix: the condition's exemplars plus test inputs (as in the study), "
               "or the fixed label-balanced grid subset.")
 @click.option("--quiet", is_flag=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from iclsft.cli.app import main, setup_logging, user_errors
+from iclsft.engine.vllm_options import DTYPES as SERVE_DTYPES
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -16,7 +17,7 @@ from iclsft.cli.app import main, setup_logging, user_errors
 @click.option("--port", default=8000, show_default=True)
 @click.option("--api-key", default=None, envvar="ICLSFT_VLLM_API_KEY",
               help="Require this key (or $ICLSFT_VLLM_API_KEY); passed to vLLM in its environment.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+@click.option("--dtype", type=click.Choice(SERVE_DTYPES), default=None,
               help="Serving precision (default: the run's).")
 @click.option("--allow-adapter-loading", is_flag=True,
               help="Let clients load adapters at run time (needed by --engine vllm-server; off by default).")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from iclsft.cli.app import _number_list, main, setup_logging, user_errors
-from iclsft.models import DEFAULT_MODEL
+from iclsft.names import DEFAULT_MODEL, DTYPES
 
 
 @main.command()
@@ -21,7 +21,7 @@ from iclsft.models import DEFAULT_MODEL
 @click.option("--vllm", "with_vllm", is_flag=True,
               help="Also our vllm engine, plain vLLM and lm-eval-style scoring (each vLLM start takes minutes).")
 @click.option("--vllm-sample", default=16, show_default=True, help="Queries timed for vllm and plain vLLM.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--token-budget", default=1024, show_default=True, help="hf engine: tokens per packed forward.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,

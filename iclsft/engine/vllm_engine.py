@@ -42,7 +42,6 @@ import numpy as np
 
 from iclsft.engine.base import Engine, check_generate_args, check_model_dir
 from iclsft.engine.reads import adapter_name, adapter_rank, plan_reads
-from iclsft.engine.weights import check_swappable
 from iclsft.engine.vllm_options import (
     CPU_BLOCK_SIZE,
     CPU_KV_CACHE_GIB,
@@ -51,6 +50,7 @@ from iclsft.engine.vllm_options import (
     engine_kwargs,
     model_context,
 )
+from iclsft.engine.weights import check_swappable
 
 __all__ = ["CPU_BLOCK_SIZE", "CPU_KV_CACHE_GIB", "VLLMEngine"]
 

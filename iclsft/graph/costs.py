@@ -20,7 +20,8 @@ RATES = {
     # demo sweep's ICL arm (26 s for 16 conditions of 100 queries) and RSA (~90 s for 32) in docs/sweep.md
     "cpu": {"query": 1 / 140, "per_prefix_token": 2.26e-6, "condition": 0.7, "rsa_condition": 2.0,
             "lora_step": 0.5, "full_step": 1.0, "model_load": 2.0, "engine_start": 1.0, "vllm_start": 38.0,
-            "swap_per_gb": 1.0, "measured": ("query", "per_prefix_token", "condition", "rsa_condition", "lora_step", "vllm_start")},
+            "swap_per_gb": 1.0,
+            "measured": ("query", "per_prefix_token", "condition", "rsa_condition", "lora_step", "vllm_start")},
     # scoring: hf engine, bf16, one H100 (docs/benchmarks/gpu_hf_h100.json, 13.6-17.5k q/s at an 8k token
     # budget, flat in the prefix); the rest assumed, not measured on a GPU yet
     "gpu": {"query": 1 / 13_600, "per_prefix_token": 0.0, "condition": 0.1, "rsa_condition": 0.2,

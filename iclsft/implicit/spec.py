@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_serializer, model_validator
 
-from iclsft.names import CHECKPOINTS_KEEP, RECIPES
+from iclsft.names import CHECKPOINTS_KEEP, IMPLICIT_METHODS, RECIPES, VARIANTS
 from iclsft.spec import ArmSpec, ConditionBase, ExecutorSpec, ModelSpec, SftSpec
 from iclsft.tasks import registry
 
@@ -26,7 +26,6 @@ from iclsft.tasks import registry
 # is refused ("made by another version") instead of mixing old and new scores in one table.
 IMPLICIT_HASH_VERSION = "v2"
 
-VARIANTS = ("holds", "broken")
 MAX_SHOTS = 64  # the demo stream's length: prompts at every K are token prefixes of one stream
 
 
@@ -46,7 +45,7 @@ class ImplicitCondition(ConditionBase):
     HASH: ClassVar[str] = IMPLICIT_HASH_VERSION
     suite: Literal["implicit"] = "implicit"
     task: str
-    variant: Literal["holds", "broken"]
+    variant: Literal[VARIANTS]
     model: ModelSpec
     method: str
     shots: int  # ICL demos; 0 for fine-tuned models (scored zero-shot)
@@ -89,7 +88,7 @@ class ImplicitSpec(ArmSpec):
 
     kind: Literal["implicit"] = "implicit"
     hash_version: str = IMPLICIT_HASH_VERSION
-    method: Literal["icl", "lora", "full"] = "icl"
+    method: Literal[IMPLICIT_METHODS] = "icl"
     tasks: tuple[str, ...] = ("expression", "relation", "boolean", "code")
     shots: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32)
     train_size: int = Field(default=1000, ge=1, le=100_000)

@@ -16,7 +16,16 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from iclsft.graph.resources import Resources
-from iclsft.names import CHECKPOINTS_KEEP, IMPLICIT_METHODS, METHODS, SFT_METHODS
+from iclsft.names import (
+    CHECKPOINTS_KEEP,
+    DEFAULT_MODEL,
+    DTYPES,
+    IMPLICIT_METHODS,
+    METHODS,
+    RECIPES,
+    RSA_SUBSETS,
+    SFT_METHODS,
+)
 from iclsft.spec import ExecutorSpec, Frozen, TemplateSpec
 from iclsft.tasks import registry
 
@@ -54,7 +63,7 @@ class ImplicitSweep(Frozen):
     faithful: bool = False
     sft: dict[str, dict] = Field(default_factory=dict)  # per-method overrides of IMPLICIT_SFT_DEFAULTS
     # "original" adds the arm implicit-full-original, the study's recipe (overrides: sft.full-original)
-    recipes: tuple[Literal["ours", "original"], ...] = ("ours",)
+    recipes: tuple[Literal[RECIPES], ...] = ("ours",)
     circuits: bool = True
     circuit_pairs: int = Field(default=32, ge=1)
     circuit_shots: int = Field(default=8, ge=1)
@@ -79,7 +88,7 @@ class SweepConfig(Frozen):
     """A whole experiment. `sft` holds per-method overrides of the SFT defaults (docs/sft.md)."""
 
     out: str
-    models: tuple[str, ...] = ("smollm2-135m",)
+    models: tuple[str, ...] = (DEFAULT_MODEL,)
     tasks: tuple[SweepTask, ...] = (SweepTask(),)
     methods: tuple[str, ...] = ("icl", "lora")
     shots: tuple[int, ...] = (1, 2, 5, 10)
@@ -92,7 +101,7 @@ class SweepConfig(Frozen):
     labels: tuple[str, str] = (" Baz", " Rud")
     swap_labels: bool = False
     grid_step: int = 1
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal[DTYPES] = "float32"
     template: TemplateSpec = TemplateSpec()
     engine: str = "auto"
     engine_options: dict = Field(default_factory=dict)  # EngineSpec fields other than name
@@ -104,7 +113,7 @@ class SweepConfig(Frozen):
     # training's last, none (iclsft.sft.retention); LoRA adapters are always kept
     checkpoints_keep: Literal[CHECKPOINTS_KEEP] = "all"
     retrain_deleted: bool = False  # train a deleted checkpoint again when work needs it (else refused by name)
-    rsa_subset: Literal["exemplars", "grid"] = "exemplars"  # the 400x400 matrix's points (iclsft.rsa.points)
+    rsa_subset: Literal[RSA_SUBSETS] = "exemplars"  # the 400x400 matrix's points (iclsft.rsa.points)
     report: bool = True
     implicit: ImplicitSweep | None = None
 

@@ -341,8 +341,9 @@ def _rates(device: str) -> str:
     per_token = f" + {r['per_prefix_token'] * 1e6:.2f} us per prefix token" if r["per_prefix_token"] else ""
     return (f"{1 / r['query']:,.0f} queries/s{per_token}, + {r['condition']:g} s per condition (RSA + "
             f"{r['rsa_condition']:g} s); SFT step LoRA {r['lora_step']:g} s, full {r['full_step']:g} s; model load "
-            f"{r['model_load']:g} s; engine start hf {r['engine_start']:g} s + model load, vllm {r['vllm_start']:g} s; a full "
-            f"checkpoint swapped in {r['swap_per_gb']:g} s per GB (measured: {', '.join(r['measured'])}; the rest assumed; docs/sweep.md)")
+            f"{r['model_load']:g} s; engine start hf {r['engine_start']:g} s + model load, vllm {r['vllm_start']:g} s; "
+            f"a full checkpoint swapped in {r['swap_per_gb']:g} s per GB (measured: {', '.join(r['measured'])}; "
+            "the rest assumed; docs/sweep.md)")
 
 
 def _num(x: float) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import ClassVar
 
-VARIANTS = ("holds", "broken")
+from iclsft.names import VARIANTS  # re-exported by iclsft.tasks.implicit
 
 
 @dataclass(frozen=True)
