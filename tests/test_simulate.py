@@ -16,6 +16,20 @@ from iclsft.tasks import linear2d
 
 SFT = {"epochs": 2, "min_steps": 0, "batch_size": 8}  # K = 1, 2: 2K <= 8, one batch per epoch, 2 steps
 
+# The tiny Llama (hidden 64, 4 heads of 16, k and v 32 wide, MLP 128, 2 layers, vocab 49,152, tied) against
+# SmolLM2-135M (hidden 576, 9 heads of 64, k and v 192 wide, MLP 1,536, 30 layers, vocab 49,152), whose rates
+# the costs are: decoder linears per layer, the output head, attention width, parameters
+TINY = {"body": 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128), "head": 64 * 49_152, "attention": 2 * 4 * 16}
+SMOL = {"body": 30 * (576 * 576 + 2 * 576 * 192 + 576 * 576 + 3 * 576 * 1536), "head": 576 * 49_152,
+        "attention": 30 * 9 * 64}
+TINY_PARAMS = 49_152 * 64 + 2 * ((64 * 64 + 2 * 64 * 32 + 64 * 64) + 3 * 64 * 128 + 2 * 64) + 64
+SMOL_PARAMS = 49_152 * 576 + 30 * (SMOL["body"] // 30 + 2 * 576) + 576
+# a scored query: 6 tokens through the body, 1.5 rows of the head; a training token: both
+QUERY = (6 * TINY["body"] + 1.5 * TINY["head"]) / (6 * SMOL["body"] + 1.5 * SMOL["head"])
+TRAIN = (TINY["body"] + TINY["head"]) / (SMOL["body"] + SMOL["head"])
+PREFIX = TINY["attention"] / SMOL["attention"]
+LOAD = TINY_PARAMS / SMOL_PARAMS
+
 
 @pytest.fixture()
 def config(tiny_model_dir, tmp_path) -> SweepConfig:
@@ -68,18 +82,22 @@ def test_the_work_graph_of_a_small_sweep_counted_by_hand(config):
         if w.payload.kind == "rsa":  # after its unit's scoring, and its training
             unit = by_id[w.needs[0]]
             assert unit.payload.kind == "score" and unit.arm == w.arm and w.needs[1:] == unit.needs
-    # each training: 2 steps, 2 checkpoints; GPU rates 0.05 s (LoRA) / 0.08 s (full) a step + 5 s model load
-    assert {(w.payload.steps, w.payload.checkpoints, w.cost) for w in kinds["sft-lora", "train"]} == {(2, 2, 5.1)}
-    assert {(w.payload.steps, w.payload.checkpoints, w.cost) for w in kinds["sft-full", "train"]} == {(2, 2, 5.16)}
+    # each training: 2 steps, 2 checkpoints; GPU rates 0.05 s (LoRA) / 0.08 s (full) a step + 5 s model load,
+    # SmolLM2's, scaled to the tiny model; implicit items are 80 tokens to a 2D example's 9
+    assert {(w.payload.steps, w.payload.checkpoints) for w in kinds["sft-lora", "train"]} == {(2, 2)}
+    assert [w.cost for w in kinds["sft-lora", "train"]] == [pytest.approx(2 * 0.05 * TRAIN + 5 * LOAD)] * 4
+    assert [w.cost for w in kinds["sft-full", "train"]] == [pytest.approx(2 * 0.08 * TRAIN + 5 * LOAD)] * 4
     assert [w.payload.steps for w in kinds["implicit-lora", "train"]] == [2]  # 8 items in batches of 4
+    assert [w.cost for w in kinds["implicit-lora", "train"]] == [pytest.approx(2 * 0.05 * TRAIN * 80 / 9 + 5 * LOAD)]
     # 100 queries per condition (step-10 lattice) at 13,600/s + 0.1 s per condition, two per chain; RSA + 0.2 s
     assert {w.payload.queries for w in kinds["icl", "score"]} == {200}
-    assert {round(w.cost, 6) for w in kinds["icl", "score"]} == {round(2 * (100 / 13_600 + 0.1), 6)}
+    assert {round(w.cost, 6) for w in kinds["icl", "score"]} == {round(2 * (100 / 13_600 * QUERY + 0.1), 6)}
     # RSA: each of the unit's two conditions (K, or orders sharing a checkpoint) + 0.2 s each
-    assert {round(w.cost, 6) for w in kinds["icl", "rsa"]} == {round(2 * (100 / 13_600 + 0.2), 6)}
+    assert {round(w.cost, 6) for w in kinds["icl", "rsa"]} == {round(2 * (100 / 13_600 * QUERY + 0.2), 6)}
     # a full fine-tune's RSA loads its checkpoint once per unit (5 s); a LoRA adapter is attached to the loaded base
-    assert {round(w.cost, 6) for w in kinds["sft-full", "rsa"]} == {round(2 * (100 / 13_600 + 0.2) + 5, 6)}
-    assert {round(w.cost, 6) for w in kinds["sft-lora", "rsa"]} == {round(2 * (100 / 13_600 + 0.2), 6)}
+    full_rsa = round(2 * (100 / 13_600 * QUERY + 0.2) + 5 * LOAD, 6)
+    assert {round(w.cost, 6) for w in kinds["sft-full", "rsa"]} == {full_rsa}
+    assert {round(w.cost, 6) for w in kinds["sft-lora", "rsa"]} == {round(2 * (100 / 13_600 * QUERY + 0.2), 6)}
 
 
 def test_cpu_costs_grow_with_the_prompt(config):
@@ -87,10 +105,10 @@ def test_cpu_costs_grow_with_the_prompt(config):
     icl = [w.cost for w in works if w.arm.endswith("|icl") and w.payload.kind == "score"]
     # each chain: K=1 and K=2, 100 queries x (1/140 s + 2.26 us x 18 or 36 prefix tokens: 2K exemplars of ~9
     # tokens) + 0.7 s each
-    chain = sum(100 * (1 / 140 + 2.26e-6 * 18 * k) + 0.7 for k in (1, 2))
+    chain = sum(100 * (QUERY / 140 + 2.26e-6 * PREFIX * 18 * k) + 0.7 for k in (1, 2))
     assert icl == [pytest.approx(chain)] * 4
     sft = [w.cost for w in works if w.arm.endswith("|sft-lora") and w.payload.kind == "score"]
-    assert sft == [pytest.approx(2 * (100 / 140 + 0.7))] * 8  # scored zero-shot: no exemplars in the prompt
+    assert sft == [pytest.approx(2 * (100 * QUERY / 140 + 0.7))] * 8  # scored zero-shot: no exemplars in the prompt
 
 
 def test_disk_use_of_the_tiny_model(config):
@@ -103,9 +121,6 @@ def test_disk_use_of_the_tiny_model(config):
     assert {w.payload.bytes for w in kinds["sft-full", "train"]} == {2 * 4 * params}
     assert {w.payload.bytes for w in kinds["icl", "rsa"]} == {2 * 2 * 2 * 400 * 400 * 2}  # 2 conds, 2 x 2 layers
     assert {w.payload.bytes for w in kinds["icl", "score"]} == {2 * (100 * 24 + 4_000)}  # two conditions each
-
-
-TINY_PARAMS = 49_152 * 64 + 2 * ((64 * 64 + 2 * 64 * 32 + 64 * 64) + 3 * 64 * 128 + 2 * 64) + 64  # as above
 
 
 def test_engine_starts_one_per_scorer_and_full_checkpoints_swapped_in(config, monkeypatch):
@@ -121,7 +136,7 @@ def test_engine_starts_one_per_scorer_and_full_checkpoints_swapped_in(config, mo
     full = [w.cost for w in simulation_works(config, "gpu", engine="vllm")
             if w.arm.endswith("|sft-full") and w.payload.kind == "score"]
     # each checkpoint's unit: its two orders, 100 queries each at 13,600/s + 0.1 s, after one swap
-    assert full == [pytest.approx(4 * TINY_PARAMS / 1e9 * 0.5 + 2 * (100 / 13_600 + 0.1))] * 8
+    assert full == [pytest.approx(4 * TINY_PARAMS / 1e9 * 0.5 + 2 * (100 / 13_600 * QUERY + 0.1))] * 8
     assert hf.usage.record()["scorer"]["works"] == 4 + 16 + 20 + 1 + 1 + 3  # scorings, RSA units, circuits
 
     class NoSwap:
@@ -132,7 +147,7 @@ def test_engine_starts_one_per_scorer_and_full_checkpoints_swapped_in(config, mo
     assert apart.engine_starts == 2 + 4 * 2  # and each full checkpoint (4 trainings x 2) once
     full = [w.cost for w in simulation_works(config, "gpu", engine="vllm")
             if w.arm.endswith("|sft-full") and w.payload.kind == "score"]
-    assert full == [pytest.approx(2 * (100 / 13_600 + 0.1))] * 8
+    assert full == [pytest.approx(2 * (100 / 13_600 * QUERY + 0.1))] * 8
 
 
 def test_simulate_on_eight_gpus(config):

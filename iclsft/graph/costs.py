@@ -29,6 +29,18 @@ RATES = {
             "swap_per_gb": 0.5, "measured": ("query", "per_prefix_token")},
 }
 
+# The rates are SmolLM2-135M's on the 2D task. Another model's are scaled by its compute per token
+# (`model_scale`): forward FLOPs are 2 x (decoder linears + output head) per token through both, and the
+# engine runs the head only where a label is read, so a scored query (~QUERY_TOKENS tokens) costs its
+# tokens through the body and ~HEAD_ROWS rows of the head; a training step runs both on every token of
+# its examples, which are EXAMPLE_TOKENS long per study; the prefix's per-token cost is the attention's
+# width (layers x heads x head size). EXAMPLE_TOKENS, measured with both shipped tokenizers (2026-12-07):
+# a 2D exemplar 7.7-8.2 tokens; an implicit item (question and answer) 38 (expression), 61 (boolean),
+# 99-104 (code), 115 (relation), ~80 over the four tasks.
+REFERENCE_SHAPE = {"body": 106_168_320, "head": 576 * 49_152, "attention": 30 * 9 * 64, "params": 134_515_008}
+QUERY_TOKENS, HEAD_ROWS = 6, 1.5
+EXAMPLE_TOKENS = {"linear2d": 9.0, "implicit": 80.0}  # tokens per training example and per ICL demonstration
+
 # Bytes a condition leaves in its run directory: scores.parquet (~20 B per query: n1, n2, truth,
 # is_exemplar, two float64 log-probs) and field.npy (4 B per query) measured on a 10,000-query
 # condition (201 KB + 40 KB); exemplars.parquet, record and metrics ~4 KB.
@@ -38,24 +50,44 @@ RSA_POINTS = 400  # the matrix's points (iclsft.rsa.points.MATRIX_SIZE)
 CHECKPOINT_BYTES_PER_PARAM = 4  # checkpoints keep the training weights' dtype: fp32 (bf16-mixed too)
 
 
-def score_seconds(queries: int, prefix_tokens: float, device: str) -> float:
-    """Scoring one condition."""
-    r = RATES[device]
-    return queries * (r["query"] + r["per_prefix_token"] * prefix_tokens) + r["condition"]
+def model_scale(shape: dict | None) -> dict[str, float]:
+    """How much slower than the reference model (SmolLM2-135M) a model of `shape` (`model_shape`) is per
+    scored query, per prefix token, per training token and per load; all 1.0 for None."""
+    if shape is None or "body" not in shape:
+        return {"query": 1.0, "prefix": 1.0, "train": 1.0, "load": 1.0}
+    ref = REFERENCE_SHAPE
+
+    def per_query(s):
+        return QUERY_TOKENS * s["body"] + HEAD_ROWS * s["head"]
+
+    return {"query": per_query(shape) / per_query(ref), "prefix": shape["attention"] / ref["attention"],
+            "train": (shape["body"] + shape["head"]) / (ref["body"] + ref["head"]),
+            "load": shape["params"] / ref["params"]}
 
 
-def rsa_seconds(queries: int, prefix_tokens: float, device: str) -> float:
+def score_seconds(queries: int, prefix_tokens: float, device: str, scale: dict | None = None) -> float:
+    """Scoring one condition (on a model `scale` times the reference's cost: `model_scale`)."""
+    r, s = RATES[device], scale or model_scale(None)
+    return queries * (r["query"] * s["query"] + r["per_prefix_token"] * s["prefix"] * prefix_tokens) + r["condition"]
+
+
+def rsa_seconds(queries: int, prefix_tokens: float, device: str, scale: dict | None = None) -> float:
     """One condition's RSA: one more pass over its queries (activations), then its pair statistics."""
-    r = RATES[device]
-    return queries * (r["query"] + r["per_prefix_token"] * prefix_tokens) + r["rsa_condition"]
+    r, s = RATES[device], scale or model_scale(None)
+    return (queries * (r["query"] * s["query"] + r["per_prefix_token"] * s["prefix"] * prefix_tokens)
+            + r["rsa_condition"])
 
 
-def train_seconds(steps: int, method: str, device: str) -> float:
-    """One training: its steps and the base model's load."""
-    return steps * step_seconds(method, device) + RATES[device]["model_load"]
+def train_seconds(steps: int, method: str, device: str, scale: dict | None = None, study: str = "linear2d") -> float:
+    """One training: its steps (examples of `study`'s length, on a model `scale` times the reference's cost)
+    and the base model's load."""
+    s = scale or model_scale(None)
+    tokens = EXAMPLE_TOKENS[study] / EXAMPLE_TOKENS["linear2d"]
+    return steps * step_seconds(method, device) * s["train"] * tokens + RATES[device]["model_load"] * s["load"]
 
 
 def step_seconds(method: str, device: str) -> float:
+    """One training step of the reference model on 2D examples."""
     r = RATES[device]
     return r["lora_step"] if method == "lora" else r["full_step"]
 
@@ -84,12 +116,14 @@ def condition_queries(cond) -> int:
 
 
 def prefix_tokens(cond) -> float:
-    """Approximate prompt tokens before the queries: ~9 per 2D exemplar (2K of them), ~40 per implicit demo;
-    a fine-tuned model is scored zero-shot (no exemplars in the prompt)."""
+    """Approximate prompt tokens before the queries: EXAMPLE_TOKENS per 2D exemplar (2K of them) or implicit
+    demonstration (K); a fine-tuned model is scored zero-shot (no exemplars in the prompt)."""
     if getattr(cond, "method", "icl") != "icl":
         return 0.0
     shots = getattr(cond, "shots", 0) or 0
-    return 18.0 * shots if hasattr(getattr(cond, "task", None), "grid_step") else 40.0 * shots
+    if hasattr(getattr(cond, "task", None), "grid_step"):
+        return 2 * EXAMPLE_TOKENS["linear2d"] * shots
+    return EXAMPLE_TOKENS["implicit"] * shots
 
 
 def condition_bytes(cond) -> int:
@@ -110,8 +144,13 @@ def model_shape(path: str) -> dict:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             linears.setdefault(name.rsplit(".", 1)[-1], []).append((module.in_features, module.out_features))
+    text = getattr(config, "text_config", None) or config
+    heads = int(text.num_attention_heads)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return {"params": sum(p.numel() for p in model.parameters()), "layers": int(config.num_hidden_layers),
-            "linears": linears}
+            "linears": linears, "head": sum(i * o for i, o in linears.get("lm_head", ())),
+            "body": sum(i * o for name, shapes in linears.items() if name != "lm_head" for i, o in shapes),
+            "attention": int(text.num_hidden_layers) * heads * int(head_dim)}
 
 
 def full_checkpoint_bytes(shape: dict) -> int:

@@ -30,6 +30,7 @@ from iclsft.graph.costs import (
     engine_start_seconds,
     full_checkpoint_bytes,
     lora_adapter_bytes,
+    model_scale,
     model_shape,
     prefix_tokens,
     rsa_bytes,
@@ -201,6 +202,7 @@ class _Graph:
         from iclsft.sft.train import total_steps
 
         key, sft = f"{model}|{spec.arm}", getattr(spec, "sft", None)
+        self.study = "implicit" if spec.kind == "implicit" else "linear2d"
         conds = spec.conditions()
         todo = [c for c in conds if not run.is_done(c)]
         needs: dict[str, tuple] = {}  # condition id -> the training of its checkpoint
@@ -262,7 +264,7 @@ class _Graph:
     def _train(self, key: str, model: str, arm: str, i: int, sft, steps: int, checkpoints: int, shape: dict) -> str:
         each = lora_adapter_bytes(shape, sft) if sft.method == "lora" else full_checkpoint_bytes(shape)
         work = Work(f"{key}|train|{i}", "trainer", f"{arm} training {i} ({steps} steps)",
-                    train_seconds(steps, sft.method, self.device), arm=key,
+                    train_seconds(steps, sft.method, self.device, model_scale(shape), self.study), arm=key,
                     payload=Stand("train", model, sft.method, steps=steps, checkpoints=checkpoints,
                                   bytes=checkpoints * each), holds=0 if sft.method == "lora" else checkpoints)
         self.works.append(work)
@@ -282,7 +284,8 @@ class _Graph:
             swap = swap_seconds(full_checkpoint_bytes(shape), self.device) if full else 0.0
         label = first.label if len(unit) == 1 else f"{first.label} (+{len(unit) - 1})"
         work = Work(f"{key}|{first.id}", "scorer", label,
-                    swap + sum(score_seconds(condition_queries(c), prefix_tokens(c), self.device) for c in unit),
+                    swap + sum(score_seconds(condition_queries(c), prefix_tokens(c), self.device, model_scale(shape))
+                               for c in unit),
                     needs=needs, arm=key, affinity=model,
                     payload=Stand("score", model, method, conditions=len(unit),
                                   queries=sum(map(condition_queries, unit)), setup=setup,
@@ -299,16 +302,17 @@ class _Graph:
 
         stale = [[c] for c in conds if c.id not in unit_of
                  and not rsa_is_current(run.condition_dir(c), c.id, self.config.dtype, self.config.rsa_subset)]
-        hooks = ((f"hooks|{model}", RATES[self.device]["model_load"]),)
+        hooks = ((f"hooks|{model}", RATES[self.device]["model_load"] * model_scale(shape)["load"]),)
         # a full fine-tune is loaded once per unit (iclsft.rsa.run.Models.loaded); LoRA attaches to the hooks' base
-        load = RATES[self.device]["model_load"] if sft is not None and sft.method != "lora" else 0.0
+        load = hooks[0][1] if sft is not None and sft.method != "lora" else 0.0
         for unit in [*units, *stale]:
             first = unit[0]
             after = (unit_of[first.id], *needs.get(first.id, ())) if first.id in unit_of else ()
             queries = sum(map(condition_queries, unit))
+            scale = model_scale(shape)
             self.works.append(Work(f"{key}|rsa|{first.id}", "scorer", f"RSA {first.label}",
-                                   sum(rsa_seconds(condition_queries(c), prefix_tokens(c), self.device) for c in unit)
-                                   + load, needs=after, arm=key, affinity=model,
+                                   sum(rsa_seconds(condition_queries(c), prefix_tokens(c), self.device, scale)
+                                       for c in unit) + load, needs=after, arm=key, affinity=model,
                                    payload=Stand("rsa", model, sft.method if sft else "icl", conditions=len(unit),
                                                  queries=queries, setup=hooks, bytes=len(unit) * rsa_bytes(shape))))
 
