@@ -68,6 +68,23 @@ def make_tiny_llama(vocab_size: int, seed: int = 0):
     return model
 
 
+def icl_prompts(tokenizer, shots: int, count: int, angle: float = 45.0):
+    """An ICL prefix of `shots` exemplars per class (seed 0), `count` grid queries of the step-10 lattice
+    (a fixed random choice), and the label token ids: what the engine tests score."""
+    import numpy as np
+
+    from iclsft.prompts import PromptBuilder
+    from iclsft.spec import TaskSpec, TemplateSpec
+    from iclsft.tasks import linear2d
+
+    task = TaskSpec(angle=angle, grid_step=10)
+    builder = PromptBuilder(tokenizer, TemplateSpec(), task.labels)
+    ex = linear2d.exemplars(task, 0, shots)
+    grid = linear2d.queries(task)
+    rows = grid.iloc[np.random.default_rng(0).choice(len(grid), count, replace=False)]
+    return builder.prefix(ex.n1, ex.n2, ex.truth), builder.queries(rows.n1, rows.n2), builder.label_ids
+
+
 @pytest.fixture(scope="session")
 def tiny_model(smollm_tokenizer):
     return make_tiny_llama(len(smollm_tokenizer))

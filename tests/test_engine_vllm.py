@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import icl_prompts
 
 from iclsft.engine.hf import HFEngine
 from iclsft.engine.reads import adapter_name, plan_reads
@@ -96,12 +97,7 @@ def hf_engine(model_dir):
 def prompts(smollm_tokenizer):
     """An ICL prefix of K=20 per class (about 300 tokens: more than two 128-token cache blocks),
     40 grid queries, and the label token ids."""
-    task = TaskSpec(angle=45.0, grid_step=10)
-    builder = PromptBuilder(smollm_tokenizer, TemplateSpec(), task.labels)
-    ex = linear2d.exemplars(task, 0, 20)
-    grid = linear2d.queries(task)
-    rows = grid.iloc[np.random.default_rng(0).choice(len(grid), 40, replace=False)]
-    return builder.prefix(ex.n1, ex.n2, ex.truth), builder.queries(rows.n1, rows.n2), builder.label_ids
+    return icl_prompts(smollm_tokenizer, 20, 40)
 
 
 def test_icl_scores_agree_with_hf(vllm_engine, hf_engine, prompts):

@@ -16,11 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import icl_prompts
 
 from iclsft.engine.hf import HFEngine
-from iclsft.prompts import PromptBuilder
-from iclsft.spec import TaskSpec, TemplateSpec
-from iclsft.tasks import linear2d
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
@@ -55,12 +53,7 @@ def dirs(smollm_tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def prompts(smollm_tokenizer):
     """A K=20 ICL prefix (about 300 tokens: several 32-token cache blocks) and 16 grid queries."""
-    task = TaskSpec(angle=45.0, grid_step=10)
-    builder = PromptBuilder(smollm_tokenizer, TemplateSpec(), task.labels)
-    ex = linear2d.exemplars(task, 0, 20)
-    grid = linear2d.queries(task)
-    rows = grid.iloc[np.random.default_rng(0).choice(len(grid), 16, replace=False)]
-    return builder.prefix(ex.n1, ex.n2, ex.truth), builder.queries(rows.n1, rows.n2), builder.label_ids
+    return icl_prompts(smollm_tokenizer, 20, 16)
 
 
 def open_vllm(path):
