@@ -181,6 +181,7 @@ class EngineSpec(Frozen):
     name: Literal[ENGINES] = "hf"
     token_budget: int | None = Field(default=None, ge=16)
     threads: int | None = Field(default=None, ge=1)
+    workers: int | None = Field(default=None, ge=1)  # hf on CPUs: packed batches at once (iclsft.engine.hf)
     device_map: str | None = Field(default=None,
                                    pattern=r"^(auto|balanced|balanced_low_0|sequential|cpu|cuda(:\d+)?)$")
     max_loras: int = Field(default=1, ge=1)

@@ -125,6 +125,34 @@ def test_packed_matches_naive(reference, tiny_model, case, budget):
     np.testing.assert_allclose(got, expected, rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("case", ["baz-never-K20", "bazooka-never-K3"])
+def test_batches_on_two_workers_match_naive_and_one_worker(reference, tiny_model, case, monkeypatch):
+    """Two packed batches at once on two Python threads (one torch thread each, as on a 2-core CPU):
+    the naive reference's scores, the same bits as one worker at one thread, torch's threads restored,
+    and really two threads at work."""
+    import threading
+
+    prefix, queries, labels, expected = reference(case)
+    assert len(pack(queries, labels, 16)) >= 8
+    one = HFEngine(tiny_model, token_budget=16, progress=False, workers=1).score(prefix, queries, labels)
+    engine = HFEngine(tiny_model, token_budget=16, progress=False, workers=2)
+    seen, batch = set(), engine._score_batch
+    monkeypatch.setattr(engine, "_score_batch", lambda *a: (seen.add((threading.get_ident(),
+                                                                       torch.get_num_threads())), batch(*a))[1])
+    torch.set_num_threads(2)
+    two = engine.score(prefix, queries, labels)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    assert len({t for t, _ in seen}) == 2 and {n for _, n in seen} == {1}
+    np.testing.assert_allclose(two, expected, rtol=0, atol=TOL)
+    np.testing.assert_array_equal(two, one)
+
+
+def test_workers_must_be_a_positive_integer(tiny_model):
+    with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
+        HFEngine(tiny_model, workers=0)
+
+
 @pytest.mark.parametrize("case", ["baz-never-K20", "bazooka-never-K3", "baz-never-empty"])
 def test_reference_values_are_not_trivially_equal(reference, case):
     """A bug in masks or positions must show: values spread across queries far beyond TOL."""

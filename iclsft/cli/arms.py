@@ -99,6 +99,9 @@ def run_options(fn):
                      help="hf engine: spread the model over GPUs ('auto', 'balanced', 'sequential') or put it on "
                           "one device ('cuda:1'); default: one device (docs/large_models.md)."),
         click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."),
+        click.option("--batch-workers", type=click.IntRange(min=1), default=None,
+                     help="hf on CPUs: packed batches scored at once, torch's threads shared out (default 1; 2 on "
+                          "a 2-core machine that other jobs share was 1.3-1.9x faster: docs/throughput.md)."),
         click.option("--quiet", is_flag=True, help="No progress output."),
     ]
     for option in reversed(options):
@@ -119,6 +122,7 @@ def _common(o: dict) -> dict:
         template=TemplateSpec(header=o["header"], exemplar=o["exemplar_template"], query=o["query_template"],
                               bos=o["bos"], chat=o["chat"]),
         engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"],
+                          workers=o["batch_workers"],
                           device_map=o["device_map"],
                           url=o["vllm_url"], api_key=o["vllm_api_key"], timeout=o["vllm_timeout"],
                           retries=o["vllm_retries"], concurrency=o["vllm_concurrency"], max_loras=o["max_loras"],

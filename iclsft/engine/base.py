@@ -132,7 +132,7 @@ def open_engine(engine: EngineSpec, model_path: str | Path, dtype: str = "float3
         model, _ = load_model(ModelRef(name=str(model_path), path=Path(model_path), fingerprint=""), dtype,
                               device_map=engine.device_map)
         return HFEngine(model, token_budget=engine.token_budget, threads=engine.threads, progress=progress,
-                        source=model_path)
+                        source=model_path, workers=engine.workers)
     if engine.name == "vllm":
         from iclsft.engine.vllm_engine import VLLMEngine
 

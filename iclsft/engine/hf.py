@@ -19,6 +19,13 @@ How one `score` call works:
 4. An adapter's LoRA product is added into its base weights for the call (`merge_lora`).
 5. The output head runs only at the rows whose next token is a label token, on the full vocabulary
    (the log-softmax needs it), in fp32.
+6. On CPUs the packed batches may run on `workers` Python threads at once, torch's threads shared out
+   among them (2 cores, workers=2: two batches at one thread each). On a quiet machine one worker at
+   all threads is as fast (0.96-0.99x for two, docs/benchmarks/engine_profile.md), so it is the default;
+   where another process takes a core, two workers were 1.3-1.9x faster (docs/throughput.md): one is
+   slowed instead of both threads of every matmul waiting on the busy core. Each batch is computed
+   whole by one worker at the same torch thread count whichever worker it is, so the scores do not
+   depend on the scheduling (equal to the last bit to one worker's, measured).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from __future__ import annotations
 import gc
 import hashlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -50,7 +58,7 @@ class HFEngine(Engine):
 
     def __init__(self, model, *, token_budget: int | None = None, progress: bool = True,
                  threads: int | None = None, attention: str = "auto", merge_lora: bool = True,
-                 source: str | Path | None = None):
+                 source: str | Path | None = None, workers: int | None = None):
         """`token_budget`: tree nodes per packed forward; None chooses it for the device (engine/budget.py:
         1,024 on CPUs, from free memory on CUDA). `attention`: "tree" (prefix and tree parts apart, no mask:
         engine/tree_attention.py), "mask" (one SDPA call with a dense boolean mask), "auto" (tree where
@@ -58,7 +66,8 @@ class HFEngine(Engine):
         product added into the base weights for the call (one matmul per projection instead of three; the
         original weights are put back untouched). The model may be spread over devices (`device_map`):
         inputs go to its embedding's device. `source`: the directory the model was loaded from, for
-        `check_model` (default: the model's own `name_or_path`)."""
+        `check_model` (default: the model's own `name_or_path`). `workers`: packed batches scored at once
+        on a CPU, each at torch's threads / workers (None: 1; on GPUs always 1)."""
         if attention not in ATTENTION:
             raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION)}")
         if threads:
@@ -77,6 +86,9 @@ class HFEngine(Engine):
         elif attention == "tree" and not tree_attention.supported(model):
             raise ValueError("attention='tree' needs a model on the CPU that uses transformers' attention interface")
         self.attention = attention
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        self.workers = workers or 1
         self.source = source if source is not None else (getattr(model, "name_or_path", "") or None)
         self.cache_keyword = cache_keyword(model)
         # adapter key -> (prefix tokens, per-layer (keys, values) of that prefix)
@@ -245,11 +257,34 @@ class HFEngine(Engine):
             kv = self.prefix_kv(prefix, key)
             batches = pack(queries, labels, self.token_budget)
             bar = _progress(len(queries), self.progress and len(queries) >= 2000)
-            for batch in batches:
-                self._score_batch(batch, kv, len(prefix), out)
-                bar.update(len(batch.reads))
+            tree = tree_attention.activated(self.base.config) if self.attention == "tree" else nullcontext()
+
+            def one(batch: PackedBatch) -> int:
+                with torch.inference_mode():  # thread-local: each worker enters it
+                    self._score_batch(batch, kv, len(prefix), out)
+                return len(batch.reads)
+
+            with tree, self._batch_workers(len(batches)) as workers, (
+                    ThreadPoolExecutor(workers, thread_name_prefix="iclsft-batch") if workers > 1 else nullcontext()
+            ) as pool:
+                for n in (pool.map(one, batches) if pool is not None else map(one, batches)):
+                    bar.update(n)
             bar.close()
         return out
+
+    @contextmanager
+    def _batch_workers(self, batches: int) -> Iterator[int]:
+        """How many batches run at once; torch's threads are shared out among them for the duration."""
+        threads = torch.get_num_threads()
+        cpu = self.device.type == "cpu"
+        workers = max(1, min(self.workers, batches, threads)) if cpu else 1
+        if workers > 1:
+            torch.set_num_threads(max(1, threads // workers))
+        try:
+            yield workers
+        finally:
+            if workers > 1:
+                torch.set_num_threads(threads)
 
     # -- generation -------------------------------------------------------------------------
     @torch.inference_mode()
@@ -282,10 +317,9 @@ class HFEngine(Engine):
         inputs = dict(input_ids=torch.tensor([batch.tokens], device=self.device),
                       position_ids=torch.tensor([batch.depth], device=self.device) + prefix_len,
                       logits_to_keep=torch.tensor(rows, device=self.rows_device))
-        if self.attention == "tree":
+        if self.attention == "tree":  # routed through tree_attention by `score` (for every batch at once)
             context = tree_attention.TreeContext.build(kv, batch.parent, self.device, self.windows)
-            with tree_attention.activated(self.base.config):
-                output = self.model(**inputs, use_cache=False, iclsft_tree=context)
+            output = self.model(**inputs, use_cache=False, iclsft_tree=context)
         else:
             mask = windows.model_masks(self.base.config, self.windows, prefix_len, batch.depth, batch.ancestor_mask(),
                                        self.device)
