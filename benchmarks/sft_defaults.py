@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from iclsft.arms import make_icl_spec, make_sft_spec, run_spec
+from iclsft.arms import make_icl_spec, make_sft_spec
 from iclsft.artifacts import atomic_write_bytes
+from iclsft.graph.driver import run_spec
 from iclsft.spec import ExecutorSpec, SftSpec
 from iclsft.store import RunDir
 

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from iclsft.graph.costs import RATES
-from iclsft.graph.simulate import simulate, simulation_works
+from iclsft.graph.simulate import simulate
 from iclsft.sweep import load_config
-from iclsft.sweep.plan import parse_gpus
+from iclsft.sweep.plan import parse_gpus, simulation_works
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def main() -> None:
         built = time.perf_counter() - began
         for g in gpus:
             began = time.perf_counter()
-            sim = simulate(config, gpus=g, works=works)
+            sim = simulate(config, works, gpus=g)
             row = {"engine": engine, **sim.record(), "ratio": round(sim.makespan / sim.bound, 3),
                    "works": len(works), "build_seconds": round(built, 2),
                    "simulate_seconds": round(time.perf_counter() - began, 3)}

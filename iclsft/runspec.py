@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from iclsft.implicit.spec import ImplicitSpec
 from iclsft.models import ModelRef, resolve_model
 from iclsft.names import DEFAULT_MODEL
 from iclsft.spec import (
@@ -88,8 +89,6 @@ def make_implicit_spec(*, model: str = DEFAULT_MODEL, method: str = "icl", sft: 
                        recipe: str = "ours", **fields):
     """The spec of one arm of the implicit suite. recipe="original" (method full only): the study's
     fine-tuning, ORIGINAL_SFT_DEFAULTS then `sft`."""
-    from iclsft.implicit.spec import ImplicitSpec
-
     defaults = ORIGINAL_SFT_DEFAULTS if recipe == "original" else IMPLICIT_SFT_DEFAULTS
     settings = sft_spec(method, **{**defaults, **(sft or {})}) if method != "icl" else None
     spec = ImplicitSpec(model=ModelSpec(name=model, fingerprint="unresolved"), method=method, sft=settings,

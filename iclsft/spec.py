@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 
 from iclsft.names import BOS_CHOICES, CHECKPOINTS_KEEP, DTYPES, ENGINES, EXECUTORS, PRECISIONS, SFT_METHODS
 from iclsft.tasks import registry
+from iclsft.tasks.linear2d import GRID
 
 HASH_VERSION = "v1"
 
@@ -258,17 +259,44 @@ class ArmSpec(Frozen):
         """The fields that determine results (transport knobs left out)."""
         return self.model_dump(mode="json", exclude=self.TRANSPORT)
 
+    @property
+    def training(self) -> SftSpec | None:
+        """The fine-tuning recipe of an arm that trains models; None for ICL."""
+        return None
+
 
 class ConditionBase(Frozen):
     """One cell of an arm. Its id is a versioned content hash of exactly its fields (None fields left
     out, so adding an optional field never changes existing ids); `label` names it in progress lines."""
 
     HASH: ClassVar[str] = HASH_VERSION
+    STUDY: ClassVar[str]  # the study whose arms compute it: "linear2d" or "implicit"
 
     @property
     def id(self) -> str:
         blob = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
         return f"{self.HASH}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+    # What the work graph and the planner need of any condition (none of it enters the id):
+    @property
+    def queries(self) -> int:
+        """Queries it scores."""
+        raise NotImplementedError
+
+    @property
+    def prompt_examples(self) -> int:
+        """Examples in the prompt before the queries (0 for a fine-tuned model, scored zero-shot)."""
+        raise NotImplementedError
+
+    @property
+    def chain(self) -> tuple:
+        """ICL conditions with one chain share a growing prompt: scored together, `chain_rank` ascending, each
+        prompt extends the last."""
+        raise NotImplementedError
+
+    @property
+    def chain_rank(self) -> tuple:
+        raise NotImplementedError
 
 
 class RunSpecBase(ArmSpec):
@@ -419,6 +447,10 @@ class SftRunSpec(RunSpecBase):
 
     TRANSPORT: ClassVar[set[str]] = {"engine", "executor", "tokens", "checkpoints_keep", "retrain_deleted"}
 
+    @property
+    def training(self) -> SftSpec:
+        return self.sft
+
     @field_validator("checkpoints")
     @classmethod
     def _checkpoints(cls, v: tuple[float, ...]) -> tuple[float, ...]:
@@ -445,6 +477,8 @@ class SftRunSpec(RunSpecBase):
 class Condition(ConditionBase):
     """One cell of a 2D arm: its id is the hash of all of these fields."""
 
+    STUDY: ClassVar[str] = "linear2d"
+
     task: TaskSpec
     template: TemplateSpec
     model: ModelSpec
@@ -470,6 +504,22 @@ class Condition(ConditionBase):
         angle = f"{self.task.angle:g}"
         ckpt = f"-c{self.checkpoint:g}" if self.checkpoint is not None and self.checkpoint != 1.0 else ""
         return f"{self.task.name}-a{angle}-{self.method}-K{self.shots}-s{self.seed}{ckpt}-{self.id[-8:]}"
+
+    @property
+    def queries(self) -> int:
+        return (GRID // self.task.grid_step) ** 2
+
+    @property
+    def prompt_examples(self) -> int:
+        return 2 * self.shots if self.method == "icl" else 0
+
+    @property
+    def chain(self) -> tuple:
+        return (self.task, self.seed, self.order)
+
+    @property
+    def chain_rank(self) -> tuple:
+        return (self.shots,)
 
     def row(self) -> dict:
         """The columns that identify this condition in result tables."""

@@ -194,7 +194,8 @@ def scores(run_dir, cond) -> pd.DataFrame:
 
 def test_icl_run_with_vllm_matches_hf_run(model_dir, tmp_path, vllm_engine, monkeypatch):
     """An ICL run with engine vllm writes the same scores as with hf."""
-    from iclsft.arms import make_icl_spec, run_spec
+    from iclsft.arms import make_icl_spec
+    from iclsft.graph.driver import run_spec
     from iclsft.spec import EngineSpec
 
     kwargs = dict(model=str(model_dir), angles=(30.0,), shots=(2, 6), grid_step=20)
@@ -214,7 +215,8 @@ def test_icl_run_with_vllm_matches_hf_run(model_dir, tmp_path, vllm_engine, monk
 def test_sft_run_with_vllm_matches_hf_run(model_dir, tmp_path, vllm_engine, monkeypatch):
     """An SFT run scores its LoRA adapters with the vllm engine as with hf (same trained adapters:
     training is deterministic, and both runs train their own)."""
-    from iclsft.arms import make_sft_spec, run_spec
+    from iclsft.arms import make_sft_spec
+    from iclsft.graph.driver import run_spec
     from iclsft.spec import EngineSpec, ExecutorSpec, sft_spec
 
     kwargs = dict(model=str(model_dir), angles=(30.0,), shots=(2,), grid_step=20, checkpoints=(0.5, 1.0),
@@ -239,7 +241,8 @@ def test_sft_run_with_vllm_matches_hf_run(model_dir, tmp_path, vllm_engine, monk
 def test_implicit_run_with_vllm_generates_the_code_answers_of_hf(model_dir, tmp_path, vllm_engine, monkeypatch):
     """The implicit suite with engine vllm: the code task (answers by greedy generation) predicts what the
     hf engine predicts, the boolean task (a closed label set) scores alike."""
-    from iclsft.arms import make_implicit_spec, run_spec
+    from iclsft.arms import make_implicit_spec
+    from iclsft.graph.driver import run_spec
     from iclsft.spec import EngineSpec
 
     kwargs = dict(model=str(model_dir), method="icl", tasks=("code", "boolean"), shots=(0, 2), seeds=(0,),

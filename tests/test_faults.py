@@ -653,7 +653,8 @@ def test_ray_worker_killed_mid_training_is_retried(baseline, tiny_model_dir, tmp
     """The Ray worker training K=1 kills itself (SIGKILL) at its second optimizer step; Ray starts the
     task again in a new worker (max_retries), which passes the point, and the run equals the baseline."""
     ray = pytest.importorskip("ray")
-    from iclsft.arms import make_sft_spec, run_spec
+    from iclsft.arms import make_sft_spec
+    from iclsft.graph.driver import run_spec
     from iclsft.spec import ExecutorSpec, sft_spec
 
     if ray.is_initialized():

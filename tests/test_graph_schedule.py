@@ -4,18 +4,12 @@ out by hand: which slot runs what, when, and how busy each role was."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import pytest
 
 from iclsft.graph.schedule import schedule
 from iclsft.graph.simulate import VirtualBackend
 from iclsft.graph.work import Work
-
-
-@dataclass(frozen=True)
-class Setup:
-    setup: tuple = ()
 
 
 def run(works, slots, **options):
@@ -94,8 +88,8 @@ def test_a_failed_training_fails_its_dependents_unrun():
 def test_a_setup_is_paid_once_per_slot():
     # each scorer opens the engine (10 s) before its first work: scorer-0 runs a in 10+1, scorer-1 b; both
     # free at 11, the slot freed last (scorer-1) takes c, its engine already open: 11-12
-    opens = Setup((("engine|m", 10.0),))
-    works = [score("a", 1, payload=opens), score("b", 1, payload=opens), score("c", 1, payload=opens)]
+    opens = (("engine|m", 10.0),)
+    works = [score("a", 1, setup=opens), score("b", 1, setup=opens), score("c", 1, setup=opens)]
     usage, ran, backend = run(works, {"scorer": 2})
     assert ran == {"a": ("scorer-0", 0, 11, None), "b": ("scorer-1", 0, 11, None), "c": ("scorer-1", 11, 12, None)}
     assert backend.setups == {"engine": 2} and backend.work == 23

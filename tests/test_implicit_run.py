@@ -12,8 +12,9 @@ import pytest
 import torch
 from logcapture import capture
 
-from iclsft.arms import make_implicit_spec, run_spec
+from iclsft.arms import make_implicit_spec
 from iclsft.evaluate.runs import read_metrics, recompute_metrics
+from iclsft.graph.driver import run_spec
 from iclsft.implicit.data import TaskPrompts, demo_stream, eval_items, train_items
 from iclsft.implicit.results import results_table
 from iclsft.spec import ExecutorSpec

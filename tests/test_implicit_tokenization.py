@@ -252,7 +252,8 @@ def test_pieces_that_merge_are_refused():
 
 @pytest.fixture(scope="module")
 def llama2_run(tmp_path_factory):
-    from iclsft.arms import make_implicit_spec, run_spec
+    from iclsft.arms import make_implicit_spec
+    from iclsft.graph.driver import run_spec
 
     mp = pytest.MonkeyPatch()
     mp.setenv("ICLSFT_HOME", str(tmp_path_factory.mktemp("home")))
@@ -309,7 +310,8 @@ def test_llama2_generation_equals_transformers_greedy_on_the_natural_ids(llama2_
 
 
 def test_run_refuses_prompts_that_are_not_natural_before_writing(monkeypatch, tmp_path):
-    from iclsft.arms import make_implicit_spec, run_spec
+    from iclsft.arms import make_implicit_spec
+    from iclsft.graph.driver import run_spec
 
     monkeypatch.setenv("ICLSFT_HOME", str(tmp_path / "home"))
     model_dir = tiny_model_dir("llama2", tmp_path / "model")

@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from iclsft.arms import make_icl_spec, run_spec
+from iclsft.arms import make_icl_spec
 from iclsft.engine.reference import naive_score
 from iclsft.evaluate.metrics import METRIC_NAMES
+from iclsft.graph.driver import run_spec
 from iclsft.models import load_model
 from iclsft.prompts import PromptBuilder
 from iclsft.tasks import linear2d

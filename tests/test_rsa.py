@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
-from iclsft.arms import make_icl_spec, make_sft_spec, run_spec
+from iclsft.arms import make_icl_spec, make_sft_spec
 from iclsft.errors import ConditionsFailed
+from iclsft.graph.driver import run_spec
 from iclsft.prompts import PromptBuilder
 from iclsft.rsa import RSA_JSON, RSA_NPZ, RSA_VERSION, compute_rsa, load_rsa, read_rsa_record, rsa_is_current
 from iclsft.rsa.activations import activations

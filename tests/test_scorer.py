@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from iclsft.arms import make_sft_spec, run_spec
+from iclsft.arms import make_sft_spec
 from iclsft.arms.scorer import Scorer
 from iclsft.engine.base import open_engine
+from iclsft.graph.driver import run_spec
 from iclsft.prompts import prompt_builders
 from iclsft.spec import EngineSpec, ExecutorSpec, sft_spec
 

@@ -25,9 +25,10 @@ import pytest
 from click.testing import CliRunner
 from processes import marked
 
-from iclsft.arms import make_icl_spec, make_sft_spec, run_spec
+from iclsft.arms import make_icl_spec, make_sft_spec
 from iclsft.cli import main
 from iclsft.engine.vllm_server import ServerError, VLLMServerEngine
+from iclsft.graph.driver import run_spec
 from iclsft.serve import query_points, run_adapters, run_base_model
 from iclsft.spec import EngineSpec, ExecutorSpec, sft_spec
 

@@ -18,13 +18,14 @@ import torch
 from click.testing import CliRunner
 from logcapture import capture
 
-from iclsft.arms import make_icl_spec, make_sft_spec, run_spec
+from iclsft.arms import make_icl_spec, make_sft_spec
 from iclsft.arms.linear2d import plan_jobs, training_examples
 from iclsft.cli import main
 from iclsft.engine.hf import HFEngine
 from iclsft.engine.reference import naive_score
 from iclsft.errors import ConditionsFailed
 from iclsft.evaluate.runs import compare_table, recompute_metrics
+from iclsft.graph.driver import run_spec
 from iclsft.prompts import PromptBuilder, builder_key, prompt_builders
 from iclsft.sft.adapters import (
     MARKER,

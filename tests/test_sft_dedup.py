@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 from logcapture import capture
 
-from iclsft.arms import make_sft_spec, run_spec
+from iclsft.arms import make_sft_spec
 from iclsft.arms.linear2d import plan_jobs, training_examples, training_groups
+from iclsft.graph.driver import run_spec
 from iclsft.prompts import builder_key, prompt_builders
 from iclsft.sft import train as train_module
 from iclsft.sft.adapters import (

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from logcapture import capture
 
-from iclsft.arms import make_sft_spec, run_spec
+from iclsft.arms import make_sft_spec
 from iclsft.arms.linear2d import plan_jobs
+from iclsft.graph.driver import run_spec
 from iclsft.prompts import prompt_builders
 from iclsft.sft.adapters import MARKER, read_marker
 from iclsft.sft.train import train

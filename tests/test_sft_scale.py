@@ -221,8 +221,9 @@ def test_fsdp_two_workers_equal_single_process(ray_two_cpus, tiny_model_dir, tmp
 def test_sharded_run_sft_end_to_end(ray_two_cpus, tiny_model_dir, smollm_tokenizer, tmp_path):
     """The SFT arm with workers=2 (frozen embeddings, gradient checkpointing): the run finishes and scores,
     its checkpoint equals single-process training of the same job within 1e-5, embeddings unchanged."""
-    from iclsft.arms import make_sft_spec, run_spec
+    from iclsft.arms import make_sft_spec
     from iclsft.arms.linear2d import plan_jobs
+    from iclsft.graph.driver import run_spec
     from iclsft.prompts import prompt_builders
     from iclsft.spec import ExecutorSpec
     from iclsft.store import RunDir

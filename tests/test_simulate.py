@@ -9,9 +9,10 @@ from click.testing import CliRunner
 
 from iclsft.cli import main
 from iclsft.graph.resources import Resources, resolve
-from iclsft.graph.simulate import simulate, simulation_works
+from iclsft.graph.simulate import simulate
 from iclsft.spec import TaskSpec
 from iclsft.sweep import SweepConfig
+from iclsft.sweep.plan import simulation_works
 from iclsft.tasks import linear2d
 
 SFT = {"epochs": 2, "min_steps": 0, "batch_size": 8}  # K = 1, 2: 2K <= 8, one batch per epoch, 2 steps
@@ -129,9 +130,9 @@ def test_engine_starts_one_per_scorer_and_full_checkpoints_swapped_in(config, mo
     that cannot swap starts one per full checkpoint instead."""
     import iclsft.engine.base
 
-    hf = simulate(config, gpus=1)
+    hf = simulate(config, simulation_works(config, "gpu"), gpus=1)
     assert hf.engine_starts == 1 and hf.setups == {"engine": 1, "hooks": 1}
-    vllm = simulate(config, gpus=1, works=simulation_works(config, "gpu", engine="vllm"))
+    vllm = simulate(config, simulation_works(config, "gpu", engine="vllm"), gpus=1)
     assert vllm.engine_starts == 2
     full = [w.cost for w in simulation_works(config, "gpu", engine="vllm")
             if w.arm.endswith("|sft-full") and w.payload.kind == "score"]
@@ -142,8 +143,8 @@ def test_engine_starts_one_per_scorer_and_full_checkpoints_swapped_in(config, mo
     class NoSwap:
         can_load_weights = False
 
-    monkeypatch.setattr(iclsft.engine.base, "engine_class", lambda name: NoSwap)
-    apart = simulate(config, gpus=1, works=simulation_works(config, "gpu", engine="vllm"))
+    monkeypatch.setattr(iclsft.graph.simulate, "engine_class", lambda name: NoSwap)
+    apart = simulate(config, simulation_works(config, "gpu", engine="vllm"), gpus=1)
     assert apart.engine_starts == 2 + 4 * 2  # and each full checkpoint (4 trainings x 2) once
     full = [w.cost for w in simulation_works(config, "gpu", engine="vllm")
             if w.arm.endswith("|sft-full") and w.payload.kind == "score"]
@@ -151,7 +152,7 @@ def test_engine_starts_one_per_scorer_and_full_checkpoints_swapped_in(config, mo
 
 
 def test_simulate_on_eight_gpus(config):
-    sim = simulate(config, gpus=8)
+    sim = simulate(config, simulation_works(config, "gpu"), gpus=8)
     assert sim.slots.scorers + sim.slots.trainers == 8 and sim.devices == 8 and sim.cpus == 64
     record = sim.usage.record()
     assert (record["scorer"]["works"], record["trainer"]["works"]) == (45, 9)

@@ -516,8 +516,9 @@ def test_a_second_process_is_refused_and_a_killed_holder_frees_the_lock(tmp_path
 
 
 def test_icl_run_into_a_locked_directory_writes_nothing(tmp_path, tiny_model_dir):
-    from iclsft.arms import make_icl_spec, run_spec
+    from iclsft.arms import make_icl_spec
     from iclsft.errors import RunLockedError
+    from iclsft.graph.driver import run_spec
 
     spec, ref = make_icl_spec(model=str(tiny_model_dir), angles=(30.0,), shots=(1,), grid_step=20)
     RunDir(tmp_path).open(spec)

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from iclsft.arms import make_icl_spec, make_sft_spec, run_spec
+from iclsft.arms import make_icl_spec, make_sft_spec
 from iclsft.evaluate.runs import compare_table
+from iclsft.graph.driver import run_spec
 from iclsft.spec import ExecutorSpec, TaskSpec, sft_spec
 from iclsft.tasks import linear2d, registry
 

@@ -150,7 +150,8 @@ def test_a_full_fine_tune_arm_scores_every_checkpoint_on_one_engine(dirs, tmp_pa
     """`sft --method full --engine vllm`, 2 trainings x 2 checkpoints: one engine start, scores equal to an
     engine opened per checkpoint (the path of engines that cannot swap) and to the hf engine's."""
     import iclsft.arms.scorer as scorer_module
-    from iclsft.arms import make_sft_spec, run_spec
+    from iclsft.arms import make_sft_spec
+    from iclsft.graph.driver import run_spec
     from iclsft.spec import EngineSpec, ExecutorSpec, sft_spec
 
     monkeypatch.setenv("ICLSFT_HOME", str(tmp_path / "home"))

@@ -113,7 +113,7 @@ class ImplicitSftArm(_ImplicitArm):
         return plan_trainings(self.jobs, spec.retrain_deleted)
 
     def steps(self, run: RunDir, todo: list) -> Iterator[Step]:
-        yield from training_steps(self.jobs, self.where, self.spec.executor, self)
+        yield from training_steps(self.jobs, self.where, self)
 
     def score(self, cond: ImplicitCondition, engine, adapter: str | None, record: dict) -> Outcome:
         return self.score_items(cond, engine, self.prompts[cond.task].start, adapter=adapter, **record,

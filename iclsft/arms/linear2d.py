@@ -125,8 +125,8 @@ class SftArm(_Linear2dArm):
                    if self.shared else ""))
 
     def steps(self, run: RunDir, todo: list) -> Iterator[Step]:
-        yield from training_steps(self.jobs, {cid: (c, ckpt) for cid, (c, ckpt, _) in self.where.items()},
-                                  self.spec.executor, self, shared=self.shared)
+        yield from training_steps(self.jobs, {cid: (c, ckpt) for cid, (c, ckpt, _) in self.where.items()}, self,
+                                  shared=self.shared)
 
     def score(self, cond, engine, adapter: str | None, record: dict) -> Outcome:
         builder = self.builder(cond.task)

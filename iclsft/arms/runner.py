@@ -24,6 +24,7 @@ import pandas as pd
 
 from iclsft.errors import ConditionsFailed
 from iclsft.evaluate.runs import recompute_metrics
+from iclsft.sft.adapters import read_marker
 from iclsft.store import RunDir
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class ArmBase:
     scorer: Any
     trains: bool = False  # the arm trains models (SFT): it has checkpoints and their policy
     lora: bool = False  # the arm's checkpoints are LoRA adapters
+    # what trains its jobs (`iclsft.arms.trainings.TrainJobs`), given by the driver; None: in this process
+    train_jobs: Callable | None = None
 
     def outcome(self, cond, checkpoint: str | None = None, record: dict | None = None) -> Outcome:
         """Score `cond` on the base model, or on the trained `checkpoint` (verified first; its marker's
@@ -227,8 +230,6 @@ class ArmRun:
 
 def checkpoint_record(ckpt: str | Path) -> dict:
     """A checkpoint's own step, loss and training time (from its marker), for the records it scores."""
-    from iclsft.sft.adapters import read_marker
-
     marker = read_marker(Path(ckpt))
     return {"checkpoint_dir": Path(ckpt).name, "train_seconds": marker.get("seconds"),
             "train_steps": marker.get("step"), "total_steps": marker.get("total_steps"),

@@ -142,24 +142,6 @@ def retention_options(fn):
                              "the run records what was deleted, with checksums).")(fn)
 
 
-def _run_trained(spec, out: Path, ref, quiet: bool):
-    """An SFT arm: on Ray (unsharded) a one-arm work graph, as in a sweep (trainings as tasks, a scorer
-    actor with its own resources, so no training lands on the scorer's GPU; RUN/graph.json); else the
-    arm runner in this process."""
-    from iclsft.arms import run_spec
-
-    if spec.executor.name != "ray" or spec.sft.workers > 1:
-        return run_spec(spec, out, ref, progress=not quiet)
-    from iclsft.errors import ConditionsFailed
-    from iclsft.graph.run import run_graph
-    from iclsft.store import RunDir
-
-    tables, failures = run_graph([(out, spec, ref)], spec.executor, record=Path(out) / "graph.json")
-    if failures:
-        raise ConditionsFailed("; ".join(failures))
-    return tables[RunDir(out).path]
-
-
 def _finish(table, out: Path) -> None:
     echo_table(table)
     click.echo(f"\nresults in {out} (metrics.parquet, conditions/*/scores.parquet)", err=True)
@@ -170,7 +152,8 @@ def _finish(table, out: Path) -> None:
 @user_errors
 def icl(**o):
     """Score every grid query with ICL prompts of K exemplars per class."""
-    from iclsft.arms import make_icl_spec, run_spec
+    from iclsft.arms import make_icl_spec
+    from iclsft.graph.driver import run_spec
 
     setup_logging(o["quiet"])
     spec, ref = make_icl_spec(**_common(o))
@@ -209,6 +192,7 @@ def icl(**o):
 def sft(**o):
     """Train one model per shot count on the ICL exemplars, then score every grid query zero-shot."""
     from iclsft.arms import make_sft_spec
+    from iclsft.graph.driver import run_spec
     from iclsft.spec import ExecutorSpec, sft_spec
 
     setup_logging(o["quiet"])
@@ -222,7 +206,7 @@ def sft(**o):
     spec, ref = make_sft_spec(**_common(o), sft=sft_spec(o["method"], **hyper), checkpoints=o["checkpoints"],
                               executor=executor, checkpoints_keep=o["checkpoints_keep"],
                               retrain_deleted=o["retrain_deleted"])
-    _finish(_run_trained(spec, o["out"], ref, o["quiet"]), o["out"])
+    _finish(run_spec(spec, o["out"], ref, progress=not o["quiet"], graph=True), o["out"])
 
 
 @main.command()
@@ -257,8 +241,9 @@ def sft(**o):
 @user_errors
 def implicit(**o):
     """The implicit-pattern suite: ICL per K or a fine-tuned model, on both variants of each task."""
-    from iclsft.arms import make_implicit_spec, run_spec
+    from iclsft.arms import make_implicit_spec
     from iclsft.engine.base import resolve_engine
+    from iclsft.graph.driver import run_spec
     from iclsft.implicit.results import results_table
     from iclsft.spec import EngineSpec, ExecutorSpec
 
@@ -273,8 +258,7 @@ def implicit(**o):
         executor=ExecutorSpec(name=o["executor"]),
         **({"checkpoints_keep": o["checkpoints_keep"], "retrain_deleted": o["retrain_deleted"]}
            if o["method"] != "icl" else {}))
-    table = (run_spec(spec, o["out"], ref, progress=not o["quiet"]) if o["method"] == "icl"
-             else _run_trained(spec, o["out"], ref, o["quiet"]))
+    table = run_spec(spec, o["out"], ref, progress=not o["quiet"], graph=True)
     click.echo(results_table(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     click.echo(f"\nresults in {o['out']} (metrics.parquet, conditions/*/scores.parquet)", err=True)
 

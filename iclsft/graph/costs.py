@@ -105,29 +105,14 @@ def swap_seconds(checkpoint_bytes: int, device: str) -> float:
     return checkpoint_bytes / 1e9 * RATES[device]["swap_per_gb"]
 
 
-def condition_queries(cond) -> int:
-    """Queries scored for a condition of either study: the 2D lattice, or the implicit evaluation set."""
-    from iclsft.tasks.linear2d import GRID
-
-    task = getattr(cond, "task", None)
-    if hasattr(task, "grid_step"):
-        return (GRID // task.grid_step) ** 2
-    return int(cond.eval_size)
-
-
 def prefix_tokens(cond) -> float:
-    """Approximate prompt tokens before the queries: EXAMPLE_TOKENS per 2D exemplar (2K of them) or implicit
-    demonstration (K); a fine-tuned model is scored zero-shot (no exemplars in the prompt)."""
-    if getattr(cond, "method", "icl") != "icl":
-        return 0.0
-    shots = getattr(cond, "shots", 0) or 0
-    if hasattr(getattr(cond, "task", None), "grid_step"):
-        return 2 * EXAMPLE_TOKENS["linear2d"] * shots
-    return EXAMPLE_TOKENS["implicit"] * shots
+    """Approximate prompt tokens before the queries: EXAMPLE_TOKENS of its study per example in the prompt
+    (2K exemplars of the 2D study, K implicit demonstrations; none for a fine-tuned model, scored zero-shot)."""
+    return float(EXAMPLE_TOKENS[cond.STUDY] * cond.prompt_examples)
 
 
 def condition_bytes(cond) -> int:
-    return condition_queries(cond) * SCORE_BYTES_PER_QUERY + CONDITION_BYTES
+    return cond.queries * SCORE_BYTES_PER_QUERY + CONDITION_BYTES
 
 
 @functools.lru_cache(maxsize=16)

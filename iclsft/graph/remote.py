@@ -22,7 +22,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iclsft.models import ModelRef
+from iclsft.arms.runner import STEP_ERRORS
+from iclsft.artifacts import publish_dir
+from iclsft.implicit.circuits import state_scores
+from iclsft.models import (
+    KNOWN_MODELS,
+    ModelRef,
+    _looks_like_path,
+    check_model_dir,
+    models_dir,
+    quiet_loading,
+    resolve_model,
+)
+from iclsft.models import fingerprint as fingerprint_of
+from iclsft.rsa.run import Models, describe, npz_bytes, rsa_arrays
+from iclsft.sft.adapters import is_finished
+from iclsft.sft.train import train
+from iclsft.spec import ModelSpec
 
 KEEP_CHECKPOINTS = 4  # checkpoints a scorer keeps in its scratch directory (and engine) at once
 
@@ -36,8 +52,6 @@ def local_model(name: str, fingerprint: str) -> ModelRef:
     (or hub); a model given as a directory is looked up in this node's model cache by fingerprint (copy
     it into $ICLSFT_HOME/models/ under any name), else read from that directory on this node. Raises
     ValueError when the copy found is not the run's model."""
-    from iclsft.models import KNOWN_MODELS, _looks_like_path, resolve_model
-
     if name in KNOWN_MODELS or not _looks_like_path(name) and not Path(name).exists():
         ref = resolve_model(name)
     else:
@@ -50,9 +64,6 @@ def local_model(name: str, fingerprint: str) -> ModelRef:
 
 def cached_model(fingerprint: str) -> ModelRef | None:
     """The model directory in this node's cache ($ICLSFT_HOME/models/*) with this fingerprint, if any."""
-    from iclsft.models import check_model_dir, models_dir
-    from iclsft.models import fingerprint as fingerprint_of
-
     root = models_dir()
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         if path.name.startswith("."):
@@ -75,9 +86,6 @@ def read_tree(path: Path) -> dict[str, bytes]:
 def write_tree(final: Path, files: dict[str, bytes]) -> None:
     """Write a checkpoint sent as data into `final`, atomically (a complete directory or none); an already
     finished copy is kept."""
-    from iclsft.artifacts import publish_dir
-    from iclsft.sft.adapters import is_finished
-
     final = Path(final)
     if is_finished(final):
         return
@@ -110,8 +118,6 @@ def train_task(job, model: str, fingerprint: str, threads: float | None = None) 
     """Train `job` on this node: the base model from this node's cache, the checkpoints saved in a scratch
     directory and returned as data (`files`: checkpoint directory name -> its files). `threads`: torch
     threads (the trainer slot's CPUs; default the job's own)."""
-    from iclsft.sft.train import train
-
     base = local_model(model, fingerprint)
     with tempfile.TemporaryDirectory(prefix="iclsft-train-") as scratch:
         local = [(f, str(Path(scratch) / Path(d).name)) for f, d in job.checkpoints]
@@ -191,8 +197,6 @@ class ScorerActor:
         `max_models`: base models kept loaded at once; the least recently used one is closed beyond."""
         import torch
 
-        from iclsft.models import quiet_loading
-
         quiet_loading()
         torch.set_num_threads(max(1, int(threads)))
         self.progress, self.gpu_share, self.max_models = progress, gpu_share, max_models
@@ -210,8 +214,6 @@ class ScorerActor:
         """([per condition: (outcome, seconds) or (None, traceback)], worker, GPU ids); `trained`: the
         result of the training that made the checkpoint (its files among them). A condition that fails
         is reported and the others go on, as in the arm runner."""
-        from iclsft.arms.runner import STEP_ERRORS
-
         self._use(task.fingerprint)
         arm = self._arm(task)
         results = []
@@ -231,8 +233,6 @@ class ScorerActor:
         """([per condition: (rsa.npz bytes, summary line, seconds) or (None, None, traceback)], worker, GPU
         ids); `inputs`: the results of the conditions' scoring and, for a checkpoint trained in this sweep,
         of its training (its files among them)."""
-        from iclsft.rsa.run import describe, npz_bytes, rsa_arrays
-
         self._use(task.fingerprint)
         try:
             ckpt, models = self._checkpoint_of(task, inputs), self._models(task.dtype)
@@ -251,9 +251,6 @@ class ScorerActor:
 
     def circuits(self, task: CircuitTask, *inputs) -> tuple:
         """(the state's scores as .npz bytes, a summary line, worker, GPU ids); `inputs` as for `rsa`."""
-        from iclsft.implicit.circuits import state_scores
-        from iclsft.spec import ModelSpec
-
         self._use(task.fingerprint)
         models, spec = self._models("float32"), ModelSpec(name=task.model, fingerprint=task.fingerprint)
         s = state_scores(models.base(spec), models.tokenizer(spec), task.task, task.state,
@@ -263,8 +260,6 @@ class ScorerActor:
 
     def _models(self, dtype: str):
         """Plain HF models for hooks (RSA, circuits), one base per model and dtype, loaded once."""
-        from iclsft.rsa.run import Models
-
         if dtype not in self.rsa_models:
             self.rsa_models[dtype] = Models(dtype, resolve=local_model)
         return self.rsa_models[dtype]
@@ -295,7 +290,7 @@ class ScorerActor:
             if engine.name == "vllm" and engine.gpu_memory_utilization is None and 0 < self.gpu_share < 1:
                 # vLLM's default 0.9 of the whole GPU would starve the trainings sharing it
                 engine = engine.model_copy(update={"gpu_memory_utilization": round(0.9 * self.gpu_share, 3)})
-            sft = getattr(spec, "sft", None)
+            sft = spec.training
             lora_rank = sft.lora_r if sft is not None and sft.method == "lora" else None
             # one engine per base model: arms of one model share it (hf serves adapters and swapped weights)
             skey = (engine.model_dump_json(), task.fingerprint, spec.dtype, None if engine.name == "hf" else lora_rank)

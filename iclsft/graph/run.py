@@ -15,14 +15,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from iclsft.arms import make_arm
 from iclsft.arms.runner import ArmRun
 from iclsft.arms.trainings import training_note
+from iclsft.artifacts import atomic_write_json
 from iclsft.errors import ConditionsFailed
-from iclsft.graph.costs import RATES, condition_queries, prefix_tokens, rsa_seconds, score_seconds, train_seconds
-from iclsft.graph.remote import ScoreTask, read_tree, write_tree
+from iclsft.graph.costs import RATES, prefix_tokens, rsa_seconds, score_seconds, train_seconds
+from iclsft.graph.ray_backend import RayBackend, start_ray
+from iclsft.graph.remote import CircuitTask, RsaTask, ScoreTask, read_tree, write_tree
+from iclsft.graph.resources import Resources
 from iclsft.graph.schedule import Backend, Usage, schedule
-from iclsft.graph.work import Finished, Work
-from iclsft.sft.adapters import ADAPTERS_DIR, is_finished
+from iclsft.graph.work import Finished, Work, icl_chains, scoring_share, unit_label
+from iclsft.implicit.circuits import CIRCUITS_DIR, _stored, circuit_states, read_index, state_key, store_state
+from iclsft.rsa import rsa_is_current
+from iclsft.rsa.run import RSA_JSON, write_rsa, write_rsa_error
+from iclsft.sft.adapters import ADAPTERS_DIR, is_finished, read_marker
+from iclsft.sft.retention import check_needed, deletable, retain
 from iclsft.sft.train import total_steps
 from iclsft.store import RunDir
 
@@ -36,11 +44,6 @@ def run_graph(arms: Sequence[tuple[Path, Any, Any]], executor, resources=None, r
     starts and placement (JSON); `options`: GraphRun's. Returns each run directory's metrics table and
     the failures (one line per arm); nothing is started when nothing is left to run."""
     import ray
-
-    from iclsft.artifacts import atomic_write_json
-    from iclsft.graph.ray_backend import RayBackend, start_ray
-    from iclsft.graph.resources import Resources
-    from iclsft.graph.simulate import scoring_share
 
     graph = GraphRun(arms, "gpu" if _has_gpu(executor) else "cpu", **options)
     if not graph.works:  # everything finished: no Ray to start
@@ -96,8 +99,6 @@ class GraphRun:
         tabulates the shift). A full fine-tune's checkpoint that its arm's `checkpoints_keep` deletes
         (iclsft.sft.retention) is deleted as soon as every work that reads it (its scorings, RSA and
         circuit states) has succeeded and been written (the marker stays, with the files' checksums)."""
-        from iclsft.arms import make_arm
-
         self.backend: Backend | None = None
         self.device = device
         self.rsa, self.circuits = rsa, circuits
@@ -140,7 +141,7 @@ class GraphRun:
         if not arm.trains:  # ICL: each chain on the base model, K ascending
             for chain in icl_chains(todo):
                 unit = f"{a.key}|{chain[0].id}"
-                self._work(a, Work(unit, "scorer", _unit_label(chain), sum(map(self._score_cost, chain)), arm=a.key,
+                self._work(a, Work(unit, "scorer", unit_label(chain), sum(map(self._score_cost, chain)), arm=a.key,
                                    payload=ScoreTask(conds=tuple(chain), **base)))
                 if rsa:
                     self._rsa_work(a, chain, ref, (unit,))
@@ -170,7 +171,7 @@ class GraphRun:
                 if not trained:  # from an earlier run: its files from the run directory
                     task = self._reused(ckpt, task)
                 unit = f"{a.key}|{conds[0].id}"
-                self._work(a, Work(unit, "scorer", _unit_label(conds), sum(map(self._score_cost, conds)), needs=needs,
+                self._work(a, Work(unit, "scorer", unit_label(conds), sum(map(self._score_cost, conds)), needs=needs,
                                    payload=task, arm=a.key))
                 self._user(a, ckpt)
                 if rsa:
@@ -179,23 +180,19 @@ class GraphRun:
     def _rsa_work(self, a: _Arm, conds: Sequence, ref, needs: tuple, ckpt: str | None = None) -> None:
         """RSA of a unit's conditions on a scorer (their checkpoint loaded once), after their scoring (and
         their checkpoint's training, when it is trained now)."""
-        from iclsft.graph.remote import RsaTask
-
         dtype, subset = self.rsa
         task = RsaTask(conds=tuple(conds), model=ref.name, fingerprint=ref.fingerprint, dtype=dtype, subset=subset,
                        checkpoint=Path(ckpt).name if ckpt else None)
         if ckpt and not any("|train|" in n for n in needs):  # a reused checkpoint: its files from the run
             task = self._reused(ckpt, task)
-        self._work(a, Work(f"{a.key}|rsa|{conds[0].id}", "scorer", f"RSA {_unit_label(conds)}",
-                           sum(rsa_seconds(condition_queries(c), prefix_tokens(c), self.device) for c in conds)
+        self._work(a, Work(f"{a.key}|rsa|{conds[0].id}", "scorer", f"RSA {unit_label(conds)}",
+                           sum(rsa_seconds(c.queries, prefix_tokens(c), self.device) for c in conds)
                            + (RATES[self.device]["model_load"] if ckpt and not a.state.arm.lora else 0.0),
                            needs=needs, payload=task, arm=a.key))
         self._user(a, ckpt)
 
     def _rsa_finished(self, a: _Arm, spec, ref) -> None:
         """RSA works for this arm's conditions finished before this sweep that lack a current rsa.npz."""
-        from iclsft.rsa import rsa_is_current
-
         run, todo = a.state.run, {c.id for c in a.state.todo}
         conds = {c.id: c for c in spec.conditions() if c.id not in todo}
         dtype, subset = self.rsa
@@ -213,9 +210,6 @@ class GraphRun:
     def _add_circuits(self, path: Path, arms: list[_Arm]) -> None:
         """One work per circuit state of each task not stored yet: base and ICL on the base model, each
         fine-tuned model on its checkpoint (after its training, when it is trained now)."""
-        from iclsft.graph.remote import CircuitTask
-        from iclsft.implicit.circuits import CIRCUITS_DIR, _stored, circuit_states, read_index, state_key
-
         run, (pairs, shots) = self.runs[path], self.circuits
         stored = run.spec_json()["arms"]
         first = next(iter(stored.values()))  # as compute_circuits: the first arm's first seed
@@ -246,8 +240,6 @@ class GraphRun:
                                        affinity=model["fingerprint"]))
 
     def _circuit_done(self, done: Finished) -> None:
-        from iclsft.implicit.circuits import CIRCUITS_DIR, state_key, store_state
-
         task = _task(done.work)
         path = Path(done.work.id.split("|circuits|")[0])
         run = self.runs[path]
@@ -268,16 +260,14 @@ class GraphRun:
         a.left += 1
 
     def _score_cost(self, cond) -> float:
-        return score_seconds(condition_queries(cond), prefix_tokens(cond), self.device)
+        return score_seconds(cond.queries, prefix_tokens(cond), self.device)
 
     def _reused(self, ckpt: str, task) -> _Reused:
         """`task` on a checkpoint from an earlier run: its files read (once for all its tasks) when it starts.
         One deleted on purpose is refused here, before anything runs (retrain_deleted made the conditions
         scored with it, and so their RSA and circuits, part of the to-do list: trained again)."""
-        from iclsft.sft.retention import check_needed
-
         what = (f"circuits of {task.task} {task.state}" if task.method == "circuits"
-                else f"{'RSA of ' if task.method == 'rsa' else ''}{_unit_label(task.conds)}")
+                else f"{'RSA of ' if task.method == 'rsa' else ''}{unit_label(task.conds)}")
         check_needed([ckpt], False, what)
         self.puts.setdefault(ckpt, [None, 0])[1] += 1
         return _Reused(self, ckpt, task)
@@ -317,12 +307,10 @@ class GraphRun:
     def _retain(self) -> None:
         """After a graph without failures: what the SFT arms' policy deletes and no work of this graph
         read (e.g. checkpoints whose conditions finished in an earlier run under `all`)."""
-        from iclsft.sft.retention import retain
-
         for a in self.arms.values():
             arm = a.state.arm
             if arm.trains and not arm.lora and arm.spec.checkpoints_keep != "all":
-                retain(a.state.run, arm.spec, self.rsa if arm.spec.kind == "sft" else None)
+                retain(a.state.run, arm.spec, rsa_done(self.rsa) if arm.spec.kind == "sft" else None)
 
     def on_done(self, done: Finished) -> None:
         work = done.work
@@ -364,8 +352,6 @@ class GraphRun:
             self._finish(a)
 
     def _rsa_done(self, a: _Arm, done: Finished) -> None:
-        from iclsft.rsa.run import RSA_JSON, write_rsa, write_rsa_error
-
         task = _task(done.work)
         run = a.state.run
         if done.worker == "-":  # its scoring or training failed: recorded there, nothing was computed
@@ -393,9 +379,6 @@ class GraphRun:
 
     def _user(self, a: _Arm, ckpt: str | None) -> None:
         """One more work reading `ckpt`, when its arm's policy deletes it once read."""
-        from iclsft.sft.adapters import read_marker
-        from iclsft.sft.retention import deletable
-
         arm = a.state.arm
         if ckpt is None or not arm.trains or arm.lora or arm.spec.checkpoints_keep == "all":
             return
@@ -439,17 +422,12 @@ class GraphRun:
             run.release_lock()
 
 
-def icl_chains(conds: Sequence) -> list[list]:
-    """ICL conditions in chains that share a growing prompt: one task, seed, order (2D) and variant-free
-    (implicit: both variants after the same prompt), K ascending, in the arm's order otherwise."""
-    chains: dict[tuple, list] = {}
-    for c in conds:
-        chains.setdefault((c.task, c.seed, getattr(c, "order", None)), []).append(c)
-    return [sorted(chain, key=lambda c: (c.shots, getattr(c, "variant", ""))) for chain in chains.values()]
-
-
-def _unit_label(conds: Sequence) -> str:
-    return conds[0].label if len(conds) == 1 else f"{conds[0].label} (+{len(conds) - 1})"
+def rsa_done(rsa: tuple[str, str] | None):
+    """What `iclsft.sft.retention.retain` waits for besides a condition's scoring: its RSA of (dtype,
+    subset) current; None: nothing."""
+    if rsa is None:
+        return None
+    return lambda cdir, condition_id: rsa_is_current(cdir, condition_id, *rsa)
 
 
 def _size(n: int) -> str:

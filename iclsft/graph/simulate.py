@@ -1,6 +1,6 @@
 """A sweep's work graph without any tokenizer or model, run by the real scheduler on a virtual clock.
 
-`simulation_works(config, device)` builds the works a sweep has left as `iclsft.graph.run.GraphRun` does:
+`simulation_works(config, device, arms)` builds the works a sweep's arms have left as `iclsft.graph.run.GraphRun` does:
 one training per distinct training (conditions whose batches hold the same exemplars share one), one
 scoring per ICL chain (one task, seed and order, K ascending) and per trained checkpoint (all of its
 conditions), one RSA pass per scoring unit of the 2D study (`rsa: true`), the implicit suite's circuit states; each
@@ -17,16 +17,18 @@ never shown faster than it is (a model too small to fill a GPU gains more from s
 from __future__ import annotations
 
 import heapq
+import importlib.util
 import itertools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from iclsft.arms.linear2d import training_groups
+from iclsft.engine.base import engine_class, resolve_engine
 from iclsft.graph.costs import (
     RATES,
     condition_bytes,
-    condition_queries,
     engine_start_seconds,
     full_checkpoint_bytes,
     lora_adapter_bytes,
@@ -41,7 +43,10 @@ from iclsft.graph.costs import (
 )
 from iclsft.graph.resources import Resources, Slots, resolve
 from iclsft.graph.schedule import Usage, schedule
-from iclsft.graph.work import ROLES, Finished, Work
+from iclsft.graph.work import ROLES, Finished, Work, icl_chains, scoring_share, unit_label
+from iclsft.rsa.run import rsa_is_current
+from iclsft.sft.train import total_steps
+from iclsft.store import RunDir
 
 GPU_NODE_CPUS = 8  # CPUs per GPU assumed when simulating GPUs without a CPU count
 
@@ -57,7 +62,6 @@ class Stand:
     queries: int = 0
     steps: int = 0
     checkpoints: int = 0  # a training's saved checkpoints
-    setup: tuple[tuple[str, float], ...] = ()  # (what its slot must have open, seconds to open it)
     bytes: int = 0  # what it leaves on disk
 
 
@@ -103,7 +107,7 @@ class VirtualBackend:
     def start(self, work: Work, slot: str, inputs: list[Any]) -> None:
         seconds = work.cost
         opened = self.opened.setdefault(slot, set())
-        for key, extra in getattr(work.payload, "setup", ()):
+        for key, extra in work.setup:
             if key not in opened:
                 opened.add(key)
                 seconds += extra
@@ -158,31 +162,22 @@ class VirtualBackend:
 
 def planned_engine(config, device: str) -> str:
     """The engine the sweep would score with on `device`: `auto` is vllm on GPUs where vLLM is installed."""
-    import importlib.util
-
-    from iclsft.engine.base import resolve_engine
-
     if config.engine != "auto":
         return resolve_engine(config.engine)
     return "vllm" if device == "gpu" and importlib.util.find_spec("vllm") is not None else "hf"
 
 
-def simulation_works(config, device: str, engine: str | None = None) -> list[Work]:
-    """The works `config` has left (finished conditions, and their current RSA, are skipped), timed for
-    `device` ("cpu" or "gpu") and scored with `engine` (default: `planned_engine`)."""
-    from iclsft.engine.base import engine_class
-    from iclsft.store import RunDir
-    from iclsft.sweep.plan import arm_specs, implicit_dir, implicit_specs, model_dir
-
+def simulation_works(config, device: str, arms: dict[str, list], engine: str | None = None) -> list[Work]:
+    """The works the sweep `config` has left (finished conditions, and their current RSA, are skipped), timed
+    for `device` ("cpu" or "gpu") and scored with `engine` (default: `planned_engine`). `arms`: per model,
+    its arms as (run directory, spec, model ref), the 2D arms first (`iclsft.sweep.plan.planned_arms`)."""
     if device not in RATES:
         raise ValueError(f"device {device!r} is not one of {', '.join(RATES)}")
     engine = engine or planned_engine(config, device)
     graph = _Graph(config, device, engine, engine_start_seconds(engine, device), engine_class(engine).can_load_weights)
-    for model in config.models:
-        for run, arms in ((RunDir(model_dir(config.out, model)), arm_specs(config, model)),
-                          (RunDir(implicit_dir(config.out, model)), implicit_specs(config, model))):
-            for spec, ref in arms:
-                graph.add_arm(model, run, spec, model_shape(str(ref.path)))
+    for model, planned in arms.items():
+        for path, spec, ref in planned:
+            graph.add_arm(model, RunDir(path), spec, model_shape(str(ref.path)))
         if config.implicit is not None and config.implicit.circuits and graph.implicit_left:
             graph.add_circuits(model)
     return graph.works
@@ -198,10 +193,7 @@ class _Graph:
         self.implicit_trainings: dict[tuple, str] = {}  # (method, task, seed) -> its training's work id
 
     def add_arm(self, model: str, run, spec, shape: dict) -> None:
-        from iclsft.arms.linear2d import training_groups
-        from iclsft.sft.train import total_steps
-
-        key, sft = f"{model}|{spec.arm}", getattr(spec, "sft", None)
+        key, sft = f"{model}|{spec.arm}", spec.training
         self.study = "implicit" if spec.kind == "implicit" else "linear2d"
         conds = spec.conditions()
         todo = [c for c in conds if not run.is_done(c)]
@@ -219,7 +211,7 @@ class _Graph:
             groups = list(trainings.values())
             steps = [total_steps(2 * shots, sft) for (_, _, shots, _) in trainings]
         for i, (group, n) in enumerate(zip(groups, steps)):
-            tid = self._train(key, model, spec.arm, i, sft, n, len({getattr(c, "checkpoint", 1.0) for c in group}),
+            tid = self._train(key, model, spec.arm, i, sft, n, len({c.checkpoint for c in group}),
                               shape)
             needs.update((c.id, (tid,)) for c in group)
             if spec.kind == "implicit":
@@ -229,13 +221,11 @@ class _Graph:
         # scoring units as the real graph has them: an ICL chain (one task, seed and order, K ascending), or
         # every condition of one checkpoint (one training's checkpoint at one fraction)
         if sft is None:
-            from iclsft.graph.run import icl_chains
-
             units = icl_chains(todo)
         else:
             by_ckpt: dict[tuple, list] = {}
             for c in todo:
-                by_ckpt.setdefault((needs[c.id], getattr(c, "checkpoint", None)), []).append(c)
+                by_ckpt.setdefault((needs[c.id], c.checkpoint), []).append(c)
             units = list(by_ckpt.values())
         unit_of: dict[str, str] = {}
         for unit in units:
@@ -258,7 +248,7 @@ class _Graph:
                 self.works.append(Work(f"{model}|circuits|{task}|{state}", "scorer", f"circuits {task} {state}",
                                        score_seconds(3 * imp.circuit_pairs, 0, self.device), affinity=model,
                                        needs=(tid,) if tid else (), arm=f"{model}|circuits",
-                                       payload=Stand("circuits", model, state, setup=hooks)))
+                                       payload=Stand("circuits", model, state), setup=hooks))
         self.implicit_left = False
 
     def _train(self, key: str, model: str, arm: str, i: int, sft, steps: int, checkpoints: int, shape: dict) -> str:
@@ -277,19 +267,17 @@ class _Graph:
         method, first = (sft.method if sft else "icl"), unit[0]
         full, swap = sft is not None and method != "lora", 0.0
         if full and not self.swaps:
-            setup = ((f"engine|{model}|{needs[0]}|{getattr(first, 'checkpoint', None)}", self.start),)
+            setup = ((f"engine|{model}|{needs[0]}|{first.checkpoint}", self.start),)
         else:
             lora = "|lora" if method == "lora" and self.engine != "hf" else ""
             setup = ((f"engine|{model}{lora}", self.start),)
             swap = swap_seconds(full_checkpoint_bytes(shape), self.device) if full else 0.0
-        label = first.label if len(unit) == 1 else f"{first.label} (+{len(unit) - 1})"
-        work = Work(f"{key}|{first.id}", "scorer", label,
-                    swap + sum(score_seconds(condition_queries(c), prefix_tokens(c), self.device, model_scale(shape))
+        work = Work(f"{key}|{first.id}", "scorer", unit_label(unit),
+                    swap + sum(score_seconds(c.queries, prefix_tokens(c), self.device, model_scale(shape))
                                for c in unit),
-                    needs=needs, arm=key, affinity=model,
+                    needs=needs, arm=key, affinity=model, setup=setup,
                     payload=Stand("score", model, method, conditions=len(unit),
-                                  queries=sum(map(condition_queries, unit)), setup=setup,
-                                  bytes=sum(map(condition_bytes, unit))))
+                                  queries=sum(c.queries for c in unit), bytes=sum(map(condition_bytes, unit))))
         self.works.append(work)
         return work.id
 
@@ -298,8 +286,6 @@ class _Graph:
         """RSA in the scoring units (`GraphRun._rsa_work`): one work per unit left to run, after it (and its
         training), its checkpoint loaded once; a finished condition whose stored RSA is not current gets a
         work of its own."""
-        from iclsft.rsa.run import rsa_is_current
-
         stale = [[c] for c in conds if c.id not in unit_of
                  and not rsa_is_current(run.condition_dir(c), c.id, self.config.dtype, self.config.rsa_subset)]
         hooks = ((f"hooks|{model}", RATES[self.device]["model_load"] * model_scale(shape)["load"]),)
@@ -308,28 +294,13 @@ class _Graph:
         for unit in [*units, *stale]:
             first = unit[0]
             after = (unit_of[first.id], *needs.get(first.id, ())) if first.id in unit_of else ()
-            queries = sum(map(condition_queries, unit))
+            queries = sum(c.queries for c in unit)
             scale = model_scale(shape)
             self.works.append(Work(f"{key}|rsa|{first.id}", "scorer", f"RSA {first.label}",
-                                   sum(rsa_seconds(condition_queries(c), prefix_tokens(c), self.device, scale)
-                                       for c in unit) + load, needs=after, arm=key, affinity=model,
+                                   sum(rsa_seconds(c.queries, prefix_tokens(c), self.device, scale)
+                                       for c in unit) + load, needs=after, arm=key, affinity=model, setup=hooks,
                                    payload=Stand("rsa", model, sft.method if sft else "icl", conditions=len(unit),
-                                                 queries=queries, setup=hooks, bytes=len(unit) * rsa_bytes(shape))))
-
-
-def scoring_share(works: Iterable[Work]) -> float | None:
-    """The part of the works' seconds that scorers do (scoring and RSA, and each distinct setup once: at
-    least one engine per full checkpoint where engines cannot swap weights); None when there is no work."""
-    seconds = {role: 0.0 for role in ROLES}
-    setups: dict[str, tuple[str, float]] = {}
-    for w in works:
-        seconds[w.role] += w.cost
-        for key, extra in getattr(w.payload, "setup", ()):
-            setups[key] = (w.role, extra)
-    for role, extra in setups.values():
-        seconds[role] += extra
-    total = sum(seconds.values())
-    return seconds["scorer"] / total if total > 0 else None
+                                                 queries=queries, bytes=len(unit) * rsa_bytes(shape))))
 
 
 @dataclass
@@ -372,16 +343,13 @@ class Simulation:
                 "engine_starts": self.engine_starts, "setups": dict(self.setups)}
 
 
-def simulate(config, *, gpus: float = 0, cpus: float | None = None, resources: Resources | None = None,
-             works: list[Work] | None = None) -> Simulation:
-    """The sweep's works (default: `simulation_works` for GPUs when `gpus` > 0, else CPUs) scheduled on
+def simulate(config, works: list[Work], *, gpus: float = 0, cpus: float | None = None,
+             resources: Resources | None = None) -> Simulation:
+    """The sweep's `works` (`simulation_works`, timed for GPUs when `gpus` > 0, else CPUs) scheduled on
     `gpus` GPUs and `cpus` CPUs (default: GPU_NODE_CPUS per GPU, or this machine's CPUs) with `resources`
     (default: the config's; unset fields from the work's scoring share)."""
     if gpus < 0:
         raise ValueError(f"gpus {gpus!r} must be 0 (CPUs only) or more")
-    device = "gpu" if gpus else "cpu"
-    if works is None:
-        works = simulation_works(config, device)
     if cpus is None:
         cpus = GPU_NODE_CPUS * gpus if gpus else float(os.cpu_count() or 1)
     slots = resolve(resources or config.resources, cpus, gpus, scoring_share(works))

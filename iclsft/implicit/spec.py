@@ -43,6 +43,7 @@ class ImplicitCondition(ConditionBase):
     """One cell: its id is the hash of all of these fields."""
 
     HASH: ClassVar[str] = IMPLICIT_HASH_VERSION
+    STUDY: ClassVar[str] = "implicit"
     suite: Literal["implicit"] = "implicit"
     task: str
     variant: Literal[VARIANTS]
@@ -78,6 +79,27 @@ class ImplicitCondition(ConditionBase):
                 "recipe": self.recipe or "ours"}
 
     @property
+    def checkpoint(self) -> float | None:
+        """A fine-tuned condition is scored on its model's final checkpoint (fraction 1); ICL on the base."""
+        return None if self.method == "icl" else 1.0
+
+    @property
+    def queries(self) -> int:
+        return self.eval_size
+
+    @property
+    def prompt_examples(self) -> int:
+        return self.shots if self.method == "icl" else 0
+
+    @property
+    def chain(self) -> tuple:
+        return (self.task, self.seed)  # both variants' items after the same prompt
+
+    @property
+    def chain_rank(self) -> tuple:
+        return (self.shots, self.variant)
+
+    @property
     def training_group(self) -> tuple:
         """Conditions with the same group are scored on one trained model."""
         return (self.mixture or self.task, self.seed)
@@ -101,6 +123,10 @@ class ImplicitSpec(ArmSpec):
     retrain_deleted: bool = False
 
     TRANSPORT: ClassVar[set[str]] = {"engine", "executor", "checkpoints_keep", "retrain_deleted"}
+
+    @property
+    def training(self) -> SftSpec | None:
+        return self.sft
 
     @model_serializer(mode="wrap")
     def _omit_default_recipe(self, handler):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from iclsft.models import quiet_loading
 from iclsft.sft.adapters import is_finished, save_checkpoint
 from iclsft.sft.heap import heap_kept
 from iclsft.sft.train import (
@@ -45,7 +46,7 @@ from iclsft.spec import ExecutorSpec
 
 
 def train_distributed(job: TrainJob, executor: ExecutorSpec | None = None) -> dict:
-    """Train `job` on `job.sft.workers` Ray Train workers (Ray started here when it is not running);
+    """Train `job` on `job.sft.workers` Ray Train workers (on the Ray its caller started);
     save each missing checkpoint; return the statistics `iclsft.sft.train.train` returns."""
     missing = [(f, d) for f, d in job.checkpoints if not is_finished(Path(d))]
     started = time.time()
@@ -63,12 +64,12 @@ def train_distributed(job: TrainJob, executor: ExecutorSpec | None = None) -> di
     except ImportError as e:
         raise ImportError("sharded training (sft workers > 1) runs on Ray Train: pip install 'ray[train]'") from e
     executor = executor or ExecutorSpec()
-    from iclsft.graph.ray_backend import start_ray
-
-    started_here = start_ray(executor)
+    if not ray.is_initialized():
+        raise RuntimeError("sharded training runs on a Ray its driver started (iclsft.graph.ray_backend."
+                           "train_sharded, or ray.init())")
+    gpus = ray.cluster_resources().get("GPU", 0) >= job.sft.workers
+    box = ray.remote(num_cpus=0)(_ResultBox).remote()
     try:
-        gpus = ray.cluster_resources().get("GPU", 0) >= job.sft.workers
-        box = ray.remote(num_cpus=0)(_ResultBox).remote()
         with tempfile.TemporaryDirectory(prefix="iclsft-raytrain-") as storage:
             trainer = TorchTrainer(
                 _worker_loop,
@@ -80,8 +81,7 @@ def train_distributed(job: TrainJob, executor: ExecutorSpec | None = None) -> di
             trainer.fit()
         result.update(ray.get(box.get.remote()))
     finally:
-        if started_here:
-            ray.shutdown()
+        ray.kill(box)
     result["seconds"] = round(time.time() - started, 2)
     result["finished"] = time.time()
     return result
@@ -186,8 +186,6 @@ def shard_loss(model, batch: list, rank: int, world: int, loss: str,
 def _plain_model(base_path: str):
     """The base model, unsharded, on the CPU, in fp32 and eval mode: the frame the gathered weights go in."""
     from transformers import AutoModelForCausalLM
-
-    from iclsft.models import quiet_loading
 
     quiet_loading()
     return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, attn_implementation="sdpa").eval()

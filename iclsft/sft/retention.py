@@ -24,14 +24,15 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from iclsft.artifacts import atomic_write_json
+from iclsft.artifacts import atomic_write_json, set_aside
 from iclsft.errors import DeletedCheckpointError
 from iclsft.faults import fault_point
+from iclsft.models import WEIGHT_SUFFIXES
 from iclsft.names import CHECKPOINTS_KEEP
-from iclsft.sft.adapters import MARKER, RETRAIN, deletion, read_marker
+from iclsft.sft.adapters import ADAPTERS_DIR, MARKER, RETRAIN, deletion, is_finished, read_marker
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ def is_deleted(path: str | Path) -> bool:
 def delete_checkpoint(path: str | Path, policy: str) -> int:
     """Delete a finished checkpoint's weight files on purpose, marker first (it keeps their sizes and
     checksums), and return the bytes freed. Deleting again finishes a deletion a kill interrupted."""
-    from iclsft.models import WEIGHT_SUFFIXES
-
     path = Path(path)
     marker = read_marker(path)
     weights = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
@@ -105,9 +104,6 @@ def redo_deleted(run, conds) -> int:
     on purpose are moved to RUN/.redo/ (kept for inspection, never read) so they are computed again, and those
     checkpoints removed so they are trained again (with everything that reads them: RSA, circuits).
     Returns how many conditions were set aside. Call with the run's lock held."""
-    from iclsft.artifacts import set_aside
-    from iclsft.sft.adapters import ADAPTERS_DIR
-
     ids = {c.id for c in conds}
     adapters = Path(run.path) / ADAPTERS_DIR
     redo = [(cdir, adapters / record["checkpoint_dir"]) for cdir, _, record in run.finished()
@@ -124,13 +120,12 @@ def redo_deleted(run, conds) -> int:
     return len(redo)
 
 
-def retain(run, spec, rsa: tuple[str, str] | None = None) -> int:
+def retain(run, spec, read_after: Callable[[Path, str], bool] | None = None) -> int:
     """The arm runner's deletions (in one process, after the arm and whatever reads its checkpoints
     after it: RSA, circuits): each full checkpoint of `spec`'s method that `spec.checkpoints_keep`
-    deletes, once every condition scored with it finished (and, with `rsa` = (dtype, subset), has
-    current RSA). Returns the bytes freed. Call with the run's lock held."""
-    from iclsft.sft.adapters import ADAPTERS_DIR, is_finished, read_marker
-
+    deletes, once every condition scored with it finished (and, with `read_after`(condition dir,
+    condition id), e.g. "its RSA is current", says that what reads it after scoring is done too).
+    Returns the bytes freed. Call with the run's lock held."""
     if spec.checkpoints_keep == "all" or spec.sft is None or spec.sft.method == "lora":
         return 0
     adapters = Path(run.path) / ADAPTERS_DIR
@@ -139,7 +134,8 @@ def retain(run, spec, rsa: tuple[str, str] | None = None) -> int:
         record = run.read_record(cdir) or {}
         name = record.get("checkpoint_dir")
         if name:
-            readers.setdefault(name, []).append(record.get("status") == "ok" and _rsa_done(cdir, record, rsa))
+            readers.setdefault(name, []).append(record.get("status") == "ok" and (
+                read_after is None or read_after(cdir, record["condition"])))
     freed = 0
     for name, done in sorted(readers.items()):
         path = adapters / name
@@ -153,11 +149,3 @@ def retain(run, spec, rsa: tuple[str, str] | None = None) -> int:
         logger.info("deleted checkpoint %s (checkpoints_keep: %s): everything that reads it is written", name,
                     spec.checkpoints_keep)
     return freed
-
-
-def _rsa_done(cdir: Path, record: dict, rsa: tuple[str, str] | None) -> bool:
-    if rsa is None:
-        return True
-    from iclsft.rsa import rsa_is_current
-
-    return rsa_is_current(cdir, record["condition"], *rsa)

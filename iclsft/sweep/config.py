@@ -26,8 +26,9 @@ from iclsft.names import (
     RSA_SUBSETS,
     SFT_METHODS,
 )
-from iclsft.spec import ExecutorSpec, Frozen, TemplateSpec
+from iclsft.spec import ExecutorSpec, Frozen, TaskSpec, TemplateSpec, sft_spec
 from iclsft.tasks import registry
+from iclsft.tasks.linear2d import check_order
 
 
 class SweepTask(Frozen):
@@ -45,8 +46,6 @@ class SweepTask(Frozen):
 
     @model_validator(mode="after")
     def _words(self) -> SweepTask:
-        from iclsft.spec import TaskSpec
-
         TaskSpec(name=self.name, angle=0, words=self.words)  # the task's own check of its word list
         return self
 
@@ -140,8 +139,6 @@ class SweepConfig(Frozen):
     @field_validator("orders", "sft_orders")
     @classmethod
     def _orders(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        from iclsft.tasks.linear2d import check_order
-
         if v is not None and not v:
             raise ValueError("name at least one order ('random' or a pattern such as 1221)")
         return None if v is None else tuple(check_order(o) for o in v)
@@ -166,8 +163,6 @@ class SweepConfig(Frozen):
     @field_validator("sft")
     @classmethod
     def _sft(cls, v: dict[str, dict]) -> dict[str, dict]:
-        from iclsft.spec import sft_spec
-
         for method, overrides in v.items():
             if method not in SFT_METHODS:
                 raise ValueError(f"sft.{method}: unknown SFT method; allowed: {', '.join(SFT_METHODS)}")

@@ -10,8 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iclsft.spec import EngineSpec
+from iclsft.arms.linear2d import training_groups
+from iclsft.engine.base import resolve_engine
+from iclsft.graph.costs import RATES
+from iclsft.graph.simulate import planned_engine, simulate
+from iclsft.graph.simulate import simulation_works as graph_simulation_works
+from iclsft.runspec import make_icl_spec, make_implicit_spec, make_sft_spec
+from iclsft.sft.train import total_steps
+from iclsft.spec import EngineSpec, sft_spec
+from iclsft.store import RunDir
 from iclsft.sweep.config import SweepConfig
+from iclsft.tasks.linear2d import GRID
 
 
 def model_dir(out: str | Path, model: str) -> Path:
@@ -20,10 +29,6 @@ def model_dir(out: str | Path, model: str) -> Path:
 
 def arm_specs(config: SweepConfig, model: str) -> list:
     """(arm spec, model ref) for each method, in run order: ICL first, then each SFT method."""
-    from iclsft.engine.base import resolve_engine
-    from iclsft.runspec import make_icl_spec, make_sft_spec
-    from iclsft.spec import sft_spec
-
     engine = EngineSpec(name=resolve_engine(config.engine), **config.engine_options)
     specs = []
     for method in config.methods:
@@ -45,9 +50,6 @@ def implicit_specs(config: SweepConfig, model: str) -> list:
     """(arm spec, model ref) of each method of the implicit suite; [] when the config has none."""
     if config.implicit is None:
         return []
-    from iclsft.engine.base import resolve_engine
-    from iclsft.runspec import make_implicit_spec
-
     imp = config.implicit
     engine = EngineSpec(name=resolve_engine(config.engine), **config.engine_options)
     common = dict(model=model, engine=engine, executor=config.executor, tasks=imp.tasks, shots=imp.shots,
@@ -86,11 +88,6 @@ def plan(config: SweepConfig) -> dict:
     """What the sweep computes and what is left, per model and arm: conditions, trainings (one per
     distinct training with a condition left: conditions whose batches hold the same exemplars share
     one, `iclsft.arms.linear2d.training_groups`; at most that many), training steps, queries."""
-    from iclsft.arms.linear2d import training_groups
-    from iclsft.sft.train import total_steps
-    from iclsft.store import RunDir
-    from iclsft.tasks.linear2d import GRID
-
     rows = []
     for model in config.models:
         run = RunDir(model_dir(config.out, model))
@@ -196,9 +193,6 @@ def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[fl
     the work per stage, engine starts, model loads, disk use and the wall time of the real scheduler on
     timed stand-ins (`iclsft.graph.simulate`), and the rates used. `cpus`: for `gpus` 0 (default: this
     machine's); with GPUs, GPU_NODE_CPUS per GPU."""
-    from iclsft.graph.costs import RATES
-    from iclsft.graph.simulate import planned_engine, simulate, simulation_works
-
     p = plan(config)
     lines = [f"{'model':<20} {'arm':<26} {'conditions':>10} {'to run':>7} {'trainings':>9} {'queries':>11}"]
     for r in p["rows"]:
@@ -233,11 +227,11 @@ def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[fl
         if t["circuits"]:
             lines.insert(-1, f"  circuits  {t['circuits']:,} states of the implicit suite: "
                              f"{_duration(t['circuit_seconds'])}")
-        if any("|train|" in key for w in works for key, _ in getattr(w.payload, "setup", ())):
+        if any("|train|" in key for w in works for key, _ in w.setup):
             lines.append(f"  note      {engine} cannot swap a full fine-tune's weights into a running engine: each "
                          "full checkpoint opens an engine of its own (engine=hf swaps them: one engine per scorer)")
         for g in (g for g in gpus if ("gpu" if g else "cpu") == dev):
-            sim = simulate(config, gpus=g, cpus=None if g else cpus, works=works)
+            sim = simulate(config, works, gpus=g, cpus=None if g else cpus)
             hooks = sim.setups.get("hooks", 0)
             where = f"{_num(g)} GPU{'' if g == 1 else 's'}" if g else f"{_num(sim.cpus)} CPUs"
             lines += [f"on {where}: {sim.slots.describe()}",
@@ -289,17 +283,27 @@ def free_bytes(path: Path) -> int | None:
 def simulations(config: SweepConfig, gpus: list[float], cpus: float | None = None) -> list:
     """`iclsft.graph.simulate.simulate` for each GPU count (0: CPUs only, `cpus` of them, default this
     machine's), the works built once per device kind."""
-    from iclsft.graph.simulate import simulate, simulation_works
-
     works = {dev: simulation_works(config, dev) for dev in dict.fromkeys("gpu" if g else "cpu" for g in gpus)}
-    return [simulate(config, gpus=g, cpus=None if g else cpus, works=works["gpu" if g else "cpu"]) for g in gpus]
+    return [simulate(config, works["gpu" if g else "cpu"], gpus=g, cpus=None if g else cpus) for g in gpus]
+
+
+def planned_arms(config: SweepConfig) -> dict[str, list]:
+    """Per model, every arm of the sweep as (run directory, spec, model ref): the 2D arms, then the implicit
+    suite's (the order the work graph and the simulator take them in)."""
+    return {model: [(model_dir(config.out, model), spec, ref) for spec, ref in arm_specs(config, model)]
+            + [(implicit_dir(config.out, model), spec, ref) for spec, ref in implicit_specs(config, model)]
+            for model in config.models}
+
+
+def simulation_works(config: SweepConfig, device: str, engine: str | None = None) -> list:
+    """The works `config` has left, timed for `device` ("cpu" or "gpu"), scored with `engine` (default: the
+    planned one): `iclsft.graph.simulate.simulation_works` of its planned arms."""
+    return graph_simulation_works(config, device, planned_arms(config), engine)
 
 
 def format_simulations(config: SweepConfig, gpus: list[float], cpus: float | None = None) -> str:
     """`sweep --simulate`: one row per resource count: the slots, the makespan of the real scheduler on
     timed stand-ins, total work / workers (devices), and how busy the devices and each role's slots were."""
-    from iclsft.graph.simulate import planned_engine
-
     sims = simulations(config, gpus, cpus)
     engines = ", ".join(f"{dev} rates, engine {planned_engine(config, dev)}"
                         for dev in dict.fromkeys("gpu" if g else "cpu" for g in gpus))
@@ -330,13 +334,11 @@ def _slots_busy(sim, role: str) -> str:
 
 def _engine_seconds(sim, works) -> float:
     """Seconds of the simulation's engine starts (each setup's seconds, times the slots that did it)."""
-    seconds = {key: extra for w in works for key, extra in getattr(w.payload, "setup", ()) if key.startswith("engine")}
+    seconds = {key: extra for w in works for key, extra in w.setup if key.startswith("engine")}
     return sim.engine_starts * (sum(seconds.values()) / len(seconds)) if seconds else 0.0
 
 
 def _rates(device: str) -> str:
-    from iclsft.graph.costs import RATES
-
     r = RATES[device]
     per_token = f" + {r['per_prefix_token'] * 1e6:.2f} us per prefix token" if r["per_prefix_token"] else ""
     return (f"{1 / r['query']:,.0f} queries/s{per_token}, + {r['condition']:g} s per condition (RSA + "

@@ -13,7 +13,13 @@ import logging
 import time
 from pathlib import Path
 
+from iclsft.artifacts import atomic_write_json
 from iclsft.errors import ConditionsFailed
+from iclsft.graph.driver import run_spec, runs_on_graph
+from iclsft.graph.run import rsa_done, run_graph
+from iclsft.prompts import prompt_builders
+from iclsft.sft.retention import retain
+from iclsft.store import RunDir
 from iclsft.sweep.config import SweepConfig
 from iclsft.sweep.plan import arm_specs, implicit_dir, implicit_specs, model_dir
 
@@ -23,8 +29,6 @@ logger = logging.getLogger(__name__)
 def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict:
     """Run or resume everything; return {model: metrics table}. Failed conditions are recorded in
     their run and summarised at the end (rerun to retry them); other conditions go on."""
-    from iclsft.store import RunDir
-
     planned = {model: arm_specs(config, model) for model in config.models}  # every input checked first
     _check_labels(planned)
     planned_implicit = {model: implicit_specs(config, model) for model in config.models}
@@ -45,8 +49,6 @@ def _check_labels(planned: dict) -> None:
     again, later)."""
     from transformers import AutoTokenizer
 
-    from iclsft.prompts import prompt_builders
-
     for arms in planned.values():
         if arms:
             tokenizer = AutoTokenizer.from_pretrained(arms[0][1].path)
@@ -55,8 +57,6 @@ def _check_labels(planned: dict) -> None:
 
 
 def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out: Path, progress: bool) -> dict:
-    from iclsft.artifacts import atomic_write_json
-
     atomic_write_json(out / "sweep.json", json.loads(config.model_dump_json()))
     tables, failures = {}, []
     started = time.time()
@@ -87,17 +87,14 @@ def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out
 
 
 def uses_graph(config: SweepConfig, planned: dict, planned_implicit: dict) -> bool:
-    """On Ray, unless a training is sharded over Ray Train workers (those run one at a time)."""
-    sharded = any(getattr(getattr(spec, "sft", None), "workers", 1) > 1
-                  for arms in (*planned.values(), *planned_implicit.values()) for spec, _ in arms)
-    return config.executor.name == "ray" and not sharded
+    """`iclsft.graph.driver.runs_on_graph` for every arm of the sweep."""
+    return runs_on_graph(config.executor, (spec for arms in (*planned.values(), *planned_implicit.values())
+                                           for spec, _ in arms))
 
 
 def _run_graph(config: SweepConfig, planned: dict, planned_implicit: dict, out: Path, failures: list,
                progress: bool) -> dict:
     """Every arm of every model as one work graph on Ray; returns each run directory's metrics table."""
-    from iclsft.graph.run import run_graph
-
     arms = [(model_dir(out, model), spec, ref) for model in config.models for spec, ref in planned[model]]
     arms += [(implicit_dir(out, model), spec, ref) for model in config.models for spec, ref in planned_implicit[model]]
     imp = config.implicit
@@ -111,9 +108,6 @@ def _run_graph(config: SweepConfig, planned: dict, planned_implicit: dict, out: 
 
 def _run_arms(model: str, path: Path, arms: list, failures: list, started: float, progress: bool):
     """Each arm of one run directory in turn; returns the run's metrics table after the last."""
-    from iclsft.arms import run_spec
-    from iclsft.store import RunDir
-
     run, table = RunDir(path), None
     for i, (spec, ref) in enumerate(arms, 1):
         conds = spec.conditions()
@@ -131,17 +125,14 @@ def _run_arms(model: str, path: Path, arms: list, failures: list, started: float
 def _retain(path: Path, arms: list, rsa: tuple[str, str] | None = None) -> None:
     """After the arms, RSA and circuits of one run directory in this process: delete the full checkpoints
     the SFT arms' `checkpoints_keep` deletes (iclsft.sft.retention)."""
-    from iclsft.sft.retention import retain
-    from iclsft.store import RunDir
-
-    arms = [spec for spec, _ in arms if getattr(spec, "sft", None) is not None]
+    arms = [spec for spec, _ in arms if spec.training is not None]
     if not any(spec.checkpoints_keep != "all" for spec in arms):
         return
     run = RunDir(path)
     run.acquire_lock()
     try:
         for spec in arms:
-            retain(run, spec, rsa)
+            retain(run, spec, rsa_done(rsa))
     finally:
         run.release_lock()
 

@@ -7,11 +7,15 @@ One object serves both arms: the same stream gives the ICL prompt at K and the S
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
-from iclsft.spec import TaskSpec
 from iclsft.tasks import registry
+
+if TYPE_CHECKING:  # the spec layer sits above the tasks (it checks names against the registry)
+    from iclsft.spec import TaskSpec
 
 GRID = 100  # n1, n2 in 0..99
 CENTER = 49.5
