@@ -44,13 +44,16 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/iclsft-eval icl --model gemma3-270m --angle 0 --shots 1,10,25 --seed 0 --out $(DEMO_OUT)
 
-# The full suite (what CI runs, .ci/run): every tier, the 15 slowest tests listed at the end.
+# The full suite (what CI runs, .ci/run): the declared layers (pyproject.toml, docs/framework.md), then every
+# tier, the 15 slowest tests listed at the end.
 test: $(VENV)/.installed-vllm
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q --durations=15
 
 # The fast tier for the edit-test loop: unit tests on the tiny model with the real tokenizer, no default
 # model, vLLM or Ray cluster (tests/conftest.py marks the rest `slow`; docs/testing.md). Installs no vLLM.
 test-fast: $(VENV)/.installed
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 clean-venv:

@@ -13,8 +13,8 @@ sends itself SIGKILL there (no cleanup, no `finally`, exactly like the OOM kille
 
 Points: model-prepare, train-step, adapter-save, score, condition-record, metrics, rsa, circuits (after a
 circuit state's .npz, before circuits.json), report, checkpoint-delete (a deleted checkpoint's marker
-rewritten, its files not yet deleted), checkpoint-delete-file (after each of them), and write:<file name>. With the variable unset a
-point costs one dictionary lookup.
+rewritten, its files not yet deleted), checkpoint-delete-file (after each of them), and write:<file name>.
+With the variable unset a point costs one dictionary lookup.
 """
 
 from __future__ import annotations

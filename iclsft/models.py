@@ -352,7 +352,7 @@ def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None,
     `device_map` (None: the whole model on `device`, default CUDA when present): handed to
     `from_pretrained`, which places the layers with accelerate ("auto", "balanced", "sequential", or one
     device such as "cuda:1"). With "auto"/"balanced"/"sequential" and several GPUs visible, each GPU
-    gets 80% of its free memory for weights (engine/budget.py `max_memory_plan`): the rest holds the
+    gets 80% of its free memory for weights (`max_memory_plan`): the rest holds the
     prefix cache and the packed batches."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -369,8 +369,6 @@ def load_model(ref: ModelRef, dtype: str = "float32", device: str | None = None,
     check_device_map(device_map)
     kwargs = {}
     if device_map in SPREAD_MAPS and torch.cuda.device_count() > 1:
-        from iclsft.engine.budget import free_cuda_bytes, max_memory_plan
-
         kwargs["max_memory"] = max_memory_plan({i: free_cuda_bytes(i) for i in range(torch.cuda.device_count())})
     model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype, attn_implementation="sdpa",
                                                  device_map=device_map, **kwargs)
@@ -387,3 +385,20 @@ def check_device_map(device_map: str) -> None:
     if device_map in SPREAD_MAPS or re.fullmatch(r"cpu|cuda(:\d+)?|mps", device_map):
         return
     raise ValueError(f"device_map {device_map!r} is not one of {', '.join(SPREAD_MAPS)}, cpu, cuda, cuda:N")
+
+
+def free_cuda_bytes(device) -> int:
+    """Free memory on one CUDA device, counting what torch's allocator holds but does not use."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def max_memory_plan(free_bytes: dict[int, int], share: float = 0.8) -> dict[int, int]:
+    """`max_memory` for `device_map="auto"` over several GPUs: `share` of each one's free memory for
+    weights, the rest left to the prefix cache and the packed batches (never CPU or disk offload:
+    a model that does not fit fails at loading instead of running at disk speed)."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share {share} must be in (0, 1]")
+    return {i: int(free * share) for i, free in free_bytes.items()}

@@ -17,12 +17,64 @@ label) minus ids(context). `prefix()` checks itself against the tokenizer on the
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 from iclsft.spec import TemplateSpec
-from iclsft.tokenizers_check import TokenizationError, cut_ids, mismatch
 
 CHAT_SLOT = "@@ICLSFT-USER-TURN@@"  # stands for the user's turn while the chat template is split
+
+
+class TokenizationError(ValueError):
+    """The ids built from pieces are not the tokenizer's ids for the rendered text."""
+
+
+def cut_ids(tokenizer, texts: Sequence[str], cuts: Sequence[Sequence[int]], hint: str = "") -> list[list[list[int]]]:
+    """The tokenizer's ids of each text, cut at that text's character positions `cuts[i]` (sorted) by the
+    tokens' offsets: the pieces of a prompt as the tokenizer makes them in their real context. An error
+    when a token spans a cut (the pieces could not be shared between prompts); `hint` ends it."""
+    try:
+        enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:
+        raise ValueError("prompts need a fast tokenizer (one with a tokenizer.json): this one gives no "
+                         "token offsets") from e
+    out = []
+    for text, at, ids, offsets in zip(texts, cuts, enc["input_ids"], enc["offset_mapping"]):
+        parts: list[list[int]] = [[] for _ in range(len(at) + 1)]
+        for tok, (s, e) in zip(ids, offsets):
+            cut = next((c for c in at if s < c < e), None)
+            if cut is not None:
+                raise TokenizationError(
+                    f"this tokenizer makes one token {tokenizer.convert_ids_to_tokens([tok])} of {text[s:e]!r} "
+                    f"across the boundary of two prompt pieces ({text[max(0, cut - 20):cut]!r} | "
+                    f"{text[cut:cut + 20]!r}), so the pieces cannot be shared between prompts{hint}")
+            parts[bisect.bisect_right(at, s)].append(tok)
+        out.append(parts)
+    return out
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first position where the two sequences differ (the shorter one's length if one is a
+    prefix of the other); None when they are equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def mismatch(tokenizer, got: Sequence[int], want: Sequence[int], got_name: str = "built from pieces",
+             want_name: str = "tokenizer on the text", width: int = 4) -> str:
+    """One line naming the first differing position and the tokens around it in both sequences."""
+    pos = first_difference(got, want)
+    if pos is None:
+        return "the sequences are equal"
+    lo = max(0, pos - width)
+
+    def around(ids: Sequence[int]) -> str:
+        return repr(tokenizer.convert_ids_to_tokens(list(ids[lo: pos + width + 1])))
+
+    return (f"first difference at token {pos} of {len(got)} ({got_name}) vs {len(want)} ({want_name}); tokens "
+            f"{lo}..: {got_name} {around(got)}, {want_name} {around(want)}")
 
 
 class PromptBuilder:

@@ -384,7 +384,8 @@ def test_generation_applies_the_window_past_it(models, ids, kind, window):
     their first tokens (one tree), the model's own greedy loop as reference, and the same weights without
     the window generating something else (so the test can fail)."""
     # Gemma's tied head over its scaled embeddings repeats the last token whatever it attends to
-    model = make_model(kind, ids["vocab"], window, tie_word_embeddings=False) if kind == "gemma3" else models[(kind, window)]
+    model = (make_model(kind, ids["vocab"], window, tie_word_embeddings=False) if kind == "gemma3"
+             else models[(kind, window)])
     engine = HFEngine(model, token_budget=64, progress=False)
     prompt = ids["prefix"][4]
     prefix, queries, steps = prompt[:3 * window], [ids["queries"][i] for i in (0, 1, 2, 5)], window + 4

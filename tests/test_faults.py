@@ -584,7 +584,7 @@ def test_damaged_artifacts_are_recomputed_on_resume(copied, baseline, tiny_model
 def test_report_never_reads_a_damaged_file(copied):
     """The report's reader takes metrics.parquet only when it matches metrics.json (else recomputes it
     from verified scores), and refuses a condition whose field no longer matches its record."""
-    from iclsft.report.data import load_run
+    from iclsft.evaluate.rundata import load_run
 
     table = pd.read_parquet(copied / "metrics.parquet")
     want = table["accuracy"].tolist()

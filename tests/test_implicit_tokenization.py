@@ -25,8 +25,8 @@ from iclsft.implicit.data import (
     mixed_training_examples,
     train_items,
 )
+from iclsft.prompts import TokenizationError
 from iclsft.tasks.implicit import TASKS, get_task
-from iclsft.tokenizers_check import TokenizationError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ADDS_BOS = {"llama2": True, "llama3": False, "qwen3": False, "gemma3": True}  # each tokenizer's own default

@@ -23,8 +23,8 @@ from iclsft.evaluate.metrics import (
     pattern_label,
     perfect_smoothness,
 )
+from iclsft.evaluate.rundata import load_run
 from iclsft.evaluate.runs import read_metrics, recompute_metrics, write_metrics
-from iclsft.report.data import load_run
 from iclsft.spec import IclRunSpec, ModelSpec, TaskSpec
 from iclsft.store import RunDir
 from iclsft.tasks import linear2d

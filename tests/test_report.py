@@ -260,7 +260,7 @@ def test_prior_corrected_field_draws_the_centred_log_odds(full_run, full_report,
     of that condition's scores, computed here with pandas from lp_0 and lp_1 (not by the metrics code)."""
     from matplotlib.axes import Axes
 
-    from iclsft.report.data import load_run
+    from iclsft.evaluate.rundata import load_run
     from iclsft.report.fields import CLIP_PERCENTILE, draw_fields
 
     captions = _captions(full_report)

@@ -7,8 +7,8 @@ import re
 
 import pandas as pd
 
+from iclsft.evaluate.rundata import RunData
 from iclsft.evaluate.stats import paired_differences, summarize
-from iclsft.report.data import RunData
 from iclsft.report.html import Section
 from iclsft.report.tables import stats_section
 

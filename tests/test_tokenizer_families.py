@@ -14,10 +14,10 @@ from logcapture import capture
 from tokenizer_families import FAMILIES, load_tokenizer
 
 from iclsft.arms.linear2d import training_examples
-from iclsft.prompts import PromptBuilder
+from iclsft.prompts import PromptBuilder, TokenizationError
 from iclsft.spec import IclRunSpec, ModelSpec, TaskSpec, TemplateSpec
 from iclsft.tasks.linear2d import exemplars
-from iclsft.tokenizers_check import TokenizationError, check_prompts, check_run, split_warning, token_counts
+from iclsft.tokenizers_check import check_prompts, check_run, split_warning, token_counts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TASK = TaskSpec(angle=30)

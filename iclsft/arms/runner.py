@@ -24,7 +24,9 @@ import pandas as pd
 
 from iclsft.errors import ConditionsFailed
 from iclsft.evaluate.runs import recompute_metrics
-from iclsft.sft.adapters import read_marker
+from iclsft.sft.adapters import ADAPTERS_DIR, read_marker
+from iclsft.sft.retention import finish_deletions
+from iclsft.sft.retention import retain as delete_unneeded
 from iclsft.store import RunDir
 
 logger = logging.getLogger(__name__)
@@ -136,8 +138,6 @@ def run_arm(arm: Arm, out: str | Path, *, retain: bool = True) -> pd.DataFrame:
             arm.close()
         table = state.finish()
         if retain and arm.trains:
-            from iclsft.sft.retention import retain as delete_unneeded
-
             delete_unneeded(run, arm.spec)
         return table
     finally:
@@ -153,9 +153,6 @@ class ArmRun:
         self.arm, self.run, spec = arm, run, arm.spec
         self.conds = spec.conditions()
         if arm.trains:
-            from iclsft.sft.adapters import ADAPTERS_DIR
-            from iclsft.sft.retention import finish_deletions
-
             finish_deletions(run.path / ADAPTERS_DIR)  # what a killed deletion left
         arm.redo(run)  # e.g. conditions scored with a checkpoint deleted on purpose, with retrain_deleted
         self.todo = [c for c in self.conds if not run.is_done(c)]

@@ -22,6 +22,13 @@ import pandas as pd
 from iclsft.artifacts import atomic_write_bytes
 from iclsft.claims import implicit, linear2d
 from iclsft.claims.core import Result, format_table, to_json, untestable, with_holm
+from iclsft.evaluate.rundata import load_run
+from iclsft.evaluate.runs import read_metrics, recompute_metrics
+from iclsft.evaluate.seen import seen_feature_effect
+from iclsft.implicit.circuits import load_shift
+from iclsft.rsa.run import load_rsa
+from iclsft.spec import stored_task
+from iclsft.tasks import linear2d as task2d
 
 __all__ = ["Result", "evaluate_all", "format_table", "run_claims", "study_claims", "write_claims"]
 
@@ -73,13 +80,7 @@ def _is_implicit(arms: dict) -> bool:
 def load_linear2d(path: Path, data=None) -> linear2d.Evidence:
     """The metrics table with each condition's late/early collapse index (where RSA is done) and its
     seen-feature effect (random-order conditions) merged in. `data`: the run as
-    `iclsft.report.data.load_run` read it, when the caller (the report) has it already."""
-    from iclsft.evaluate.seen import seen_feature_effect
-    from iclsft.report.data import load_run
-    from iclsft.rsa.run import load_rsa
-    from iclsft.spec import stored_task
-    from iclsft.tasks import linear2d as task2d
-
+    `iclsft.evaluate.rundata.load_run` read it, when the caller (the report) has it already."""
     data = load_run(path) if data is None else data
     extra = []
     for _, cond in data.conditions.iterrows():
@@ -102,9 +103,6 @@ def load_linear2d(path: Path, data=None) -> linear2d.Evidence:
 
 def load_implicit(path: Path, metrics: pd.DataFrame | None = None) -> implicit.Evidence:
     """The implicit run's metrics table (`metrics`, when the caller has it already) and circuit shifts."""
-    from iclsft.evaluate.runs import read_metrics, recompute_metrics
-    from iclsft.implicit.circuits import load_shift
-
     if metrics is None:
         metrics = read_metrics(path)
     if metrics is None or "variant" not in metrics:

@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from iclsft.cli.app import _escapes, _labels, _number_list, echo_table, main, setup_logging, shown, user_errors
+from iclsft.engine.base import resolve_engine
+from iclsft.implicit.results import results_table
 from iclsft.names import (
     BOS_CHOICES,
     CHECKPOINTS_KEEP,
@@ -20,7 +22,8 @@ from iclsft.names import (
     RECIPES,
     SFT_METHODS,
 )
-from iclsft.spec import TemplateSpec
+from iclsft.runspec import make_icl_spec, make_implicit_spec, make_sft_spec
+from iclsft.spec import EngineSpec, ExecutorSpec, TemplateSpec, sft_spec
 from iclsft.tasks import registry
 
 WORD_LISTS = sorted({w for t in registry.names("linear2d") for w in registry.get(t, "linear2d").word_lists})
@@ -111,9 +114,6 @@ def run_options(fn):
 
 def _common(o: dict) -> dict:
     """Keyword arguments of make_*_spec from the shared options."""
-    from iclsft.engine.base import resolve_engine
-    from iclsft.spec import EngineSpec, TemplateSpec
-
     return dict(
         model=o["model"], task=o["task"], angles=o["angle"], shots=o["shots"], seeds=o["seed"], labels=o["labels"],
         words=o["words"],
@@ -152,7 +152,6 @@ def _finish(table, out: Path) -> None:
 @user_errors
 def icl(**o):
     """Score every grid query with ICL prompts of K exemplars per class."""
-    from iclsft.arms import make_icl_spec
     from iclsft.graph.driver import run_spec
 
     setup_logging(o["quiet"])
@@ -191,9 +190,7 @@ def icl(**o):
 @user_errors
 def sft(**o):
     """Train one model per shot count on the ICL exemplars, then score every grid query zero-shot."""
-    from iclsft.arms import make_sft_spec
     from iclsft.graph.driver import run_spec
-    from iclsft.spec import ExecutorSpec, sft_spec
 
     setup_logging(o["quiet"])
     hyper = {k: o[k] for k in ("lr", "epochs", "min_steps", "batch_size", "warmup_ratio", "weight_decay",
@@ -241,11 +238,7 @@ def sft(**o):
 @user_errors
 def implicit(**o):
     """The implicit-pattern suite: ICL per K or a fine-tuned model, on both variants of each task."""
-    from iclsft.arms import make_implicit_spec
-    from iclsft.engine.base import resolve_engine
     from iclsft.graph.driver import run_spec
-    from iclsft.implicit.results import results_table
-    from iclsft.spec import EngineSpec, ExecutorSpec
 
     setup_logging(o["quiet"])
     hyper = {k: o[k] for k in ("lr", "epochs", "batch_size") if o[k] is not None}

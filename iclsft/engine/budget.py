@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import math
 
+from iclsft.models import free_cuda_bytes
+
 CPU_BUDGET = 1024
 MIN_BUDGET = 64
 MAX_BUDGET = 8192
@@ -67,14 +69,6 @@ def model_devices(model) -> list:
     return list(seen.values())
 
 
-def free_cuda_bytes(device) -> int:
-    """Free memory on one CUDA device, counting what torch's allocator holds but does not use."""
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-
-
 def auto_token_budget(model) -> int:
     """CPU_BUDGET when any of the model is on the CPU; else the CUDA budget for its GPUs' free memory."""
     devices = model_devices(model)
@@ -83,12 +77,3 @@ def auto_token_budget(model) -> int:
     free = min(free_cuda_bytes(d) for d in devices)
     element_bytes = next(model.parameters()).element_size()
     return cuda_budget(free_bytes=free, element_bytes=element_bytes, **model_shape(model.config))
-
-
-def max_memory_plan(free_bytes: dict[int, int], share: float = 0.8) -> dict[int, int]:
-    """`max_memory` for `device_map="auto"` over several GPUs: `share` of each one's free memory for
-    weights, the rest left to the prefix cache and the packed batches (never CPU or disk offload:
-    a model that does not fit fails at loading instead of running at disk speed)."""
-    if not 0 < share <= 1:
-        raise ValueError(f"share {share} must be in (0, 1]")
-    return {i: int(free * share) for i, free in free_bytes.items()}

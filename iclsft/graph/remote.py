@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from iclsft.arms import make_arm
 from iclsft.arms.runner import STEP_ERRORS
+from iclsft.arms.scorer import Scorer
 from iclsft.artifacts import publish_dir
 from iclsft.implicit.circuits import state_scores
 from iclsft.models import (
@@ -279,9 +281,6 @@ class ScorerActor:
 
     def _arm(self, task: ScoreTask):
         if task.arm not in self.arms:
-            from iclsft.arms import make_arm
-            from iclsft.arms.scorer import Scorer
-
             key = (task.model, task.fingerprint)
             if key not in self.refs:
                 self.refs[key] = local_model(task.model, task.fingerprint)

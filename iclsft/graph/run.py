@@ -30,7 +30,7 @@ from iclsft.implicit.circuits import CIRCUITS_DIR, _stored, circuit_states, read
 from iclsft.rsa import rsa_is_current
 from iclsft.rsa.run import RSA_JSON, write_rsa, write_rsa_error
 from iclsft.sft.adapters import ADAPTERS_DIR, is_finished, read_marker
-from iclsft.sft.retention import check_needed, deletable, retain
+from iclsft.sft.retention import check_needed, deletable, delete_checkpoint, retain
 from iclsft.sft.train import total_steps
 from iclsft.store import RunDir
 
@@ -399,8 +399,6 @@ class GraphRun:
         if entry[0] == 0:
             del self.users[ckpt]
             if not entry[1]:
-                from iclsft.sft.retention import delete_checkpoint
-
                 freed = delete_checkpoint(Path(ckpt), entry[2])
                 logger.info("deleted checkpoint %s (checkpoints_keep: %s, %s freed): every work that reads it is done",
                             Path(ckpt).name, entry[2], _size(freed))

@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from iclsft.implicit.spec import MAX_SHOTS
+from iclsft.prompts import TokenizationError, cut_ids, mismatch
 from iclsft.tasks.implicit import VARIANTS, ImplicitTask, Item
-from iclsft.tokenizers_check import TokenizationError, cut_ids, mismatch
 
 SAMPLE_ITEMS = 8  # per variant, and as many training items, in the run-start check
 

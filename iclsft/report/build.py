@@ -17,10 +17,10 @@ import pandas as pd
 
 from iclsft import __version__
 from iclsft.claims import load_linear2d, study_claims
+from iclsft.evaluate.rundata import RunData, is_final, load_run, method_color
 from iclsft.evaluate.stats import paired_differences, summarize
 from iclsft.report import rsa, rsa_measures, tables
 from iclsft.report.claims import claims_section
-from iclsft.report.data import RunData, is_final, load_run, method_color
 from iclsft.report.fields import CLIP_PERCENTILE, draw_fields
 from iclsft.report.figures import (
     ANGLE_ROWS,

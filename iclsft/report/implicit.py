@@ -11,11 +11,11 @@ import pandas as pd
 
 from iclsft import __version__
 from iclsft.claims import load_implicit, study_claims
+from iclsft.evaluate.rundata import method_color
 from iclsft.evaluate.runs import recompute_metrics
 from iclsft.implicit.circuits import load_shift
 from iclsft.implicit.results import results_table
 from iclsft.report.claims import claims_section
-from iclsft.report.data import method_color
 from iclsft.report.figures import FigureWriter, new_figure, slug
 from iclsft.report.html import Section, fmt, page, table
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from iclsft.evaluate.rundata import METHOD_ORDER, RunData, is_final, load_run, method_key
 from iclsft.evaluate.stats import summarize
-from iclsft.report.data import METHOD_ORDER, RunData, is_final, load_run, method_key
 from iclsft.report.figures import METRIC_AXES, WRAP, FigureWriter, interval_note, new_figure, slug
 from iclsft.report.html import Section, esc, page
 

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
+from iclsft.evaluate.rundata import method_color
 from iclsft.evaluate.stats import T_METHOD, t_interval
-from iclsft.report.data import method_color
 from iclsft.report.figures import FigureWriter, new_figure, panel_axes
 
 STREAMS = (("resid", "residual stream"), ("mlp", "MLP output"))

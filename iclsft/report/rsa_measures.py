@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from iclsft.report.data import method_color
+from iclsft.evaluate.rundata import method_color
 from iclsft.report.figures import FigureWriter, new_figure
 from iclsft.report.rsa import BLOCKS, MAX_SHOTS_SHOWN, STREAMS, _read, band_note, layer_axes, seed_band, spread
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from iclsft.artifacts import atomic_write_bytes
-from iclsft.report.data import RunData, is_final, method_key
+from iclsft.evaluate.rundata import RunData, is_final, method_key
 from iclsft.report.html import Section, details, esc, fmt, interval, table
 
 # (metric, header, digits); a table shows those with at least one finite value (no angles for xor,

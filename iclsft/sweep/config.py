@@ -26,7 +26,7 @@ from iclsft.names import (
     RSA_SUBSETS,
     SFT_METHODS,
 )
-from iclsft.spec import ExecutorSpec, Frozen, TaskSpec, TemplateSpec, sft_spec
+from iclsft.spec import ExecutorSpec, Frozen, SftSpec, TaskSpec, TemplateSpec, sft_spec
 from iclsft.tasks import registry
 from iclsft.tasks.linear2d import check_order
 
@@ -169,8 +169,6 @@ class SweepConfig(Frozen):
             try:
                 sft_spec(method, **overrides)
             except ValidationError as e:
-                from iclsft.spec import SftSpec
-
                 bad = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
                 raise ValueError(f"sft.{method}: {bad} (allowed keys: {', '.join(SftSpec.model_fields)})") from None
         return v

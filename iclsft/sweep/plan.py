@@ -13,6 +13,7 @@ from pathlib import Path
 from iclsft.arms.linear2d import training_groups
 from iclsft.engine.base import resolve_engine
 from iclsft.graph.costs import RATES
+from iclsft.graph.ray_backend import start_ray
 from iclsft.graph.simulate import planned_engine, simulate
 from iclsft.graph.simulate import simulation_works as graph_simulation_works
 from iclsft.runspec import make_icl_spec, make_implicit_spec, make_sft_spec
@@ -124,8 +125,6 @@ def cluster(config: SweepConfig) -> tuple[float, float]:
 
     if config.executor.ray_address:
         import ray
-
-        from iclsft.graph.ray_backend import start_ray
 
         started = start_ray(config.executor)
         try:

@@ -17,7 +17,11 @@ from iclsft.artifacts import atomic_write_json
 from iclsft.errors import ConditionsFailed
 from iclsft.graph.driver import run_spec, runs_on_graph
 from iclsft.graph.run import rsa_done, run_graph
+from iclsft.implicit.circuits import compute_circuits
 from iclsft.prompts import prompt_builders
+from iclsft.report import build_report
+from iclsft.report.models import build_models_report
+from iclsft.rsa import compute_rsa
 from iclsft.sft.retention import retain
 from iclsft.store import RunDir
 from iclsft.sweep.config import SweepConfig
@@ -78,8 +82,6 @@ def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out
             if not graph and len(failures) == before:
                 _retain(path, planned_implicit[model])
     if config.report and sum(bool(arms) for arms in planned.values()) > 1:
-        from iclsft.report.models import build_models_report
-
         logger.info("== models compared: %s", build_models_report(out, model_reports=False))  # reports built above
     if failures:
         raise ConditionsFailed("; ".join(failures))
@@ -142,8 +144,6 @@ def _finish_2d(config: SweepConfig, path: Path, failures: list, started: float, 
     """RSA (unless the work graph did it) and the report of one model's 2D run."""
     model = path.name
     if config.rsa and rsa:
-        from iclsft.rsa import compute_rsa
-
         logger.info("== %s · RSA · %s", model, _elapsed(started))
         try:
             compute_rsa(path, dtype=config.dtype, subset=config.rsa_subset, progress=progress)
@@ -151,8 +151,6 @@ def _finish_2d(config: SweepConfig, path: Path, failures: list, started: float, 
             failures.append(f"{model} rsa: {e}")
             logger.warning("%s", e)
     if config.report:
-        from iclsft.report import build_report
-
         logger.info("== %s · report: %s", model, build_report(path))
 
 
@@ -160,8 +158,6 @@ def _finish_implicit(config: SweepConfig, model: str, path: Path, failures: list
     """Circuit shift and the report of one model's implicit run."""
     imp = config.implicit
     if imp.circuits:
-        from iclsft.implicit.circuits import compute_circuits
-
         logger.info("== %s · implicit circuit shift · %s", model, _elapsed(started))
         try:
             compute_circuits(path, pairs=imp.circuit_pairs, shots=imp.circuit_shots)
@@ -169,8 +165,6 @@ def _finish_implicit(config: SweepConfig, model: str, path: Path, failures: list
             failures.append(f"{model} circuits: {e}")
             logger.warning("%s", e)
     if config.report:
-        from iclsft.report import build_report
-
         logger.info("== %s · implicit report: %s", model, build_report(path))
 
 

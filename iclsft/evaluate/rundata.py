@@ -1,4 +1,4 @@
-"""What a report reads from a run directory: the arms' specs, the run record, the metrics table and
+"""A run directory as the reports and the claims read it: the arms' specs, the run record, the metrics table and
 an index of finished conditions (where their fields and RSA arrays are)."""
 
 from __future__ import annotations
