@@ -1,21 +1,25 @@
-"""The one arm runner (iclsft.arms.runner) with a stand-in arm: no model, real run directory. What
-every arm of both studies gets from it: per-arm run records, failures recorded while the other
-conditions go on, an interrupted run recorded as such, progress lines that tell conditions apart,
-and the metrics table rebuilt from the stored scores."""
+"""An arm's pass over its run directory (iclsft.arms.runner.ArmRun) with a stand-in arm: no model, real run
+directory, each outcome handed over as the work graph's driver hands it (`done`, `failed`). What every arm
+of both studies gets from it: per-arm run records, failures recorded while the other conditions go on, an
+interrupted run recorded as such, progress lines that tell conditions apart, and the metrics table rebuilt
+from the stored scores. The graph's side: tests/test_graph_run.py."""
 
 from __future__ import annotations
 
 import json
-from functools import partial
+import socket
+import time
+import traceback
 
 import numpy as np
 import pytest
 from logcapture import capture
 
-from iclsft.arms.runner import Outcome, Step, run_arm
+from iclsft.arms.runner import ArmRun, Outcome
 from iclsft.artifacts import parquet_bytes
 from iclsft.errors import ConditionsFailed
 from iclsft.spec import IclRunSpec, ModelSpec, SftRunSpec, TaskSpec
+from iclsft.store import RunDir
 from iclsft.tasks import linear2d
 
 MODEL = ModelSpec(name="stand-in", fingerprint="0" * 16)
@@ -38,17 +42,7 @@ class StandIn:
     def prepare(self, run, todo):
         return f"{len(todo)} planned"
 
-    def steps(self, run, todo):
-        for cond in todo:
-            if cond.shots == self.interrupt_at:
-                raise KeyboardInterrupt
-            if cond.shots in self.fail_training:
-                yield Step(cond, error="Traceback (most recent call last):\nRuntimeError: training died")
-            else:
-                work = ("trainer", f"w{cond.shots}", 2.0) if cond.checkpoint == 1.0 else None
-                yield Step(cond, compute=partial(self.score, run, cond), note="stand-in", work=work)
-
-    def score(self, run, cond):
+    def outcome(self, cond):
         if cond.shots in self.fail_scoring:
             raise ValueError("scores out of range")
         scores = linear2d.queries(cond.task)
@@ -65,6 +59,40 @@ class StandIn:
 
     def record(self):
         return {}
+
+
+def run_arm(arm: StandIn, out) -> object:
+    """As the work graph's driver runs an arm: each condition's outcome (or its training's failure) handed to
+    the arm's ArmRun; an interruption recorded; the run's metrics table at the end."""
+    run = RunDir(out)
+    run.open(arm.spec)
+    run.acquire_lock()
+    try:
+        state = ArmRun(arm, run)
+        try:
+            for cond in state.todo:
+                if cond.shots == arm.interrupt_at:
+                    raise KeyboardInterrupt
+                if cond.shots in arm.fail_training:
+                    state.failed(cond, "Traceback (most recent call last):\nRuntimeError: training died")
+                    continue
+                if cond.checkpoint == 1.0:  # its training's time, once per training (the driver's trainer record)
+                    state.busy.add("trainer", f"w{cond.shots}", 2.0)
+                t0 = time.time()
+                try:
+                    outcome = arm.outcome(cond)
+                except ValueError:
+                    state.failed(cond, traceback.format_exc())
+                    continue
+                state.done(cond, outcome, "stand-in", time.time() - t0, socket.gethostname())
+        except BaseException as e:
+            state.interrupted(e)
+            raise
+        finally:
+            arm.close()
+        return state.finish()
+    finally:
+        run.release_lock()
 
 
 def icl_spec(**kw):

@@ -74,6 +74,9 @@ class InlineBackend:
     def now(self):
         return time.time()
 
+    def engine_starts(self):
+        return self.actor.starts()
+
 
 def config(model: Path, out: Path, **changes) -> SweepConfig:
     data = {"out": str(out), "models": [str(model)], "tasks": [{"name": "linear2d", "angles": [45]}],

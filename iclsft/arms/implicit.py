@@ -1,4 +1,4 @@
-"""The implicit-pattern suite's arms (SPEC §8), run through `iclsft.arms.runner.run_arm` like the 2D ones.
+"""The implicit-pattern suite's arms (SPEC §8), run by the work graph (`iclsft.graph`) like the 2D ones.
 
 ICL: per (task, seed) one demo stream; the prompt at K is its first K demos; both variants' matched
 evaluation sets are scored after it. SFT: per (task, seed) one model trained on `train_size`
@@ -11,12 +11,10 @@ each task.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from functools import partial
 
-from iclsft.arms.runner import ArmBase, Outcome, Step
+from iclsft.arms.runner import ArmBase, Outcome, TrainingPlan
 from iclsft.arms.scorer import Scorer
-from iclsft.arms.trainings import plan_trainings, redo_deleted, training_steps
+from iclsft.arms.trainings import plan_trainings, redo_deleted
 from iclsft.artifacts import parquet_bytes
 from iclsft.faults import fault_point
 from iclsft.implicit.data import (
@@ -66,11 +64,6 @@ class _ImplicitArm(ArmBase):
 
 
 class ImplicitIclArm(_ImplicitArm):
-    def steps(self, run: RunDir, todo: list) -> Iterator[Step]:
-        # by task and seed, K ascending: each prompt extends the last, whose KV the hf engine keeps
-        for cond in sorted(todo, key=lambda c: (c.task, c.seed, c.shots, c.variant)):
-            yield Step(cond, compute=partial(self.outcome, cond))
-
     def score(self, cond: ImplicitCondition, engine, adapter: str | None, record: dict) -> Outcome:
         p = self.prompts[cond.task]
         prefix = p.prefix(demo_stream(p.task, cond.seed, cond.faithful)[: cond.shots])
@@ -82,8 +75,6 @@ class ImplicitSftArm(_ImplicitArm):
 
     def __init__(self, spec: ImplicitSpec, ref: ModelRef, *, progress: bool = True, scorer: Scorer | None = None):
         super().__init__(spec, ref, progress=progress, scorer=scorer)
-        self.jobs: list[TrainJob] = []
-        self.where: dict[str, tuple] = {}
 
     def redo(self, run: RunDir) -> int:
         return redo_deleted(self, run)
@@ -92,6 +83,7 @@ class ImplicitSftArm(_ImplicitArm):
         """One job per (task, seed), or per seed for the original recipe's mixed file."""
         spec = self.spec
         groups: dict[tuple, list[ImplicitCondition]] = {}
+        jobs, where = [], {}
         for cond in todo:
             groups.setdefault(cond.training_group, []).append(cond)
         for (what, seed), conds in groups.items():
@@ -105,15 +97,13 @@ class ImplicitSftArm(_ImplicitArm):
             # the loss mask enters the key; a checkpoint an earlier version named by stream order is still used
             key, ckpt = resume_dir(run.path, training_key(self.ref.fingerprint, examples, spec.sft, seed, loss),
                                    stream_order_key(self.ref.fingerprint, examples, spec.sft, seed, loss), 1.0)
-            self.jobs.append(TrainJob(key=key, base_path=str(self.ref.path), examples=examples, sft=spec.sft,
+            jobs.append(TrainJob(key=key, base_path=str(self.ref.path), examples=examples, sft=spec.sft,
                                       seed=seed, checkpoints=[(1.0, str(ckpt))], threads=spec.executor.cpus_per_task,
                                       loss=loss, meta={"conditions": [c.id for c in conds], **meta}))
             for c in conds:
-                self.where[c.id] = (c, str(ckpt))
-        return plan_trainings(self.jobs, spec.retrain_deleted)
-
-    def steps(self, run: RunDir, todo: list) -> Iterator[Step]:
-        yield from training_steps(self.jobs, self.where, self)
+                where[c.id] = (c, str(ckpt))
+        self.plan = TrainingPlan(jobs, where)
+        return plan_trainings(jobs, spec.retrain_deleted)
 
     def score(self, cond: ImplicitCondition, engine, adapter: str | None, record: dict) -> Outcome:
         return self.score_items(cond, engine, self.prompts[cond.task].start, adapter=adapter, **record,

@@ -1,6 +1,6 @@
 """The 2D study's arms (SPEC §3-§6): ICL, one prompt of K exemplars per class then every grid query
 scored with both labels; SFT, one model per distinct training on the same exemplars, each query
-scored zero-shot. Both run through `iclsft.arms.runner.run_arm`.
+scored zero-shot. The work graph (`iclsft.graph`) runs both.
 
 SFT planning: one training job per distinct `training_key` (base, recipe, seed and the batches as
 multisets of examples), so order probes whose pairs never cross a batch boundary share one model and
@@ -12,15 +12,14 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from functools import partial
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from iclsft.arms.runner import ArmBase, Outcome, Step
+from iclsft.arms.runner import ArmBase, Outcome, TrainingPlan
 from iclsft.arms.scorer import Scorer
-from iclsft.arms.trainings import plan_trainings, redo_deleted, training_steps
+from iclsft.arms.trainings import plan_trainings, redo_deleted
 from iclsft.artifacts import npy_bytes, parquet_bytes
 from iclsft.errors import OOM_SCORING, is_out_of_memory, out_of_memory
 from iclsft.evaluate.metrics import compute_metrics, decision_field
@@ -91,10 +90,6 @@ class IclArm(_Linear2dArm):
 
     spec: IclRunSpec
 
-    def steps(self, run: RunDir, todo: list) -> Iterator[Step]:
-        for cond in todo:
-            yield Step(cond, compute=partial(self.outcome, cond))
-
     def score(self, cond, engine, adapter: str | None, record: dict) -> Outcome:
         builder = self.builder(cond.task)
         exemplars = linear2d.exemplars(cond.task, cond.seed, cond.shots, cond.order)
@@ -103,8 +98,7 @@ class IclArm(_Linear2dArm):
 
 
 class SftArm(_Linear2dArm):
-    """SFT: train each distinct training once (Ray, local, or sharded), score each checkpoint as it
-    arrives, zero-shot."""
+    """SFT: train each distinct training once, score each checkpoint as it arrives, zero-shot."""
 
     spec: SftRunSpec
 
@@ -118,15 +112,12 @@ class SftArm(_Linear2dArm):
         return redo_deleted(self, run)
 
     def prepare(self, run: RunDir, todo: list) -> str:
-        self.jobs, self.where = plan_jobs(self.spec, run, self.ref, self.builders, todo)
-        self.shared = sharing(self.jobs, self.where)
-        return (plan_trainings(self.jobs, self.spec.retrain_deleted)
-                + (f"; {len(self.shared)} conditions share their model with another condition (identical training)"
-                   if self.shared else ""))
-
-    def steps(self, run: RunDir, todo: list) -> Iterator[Step]:
-        yield from training_steps(self.jobs, {cid: (c, ckpt) for cid, (c, ckpt, _) in self.where.items()}, self,
-                                  shared=self.shared)
+        jobs, where = plan_jobs(self.spec, run, self.ref, self.builders, todo)
+        shared = sharing(jobs, where)
+        self.plan = TrainingPlan(jobs, {cid: (c, ckpt) for cid, (c, ckpt, _) in where.items()}, shared)
+        return (plan_trainings(jobs, self.spec.retrain_deleted)
+                + (f"; {len(shared)} conditions share their model with another condition (identical training)"
+                   if shared else ""))
 
     def score(self, cond, engine, adapter: str | None, record: dict) -> Outcome:
         builder = self.builder(cond.task)

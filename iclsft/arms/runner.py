@@ -1,21 +1,20 @@
-"""The one arm runner: every arm of both studies (ICL, SFT, the implicit suite) runs through `run_arm`.
+"""What every arm of both studies (ICL, SFT, the implicit suite) is and how its pass over a run directory
+is kept: the `Arm` protocol, `ArmBase`, and `ArmRun`.
 
-An arm is a frozen spec (its conditions, content-hashed) plus a generator of `Step`s, one per
-condition left to compute. The runner does the rest, the same way for every arm: check nothing is
-written before the inputs are, freeze the spec in the run directory, hold the run's lock, skip
-finished conditions, record each failure (its error and traceback in the condition's record) while
-the other conditions go on, keep the arm's own entry in RUN/record.json, rebuild the run's metrics
-table, and report failures as one `ConditionsFailed` line at the end.
+An arm is a frozen spec (its conditions, content-hashed) and a planner: `prepare` plans what is left to
+compute (an SFT arm its trainings: a `TrainingPlan`), `outcome` scores one condition on the base model or
+on a trained checkpoint, wherever the work graph runs it (`iclsft.graph`: in this process or on a scorer
+actor). `ArmRun` does the rest, the same way for every arm: finished conditions skipped, each failure
+recorded (its error and traceback in the condition's record) while the other conditions go on, the arm's
+own entry in RUN/record.json, the run's metrics table, and failures reported as one `ConditionsFailed`
+line at the end.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import time
-import traceback
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,12 +25,12 @@ from iclsft.errors import ConditionsFailed
 from iclsft.evaluate.runs import recompute_metrics
 from iclsft.sft.adapters import ADAPTERS_DIR, read_marker
 from iclsft.sft.retention import finish_deletions
-from iclsft.sft.retention import retain as delete_unneeded
 from iclsft.store import RunDir
 
 logger = logging.getLogger(__name__)
 
-# What a step may fail with and still let the arm go on (anything else, e.g. KeyboardInterrupt, stops it)
+# What scoring a condition may fail with and still let the arm go on (anything else, e.g. KeyboardInterrupt,
+# stops it)
 STEP_ERRORS = (RuntimeError, ValueError, MemoryError, OSError)
 
 
@@ -50,18 +49,14 @@ class Outcome:
 
 
 @dataclass
-class Step:
-    """One condition to compute: `compute()` scores it and returns its `Outcome`, which the runner writes;
-    or `error` (a traceback) when it cannot be computed, e.g. its training failed."""
+class TrainingPlan:
+    """What an SFT arm's `prepare` planned: the jobs (trained, or reused where their checkpoints are
+    finished), each condition's (condition, checkpoint dir), and the conditions that share their checkpoint
+    with others (condition id -> the others' directory names)."""
 
-    cond: Any
-    compute: Callable[[], Outcome] | None = None
-    error: str | None = None
-    note: str = ""  # how it was computed, for the progress line ("trained 12 s, shared with ...")
-    record: dict = field(default_factory=dict)  # extra fields of an error record
-    # work done elsewhere for this step, for the arm's busy-time summary: (role, worker, seconds), e.g. the
-    # training that produced its checkpoint (counted once per training)
-    work: tuple[str, str, float] | None = None
+    jobs: list
+    checkpoints: dict[str, tuple[Any, str]]
+    shared: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Arm(Protocol):
@@ -71,7 +66,7 @@ class Arm(Protocol):
 
     def prepare(self, run: RunDir, todo: list) -> str: ...  # plan the work; a note for the first progress line
 
-    def steps(self, run: RunDir, todo: list) -> Iterator[Step]: ...
+    def outcome(self, cond, checkpoint: str | None = None, record: dict | None = None) -> Outcome: ...
 
     def describe(self, metrics: dict) -> str: ...
 
@@ -81,15 +76,14 @@ class Arm(Protocol):
 
 
 class ArmBase:
-    """What the arms have in common besides their steps: a `Scorer` (`iclsft.arms.scorer`) closed at
-    the end, nothing to plan by default, and `outcome`: one condition scored on the base model or on a
-    trained checkpoint (the one entry point of the local runner and of scorer actors)."""
+    """What the arms have in common: a `Scorer` (`iclsft.arms.scorer`) closed at the end, nothing to plan
+    by default, and `outcome`: one condition scored on the base model or on a trained checkpoint (the one
+    entry point of the scorers)."""
 
     scorer: Any
     trains: bool = False  # the arm trains models (SFT): it has checkpoints and their policy
     lora: bool = False  # the arm's checkpoints are LoRA adapters
-    # what trains its jobs (`iclsft.arms.trainings.TrainJobs`), given by the driver; None: in this process
-    train_jobs: Callable | None = None
+    plan: TrainingPlan | None = None  # an SFT arm's, once prepared
 
     def outcome(self, cond, checkpoint: str | None = None, record: dict | None = None) -> Outcome:
         """Score `cond` on the base model, or on the trained `checkpoint` (verified first; its marker's
@@ -118,36 +112,10 @@ class ArmBase:
         return {"engine_starts": self.scorer.starts}
 
 
-def run_arm(arm: Arm, out: str | Path, *, retain: bool = True) -> pd.DataFrame:
-    """Run (or resume) every condition of `arm` into the run directory `out`; return the run's metrics.
-    `retain`: then delete the full checkpoints the arm's `checkpoints_keep` deletes (False when RSA or
-    circuits will still read them: the caller calls `iclsft.sft.retention.retain` after those)."""
-    run = RunDir(out)
-    run.open(arm.spec)  # only now, with every input checked, does anything get written
-    run.acquire_lock()  # one process per run directory (store.RunDir.acquire_lock)
-    try:
-        state = ArmRun(arm, run)
-        try:
-            if state.todo:
-                for step in arm.steps(run, state.todo):
-                    state.step(step)
-        except BaseException as e:
-            state.interrupted(e)
-            raise
-        finally:
-            arm.close()
-        table = state.finish()
-        if retain and arm.trains:
-            delete_unneeded(run, arm.spec)
-        return table
-    finally:
-        run.release_lock()
-
-
 class ArmRun:
     """One arm's pass over its run directory (opened for its spec and locked by the caller): the to-do list and the
-    plan, each condition's record as it ends (computed here by `step`, or elsewhere: `done`, `failed`),
-    then the arm's run record, the run's metrics table and the failures as one `ConditionsFailed`."""
+    plan, each condition's record as it ends (`done`, `failed`: its outcome computed by the work graph), then
+    the arm's run record, the run's metrics table and the failures as one `ConditionsFailed`."""
 
     def __init__(self, arm: Arm, run: RunDir):
         self.arm, self.run, spec = arm, run, arm.spec
@@ -164,24 +132,6 @@ class ArmRun:
         self.failures: list[str] = []
         self.busy = Busy()
         self.count = 0
-
-    def step(self, step: Step) -> None:
-        """Compute a step here (or record its error) and write its outcome."""
-        if step.work is not None:
-            self.busy.add(*step.work)
-        if step.error is not None:
-            self.failed(step.cond, step.error, step.record)
-            return
-        t0 = time.time()
-        try:
-            outcome = step.compute()
-            self.run.write_condition(step.cond, outcome.files, **outcome.fields)
-        except STEP_ERRORS as e:
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise  # a full disk stops the run: recording it would fail too, and hide which file failed
-            self.failed(step.cond, traceback.format_exc(), step.record, error=f"{type(e).__name__}: {e}")
-            return
-        self._progress(step.cond, outcome, step.note, time.time() - t0, socket.gethostname(), written=True)
 
     def done(self, cond, outcome: Outcome, note: str, seconds: float, worker: str) -> None:
         """Write the outcome of a condition scored elsewhere (`worker`, in `seconds`)."""

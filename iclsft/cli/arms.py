@@ -203,7 +203,7 @@ def sft(**o):
     spec, ref = make_sft_spec(**_common(o), sft=sft_spec(o["method"], **hyper), checkpoints=o["checkpoints"],
                               executor=executor, checkpoints_keep=o["checkpoints_keep"],
                               retrain_deleted=o["retrain_deleted"])
-    _finish(run_spec(spec, o["out"], ref, progress=not o["quiet"], graph=True), o["out"])
+    _finish(run_spec(spec, o["out"], ref, progress=not o["quiet"]), o["out"])
 
 
 @main.command()
@@ -251,7 +251,7 @@ def implicit(**o):
         executor=ExecutorSpec(name=o["executor"]),
         **({"checkpoints_keep": o["checkpoints_keep"], "retrain_deleted": o["retrain_deleted"]}
            if o["method"] != "icl" else {}))
-    table = run_spec(spec, o["out"], ref, progress=not o["quiet"], graph=True)
+    table = run_spec(spec, o["out"], ref, progress=not o["quiet"])
     click.echo(results_table(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     click.echo(f"\nresults in {o['out']} (metrics.parquet, conditions/*/scores.parquet)", err=True)
 

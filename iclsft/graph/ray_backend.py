@@ -1,7 +1,7 @@
 """The scheduler's backend on Ray: scorer actors (one engine each, restarted and their work retried
-when one dies) and trainings as tasks (retried by Ray), on a local Ray or a cluster (`ray_address`);
-and the trainers the driver gives an arm run in this process (`train_on_ray`, `train_sharded`). The one
-place that starts Ray and makes Ray tasks and actors of our work.
+when one dies) and trainings as tasks (retried by Ray), on a local Ray or a cluster (`ray_address`); and
+`ray_session`, the Ray of sharded trainings in this process. The one place that starts Ray and makes Ray
+tasks and actors of our work.
 Results stay in Ray's object store: a training's checkpoint files go to the scorers that need them
 without passing through the driver's disk."""
 
@@ -12,15 +12,11 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Sequence
 from typing import Any
 
-from iclsft.arms.trainings import TrainJobs
 from iclsft.graph.remote import ScorerActor, train_task
 from iclsft.graph.resources import Resources, Slots, resolve
 from iclsft.graph.work import Finished, Work
-from iclsft.sft.distributed import train_distributed
-from iclsft.sft.train import TrainJob, in_training_order, train
 from iclsft.spec import ExecutorSpec
 
 logger = logging.getLogger(__name__)
@@ -62,56 +58,6 @@ def ray_session(executor: ExecutorSpec, cpus: int | None = None):
     finally:
         if started_here:
             ray.shutdown()
-
-
-def train_on_ray(executor: ExecutorSpec) -> TrainJobs:
-    """What trains an in-process arm's jobs as Ray tasks (retried by Ray, bounded) while this process scores
-    the finished ones: (job, result, error traceback or None) as each ends."""
-
-    def train_jobs(jobs: Sequence[TrainJob]):
-        try:
-            import ray
-        except ImportError as e:
-            raise ImportError("the SFT arms train on Ray: pip install 'iclsft-eval[sft]' (or use --executor local)"
-                              ) from e
-        import torch
-
-        # keep one core for the driver, which scores finished models while the others train
-        with ray_session(executor, cpus=max(1, (os.cpu_count() or 2) - 1)):
-            gpus = 1 if torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) >= 1 else 0
-            remote = ray.remote(num_cpus=executor.cpus_per_task, num_gpus=gpus, max_retries=executor.max_retries,
-                                retry_exceptions=True)(train)
-            refs = {remote.remote(job): job for job in jobs}
-            try:
-                while refs:
-                    ready, _ = ray.wait(list(refs), num_returns=1)
-                    job = refs.pop(ready[0])
-                    try:
-                        result = ray.get(ready[0])
-                    except Exception as e:  # after Ray's bounded retries
-                        yield job, {}, "".join(traceback.format_exception(e))
-                        continue
-                    yield job, result, None
-            finally:
-                for ref in refs:
-                    ray.cancel(ref, force=True)
-
-    return train_jobs
-
-
-def train_sharded(executor: ExecutorSpec) -> TrainJobs:
-    """What trains an in-process arm's jobs one at a time, each sharded over its Ray Train workers (on a Ray
-    started here when none runs)."""
-
-    def train_jobs(jobs: Sequence[TrainJob]):
-        with ray_session(executor):
-            for job in jobs:
-                try:
-                    yield job, train_distributed(in_training_order(job), executor), None
-                except Exception:
-                    yield job, {}, traceback.format_exc()
-
-    return train_jobs
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

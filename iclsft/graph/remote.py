@@ -155,6 +155,7 @@ class ScoreTask:
     records: tuple = ()  # per condition: fields for its record
     checkpoint: str | None = None
     files: Any = None  # the checkpoint's files when they come from the run directory (not from a training)
+    path: str | None = None  # the checkpoint's directory, when the scorer shares the driver's disk
     method = "score"  # the ScorerActor method that runs it
 
 
@@ -170,6 +171,7 @@ class RsaTask:
     subset: str
     checkpoint: str | None = None
     files: Any = None  # as ScoreTask.files
+    path: str | None = None  # as ScoreTask.path
     method = "rsa"
 
 
@@ -186,6 +188,7 @@ class CircuitTask:
     shots: int
     checkpoint: str | None = None
     files: Any = None  # as ScoreTask.files
+    path: str | None = None  # as ScoreTask.path
     method = "circuits"
 
 
@@ -193,14 +196,17 @@ class ScorerActor:
     """Holds one engine per base model (opened once: full fine-tunes are swapped in where the engine can)
     and the arms that score with it; returns each condition's outcome, never writes the run."""
 
-    def __init__(self, threads: float = 1, progress: bool = False, gpu_share: float = 1.0, max_models: int = 1):
-        """`gpu_share`: the part of its GPU this scorer holds; a vllm engine then takes that part of the
-        memory vLLM would take on a whole GPU (unless the engine's gpu_memory_utilization is set).
-        `max_models`: base models kept loaded at once; the least recently used one is closed beyond."""
+    def __init__(self, threads: float | None = 1, progress: bool = False, gpu_share: float = 1.0,
+                 max_models: int = 1):
+        """`threads`: torch's CPU threads (None: torch's choice). `gpu_share`: the part of its GPU this scorer
+        holds; a vllm engine then takes that part of the memory vLLM would take on a whole GPU (unless the
+        engine's gpu_memory_utilization is set). `max_models`: base models kept loaded at once; the least
+        recently used one is closed beyond."""
         import torch
 
         quiet_loading()
-        torch.set_num_threads(max(1, int(threads)))
+        if threads is not None:
+            torch.set_num_threads(max(1, int(threads)))
         self.progress, self.gpu_share, self.max_models = progress, gpu_share, max_models
         self.recent: OrderedDict[str, None] = OrderedDict()  # fingerprints of the loaded base models, LRU first
         self.arm_model: dict[str, str] = {}  # arm key -> its base model's fingerprint
@@ -271,6 +277,8 @@ class ScorerActor:
         `inputs` (results of the works it needed), else sent with the task."""
         if task.checkpoint is None:
             return None
+        if task.path is not None:  # on the driver's disk: read there
+            return self._checkpoint(task.checkpoint, path=Path(task.path))
         trained = next((i for i in inputs if isinstance(i, dict) and "files" in i), None)
         files = trained["files"][task.checkpoint] if trained is not None else _value(task.files)
         return self._checkpoint(task.checkpoint, files)
@@ -317,18 +325,22 @@ class ScorerActor:
             gc.collect()
 
 
-    def _checkpoint(self, name: str, files: dict[str, bytes]) -> str:
-        path = self.scratch / name
+    def _checkpoint(self, name: str, files: dict[str, bytes] | None = None, path: Path | None = None) -> str:
+        """The checkpoint `name`: its `files` written into the scratch directory, or read where it is (`path`);
+        the engines keep the KEEP_CHECKPOINTS used last (the others released, and their copies removed)."""
         if name in self.checkpoints:
             self.checkpoints.move_to_end(name)
-            return str(path)
-        write_tree(path, files)
+            return str(self.checkpoints[name])
+        if path is None:
+            path = self.scratch / name
+            write_tree(path, files)
         self.checkpoints[name] = path
         while len(self.checkpoints) > KEEP_CHECKPOINTS:
             _, old = self.checkpoints.popitem(last=False)
             for scorer in self.scorers.values():
                 scorer.release(old)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.parent == self.scratch:
+                shutil.rmtree(old, ignore_errors=True)
         return str(path)
 
     def close(self) -> None:

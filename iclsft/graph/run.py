@@ -21,6 +21,7 @@ from iclsft.arms.trainings import training_note
 from iclsft.artifacts import atomic_write_json
 from iclsft.errors import ConditionsFailed
 from iclsft.graph.costs import RATES, prefix_tokens, rsa_seconds, score_seconds, train_seconds
+from iclsft.graph.local_backend import LocalBackend
 from iclsft.graph.ray_backend import RayBackend, start_ray
 from iclsft.graph.remote import CircuitTask, RsaTask, ScoreTask, read_tree, write_tree
 from iclsft.graph.resources import Resources
@@ -37,19 +38,31 @@ from iclsft.store import RunDir
 logger = logging.getLogger(__name__)
 
 
-def run_graph(arms: Sequence[tuple[Path, Any, Any]], executor, resources=None, record: Path | None = None,
-              **options) -> tuple[dict[Path, Any], list[str]]:
-    """Run (or resume) `arms` (run directory, spec, model ref) as one work graph on Ray (started here, or
-    joined at `executor.ray_address`); `record`: where to write the graph's resources, usage, engine
-    starts and placement (JSON); `options`: GraphRun's. Returns each run directory's metrics table and
-    the failures (one line per arm); nothing is started when nothing is left to run."""
+def run_graph(arms: Sequence[tuple[Path, Any, Any]], executor, resources=None, record: Path | None = None, *,
+              local: bool = False, progress: bool = True, **options) -> tuple[dict[Path, Any], list[str]]:
+    """Run (or resume) `arms` (run directory, spec, model ref) as one work graph: on Ray (started here, or
+    joined at `executor.ray_address`), or with `local` in this process (`LocalBackend`: one work at a time,
+    `progress` bars on); `record`: where to write the graph's resources, usage, engine starts and placement
+    (JSON); `options`: GraphRun's. Returns each run directory's metrics table and the failures (one line per
+    arm); nothing is started when nothing is left to run."""
     import ray
 
-    graph = GraphRun(arms, "gpu" if _has_gpu(executor) else "cpu", **options)
-    if not graph.works:  # everything finished: no Ray to start
+    graph = GraphRun(arms, "gpu" if _has_gpu(executor) else "cpu", shared_disk=local, **options)
+    if not graph.works:  # everything finished: no engine to open, no Ray to start
         graph.run(None)
         return graph.tables, graph.failures
     trainings = sum(w.role == "trainer" for w in graph.works)
+    if local:
+        backend = LocalBackend(executor, progress=progress)
+        try:
+            usage = graph.run(backend)
+            starts = backend.engine_starts()
+        finally:
+            backend.close()
+        if record is not None:
+            atomic_write_json(record, {"backend": "local", "makespan": round(usage.makespan, 1),
+                                       "usage": usage.record(), "engine_starts": starts})
+        return graph.tables, graph.failures
     started_here = start_ray(executor)
     try:
         backend = RayBackend(resources or Resources(), executor, scoring_share=scoring_share(graph.works))
@@ -91,18 +104,23 @@ class GraphRun:
     """The driver's side of one graph: opens the arms, builds their works, writes what comes back."""
 
     def __init__(self, arms: Sequence[tuple[Path, Any, Any]], device: str = "cpu", *,
-                 rsa: tuple[str, str] | None = None, circuits: tuple[int, int] | None = None):
+                 rsa: tuple[str, str] | None = None, circuits: tuple[int, int] | None = None,
+                 shared_disk: bool = False):
         """Open every arm (run directories locked until `run` ends) and build its works; `device`: the
         rates the works' costs (their order) come from. `rsa`: (dtype, matrix subset) to compute RSA for
         every 2D condition on the scorers, after its scoring; `circuits`: (pairs, shots) to compute the
         implicit suite's circuit states on the scorers (the driver's `compute_circuits` then only
         tabulates the shift). A full fine-tune's checkpoint that its arm's `checkpoints_keep` deletes
         (iclsft.sft.retention) is deleted as soon as every work that reads it (its scorings, RSA and
-        circuit states) has succeeded and been written (the marker stays, with the files' checksums)."""
+        circuit states) has succeeded and been written (the marker stays, with the files' checksums).
+        `shared_disk`: the backend's workers read and write the run directories (`LocalBackend`): a training
+        saves into them, a scorer reads checkpoints there, and each condition is a work of its own, written
+        as soon as it is scored (a chain's or a checkpoint's conditions still run in turn on one engine)."""
         self.backend: Backend | None = None
-        self.device = device
+        self.device, self.shared_disk = device, shared_disk
         self.rsa, self.circuits = rsa, circuits
         self.indexes: dict[Path, dict] = {}  # implicit run dir -> its circuits.json, as written so far
+        self.circuit_runs: dict[str, Path] = {}  # circuit state work id -> its run directory
         self.users: dict[str, list] = {}  # deletable checkpoint dir -> [works still using it, failed, policy]
         self.fractions: dict[str, float] = {}  # checkpoint dir -> its fraction of training (jobs of this graph)
         self.runs: dict[Path, RunDir] = {}
@@ -115,12 +133,12 @@ class GraphRun:
         self.tables: dict[Path, Any] = {}
         try:
             for path, spec, ref in arms:
+                arm = make_arm(spec, ref, progress=False)  # inputs checked first; its scorer is never opened here
                 run = self.runs.get(Path(path))
                 if run is None:
                     run = self.runs[Path(path)] = RunDir(path)
-                run.open(spec)  # each arm's spec frozen (or checked) before anything is written
+                run.open(arm.spec)  # each arm's checked spec frozen (or checked) before anything is written
                 run.acquire_lock()  # once per run directory: a held lock is kept
-                arm = make_arm(spec, ref, progress=False)  # its scorer is never opened here
                 a = _Arm(f"{Path(path)}|{spec.arm}", ArmRun(arm, run))
                 self.arms[a.key] = a
                 self._add_works(a, spec, ref)
@@ -140,14 +158,16 @@ class GraphRun:
             self._rsa_finished(a, spec, ref)
         if not arm.trains:  # ICL: each chain on the base model, K ascending
             for chain in icl_chains(todo):
-                unit = f"{a.key}|{chain[0].id}"
-                self._work(a, Work(unit, "scorer", unit_label(chain), sum(map(self._score_cost, chain)), arm=a.key,
-                                   payload=ScoreTask(conds=tuple(chain), **base)))
-                if rsa:
-                    self._rsa_work(a, chain, ref, (unit,))
+                for conds in self._units(chain):
+                    unit = f"{a.key}|{conds[0].id}"
+                    self._work(a, Work(unit, "scorer", unit_label(conds), sum(map(self._score_cost, conds)),
+                                       arm=a.key, payload=ScoreTask(conds=tuple(conds), **base)))
+                    if rsa:
+                        self._rsa_work(a, conds, ref, (unit,))
             return
-        a.shared = getattr(arm, "shared", {})
-        for job in arm.jobs:
+        plan = arm.plan
+        a.shared = plan.shared
+        for job in plan.jobs:
             self.fractions.update((d, f) for f, d in job.checkpoints)
             missing = [(f, d) for f, d in job.checkpoints if not is_finished(Path(d))]
             train_id = f"{a.key}|train|{job.key}"
@@ -160,22 +180,21 @@ class GraphRun:
                 self.dirs[train_id] = {Path(d).name: d for _, d in missing}
             by_ckpt: dict[str, list] = {}  # every condition of one checkpoint: one work (one adapter load or swap)
             for cond_id in job.meta["conditions"]:
-                cond, ckpt = arm.where[cond_id][:2]
+                cond, ckpt = plan.checkpoints[cond_id]
                 by_ckpt.setdefault(ckpt, []).append(cond)
-            for ckpt, conds in by_ckpt.items():
+            for ckpt, group in by_ckpt.items():
                 trained = any(d == ckpt for _, d in missing)
-                records = tuple({"trained_now": trained} | ({"shared_with": a.shared[c.id]} if c.id in a.shared else {})
-                                for c in conds)
-                task = ScoreTask(conds=tuple(conds), records=records, checkpoint=Path(ckpt).name, **base)
                 needs = (train_id,) if trained else ()
-                if not trained:  # from an earlier run: its files from the run directory
-                    task = self._reused(ckpt, task)
-                unit = f"{a.key}|{conds[0].id}"
-                self._work(a, Work(unit, "scorer", unit_label(conds), sum(map(self._score_cost, conds)), needs=needs,
-                                   payload=task, arm=a.key))
-                self._user(a, ckpt)
-                if rsa:
-                    self._rsa_work(a, conds, ref, (unit, *needs), ckpt)
+                for conds in self._units(group):
+                    records = tuple({"trained_now": trained} | (
+                        {"shared_with": a.shared[c.id]} if c.id in a.shared else {}) for c in conds)
+                    task = ScoreTask(conds=tuple(conds), records=records, checkpoint=Path(ckpt).name, **base)
+                    unit = f"{a.key}|{conds[0].id}"
+                    self._work(a, Work(unit, "scorer", unit_label(conds), sum(map(self._score_cost, conds)),
+                                       needs=needs, payload=self._source(ckpt, task, trained), arm=a.key))
+                    self._user(a, ckpt)
+                    if rsa:
+                        self._rsa_work(a, conds, ref, (unit, *needs), ckpt)
 
     def _rsa_work(self, a: _Arm, conds: Sequence, ref, needs: tuple, ckpt: str | None = None) -> None:
         """RSA of a unit's conditions on a scorer (their checkpoint loaded once), after their scoring (and
@@ -183,8 +202,8 @@ class GraphRun:
         dtype, subset = self.rsa
         task = RsaTask(conds=tuple(conds), model=ref.name, fingerprint=ref.fingerprint, dtype=dtype, subset=subset,
                        checkpoint=Path(ckpt).name if ckpt else None)
-        if ckpt and not any("|train|" in n for n in needs):  # a reused checkpoint: its files from the run
-            task = self._reused(ckpt, task)
+        if ckpt:
+            task = self._source(ckpt, task, trained=any(n in self.dirs for n in needs))
         self._work(a, Work(f"{a.key}|rsa|{conds[0].id}", "scorer", f"RSA {unit_label(conds)}",
                            sum(rsa_seconds(c.queries, prefix_tokens(c), self.device) for c in conds)
                            + (RATES[self.device]["model_load"] if ckpt and not a.state.arm.lora else 0.0),
@@ -205,7 +224,8 @@ class GraphRun:
             by_ckpt.setdefault(ckpt, []).append(cond)
         for ckpt, group in by_ckpt.items():
             for unit in icl_chains(group) if ckpt is None else [group]:
-                self._rsa_work(a, unit, ref, (), ckpt)
+                for conds in self._units(unit):
+                    self._rsa_work(a, conds, ref, (), ckpt)
 
     def _add_circuits(self, path: Path, arms: list[_Arm]) -> None:
         """One work per circuit state of each task not stored yet: base and ICL on the base model, each
@@ -217,7 +237,7 @@ class GraphRun:
         tasks = list(dict.fromkeys(t for arm in stored.values() for t in arm["tasks"]))
         now: dict[str, dict[str, Path]] = {}  # task -> {method: checkpoint dir} of models trained in this graph
         for a in arms:
-            for cond, ckpt in (v[:2] for v in getattr(a.state.arm, "where", {}).values()):
+            for cond, ckpt in (a.state.arm.plan.checkpoints.values() if a.state.arm.plan else ()):
                 if cond.seed == seed:
                     now.setdefault(cond.task, {})[cond.method] = Path(ckpt)
         training = {d: t for t, names in self.dirs.items() for d in names.values()}
@@ -231,17 +251,18 @@ class GraphRun:
                 payload = CircuitTask(model=model["name"], fingerprint=model["fingerprint"], task=task, state=state,
                                       pairs=pairs, seed=seed, shots=shots, checkpoint=key["checkpoint"])
                 needs = (training[str(ckpt)],) if ckpt is not None and str(ckpt) in training else ()
-                if ckpt is not None and not needs:  # from an earlier run: its files from the run directory
-                    payload = self._reused(str(ckpt), payload)
+                if ckpt is not None:
+                    payload = self._source(str(ckpt), payload, trained=bool(needs))
                 if ckpt is not None and str(ckpt) in self.users:
                     self.users[str(ckpt)][0] += 1
+                self.circuit_runs[f"{path}|circuits|{name}"] = path
                 self.works.append(Work(f"{path}|circuits|{name}", "scorer", f"circuits {task} {state}",
                                        score_seconds(3 * pairs, 0, self.device), needs=needs, payload=payload,
                                        affinity=model["fingerprint"]))
 
     def _circuit_done(self, done: Finished) -> None:
         task = _task(done.work)
-        path = Path(done.work.id.split("|circuits|")[0])
+        path = self.circuit_runs[done.work.id]
         run = self.runs[path]
         if task.checkpoint is not None:
             self._used(str(run.path / ADAPTERS_DIR / task.checkpoint), done.error is not None)
@@ -262,13 +283,25 @@ class GraphRun:
     def _score_cost(self, cond) -> float:
         return score_seconds(cond.queries, prefix_tokens(cond), self.device)
 
-    def _reused(self, ckpt: str, task) -> _Reused:
-        """`task` on a checkpoint from an earlier run: its files read (once for all its tasks) when it starts.
-        One deleted on purpose is refused here, before anything runs (retrain_deleted made the conditions
-        scored with it, and so their RSA and circuits, part of the to-do list: trained again)."""
-        what = (f"circuits of {task.task} {task.state}" if task.method == "circuits"
-                else f"{'RSA of ' if task.method == 'rsa' else ''}{unit_label(task.conds)}")
-        check_needed([ckpt], False, what)
+    def _units(self, conds: Sequence) -> list[list]:
+        """The scoring works of conditions that share an engine state (an ICL chain, a checkpoint): one work,
+        or on a shared disk one work per condition, in order (each written as soon as it is scored)."""
+        return [[c] for c in conds] if self.shared_disk else [list(conds)]
+
+    def _source(self, ckpt: str, task, trained: bool):
+        """`task` reading the checkpoint `ckpt`: in place on a shared disk; else its files, from the training
+        that makes it (`trained` in this graph) or, from an earlier run, read (once for all its tasks) from
+        the run directory when it starts. One from an earlier run deleted on purpose is refused here, before
+        anything runs (retrain_deleted made the conditions scored with it, and so their RSA and circuits,
+        part of the to-do list: trained again)."""
+        if not trained:
+            what = (f"circuits of {task.task} {task.state}" if task.method == "circuits"
+                    else f"{'RSA of ' if task.method == 'rsa' else ''}{unit_label(task.conds)}")
+            check_needed([ckpt], False, what)
+        if self.shared_disk:
+            return dataclasses.replace(task, path=ckpt)
+        if trained:
+            return task
         self.puts.setdefault(ckpt, [None, 0])[1] += 1
         return _Reused(self, ckpt, task)
 
@@ -322,7 +355,7 @@ class GraphRun:
         if work.role == "trainer":
             if done.error is None:
                 result = done.result
-                for name, files in result["files"].items():
+                for name, files in result.get("files", {}).items():  # none on a shared disk: saved there
                     write_tree(Path(self.dirs[work.id][name]), files)
                 self.trained[work.id] = {"trained": True, "seconds": result.get("seconds", 0.0),
                                          "worker": done.host}
@@ -405,7 +438,9 @@ class GraphRun:
 
     def _finish(self, a: _Arm) -> None:
         try:
-            a.table = a.state.finish(engine_starts=None)  # engines are the scorers': counted for the sweep
+            # a one-arm graph's engines are its arm's; several arms share them: counted for the graph (graph.json)
+            starts = self.backend.engine_starts() if len(self.arms) == 1 and self.backend is not None else None
+            a.table = a.state.finish(engine_starts=starts)
         except ConditionsFailed as e:
             self.failures.append(f"{a.state.run.path.name} {a.state.arm.spec.arm}: {e}")
             logger.warning("%s", e)

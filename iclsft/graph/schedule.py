@@ -37,6 +37,8 @@ class Backend(Protocol):
 
     def now(self) -> float: ...
 
+    def engine_starts(self) -> int: ...  # engines its scorers opened so far
+
 
 class Usage:
     """Busy seconds per role and slot over the graph's makespan."""

@@ -1,10 +1,9 @@
-"""Running a sweep. On Ray (the default executor) every arm of every model is one work graph
-(`iclsft.graph`): trainings as tasks, scorings on scorer actors that each hold one engine, the arms
-overlapping; `OUT/graph.json` records the resources, per-role busy time and utilisation, and engine
-starts. With `executor: {name: local}` (or sharded training) the arms run one after another in this
-process, each through the one arm runner. Then RSA, circuits and the reports. Either way each arm
-resumes on its own: an interrupted sweep recomputes nothing that finished. `OUT/sweep.json` holds the
-expanded config."""
+"""Running a sweep: every arm of every model, the 2D study's RSA and the implicit suite's circuit states
+as one work graph (`iclsft.graph`). On Ray (the default executor) trainings are tasks and scorings go to
+scorer actors that each hold one engine, the arms overlapping; with `executor: {name: local}` (or sharded
+training) the same works run one at a time in this process. `OUT/graph.json` records the resources,
+per-role busy time and utilisation, and engine starts. Then the circuit-shift tables and the reports. An
+interrupted sweep recomputes nothing that finished. `OUT/sweep.json` holds the expanded config."""
 
 from __future__ import annotations
 
@@ -15,14 +14,12 @@ from pathlib import Path
 
 from iclsft.artifacts import atomic_write_json
 from iclsft.errors import ConditionsFailed
-from iclsft.graph.driver import run_spec, runs_on_graph
-from iclsft.graph.run import rsa_done, run_graph
+from iclsft.graph.driver import runs_on_graph
+from iclsft.graph.run import run_graph
 from iclsft.implicit.circuits import compute_circuits
 from iclsft.prompts import prompt_builders
 from iclsft.report import build_report
 from iclsft.report.models import build_models_report
-from iclsft.rsa import compute_rsa
-from iclsft.sft.retention import retain
 from iclsft.store import RunDir
 from iclsft.sweep.config import SweepConfig
 from iclsft.sweep.plan import arm_specs, implicit_dir, implicit_specs, model_dir
@@ -62,25 +59,17 @@ def _check_labels(planned: dict) -> None:
 
 def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out: Path, progress: bool) -> dict:
     atomic_write_json(out / "sweep.json", json.loads(config.model_dump_json()))
-    tables, failures = {}, []
+    failures: list[str] = []
     started = time.time()
-    graph = uses_graph(config, planned, planned_implicit)
-    ran = _run_graph(config, planned, planned_implicit, out, failures, progress) if graph else {}
+    ran = _run_graph(config, planned, planned_implicit, out, failures, progress)
+    tables = {}
     for model in config.models:
         if planned[model]:
-            path, before = model_dir(out, model), len(failures)
-            tables[model] = ran.get(path) if graph else _run_arms(model, path, planned[model], failures, started,
-                                                                  progress)
-            _finish_2d(config, path, failures, started, progress, rsa=not graph)  # the graph did its RSA
-            if not graph and len(failures) == before:  # the graph deleted what it could as it went
-                _retain(path, planned[model], (config.dtype, config.rsa_subset) if config.rsa else None)
+            path = model_dir(out, model)
+            tables[model] = ran.get(path)
+            _finish_2d(config, path, started)
         if planned_implicit[model]:
-            path, before = implicit_dir(config.out, model), len(failures)
-            if not graph:
-                _run_arms(model, path, planned_implicit[model], failures, started, progress)
-            _finish_implicit(config, model, path, failures, started)
-            if not graph and len(failures) == before:
-                _retain(path, planned_implicit[model])
+            _finish_implicit(config, model, implicit_dir(config.out, model), failures, started)
     if config.report and sum(bool(arms) for arms in planned.values()) > 1:
         logger.info("== models compared: %s", build_models_report(out, model_reports=False))  # reports built above
     if failures:
@@ -88,70 +77,26 @@ def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out
     return tables
 
 
-def uses_graph(config: SweepConfig, planned: dict, planned_implicit: dict) -> bool:
-    """`iclsft.graph.driver.runs_on_graph` for every arm of the sweep."""
-    return runs_on_graph(config.executor, (spec for arms in (*planned.values(), *planned_implicit.values())
-                                           for spec, _ in arms))
-
-
 def _run_graph(config: SweepConfig, planned: dict, planned_implicit: dict, out: Path, failures: list,
                progress: bool) -> dict:
-    """Every arm of every model as one work graph on Ray; returns each run directory's metrics table."""
+    """Every arm of every model, their RSA and circuit states as one work graph, on Ray or in this process
+    (`iclsft.graph.driver.runs_on_graph`); returns each run directory's metrics table."""
     arms = [(model_dir(out, model), spec, ref) for model in config.models for spec, ref in planned[model]]
     arms += [(implicit_dir(out, model), spec, ref) for model in config.models for spec, ref in planned_implicit[model]]
     imp = config.implicit
-    tables, failed = run_graph(arms, config.executor, config.resources, out / "graph.json",
-                               rsa=(config.dtype, config.rsa_subset) if config.rsa else None,
+    ray = runs_on_graph(config.executor, [spec for _, spec, _ in arms])
+    tables, failed = run_graph(arms, config.executor, config.resources, out / "graph.json", local=not ray,
+                               progress=progress, rsa=(config.dtype, config.rsa_subset) if config.rsa else None,
                                circuits=(imp.circuit_pairs, imp.circuit_shots) if imp is not None and imp.circuits
                                else None)
     failures.extend(failed)
     return tables
 
 
-def _run_arms(model: str, path: Path, arms: list, failures: list, started: float, progress: bool):
-    """Each arm of one run directory in turn; returns the run's metrics table after the last."""
-    run, table = RunDir(path), None
-    for i, (spec, ref) in enumerate(arms, 1):
-        conds = spec.conditions()
-        done = sum(run.is_done(c) for c in conds)
-        logger.info("== %s · %s (%d/%d arms): %d/%d conditions done, %d to run · %s", model, spec.arm, i, len(arms),
-                    done, len(conds), len(conds) - done, _elapsed(started))
-        try:
-            table = run_spec(spec, path, ref, progress=progress, retain=False)  # RSA and circuits read them next
-        except ConditionsFailed as e:
-            failures.append(f"{model} {spec.arm}: {e}")
-            logger.warning("%s", e)
-    return table
-
-
-def _retain(path: Path, arms: list, rsa: tuple[str, str] | None = None) -> None:
-    """After the arms, RSA and circuits of one run directory in this process: delete the full checkpoints
-    the SFT arms' `checkpoints_keep` deletes (iclsft.sft.retention)."""
-    arms = [spec for spec, _ in arms if spec.training is not None]
-    if not any(spec.checkpoints_keep != "all" for spec in arms):
-        return
-    run = RunDir(path)
-    run.acquire_lock()
-    try:
-        for spec in arms:
-            retain(run, spec, rsa_done(rsa))
-    finally:
-        run.release_lock()
-
-
-def _finish_2d(config: SweepConfig, path: Path, failures: list, started: float, progress: bool,
-               rsa: bool = True) -> None:
-    """RSA (unless the work graph did it) and the report of one model's 2D run."""
-    model = path.name
-    if config.rsa and rsa:
-        logger.info("== %s · RSA · %s", model, _elapsed(started))
-        try:
-            compute_rsa(path, dtype=config.dtype, subset=config.rsa_subset, progress=progress)
-        except ConditionsFailed as e:
-            failures.append(f"{model} rsa: {e}")
-            logger.warning("%s", e)
+def _finish_2d(config: SweepConfig, path: Path, started: float) -> None:
+    """The report of one model's 2D run (its RSA was computed in the work graph)."""
     if config.report:
-        logger.info("== %s · report: %s", model, build_report(path))
+        logger.info("== %s · report: %s · %s", path.name, build_report(path), _elapsed(started))
 
 
 def _finish_implicit(config: SweepConfig, model: str, path: Path, failures: list, started: float) -> None:
