@@ -222,19 +222,21 @@ def assert_same_results(run: Path, baseline: Path, rsa: bool = True, report: boo
 # in the order a sweep reaches them; each run resumes what the run before it left.
 CHAIN = [
     ("write:spec.json", 0, 0, 0, "spec.json only as a temporary file: the run does not exist yet"),
-    ("score", 0, 0, 0, "ICL K=1 scored in memory, nothing written"),
-    ("write:scores.parquet", 0, 0, 0, "ICL K=1 scores in a temporary file, not renamed"),
-    ("condition-record", 0, 0, 0, "ICL K=1 files in place, its record not written: not finished"),
-    ("metrics", 2, 0, 0, "both ICL conditions finished; the arm's metrics table not written"),
-    ("train-step:2", 2, 0, 0, "LoRA K=1 killed after 2 of 4 optimizer steps: no checkpoint"),
-    ("adapter-save:2", 2, 1, 0, "first checkpoint finished, the second one saved with its marker under a "
+    ("train-step:2", 0, 0, 0, "LoRA K=1, the graph's first work (trainings first), killed after 2 of 4 optimizer "
+                              "steps: no checkpoint"),
+    ("adapter-save:2", 0, 1, 0, "its first checkpoint finished, the second one saved with its marker under a "
                                 "temporary name, not renamed"),
-    ("score", 2, 2, 0, "both K=1 checkpoints finished; the first SFT condition scored, nothing written"),
-    ("write:record.json:5", 3, 2, 0, "the second SFT condition's record half-written (run records are 1 to 3)"),
-    ("write:metrics.json:2", 6, 4, 0, "every condition finished; the SFT arm's metrics.parquet written, its "
-                                      "checksum file not"),
-    ("rsa", 6, 4, 0, "the first condition's rsa.npz written, its rsa.json not"),
-    ("write:rsa.npz:3", 6, 4, 2, "two conditions with RSA, the third one's arrays half-written"),
+    ("score", 0, 2, 0, "both K=1 checkpoints finished; ICL K=1 scored in memory, nothing written"),
+    ("write:scores.parquet", 0, 4, 0, "K=2 trained too; ICL K=1's scores in a temporary file, not renamed"),
+    ("condition-record", 0, 4, 0, "ICL K=1's files in place, its record not written: not finished"),
+    ("rsa", 1, 4, 0, "ICL K=1 finished; its rsa.npz written (right after its scoring), its rsa.json not"),
+    ("write:rsa.npz:2", 2, 4, 1, "ICL K=1's RSA done; ICL K=2 finished, its arrays half-written"),
+    ("metrics", 2, 4, 2, "both ICL conditions and their RSA finished; the ICL arm's metrics table not written"),
+    ("score:2", 3, 4, 3, "the first LoRA condition and its RSA finished; the second scored in memory, not written"),
+    ("write:record.json:5", 5, 4, 5, "two more LoRA conditions and their RSA finished, the last one's record "
+                                     "half-written (run records are 1 and 2)"),
+    ("write:metrics.json:2", 6, 4, 6, "every condition and its RSA finished; the metrics table written at the end "
+                                      "of the SFT arm, then again at the end of the run: its checksum file not"),
     ("report", 6, 4, 6, "all RSA done; the report's figures drawn, index.html not written"),
 ]
 
@@ -390,10 +392,11 @@ IMPLICIT_CHAIN = [
     ("train-step:2", 8, 0, 0, "the first LoRA model killed after its last optimizer step: no checkpoint"),
     ("write:iclsft-adapter.json", 8, 0, 0, "the first checkpoint's marker half-written in its temporary directory"),
     ("adapter-save", 8, 0, 0, "the first checkpoint complete under a temporary name, not renamed"),
-    ("score", 8, 1, 0, "the first checkpoint finished; its first condition scored, nothing written"),
-    ("condition-record:2", 9, 1, 0, "one LoRA condition finished, the second one's files without a record"),
-    ("train-step:2", 10, 1, 0, "the first model's conditions finished; the second model killed in training"),
-    ("score:2", 11, 2, 0, "the second checkpoint finished, one of its conditions; the other scored, not written"),
+    ("score", 8, 2, 0, "both models trained (trainings first, one work at a time); the first LoRA condition "
+                       "scored in memory, nothing written"),
+    ("condition-record:2", 9, 2, 0, "one LoRA condition finished, the second one's files without a record"),
+    ("score:2", 10, 2, 0, "the first model's conditions finished; the second model's first condition scored, not "
+                          "written"),
     ("write:boolean-icl-K1.npz", 12, 2, 1, "the base state's scores listed, the ICL state's half-written"),
     ("circuits", 12, 2, 1, "the ICL state's scores written, circuits.json not updated: not finished"),
     ("write:circuits.json:2", 12, 2, 2, "the ICL state listed, the LoRA state's entry half-written"),
@@ -573,9 +576,10 @@ def test_damaged_artifacts_are_recomputed_on_resume(copied, baseline, tiny_model
     (run / "report" / "index.html").unlink()
     messages = resume(tiny_model_dir, run, home, caplog, report=False)
     assert any("is damaged (adapter_model.safetensors" in m and "set aside" in m for m in messages), messages
-    assert any("1/2 arms): 0/2 conditions done, 2 to run" in m for m in messages), messages
-    assert any("(2/2 arms): 3/4 conditions done, 1 to run" in m for m in messages), messages
-    assert any("RSA: 6 finished conditions, 5 already done, 1 to compute" in m for m in messages), messages
+    assert any("icl: 2 conditions, 0 already finished, 2 to run" in m for m in messages), messages
+    assert any("sft-lora: 4 conditions, 3 already finished, 1 to run" in m for m in messages), messages
+    # RSA again for the 3 conditions scored again, and for the one whose arrays were damaged
+    assert sum(m.startswith("RSA ") for m in messages) == 4, messages
     assert_same_results(run, baseline, report=False)
     assert len(list(run.glob("adapters/.damaged-*"))) == 1  # kept aside for inspection, never read
     assert {k: v for k, v in finished_files(run).items() if k in untouched} == untouched

@@ -160,14 +160,14 @@ def test_random_and_1221_at_an_even_batch_train_once(tiny_model_dir, tmp_path):
         return real(job)
 
     out, logs = tmp_path / "run", []
-    import iclsft.arms.trainings as runner
+    import iclsft.graph.local_backend as backend  # where an in-process run trains
 
-    runner.train, saved = counting, runner.train
+    backend.train, saved = counting, backend.train
     try:
         with capture(logs):
             table = run_spec(spec, out, ref, progress=False)
     finally:
-        runner.train = saved
+        backend.train = saved
     assert len(trained) == len(set(trained)) == 2  # one training per K for both orders
     assert len(training_groups(spec.conditions(), spec.sft)) == 2  # the plan counts the same
     assert any("8 conditions share their model with another condition" in m for m in logs)
@@ -187,12 +187,12 @@ def test_random_and_1221_at_an_even_batch_train_once(tiny_model_dir, tmp_path):
 
     # rerun: nothing trained, nothing rescored
     trained.clear()
-    runner.train = counting
+    backend.train = counting
     try:
         with capture(logs):
             run_spec(spec, out, ref, progress=False)
     finally:
-        runner.train = saved
+        backend.train = saved
     assert trained == []
 
 

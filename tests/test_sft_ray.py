@@ -1,6 +1,7 @@
-"""The SFT arm on the Ray executor (tiny random Llama, real SmolLM2 tokenizer): trainings run in
-parallel worker processes, a pre-started cluster is reused, and a failed first attempt is retried.
-One local Ray cluster (2 CPUs) serves the module; the retry test lets run_sft start its own."""
+"""The SFT arm on the Ray executor (tiny random Llama, real SmolLM2 tokenizer): a one-arm work graph whose
+trainings run in parallel worker processes beside its scorer actor, a pre-started cluster is reused, and a
+failed first attempt is retried. One local Ray cluster (3 CPUs: the scorer's and two trainers') serves the
+module; the retry test lets run_spec start its own."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _ray_module():
 
 @ray.remote(num_cpus=1)
 def _warm_worker() -> int:
-    """Import what a training needs, and stay busy long enough that both CPUs get a worker."""
+    """Import what a training needs, and stay busy long enough that every CPU gets a worker."""
     import time
 
     import peft  # noqa: F401
@@ -63,10 +64,11 @@ def _warm_worker() -> int:
 
 @pytest.fixture
 def ray_cluster(_ray_module):
-    """A local 2-CPU cluster with two warm workers, started once (again only if a test shut it down)."""
+    """A local 3-CPU cluster (a scorer actor and two trainer slots) with three warm workers, started once
+    (again only if a test shut it down)."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray.get([_warm_worker.remote() for _ in range(2)])
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        ray.get([_warm_worker.remote() for _ in range(3)])
     return ray
 
 

@@ -64,6 +64,9 @@ def run_graph(arms: Sequence[tuple[Path, Any, Any]], executor, resources=None, r
                                        "usage": usage.record(), "engine_starts": starts})
         return graph.tables, graph.failures
     started_here = start_ray(executor)
+    if started_here:
+        total = ray.cluster_resources()
+        logger.info("ray: %g CPUs, %g GPUs", total.get("CPU", 0), total.get("GPU", 0))
     try:
         backend = RayBackend(resources or Resources(), executor, scoring_share=scoring_share(graph.works))
         logger.info("== work graph: %d arms, %d trainings and %d scorings on %s", len(arms), trainings,
