@@ -2,7 +2,7 @@
 
 A checkpoint directory is named by the hash of everything that determines its weights: the base
 model's fingerprint, the exact training token ids (exemplars, template, labels, BOS) in the order
-training takes them (each batch's examples sorted: `iclsft.sft.train.canonical_order`), the method
+training takes them (each batch's examples sorted: `iclsft.sft.batches.canonical_order`), the method
 and hyper-parameters, the seed and the fraction of training. Trainings whose batches hold the same
 examples (an order probe whose pairs never cross a batch boundary) thus have one name and are
 trained once. A run directory's checkpoints named before the sort (examples in stream order,
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from iclsft.artifacts import atomic_write_json, manifest, manifest_problems, publish_dir, set_aside
 from iclsft.faults import fault_point
+from iclsft.sft.batches import canonical_order
 from iclsft.spec import HASH_VERSION, SftSpec
 
 logger = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ def training_key(base_fingerprint: str, examples: Examples, sft: SftSpec, seed: 
     """Identity of one training run (all its checkpoints): base, recipe, seed, loss mask and the sequence of
     batches as multisets of examples (`examples` in stream order; hashed in `canonical_order`, which is
     the order training takes them in, so the key names exactly what is trained)."""
-    from iclsft.sft.train import canonical_order  # train.py imports this module
-
     return stream_order_key(base_fingerprint, canonical_order(examples, sft.batch_size), sft, seed, loss)
 
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from iclsft.errors import DeletedCheckpointError
+from iclsft.models import ModelRef, load_model
 from iclsft.sft.adapters import MARKER, checkpoint_problem, deletion, is_finished, read_marker
 
 
@@ -54,8 +55,6 @@ def load_checkpoint(base, path: str | Path, *, dtype: str = "float32") -> Iterat
     path = Path(path)
     verify_checkpoint(path)
     if not is_lora(path):
-        from iclsft.models import ModelRef, load_model
-
         device = str(base.get_input_embeddings().weight.device) if base is not None else None
         model, _ = load_model(ModelRef(name=str(path), path=path, fingerprint=""), dtype, device=device)
         yield model

@@ -33,7 +33,9 @@ import torch
 
 from iclsft.errors import is_out_of_memory, out_of_memory
 from iclsft.faults import fault_point
+from iclsft.models import quiet_loading
 from iclsft.sft.adapters import is_finished, save_checkpoint
+from iclsft.sft.batches import batch_indices, canonical_order
 from iclsft.sft.heap import heap_kept
 from iclsft.spec import SftSpec
 
@@ -64,26 +66,6 @@ def total_steps(n_examples: int, sft: SftSpec) -> int:
 
 def checkpoint_steps(total: int, fractions: Sequence[float]) -> dict[float, int]:
     return {f: max(1, round(f * total)) for f in fractions}
-
-
-def batch_indices(step: int, n_examples: int, batch_size: int) -> list[int]:
-    """Examples of one step: consecutive in stream order, restarting at each epoch."""
-    per_epoch = math.ceil(n_examples / batch_size)
-    start = (step % per_epoch) * batch_size
-    return list(range(start, min(start + batch_size, n_examples)))
-
-
-def canonical_order(examples: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int) -> list:
-    """`examples` (stream order) with each batch's examples sorted by (prompt ids, label ids): the order
-    training takes them in. The loss is a mean over a batch, so only which examples a batch holds can
-    change the gradient; but the padded batch's row order changes the summation order (loss total,
-    weight gradients), hence the last bits of the weights. Sorting makes equal multisets train alike."""
-    n = len(examples)
-    ordered: list = []
-    for step in range(math.ceil(n / batch_size)):  # one epoch: every later epoch repeats its batches
-        batch = [examples[i] for i in batch_indices(step, n, batch_size)]
-        ordered += sorted(batch, key=lambda e: (list(map(int, e[0])), list(map(int, e[1]))))
-    return ordered
 
 
 def in_training_order(job: TrainJob) -> TrainJob:
@@ -155,7 +137,6 @@ def prepare_model(base_path: str, sft: SftSpec, seed: int, device: str | None = 
     `device`: where to put it (default: the current CUDA device when there is one, else the CPU)."""
     from transformers import AutoModelForCausalLM
 
-    from iclsft.models import quiet_loading
 
     seed_everything(seed)
     quiet_loading()
