@@ -12,6 +12,7 @@ from itertools import islice
 from typing import ClassVar
 
 from iclsft.names import VARIANTS  # re-exported by iclsft.tasks.implicit
+from iclsft.tasks import registry
 
 
 @dataclass(frozen=True)
@@ -139,9 +140,7 @@ def pair(
     With it (e.g. `lambda s: len(tok(s, add_special_tokens=False)["input_ids"])`), pairs whose two
     queries have different token counts are skipped and further pairs are drawn from the same stream
     until there are `n`; the result is still a pure function of (task, n, seed, count_tokens)."""
-    from iclsft.tasks.implicit import get_task  # the registry imports this module
-
-    task = get_task(task) if isinstance(task, str) else task
+    task = registry.get(task, "implicit") if isinstance(task, str) else task
     check_n(n)
     if count_tokens is None:
         return list(islice(task.pairs(seed), n))
