@@ -1,4 +1,4 @@
-"""`build_report`: one HTML page with the figures of the 2D study (seed 002) for a run directory.
+"""`build_linear2d_report`: one HTML page with the figures of the 2D study (seed 002) for a run directory.
 
 Sections follow the study: decision fields per method and K; metrics against K; inferred against
 true angle (ICL's pull towards the diagonal); order probes; SFT training dynamics; RSA (histograms,
@@ -9,6 +9,7 @@ drawing an empty figure.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -43,20 +44,10 @@ ORDER_COLORS = ("#000000", "#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00"
 K_AXIS = "K (exemplars per class)"
 
 
-def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write `index.html`, its PNGs and the statistics as CSV into `out_dir` (default RUN/report);
-    return the path of `index.html`. Needs no model: everything comes from the stored results.
-    An implicit-pattern run gets its own page (iclsft.report.implicit); a sweep's out folder holding
-    several model run directories gets the cross-model page and each model's report
-    (iclsft.report.models)."""
-    from iclsft.report.models import build_models_report, is_sweep_dir
-
-    if is_sweep_dir(run_dir):
-        return build_models_report(run_dir, out_dir)
-    if _is_implicit(run_dir):
-        from iclsft.report.implicit import build_implicit_report
-
-        return build_implicit_report(run_dir, out_dir)
+def build_linear2d_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write the 2D study's `index.html`, its PNGs and the statistics as CSV for the run directory `run_dir`
+    into `out_dir` (default RUN/report); return the path of `index.html`. Needs no model: everything comes
+    from the stored results (`iclsft.report.build_report` picks the page a directory gets)."""
     data = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else data.path / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -84,9 +75,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     return writer.publish(markup)
 
 
-def _is_implicit(run_dir: str | Path) -> bool:
-    import json
-
+def is_implicit_run(run_dir: str | Path) -> bool:
+    """A run directory whose arms are all implicit-pattern arms (`iclsft.report.implicit` draws its page)."""
     try:
         arms = json.loads((Path(run_dir) / "spec.json").read_text())["arms"]
     except (OSError, ValueError, KeyError, TypeError):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from iclsft.evaluate.metrics import centred_field
 from iclsft.report.figures import FigureWriter, new_figure
 
 FIELD_CMAP = "RdBu_r"  # p(first label): 1 red, 0 blue, 0.5 white; centred log-odds: > 0 red, < 0 blue
@@ -37,8 +38,6 @@ def load_field(cond: pd.Series) -> np.ndarray:
 
 def load_centred_field(cond: pd.Series) -> np.ndarray:
     """The condition's log-odds d = lp_0 − lp_1 minus its median over the lattice, from its scores."""
-    from iclsft.evaluate.metrics import centred_field
-
     field = np.asarray(centred_field(pd.read_parquet(Path(cond["dir"]) / "scores.parquet")), dtype=np.float64)
     n = len(range(0, 100, int(cond["grid_step"])))
     if field.shape != (n, n):

@@ -21,6 +21,7 @@ import pandas as pd
 
 from iclsft.evaluate.rundata import METHOD_ORDER, RunData, is_final, load_run, method_key
 from iclsft.evaluate.stats import summarize
+from iclsft.report.build import build_linear2d_report, is_implicit_run
 from iclsft.report.figures import METRIC_AXES, WRAP, FigureWriter, interval_note, new_figure, slug
 from iclsft.report.html import Section, esc, page
 
@@ -52,9 +53,7 @@ def build_models_report(sweep_dir: str | Path, out_dir: str | Path | None = None
     sweep passes False, having just built them. A model whose run cannot be read (no finished
     condition yet) is listed with the reason instead of failing the page.
     """
-    from iclsft.report.build import _is_implicit, build_report
-
-    runs = {name: path for name, path in model_runs(sweep_dir).items() if not _is_implicit(path)}
+    runs = {name: path for name, path in model_runs(sweep_dir).items() if not is_implicit_run(path)}
     if not runs:
         raise ValueError(f"{str(sweep_dir)!r} holds no run directory (a sub-folder <model>/ with a spec.json, as a "
                          "sweep writes): give a run directory or a sweep's out folder")
@@ -69,7 +68,7 @@ def build_models_report(sweep_dir: str | Path, out_dir: str | Path | None = None
             problems[name] = str(e)
             continue
         if model_reports:
-            build_report(path)
+            build_linear2d_report(path)
     summary = _summaries(loaded)
     writer = FigureWriter(out)
     sections = [_models_section(runs, loaded, problems, out), _metrics_section(summary, writer)]

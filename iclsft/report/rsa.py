@@ -24,6 +24,7 @@ from matplotlib.ticker import MaxNLocator
 from iclsft.evaluate.rundata import method_color
 from iclsft.evaluate.stats import T_METHOD, t_interval
 from iclsft.report.figures import FigureWriter, new_figure, panel_axes
+from iclsft.rsa.run import load_rsa, read_rsa_record
 
 STREAMS = (("resid", "residual stream"), ("mlp", "MLP output"))
 BLOCKS = ("within_exemplar", "within_test", "exemplar_test")
@@ -34,8 +35,6 @@ MAX_SHOTS_SHOWN = 5
 def read_rsa(cdir: Path, keys: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Named arrays of `cdir/rsa.npz` (checked against the checksum in rsa.json), shape-checked against
     each other; ValueError otherwise. `optional` arrays are included where the file has them."""
-    from iclsft.rsa.run import load_rsa
-
     path = Path(cdir) / "rsa.npz"
     keys = ["layers", *[k for k in keys if k != "layers"]]
     z = load_rsa(cdir)
@@ -195,8 +194,6 @@ def draw_histograms(writer: FigureWriter, name: str, title: str, picks: Mapping[
 def matrix_description(picks: Mapping[str, pd.Series]) -> str:
     """What the picked conditions' sub-matrices hold, from their rsa.json: "exemplars + test points
     (icl: 4 + 92)" or "the fixed balanced grid subset (400 points)"."""
-    from iclsft.rsa.run import read_rsa_record
-
     parts, kinds = [], set()
     for method, cond in picks.items():
         info = read_rsa_record(Path(cond["dir"])) or {}
