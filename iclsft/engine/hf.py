@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from iclsft.engine import generate, tree_attention, windows
-from iclsft.engine.base import Engine, check_generate_args, check_model_dir
 from iclsft.engine.budget import auto_token_budget, model_devices
+from iclsft.engine.contract import Engine, check_generate_args, check_model_dir
 from iclsft.engine.packing import PackedBatch, pack
 from iclsft.engine.prefix_kv import KV, PREFIX_BLOCK, as_cache, cache_keyword, prefix_kv
 

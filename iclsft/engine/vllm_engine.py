@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iclsft.engine.base import Engine, check_generate_args, check_model_dir
+from iclsft.engine.contract import Engine, check_generate_args, check_model_dir
 from iclsft.engine.reads import adapter_name, adapter_rank, plan_reads
 from iclsft.engine.vllm_options import (
     CPU_BLOCK_SIZE,

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from iclsft.engine.base import Engine, check_generate_args
+from iclsft.engine.contract import Engine, check_generate_args
 from iclsft.engine.reads import adapter_name, plan_reads
+from iclsft.models import fingerprint as model_fingerprint
 
 
 class ServerError(RuntimeError):
@@ -102,8 +103,6 @@ class VLLMServerEngine(Engine):
         """Refuse a server whose base model is not the run's model (its `root`, when a local directory,
         must have the same content fingerprint). A server that does not say where its model is, or
         loaded it from a directory this machine cannot read, cannot be checked and is accepted."""
-        from iclsft.models import fingerprint as model_fingerprint
-
         root = self.base_root()
         if root and Path(root).is_dir():
             if Path(root).resolve() != Path(path).resolve() and model_fingerprint(Path(root)) != fingerprint:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from iclsft.engine.base import Engine
+from iclsft.engine.contract import Engine
 from iclsft.implicit.data import TaskPrompts
 from iclsft.tasks.implicit import Item
 
