@@ -21,6 +21,7 @@ import bisect
 from collections.abc import Sequence
 
 from iclsft.spec import TemplateSpec
+from iclsft.tasks import linear2d
 
 CHAT_SLOT = "@@ICLSFT-USER-TURN@@"  # stands for the user's turn while the chat template is split
 
@@ -279,8 +280,6 @@ def check_labels(labels: Sequence[str], label_ids: Sequence[Sequence[int]]) -> N
 
 def builder_for(tokenizer, template: TemplateSpec, task) -> PromptBuilder:
     """The builder of a task's prompts: its labels and how it writes n1 and n2."""
-    from iclsft.tasks import linear2d
-
     return PromptBuilder(tokenizer, template, task.labels, linear2d.values(task))
 
 

@@ -33,7 +33,12 @@ from pathlib import Path
 from iclsft.engine.reads import adapter_rank
 from iclsft.engine.vllm_cli import LAZY_ENV
 from iclsft.engine.vllm_options import CPU_KV_CACHE_GIB, VLLMOptions, model_context, serve_flags
+from iclsft.engine.vllm_server import VLLMServerEngine
+from iclsft.models import resolve_model
+from iclsft.prompts import builder_for, builder_key
 from iclsft.sft.adapters import ADAPTERS_DIR, checkpoint_problem, is_finished, read_marker
+from iclsft.spec import TaskSpec, TemplateSpec, stored_task
+from iclsft.tasks import linear2d
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +88,6 @@ def run_adapters(run_dir: str | Path, damaged: list[str] | None = None) -> list[
 
 def run_base_model(run_dir: str | Path) -> tuple[dict, Path]:
     """The run's spec (any arm; they share model and template) and its resolved base model directory."""
-    from iclsft.models import resolve_model
-
     spec_file = Path(run_dir) / "spec.json"
     if not spec_file.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no spec.json)")
@@ -132,10 +135,6 @@ def run_longest_prompt(run_dir: str | Path) -> tuple[int, int] | None:
     every task, seed and order, plus the longest grid query. None when this run's prompts cannot be
     rebuilt here (then vLLM's own max_model_len applies)."""
     from transformers import AutoTokenizer
-
-    from iclsft.prompts import builder_for
-    from iclsft.spec import TemplateSpec, stored_task
-    from iclsft.tasks import linear2d
 
     try:
         arms, base = run_base_model(run_dir)
@@ -338,11 +337,6 @@ def query_points(url: str, points: list[tuple[int, int]], *, run_dir: str | Path
     """Both label probabilities for each point, from a running server (base model, adapter or ICL prompt)."""
     import numpy as np
     from transformers import AutoTokenizer
-
-    from iclsft.engine.vllm_server import VLLMServerEngine
-    from iclsft.prompts import builder_for, builder_key
-    from iclsft.spec import TaskSpec, TemplateSpec, stored_task
-    from iclsft.tasks import linear2d
 
     run = icl_run or run_dir
     engine = VLLMServerEngine(url, api_key=api_key, retries=1, timeout=120, progress=False)

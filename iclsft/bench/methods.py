@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from iclsft.bench.flops import forward_flops, tree_flops
+from iclsft.engine.hf import HFEngine
+from iclsft.engine.packing import pack
+from iclsft.engine.reads import plan_reads
+from iclsft.engine.reference import naive_score
+from iclsft.engine.vllm_engine import VLLMEngine
+from iclsft.sft.checkpoints import load_checkpoint
 
 
 def naive(model, prefix, queries, labels, adapter: str | None) -> tuple[np.ndarray, float]:
     """One full forward per (query, label) on `model`, with the (verified) checkpoint `adapter` attached
     for the call and taken out again afterwards."""
-    from contextlib import nullcontext
-
-    from iclsft.engine.reference import naive_score
-    from iclsft.sft.checkpoints import load_checkpoint
-
     with nullcontext(model) if adapter is None else load_checkpoint(model, adapter) as scored:
         t = time.perf_counter()
         scores = naive_score(scored, prefix, queries, labels)
@@ -35,8 +37,6 @@ def naive(model, prefix, queries, labels, adapter: str | None) -> tuple[np.ndarr
 def hf(model, prefix, queries, labels, adapter: str | None, budget: int,
        **options) -> tuple[np.ndarray, float, int, float]:
     """Our packed engine (HFEngine `options`) on every query, prefix included (a fresh engine holds no prefix)."""
-    from iclsft.engine.hf import HFEngine, pack
-
     engine = HFEngine(model, token_budget=budget, progress=False, **options)
     t = time.perf_counter()
     scores = engine.score(prefix, queries, labels, adapter=adapter)
@@ -51,8 +51,6 @@ def hf(model, prefix, queries, labels, adapter: str | None, budget: int,
 
 def warm_up_hf(model, labels) -> None:
     """First forward passes pay one-time costs (thread pools, allocator): not part of any method."""
-    from iclsft.engine.hf import HFEngine
-
     HFEngine(model, progress=False).score([], [[16, 17, 18]] * 4, labels)
 
 
@@ -67,8 +65,6 @@ class VLLMRunner:
         self.kind = kind
         self.tokenizer = tokenizer
         if kind == "ours":
-            from iclsft.engine.vllm_engine import VLLMEngine
-
             self.engine = VLLMEngine(model_path, dtype=dtype, lora_rank=lora_rank, block_size=block_size,
                                      kv_cache_gib=kv_cache_bytes / 2**30, progress=False)
             self.llm = self.engine.llm
@@ -99,8 +95,6 @@ class VLLMRunner:
     def _plain(self, prefix, queries, labels, adapter, config=None):
         """String prompts (vLLM tokenizes them), one read per label token, `logprob_token_ids`."""
         from vllm import SamplingParams
-
-        from iclsft.engine.reads import plan_reads
 
         plan = plan_reads(prefix, queries, labels)
         texts = [self.tokenizer.decode(p) for p in plan.prompts]

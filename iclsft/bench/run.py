@@ -17,6 +17,12 @@ import numpy as np
 from iclsft.bench import methods as M
 from iclsft.bench.flops import matmul_peak, naive_flops, tree_flops
 from iclsft.bench.spec import AGREE, CPU_KV_CACHE_BYTES, GRID, HF_OPTIONS, BenchSpec, Timing, Work
+from iclsft.engine.packing import pack
+from iclsft.models import load_model, resolve_model
+from iclsft.prompts import PromptBuilder
+from iclsft.sft.adapters import save_checkpoint
+from iclsft.spec import TaskSpec, TemplateSpec
+from iclsft.tasks import linear2d
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +33,6 @@ def random_adapter(model_path: str | Path, out: str | Path, rank: int = 8, seed:
     import peft
     import torch
     from transformers import AutoModelForCausalLM
-
-    from iclsft.sft.adapters import save_checkpoint
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -55,7 +59,7 @@ def run_bench(spec: BenchSpec) -> dict:
         config = setup.model.config
     rows = []
     for w in setup.work:
-        unique = tree_flops(config, _pack(setup.queries, setup.labels, spec.token_budget), len(w.prefix))[0]
+        unique = tree_flops(config, pack(setup.queries, setup.labels, spec.token_budget), len(w.prefix))[0]
         unique /= len(setup.queries)
         for method in spec.methods:
             t = timings.get((w.name, method))
@@ -94,11 +98,6 @@ class _Setup:
     def __init__(self, spec: BenchSpec, folder: Path):
         from transformers import AutoTokenizer
 
-        from iclsft.models import load_model, resolve_model
-        from iclsft.prompts import PromptBuilder
-        from iclsft.spec import TaskSpec, TemplateSpec
-        from iclsft.tasks import linear2d
-
         self.ref = resolve_model(spec.model)
         task = TaskSpec(angle=spec.angle)
         grid = linear2d.queries(task)
@@ -123,8 +122,6 @@ class _Setup:
 def _run_methods(spec: BenchSpec, s: _Setup) -> tuple[dict[tuple[str, str], Timing], dict[str, float], dict[str, int]]:
     """Time every method on every workload: {(work, method): Timing}, and the vLLM engines' start times
     and KV block sizes."""
-    from iclsft.models import load_model
-
     config = s.model.config
     timings: dict[tuple[str, str], Timing] = {}
     reference: dict[tuple[str, str | None], np.ndarray] = {}
@@ -186,12 +183,6 @@ def _run_methods(spec: BenchSpec, s: _Setup) -> tuple[dict[tuple[str, str], Timi
         finally:
             runner.close()
     return timings, starts, blocks
-
-
-def _pack(queries, labels, budget):
-    from iclsft.engine.hf import pack
-
-    return pack(queries, labels, budget)
 
 
 def _version(md, package: str) -> str | None:

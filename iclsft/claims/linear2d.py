@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from iclsft.claims.core import INCONCLUSIVE, UNTESTABLE, Claim, Result, judge, untestable
+from iclsft.evaluate.metrics import pattern_label
 from iclsft.tasks.linear2d import RANDOM_ORDER
 
 SFT_PREFERENCE = ("full", "lora", "full-frozen-unembed")  # the study's main SFT is full fine-tuning
@@ -263,8 +264,6 @@ def _weaker_pull(m: pd.DataFrame, sft: str | None) -> Result:
 
 
 def _order(m: pd.DataFrame, claim: Claim, period_ok) -> Result:
-    from iclsft.evaluate.metrics import pattern_label
-
     icl = m[m["method"] == "icl"]
     probes = icl[(icl["order"] != RANDOM_ORDER) & icl["order"].map(lambda o: period_ok(str(o)))]
     if probes.empty:

@@ -12,6 +12,7 @@ import pandas as pd
 from iclsft.artifacts import atomic_write_bytes, atomic_write_json, file_digest, file_matches, parquet_bytes
 from iclsft.evaluate.metrics import METRIC_NAMES, compute_metrics
 from iclsft.faults import fault_point
+from iclsft.implicit.evaluate import METRICS, item_metrics
 from iclsft.store import RunDir
 from iclsft.versions import version_mix
 
@@ -31,8 +32,6 @@ def condition_metrics(scores: pd.DataFrame, row: dict) -> dict:
 
 def implicit_metrics_row(scores: pd.DataFrame, record: dict) -> dict:
     """One metrics row of an implicit-suite condition: its key columns, then the suite's metrics."""
-    from iclsft.implicit.evaluate import item_metrics
-
     answers = record.get("answers") if any(c.startswith("lp_") for c in scores.columns) else None
     return {**{k: record.get(k) for k in IMPLICIT_KEY_COLUMNS}, "recipe": record.get("recipe", "ours"),
             **item_metrics(scores, answers)}
@@ -79,8 +78,6 @@ def recompute_metrics(run: str | Path, *, verify: bool = True, skip_damaged: boo
     if mix:
         logger.warning("%s: %s", rundir.path, mix)
     if study == "implicit":
-        from iclsft.implicit.evaluate import METRICS
-
         table = pd.DataFrame(rows, columns=IMPLICIT_KEY_COLUMNS + list(METRICS))
         table = table.sort_values(["task", "variant", "method", "seed", "shots"]).reset_index(drop=True)
     else:

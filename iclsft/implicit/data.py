@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from iclsft.implicit.spec import MAX_SHOTS
-from iclsft.prompts import TokenizationError, cut_ids, mismatch
+from iclsft.prompts import TokenizationError, check_labels, cut_ids, mismatch
 from iclsft.tasks.implicit import VARIANTS, ImplicitTask, Item
 
 SAMPLE_ITEMS = 8  # per variant, and as many training items, in the run-start check
@@ -100,8 +100,6 @@ class TaskPrompts:
         self.answers = None  # the closed set's bare answers, in label order
         self.label_ids = None
         if task.labels is not None:
-            from iclsft.prompts import check_labels
-
             end = len(task.label_end)
             self.answers = [label[len(task.answer_prefix): len(label) - end if end else None] for label in task.labels]
             self.label_ids = self.continuations(self.head + self.sample, task.labels)

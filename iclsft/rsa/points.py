@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from iclsft.rsa.stats import balanced_subset
+
 SUBSETS = ("exemplars", "grid")
 DEFAULT_SUBSET = "exemplars"
 MATRIX_SIZE = 400
@@ -104,8 +106,6 @@ def matrix_points(lattice: pd.DataFrame, exemplars: pd.DataFrame, subset: str = 
     n1, n2 = lattice["n1"].to_numpy(), lattice["n2"].to_numpy()
     truth = lattice["truth"].to_numpy()
     if subset == "grid":
-        from iclsft.rsa.stats import balanced_subset  # torch: only when RSA is computed
-
         rows = balanced_subset(truth, size // 2)
         return MatrixPoints(n1=n1[rows], n2=n2[rows], truth=truth[rows],
                             is_exemplar=lattice["is_exemplar"].to_numpy(dtype=bool)[rows], source=rows,

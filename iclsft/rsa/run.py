@@ -43,7 +43,12 @@ from iclsft import __version__
 from iclsft.artifacts import atomic_write_json, read_verified, write_checked
 from iclsft.errors import ConditionsFailed, is_out_of_memory, out_of_memory
 from iclsft.faults import fault_point
+from iclsft.models import load_model, resolve_model
+from iclsft.prompts import builder_for
+from iclsft.rsa import activations as rsa_activations  # a module: tests replace its `activations`
 from iclsft.rsa.points import DEFAULT_SUBSET, check_subset, matrix_points
+from iclsft.rsa.stats import BINS, layer_stats
+from iclsft.sft.checkpoints import load_checkpoint
 from iclsft.spec import Condition, ModelSpec
 from iclsft.store import RunDir
 from iclsft.tasks import linear2d
@@ -215,10 +220,6 @@ def rsa_arrays(cond: Condition, models: Models, checkpoint: str | Path | None = 
     """The rsa.npz arrays of one condition: the base model after its ICL prompt, or its fine-tuned
     `checkpoint` zero-shot. Reads nothing of the run (a scorer actor computes it from data). `model`:
     that model already loaded (`models.loaded`), for several conditions of one checkpoint."""
-    from iclsft.prompts import builder_for
-    from iclsft.rsa.activations import activations
-    from iclsft.rsa.stats import BINS, layer_stats
-
     tokenizer = models.tokenizer(cond.model)
     builder = builder_for(tokenizer, cond.template, cond.task)  # as scoring: labels, and words for `semantic`
     # the condition's 2K points, as scoring and training take them: the ICL prompt's exemplars and the SFT data
@@ -235,7 +236,7 @@ def rsa_arrays(cond: Condition, models: Models, checkpoint: str | Path | None = 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with loaded as model:
         try:
-            resid, mlp = activations(model, prefix, query_ids, batch_size=batch_size, pad_id=pad_id,
+            resid, mlp = rsa_activations.activations(model, prefix, query_ids, batch_size=batch_size, pad_id=pad_id,
                                      progress=progress)
         except (MemoryError, RuntimeError) as e:
             if not is_out_of_memory(e):
@@ -271,8 +272,6 @@ class Models:
         if spec not in self._refs and self._resolve is not None:
             self._refs[spec] = self._resolve(spec.name, spec.fingerprint)
         if spec not in self._refs:
-            from iclsft.models import resolve_model
-
             ref = resolve_model(spec.name)
             if ref.fingerprint != spec.fingerprint:
                 raise ValueError(f"model {spec.name!r} is not the one the run scored (fingerprint {ref.fingerprint}, "
@@ -289,8 +288,6 @@ class Models:
 
     def base(self, spec: ModelSpec):
         if spec not in self._bases:
-            from iclsft.models import load_model
-
             self._bases[spec], _ = load_model(self.ref(spec), self.dtype)
         return self._bases[spec]
 
@@ -300,8 +297,6 @@ class Models:
 
     def checkpoint(self, spec: ModelSpec, path: Path):
         """The verified checkpoint at `path` on this spec's base (iclsft.sft.checkpoints.load_checkpoint)."""
-        from iclsft.sft.checkpoints import load_checkpoint
-
         return load_checkpoint(self.base(spec), path, dtype=self.dtype)
 
     def drop(self, fingerprint: str) -> None:
