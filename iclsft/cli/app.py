@@ -11,6 +11,9 @@ import re
 import click
 
 from iclsft import __version__
+from iclsft.engine.vllm_server import ServerError
+from iclsft.errors import ConditionsFailed, RunLockedError
+from iclsft.evaluate.runs import format_table, learning_summary
 
 USER_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError, OSError, MemoryError)
 
@@ -21,9 +24,6 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from pydantic import ValidationError
-
-        from iclsft.engine.vllm_server import ServerError
-        from iclsft.errors import ConditionsFailed, RunLockedError
 
         try:
             return fn(*args, **kwargs)
@@ -111,8 +111,6 @@ def setup_logging(quiet: bool) -> None:
 def echo_table(table, columns: list[str] | None = None) -> None:
     """A run's metrics table and, after a blank line, one line per learning curve saying what it shows
     (the same for a run, its recomputed metrics and each model of a sweep)."""
-    from iclsft.evaluate.runs import format_table, learning_summary
-
     click.echo(format_table(table, columns))
     summary = learning_summary(table)
     if summary:

@@ -1,5 +1,6 @@
 """Commands that read a finished run (no model needed, except `rsa` and `circuits`): `metrics`,
-`compare`, `report`, `claims`, `rsa`, `circuits`."""
+`compare`, `report`, `claims`, `rsa`, `circuits`. The report, claims, RSA and circuits modules import
+torch or matplotlib: each command imports its own, so `iclsft-eval --help` needs neither."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import click
 
 from iclsft.cli.app import echo_table, main, setup_logging, user_errors
+from iclsft.evaluate.runs import compare_table, recompute_metrics
 from iclsft.names import DTYPES, RSA_SUBSETS
 
 
@@ -19,8 +21,6 @@ from iclsft.names import DTYPES, RSA_SUBSETS
 @user_errors
 def compare(run_dir, metrics_):
     """ICL vs SFT metrics side by side per shot count (any run directory of either study)."""
-    from iclsft.evaluate.runs import compare_table, recompute_metrics
-
     setup_logging(True)  # warnings (e.g. conditions scored under different library versions) on stderr
     table = recompute_metrics(run_dir)
     if table.empty:
@@ -34,8 +34,6 @@ def compare(run_dir, metrics_):
 @user_errors
 def metrics(run_dir, all_columns):
     """Recompute metrics of a run of either study from its stored scores (no model needed)."""
-    from iclsft.evaluate.runs import recompute_metrics
-
     setup_logging(True)
     table = recompute_metrics(run_dir)
     if table.empty:
@@ -63,8 +61,7 @@ def report(run_dir, out):
 def claims(run_dir, json_):
     """The studies' headline claims checked on a run: test, verdict, effect, interval and n per claim.
     Writes RUN/claims.json and RUN/claims.txt (no model needed; docs/claims.md)."""
-    from iclsft.claims import format_table, run_claims, write_claims
-    from iclsft.claims.core import to_json
+    from iclsft.claims import format_table, run_claims, to_json, write_claims
 
     results = run_claims(run_dir)
     write_claims(run_dir, results)

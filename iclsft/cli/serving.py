@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import click
 
 from iclsft.cli.app import main, setup_logging, user_errors
 from iclsft.engine.vllm_options import DTYPES as SERVE_DTYPES
+from iclsft.engine.vllm_options import VLLMOptions
+from iclsft.serve import query_points, serve_command
+from iclsft.serve import serve as serve_run
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -32,12 +36,6 @@ from iclsft.engine.vllm_options import DTYPES as SERVE_DTYPES
 @user_errors
 def serve(run_dir, host, port, api_key, dtype, allow_adapter_loading, max_lora_rank, max_loras, dry_run, vllm_args):
     """Serve a run's base model and its finished adapters with vLLM (extra args go to `vllm serve`)."""
-    import shlex
-
-    from iclsft.engine.vllm_options import VLLMOptions
-    from iclsft.serve import serve as serve_run
-    from iclsft.serve import serve_command
-
     options = VLLMOptions(max_loras=max_loras)
     if dry_run:
         cmd, adapters = serve_command(run_dir, host=host, port=port, dtype=dtype,
@@ -68,8 +66,6 @@ def serve(run_dir, host, port, api_key, dtype, allow_adapter_loading, max_lora_r
 @user_errors
 def query(point, url, api_key, run_dir, adapter, icl_run, shots, angle, seed):
     """Both label probabilities for input points: `query --url URL --adapter NAME 12 45 [60 10 ...]`."""
-    from iclsft.serve import query_points
-
     if len(point) % 2:
         raise click.BadParameter(f"{len(point)} numbers given: points are pairs n1 n2", param_hint="POINT")
     points = list(zip(point[0::2], point[1::2]))

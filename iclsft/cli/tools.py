@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from iclsft.cli.app import _number_list, main, setup_logging, user_errors
+from iclsft.models import list_models, prepare_model
 from iclsft.names import DEFAULT_MODEL, DTYPES
 
 
@@ -30,7 +31,7 @@ from iclsft.names import DEFAULT_MODEL, DTYPES
 def bench(model, shots, queries, adapters, naive_sample, with_vllm, vllm_sample, dtype, token_budget, threads, out):
     """Scoring throughput of the hf engine against a naive per-query loop (and vLLM with --vllm);
     prints queries/s, speed ratios and GFLOP/s against this machine's measured matmul peak."""
-    from iclsft.bench import VLLM_METHODS, BenchSpec, markdown, run_bench, write_results
+    from iclsft.bench import VLLM_METHODS, BenchSpec, markdown, run_bench, write_results  # torch
 
     spec = BenchSpec(model=model, shots=shots, queries=queries, adapters=adapters,
                      methods=("naive", "hf") + (VLLM_METHODS if with_vllm else ()), naive_sample=naive_sample,
@@ -54,16 +55,12 @@ def models() -> None:
 @user_errors
 def models_prepare(name, force):
     """Convert a known model (default smollm2-135m; also gemma3-270m) into the cache under $ICLSFT_HOME."""
-    from iclsft.models import prepare_model
-
     click.echo(prepare_model(name, force=force))
 
 
 @models.command("list")
 def models_list():
     """Known models and whether they are prepared."""
-    from iclsft.models import list_models
-
     for row in list_models():
         click.echo(f"{row['name']:<16} {row['state']:<13} {row['path']}\n{'':<16} {row['description']}")
         if "licence" in row:
