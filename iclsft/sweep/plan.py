@@ -244,8 +244,8 @@ def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[fl
                       f"(total work / workers {_duration(sim.bound)})"]
         lines.append(f"  rates: {_rates(dev)}")
     if config.executor.name != "ray":
-        lines.append("executor local: the arms run one after another in this process, one work at a time "
-                     "(the wall time is about the total work)")
+        lines.append("executor local: the works run in this process, one at a time (the wall time is about the "
+                     "total work)")
     return "\n".join(lines)
 
 
