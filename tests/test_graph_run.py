@@ -16,6 +16,7 @@ import pytest
 
 from iclsft.graph import remote
 from iclsft.graph.run import GraphRun
+from iclsft.graph.schedule import HeldResults
 from iclsft.graph.work import Finished
 from iclsft.sft.adapters import checkpoint_problem, is_finished, read_marker
 from iclsft.sweep import SweepConfig, model_dir, run_sweep
@@ -30,7 +31,7 @@ def _own_home(tmp_path, monkeypatch):
     monkeypatch.setenv("ICLSFT_HOME", str(tmp_path / "home"))
 
 
-class InlineBackend:
+class InlineBackend(HeldResults):
     """One scorer and one trainer slot, each work run to its end in this process when it starts."""
 
     def __init__(self):
@@ -64,15 +65,6 @@ class InlineBackend:
 
     def put(self, obj):
         return obj
-
-    def handle(self, work_id):
-        return self.results[work_id]
-
-    def forget(self, work_id):
-        self.results.pop(work_id, None)
-
-    def now(self):
-        return time.time()
 
     def engine_starts(self):
         return self.actor.starts()

@@ -14,6 +14,7 @@ from typing import Any
 
 from iclsft.graph.ray_backend import ray_session
 from iclsft.graph.remote import ScorerActor
+from iclsft.graph.schedule import HeldResults
 from iclsft.graph.work import Finished, Work
 from iclsft.sft.distributed import train_distributed
 from iclsft.sft.train import in_training_order, train
@@ -23,7 +24,7 @@ from iclsft.spec import ExecutorSpec
 WORK_ERRORS = (RuntimeError, ValueError, MemoryError, OSError, ImportError)
 
 
-class LocalBackend:
+class LocalBackend(HeldResults):
     def __init__(self, executor: ExecutorSpec | None = None, *, progress: bool = True):
         self.executor = executor or ExecutorSpec(name="local")
         self.scorer = ScorerActor(threads=None, progress=progress)
@@ -64,15 +65,6 @@ class LocalBackend:
 
     def put(self, obj: Any) -> Any:
         return obj
-
-    def handle(self, work_id: str) -> Any:
-        return self.results[work_id]
-
-    def forget(self, work_id: str) -> None:
-        self.results.pop(work_id, None)
-
-    def now(self) -> float:
-        return time.time()
 
     def engine_starts(self) -> int:
         return self.scorer.starts()

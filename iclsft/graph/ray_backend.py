@@ -16,6 +16,7 @@ from typing import Any
 
 from iclsft.graph.remote import ScorerActor, train_task
 from iclsft.graph.resources import Resources, Slots, resolve
+from iclsft.graph.schedule import HeldResults
 from iclsft.graph.work import Finished, Work
 from iclsft.spec import ExecutorSpec
 
@@ -75,7 +76,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                               "with `ray start --head` or give the address `ray status` prints") from None
 
 
-class RayBackend:
+class RayBackend(HeldResults):
     def __init__(self, resources: Resources, executor: ExecutorSpec, *, progress: bool = False,
                  scoring_share: float | None = None):
         """`scoring_share`: the scorers' part of the work's seconds (the planner's), for the default split."""
@@ -150,15 +151,6 @@ class RayBackend:
         import ray
 
         return ray.put(obj)
-
-    def handle(self, work_id: str) -> Any:
-        return self.results[work_id]
-
-    def forget(self, work_id: str) -> None:
-        self.results.pop(work_id, None)
-
-    def now(self) -> float:
-        return time.time()
 
     def engine_starts(self) -> int:
         """Engines opened by the scorers alive now (a dead actor's count is gone with it)."""

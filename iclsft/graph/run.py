@@ -346,7 +346,7 @@ class GraphRun:
         for a in self.arms.values():
             arm = a.state.arm
             if arm.trains and not arm.lora and arm.spec.checkpoints_keep != "all":
-                retain(a.state.run, arm.spec, rsa_done(self.rsa) if arm.spec.kind == "sft" else None)
+                retain(a.state.run, arm.spec, rsa_read_after(self.rsa) if arm.spec.kind == "sft" else None)
 
     def on_done(self, done: Finished) -> None:
         work = done.work
@@ -458,7 +458,7 @@ class GraphRun:
             run.release_lock()
 
 
-def rsa_done(rsa: tuple[str, str] | None):
+def rsa_read_after(rsa: tuple[str, str] | None):
     """What `iclsft.sft.retention.retain` waits for besides a condition's scoring: its RSA of (dtype,
     subset) current; None: nothing."""
     if rsa is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -38,6 +39,22 @@ class Backend(Protocol):
     def now(self) -> float: ...
 
     def engine_starts(self) -> int: ...  # engines its scorers opened so far
+
+
+class HeldResults:
+    """What the real backends share: each finished work's result (or its handle) kept in `results` until no
+    dependent needs it, and the wall clock."""
+
+    results: dict[str, Any]
+
+    def handle(self, work_id: str) -> Any:
+        return self.results[work_id]
+
+    def forget(self, work_id: str) -> None:
+        self.results.pop(work_id, None)
+
+    def now(self) -> float:
+        return time.time()
 
 
 class Usage:
