@@ -146,7 +146,7 @@ def test_missing_conditions_are_named():
     assert "lora" in r["similar_holdout_accuracy"].conditions  # lora is the SFT arm when full is absent
     no_rsa = demo_like.drop(columns=["collapse_late", "collapse_early"])
     assert "rsa" in by_id(c2d.evaluate(c2d.Evidence(no_rsa)))["sft_collapse_from_middle_layers"].missing
-    everything = by_id(evaluate_all(None, None))
+    everything = by_id(evaluate_all({}))
     assert all(x.verdict == UNTESTABLE for x in everything.values())
 
 

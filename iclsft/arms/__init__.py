@@ -9,20 +9,16 @@ models), trainings (planning SFT jobs), linear2d and implicit (each study's arms
 
 from __future__ import annotations
 
-from iclsft.arms.implicit import ImplicitIclArm, ImplicitSftArm
-from iclsft.arms.linear2d import IclArm, SftArm
 from iclsft.models import ModelRef
 from iclsft.runspec import make_icl_spec, make_implicit_spec, make_sft_spec
+from iclsft.study import of_spec
 
 
 def make_arm(spec, ref: ModelRef, *, progress: bool = True, scorer=None):
-    """The arm that computes `spec`'s conditions (its inputs checked against the tokenizer). `scorer`: the
-    engines to score with (a `Scorer` shared by several arms, e.g. on a scorer actor); default: its own."""
-    if spec.kind == "icl":
-        return IclArm(spec, ref, progress=progress, scorer=scorer)
-    if spec.kind == "sft":
-        return SftArm(spec, ref, progress=progress, scorer=scorer)
-    return (ImplicitIclArm if spec.method == "icl" else ImplicitSftArm)(spec, ref, progress=progress, scorer=scorer)
+    """The arm that computes `spec`'s conditions (its inputs checked against the tokenizer), made by the
+    spec's study (iclsft.study). `scorer`: the engines to score with (a `Scorer` shared by several arms,
+    e.g. on a scorer actor); default: its own."""
+    return of_spec(spec).make_arm(spec, ref, progress=progress, scorer=scorer)
 
 
 __all__ = ["make_arm", "make_icl_spec", "make_implicit_spec", "make_sft_spec"]

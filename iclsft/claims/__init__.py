@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,34 +29,41 @@ from iclsft.evaluate.seen import seen_feature_effect
 from iclsft.implicit.circuits import load_shift
 from iclsft.rsa.run import load_rsa
 from iclsft.spec import stored_task
+from iclsft.study import get, of_run, studies
 from iclsft.tasks import linear2d as task2d
 
 __all__ = ["Result", "evaluate_all", "format_table", "run_claims", "study_claims", "write_claims"]
 
 
-def evaluate_all(two_d: linear2d.Evidence | None, imp: implicit.Evidence | None) -> list[Result]:
-    """Every claim of both studies on the evidence given (None: that study has no run)."""
-    out = linear2d.evaluate(two_d) if two_d is not None else [
-        untestable(c, "no 2D run (linear2d/xor/semantic arms) in this directory") for c in linear2d.CLAIMS]
-    out += implicit.evaluate(imp) if imp is not None else [
-        untestable(c, "no implicit-pattern run in this directory (nor an implicit/ folder beside it)")
-        for c in implicit.CLAIMS]
+def evaluate_all(evidence: dict[str, Any]) -> list[Result]:
+    """Every claim of every registered study on the evidence given (study name -> its evidence; a study
+    left out has no run: its claims are untestable, saying so), with Holm p over them all."""
+    out: list[Result] = []
+    for study in studies():
+        if study.claims is None:
+            continue
+        if study.name in evidence:
+            out += study.claims.evaluate(evidence[study.name])
+        else:
+            out += [untestable(c, study.claims.missing) for c in study.claims.claims]
     return with_holm(out)
 
 
 def run_claims(run_dir: str | Path) -> list[Result]:
+    """The claims of the run directory `run_dir` (its study's evidence, and that of a study's run the
+    sweep put in its `folder` inside it, e.g. implicit/), every other claim untestable."""
     path = Path(run_dir)
-    arms = _arms(path)
-    if arms is None and not (path / "implicit" / "spec.json").is_file():
+    runs = {}
+    here = of_run(path)
+    if here is not None:
+        runs[here.name] = path
+    for study in studies():
+        if study.folder and study.name not in runs and of_run(path / study.folder) is study:
+            runs[study.name] = path / study.folder
+    if not runs:
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no spec.json, no implicit/ run in it)")
-    two_d = imp = None
-    if arms and not _is_implicit(arms):
-        two_d = load_linear2d(path)
-    if arms and _is_implicit(arms):
-        imp = load_implicit(path)
-    elif (path / "implicit" / "spec.json").is_file():
-        imp = load_implicit(path / "implicit")
-    return evaluate_all(two_d, imp)
+    return evaluate_all({name: get(name).claims.evidence(where) for name, where in runs.items()
+                         if get(name).claims is not None})
 
 
 def write_claims(run_dir: str | Path, results: Sequence[Result]) -> Path:
@@ -64,17 +72,6 @@ def write_claims(run_dir: str | Path, results: Sequence[Result]) -> Path:
     atomic_write_bytes(path / "claims.json", to_json(results).encode("utf-8"))
     atomic_write_bytes(path / "claims.txt", (format_table(results) + "\n").encode("utf-8"))
     return path / "claims.json"
-
-
-def _arms(path: Path) -> dict | None:
-    try:
-        return json.loads((path / "spec.json").read_text())["arms"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _is_implicit(arms: dict) -> bool:
-    return bool(arms) and all(str(a).startswith("implicit-") for a in arms)
 
 
 def load_linear2d(path: Path, data=None) -> linear2d.Evidence:

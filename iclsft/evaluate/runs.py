@@ -10,10 +10,11 @@ from pathlib import Path
 import pandas as pd
 
 from iclsft.artifacts import atomic_write_bytes, atomic_write_json, file_digest, file_matches, parquet_bytes
-from iclsft.evaluate.metrics import METRIC_NAMES, compute_metrics
+from iclsft.evaluate.metrics import compute_metrics
 from iclsft.faults import fault_point
-from iclsft.implicit.evaluate import METRICS, item_metrics
+from iclsft.implicit.evaluate import item_metrics
 from iclsft.store import RunDir
+from iclsft.study import Study, of_run
 from iclsft.versions import version_mix
 
 KEY_COLUMNS = ["task", "angle", "method", "shots", "seed", "checkpoint", "order", "model", "dtype", "condition"]
@@ -22,9 +23,10 @@ IMPLICIT_KEY_COLUMNS = ["task", "variant", "method", "shots", "seed", "train_siz
 logger = logging.getLogger(__name__)
 
 
-def condition_metrics(scores: pd.DataFrame, row: dict) -> dict:
-    """One metrics row: the condition's key columns, then every metric of SPEC §5 (the task decides
+def condition_metrics(scores: pd.DataFrame, record: dict) -> dict:
+    """One metrics row of a 2D condition: its key columns, then every metric of SPEC §5 (the task decides
     whether angles exist; the order pattern and K place the query in the exemplar stream)."""
+    row = {"checkpoint": None, **record}
     metrics = compute_metrics(scores, angle=row["angle"], task=row["task"], order=row["order"],
                               shots=int(row["shots"]))
     return {**{k: row[k] for k in KEY_COLUMNS}, **metrics}
@@ -37,19 +39,20 @@ def implicit_metrics_row(scores: pd.DataFrame, record: dict) -> dict:
             **item_metrics(scores, answers)}
 
 
-def study_of(run: RunDir) -> str:
-    """"implicit" for a run of the implicit-pattern suite, "linear2d" for the 2D study's; one
-    FileNotFoundError line when `run` is no run directory."""
-    if not (run.path / "spec.json").is_file():
+def study_of(run: RunDir) -> Study:
+    """The study whose arms `run` holds (iclsft.study); one FileNotFoundError line when `run` is no run
+    directory."""
+    study = of_run(run.path)
+    if study is None:
         raise FileNotFoundError(f"{str(run.path)!r} is not a run directory (no spec.json); a sweep's runs are "
                                 "its OUT/<model>/ and OUT/<model>/implicit/ folders")
-    kinds = {arm.get("kind") for arm in run.spec_json()["arms"].values()}
-    return "implicit" if kinds == {"implicit"} else "linear2d"
+    return study
 
 
 def recompute_metrics(run: str | Path, *, verify: bool = True, skip_damaged: bool = False) -> pd.DataFrame:
-    """Recompute metrics of every finished condition of either study from its scores; write
-    RUN/metrics.parquet, then RUN/metrics.json with its size and sha256 (what `read_metrics` checks).
+    """Recompute metrics of every finished condition of the run's study from its scores (the study's
+    `metrics_row`); write RUN/metrics.parquet, then RUN/metrics.json with its size and sha256 (what
+    `read_metrics` checks).
 
     A condition whose files no longer match its record raises ValueError; with `skip_damaged` it is
     left out and named in a warning instead: an arm finishing its own conditions must not fail on
@@ -58,7 +61,7 @@ def recompute_metrics(run: str | Path, *, verify: bool = True, skip_damaged: boo
     study = study_of(rundir)
     rows, records = [], []
     for cdir, cond, record in rundir.finished():
-        if (cond.get("suite") == "implicit") != (study == "implicit"):
+        if not study.owns(cond):
             continue
         records.append(record)
         if verify:
@@ -69,21 +72,12 @@ def recompute_metrics(run: str | Path, *, verify: bool = True, skip_damaged: boo
                     raise
                 logger.warning("left out of the metrics table: %s", e)
                 continue
-        scores = pd.read_parquet(cdir / "scores.parquet")
-        if study == "implicit":
-            rows.append(implicit_metrics_row(scores, record))
-        else:
-            rows.append(condition_metrics(scores, {"checkpoint": None, **record}))
+        rows.append(study.metrics_row(pd.read_parquet(cdir / "scores.parquet"), record))
     mix = version_mix(records)
     if mix:
         logger.warning("%s: %s", rundir.path, mix)
-    if study == "implicit":
-        table = pd.DataFrame(rows, columns=IMPLICIT_KEY_COLUMNS + list(METRICS))
-        table = table.sort_values(["task", "variant", "method", "seed", "shots"]).reset_index(drop=True)
-    else:
-        table = pd.DataFrame(rows, columns=KEY_COLUMNS + list(METRIC_NAMES))
-        table = table.sort_values(["task", "angle", "method", "order", "seed", "shots", "checkpoint"],
-                                  na_position="first").reset_index(drop=True)
+    table = pd.DataFrame(rows, columns=[*study.key_columns, *study.metric_columns])
+    table = table.sort_values(list(study.sort_by), na_position="first").reset_index(drop=True)
     write_metrics(rundir.path, table)
     return table
 

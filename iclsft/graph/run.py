@@ -34,6 +34,7 @@ from iclsft.sft.adapters import ADAPTERS_DIR, is_finished, read_marker
 from iclsft.sft.retention import check_needed, deletable, delete_checkpoint, retain
 from iclsft.sft.train import total_steps
 from iclsft.store import RunDir
+from iclsft.study import of_spec
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class GraphRun:
                 self.arms[a.key] = a
                 self._add_works(a, spec, ref)
             if circuits is not None:
-                for path in dict.fromkeys(Path(p) for p, spec, _ in arms if spec.kind == "implicit"):
+                for path in dict.fromkeys(Path(p) for p, spec, _ in arms if of_spec(spec).circuits):
                     run = self.runs[path]
                     self._add_circuits(path, [a for a in self.arms.values() if a.state.run is run])
         except BaseException:
@@ -156,7 +157,7 @@ class GraphRun:
     def _add_works(self, a: _Arm, spec, ref) -> None:
         arm, todo = a.state.arm, a.state.todo
         base = dict(arm=a.key, spec=spec, model=ref.name, fingerprint=ref.fingerprint)
-        rsa = self.rsa is not None and spec.kind in ("icl", "sft")  # the 2D study's arms
+        rsa = self.rsa is not None and of_spec(spec).rsa  # the 2D study's arms
         if rsa:
             self._rsa_finished(a, spec, ref)
         if not arm.trains:  # ICL: each chain on the base model, K ascending
@@ -346,7 +347,7 @@ class GraphRun:
         for a in self.arms.values():
             arm = a.state.arm
             if arm.trains and not arm.lora and arm.spec.checkpoints_keep != "all":
-                retain(a.state.run, arm.spec, rsa_read_after(self.rsa) if arm.spec.kind == "sft" else None)
+                retain(a.state.run, arm.spec, rsa_read_after(self.rsa) if of_spec(arm.spec).rsa else None)
 
     def on_done(self, done: Finished) -> None:
         work = done.work

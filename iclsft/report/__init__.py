@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iclsft.report.build import build_linear2d_report, is_implicit_run
-from iclsft.report.implicit import build_implicit_report
 from iclsft.report.models import build_models_report, is_sweep_dir
+from iclsft.study import of_run
 
 __all__ = ["build_report"]
 
@@ -18,11 +17,16 @@ __all__ = ["build_report"]
 def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write `index.html`, its PNGs and the statistics as CSV into `out_dir` (default RUN/report);
     return the path of `index.html`. Needs no model: everything comes from the stored results.
-    A 2D run gets the study's page (iclsft.report.build), an implicit-pattern run its own page
-    (iclsft.report.implicit); a sweep's out folder holding several model run directories gets the
+    A run gets its study's page (`Study.report`: the 2D study's iclsft.report.build, the implicit suite's
+    iclsft.report.implicit); a sweep's out folder holding several model run directories gets the
     cross-model page and each model's report (iclsft.report.models)."""
     if is_sweep_dir(run_dir):
         return build_models_report(run_dir, out_dir)
-    if is_implicit_run(run_dir):
-        return build_implicit_report(run_dir, out_dir)
-    return build_linear2d_report(run_dir, out_dir)
+    study = of_run(run_dir)
+    if study is None:
+        if not (Path(run_dir) / "spec.json").is_file():
+            raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no spec.json)")
+        raise ValueError(f"{run_dir}/spec.json is not a run's spec (not JSON, or no arms): use a run directory")
+    if study.report is None:
+        raise ValueError(f"the {study.name} study has no report page; its results are in {run_dir}/metrics.parquet")
+    return study.report(Path(run_dir), None if out_dir is None else Path(out_dir))

@@ -9,7 +9,6 @@ drawing an empty figure.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -73,15 +72,6 @@ def build_linear2d_report(run_dir: str | Path, out_dir: str | Path | None = None
             f"{time.strftime('%Y-%m-%d %H:%M')}")
     markup = page(f"ICL vs SFT — {data.path.resolve().name}", meta, sections)
     return writer.publish(markup)
-
-
-def is_implicit_run(run_dir: str | Path) -> bool:
-    """A run directory whose arms are all implicit-pattern arms (`iclsft.report.implicit` draws its page)."""
-    try:
-        arms = json.loads((Path(run_dir) / "spec.json").read_text())["arms"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False  # load_run says what is wrong with the directory
-    return bool(arms) and all(str(arm).startswith("implicit-") for arm in arms)
 
 
 def _panel(table: pd.DataFrame, task: str, angle: float) -> pd.DataFrame:

@@ -21,9 +21,10 @@ import pandas as pd
 
 from iclsft.evaluate.rundata import METHOD_ORDER, RunData, is_final, load_run, method_key
 from iclsft.evaluate.stats import summarize
-from iclsft.report.build import build_linear2d_report, is_implicit_run
+from iclsft.report.build import build_linear2d_report
 from iclsft.report.figures import METRIC_AXES, WRAP, FigureWriter, interval_note, new_figure, slug
 from iclsft.report.html import Section, esc, page
+from iclsft.study import get, of_run
 
 KEY_METRICS = tuple(METRIC_AXES[m] for m in ("accuracy", "holdout_accuracy", "cal_accuracy", "auc", "confidence"))
 MODEL_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -53,7 +54,8 @@ def build_models_report(sweep_dir: str | Path, out_dir: str | Path | None = None
     sweep passes False, having just built them. A model whose run cannot be read (no finished
     condition yet) is listed with the reason instead of failing the page.
     """
-    runs = {name: path for name, path in model_runs(sweep_dir).items() if not is_implicit_run(path)}
+    two_d = (None, get("linear2d"))  # the 2D study's runs (and those load_run says are unreadable)
+    runs = {name: path for name, path in model_runs(sweep_dir).items() if of_run(path) in two_d}
     if not runs:
         raise ValueError(f"{str(sweep_dir)!r} holds no run directory (a sub-folder <model>/ with a spec.json, as a "
                          "sweep writes): give a run directory or a sweep's out folder")

@@ -1,0 +1,32 @@
+"""The implicit-pattern suite (SPEC §8): ICL and fine-tuned arms on both variants of each task, circuit
+states of its runs, the suite's claims and its report page. A sweep puts its run in OUT/<model>/implicit/."""
+
+from __future__ import annotations
+
+from iclsft.arms.implicit import ImplicitIclArm, ImplicitSftArm
+from iclsft.claims import implicit as claims
+from iclsft.claims import load_implicit
+from iclsft.evaluate.runs import IMPLICIT_KEY_COLUMNS, implicit_metrics_row
+from iclsft.implicit.evaluate import METRICS
+from iclsft.report.implicit import build_implicit_report
+from iclsft.runspec import make_implicit_spec
+from iclsft.studies.fields import settings
+from iclsft.study import Claims, Study
+
+
+def make_arm(spec, ref, *, progress: bool = True, scorer=None):
+    return (ImplicitIclArm if spec.method == "icl" else ImplicitSftArm)(spec, ref, progress=progress, scorer=scorer)
+
+
+def build_spec(**fields) -> tuple:
+    """The fields as `make_implicit_spec` takes them (method, tasks, shots, seeds, train_size, sft, ...)."""
+    return make_implicit_spec(**settings(fields))
+
+
+STUDY = Study(
+    name="implicit", kinds=("implicit",), title="implicit-pattern", make_arm=make_arm, build_spec=build_spec,
+    metrics_row=implicit_metrics_row, key_columns=tuple(IMPLICIT_KEY_COLUMNS), metric_columns=tuple(METRICS),
+    sort_by=("task", "variant", "method", "seed", "shots"),
+    claims=Claims(claims.CLAIMS, load_implicit, claims.evaluate,
+                  "no implicit-pattern run in this directory (nor an implicit/ folder beside it)"),
+    report=build_implicit_report, folder="implicit", circuits=True)

@@ -1,0 +1,39 @@
+"""The 2D linear study (SPEC §2-§7): ICL and SFT arms over a grid of queries, RSA on their conditions,
+the study's claims and its report page."""
+
+from __future__ import annotations
+
+from iclsft.arms.linear2d import IclArm, SftArm
+from iclsft.claims import linear2d as claims
+from iclsft.claims import load_linear2d
+from iclsft.evaluate.metrics import METRIC_NAMES
+from iclsft.evaluate.runs import KEY_COLUMNS, condition_metrics
+from iclsft.report.build import build_linear2d_report
+from iclsft.runspec import make_icl_spec, make_sft_spec
+from iclsft.spec import sft_spec
+from iclsft.studies.fields import settings
+from iclsft.study import Claims, Study
+
+
+def make_arm(spec, ref, *, progress: bool = True, scorer=None):
+    return (IclArm if spec.kind == "icl" else SftArm)(spec, ref, progress=progress, scorer=scorer)
+
+
+def build_spec(*, method: str = "icl", sft: dict | None = None, **fields) -> tuple:
+    """`method` icl, or an SFT method with its `sft` settings (docs/sft.md) and the SFT arm's fields
+    (checkpoints, executor, checkpoints_keep, retrain_deleted); the rest as `make_icl_spec` takes them."""
+    fields = settings(fields)
+    if method == "icl":
+        if sft:
+            raise ValueError("method icl takes no sft settings")
+        return make_icl_spec(**fields)
+    return make_sft_spec(sft=sft_spec(method, **(sft or {})), **fields)
+
+
+STUDY = Study(
+    name="linear2d", kinds=("icl", "sft"), title="2D linear", make_arm=make_arm, build_spec=build_spec,
+    metrics_row=condition_metrics, key_columns=tuple(KEY_COLUMNS), metric_columns=tuple(METRIC_NAMES),
+    sort_by=("task", "angle", "method", "order", "seed", "shots", "checkpoint"),
+    claims=Claims(claims.CLAIMS, load_linear2d, claims.evaluate,
+                  "no 2D run (linear2d/xor/semantic arms) in this directory"),
+    report=build_linear2d_report, rsa=True)
