@@ -55,6 +55,7 @@ class Study:
     folder: str | None = None  # where a sweep puts this study's run inside a model's out folder
     rsa: bool = False  # the graph computes RSA on its conditions when a sweep asks (iclsft.rsa)
     circuits: bool = False  # the graph computes circuit states of its runs when a sweep asks
+    example_tokens: float = 9.0  # tokens per prompt example and training example: the planner's costs
     title: str = field(default="", compare=False)  # for messages; default: the name
 
     def owns(self, record: dict) -> bool:

@@ -1,10 +1,12 @@
-"""Commands that compute: `icl`, `sft`, `implicit` (one arm each) and `sweep` (a whole experiment)."""
+"""Commands that compute: `icl`, `sft`, `implicit` (one arm each), `run` (one arm of any registered study from
+a spec file) and `sweep` (a whole experiment)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
+import yaml
 
 from iclsft.cli.app import _escapes, _labels, _number_list, echo_table, main, setup_logging, shown, user_errors
 from iclsft.engine.base import resolve_engine
@@ -24,6 +26,8 @@ from iclsft.names import (
 )
 from iclsft.runspec import make_icl_spec, make_implicit_spec, make_sft_spec
 from iclsft.spec import EngineSpec, ExecutorSpec, TemplateSpec, sft_spec
+from iclsft.study import get as get_study
+from iclsft.study import studies
 from iclsft.tasks import registry
 
 WORD_LISTS = sorted({w for t in registry.names("linear2d") for w in registry.get(t, "linear2d").word_lists})
@@ -142,6 +146,14 @@ def retention_options(fn):
                              "the run records what was deleted, with checksums).")(fn)
 
 
+def run_spec(spec, out: Path, ref, *, progress: bool):
+    """`iclsft.graph.driver.run_spec`, imported when a command runs (it brings torch and Ray, which
+    `iclsft-eval --help` need not load)."""
+    from iclsft.graph.driver import run_spec as run
+
+    return run(spec, out, ref, progress=progress)
+
+
 def _finish(table, out: Path) -> None:
     echo_table(table)
     click.echo(f"\nresults in {out} (metrics.parquet, conditions/*/scores.parquet)", err=True)
@@ -152,8 +164,6 @@ def _finish(table, out: Path) -> None:
 @user_errors
 def icl(**o):
     """Score every grid query with ICL prompts of K exemplars per class."""
-    from iclsft.graph.driver import run_spec
-
     setup_logging(o["quiet"])
     spec, ref = make_icl_spec(**_common(o))
     _finish(run_spec(spec, o["out"], ref, progress=not o["quiet"]), o["out"])
@@ -190,8 +200,6 @@ def icl(**o):
 @user_errors
 def sft(**o):
     """Train one model per shot count on the ICL exemplars, then score every grid query zero-shot."""
-    from iclsft.graph.driver import run_spec
-
     setup_logging(o["quiet"])
     hyper = {k: o[k] for k in ("lr", "epochs", "min_steps", "batch_size", "warmup_ratio", "weight_decay",
                                "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout") if o[k] is not None}
@@ -238,8 +246,6 @@ def sft(**o):
 @user_errors
 def implicit(**o):
     """The implicit-pattern suite: ICL per K or a fine-tuned model, on both variants of each task."""
-    from iclsft.graph.driver import run_spec
-
     setup_logging(o["quiet"])
     hyper = {k: o[k] for k in ("lr", "epochs", "batch_size") if o[k] is not None}
     spec, ref = make_implicit_spec(
@@ -254,6 +260,45 @@ def implicit(**o):
     table = run_spec(spec, o["out"], ref, progress=not o["quiet"])
     click.echo(results_table(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     click.echo(f"\nresults in {o['out']} (metrics.parquet, conditions/*/scores.parquet)", err=True)
+
+
+@main.command("run")
+@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory (resumed if it exists).")
+@click.option("--quiet", is_flag=True)
+@user_errors
+def run_file(spec_file: Path, out: Path, quiet: bool):
+    """One arm of any registered study from a spec file (YAML or JSON): `study` (linear2d, implicit, or a
+    study of your own, docs/framework.md) and the fields its spec builder takes."""
+    setup_logging(quiet)
+    study, fields = read_spec_file(spec_file)
+    from pydantic import ValidationError
+
+    try:
+        spec, ref = study.build_spec(**fields)
+    except TypeError as e:  # a field the builder does not take
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise click.ClickException(f"{spec_file}: {str(e).split('() ')[-1]} of the {study.name} study") from e
+    except ValidationError as e:  # named as the file's field, not as an option
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int))
+        message = first.get("msg", str(e)).removeprefix("Value error, ")
+        raise click.ClickException(f"{spec_file}: field {where} = {first.get('input')!r}: {message}") from e
+    _finish(run_spec(spec, out, ref, progress=not quiet), out)
+
+
+def read_spec_file(path: Path):
+    """(the study it names, its other fields) of a spec file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not YAML or JSON: {e}") from e
+    if not isinstance(data, dict) or "study" not in data:
+        names = ", ".join(s.name for s in studies())
+        raise ValueError(f"{path} must be a mapping with a `study` field (one of {names})")
+    fields = dict(data)
+    return get_study(str(fields.pop("study"))), fields
 
 
 @main.command()

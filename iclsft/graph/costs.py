@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from iclsft.study import get
+
 # Per device kind, for a SmolLM2-135M-class model: seconds per query (a + b * prefix tokens), per
 # training step (LoRA / full), to load the base model (once per training, and once per scorer for the
 # RSA hooks), and to start a scoring engine (once per scorer and base model; an engine that cannot swap
@@ -39,7 +41,8 @@ RATES = {
 # 99-104 (code), 115 (relation), ~80 over the four tasks.
 REFERENCE_SHAPE = {"body": 106_168_320, "head": 576 * 49_152, "attention": 30 * 9 * 64, "params": 134_515_008}
 QUERY_TOKENS, HEAD_ROWS = 6, 1.5
-EXAMPLE_TOKENS = {"linear2d": 9.0, "implicit": 80.0}  # tokens per training example and per ICL demonstration
+EXAMPLE_TOKENS = {"linear2d": 9.0, "implicit": 80.0}  # the built-in studies' `Study.example_tokens`
+REFERENCE_EXAMPLE_TOKENS = EXAMPLE_TOKENS["linear2d"]  # the examples the rates were measured on
 
 # Bytes a condition leaves in its run directory: scores.parquet (~20 B per query: n1, n2, truth,
 # is_exemplar, two float64 log-probs) and field.npy (4 B per query) measured on a 10,000-query
@@ -82,7 +85,7 @@ def train_seconds(steps: int, method: str, device: str, scale: dict | None = Non
     """One training: its steps (examples of `study`'s length, on a model `scale` times the reference's cost)
     and the base model's load."""
     s = scale or model_scale(None)
-    tokens = EXAMPLE_TOKENS[study] / EXAMPLE_TOKENS["linear2d"]
+    tokens = get(study).example_tokens / REFERENCE_EXAMPLE_TOKENS
     return steps * step_seconds(method, device) * s["train"] * tokens + RATES[device]["model_load"] * s["load"]
 
 
@@ -106,9 +109,9 @@ def swap_seconds(checkpoint_bytes: int, device: str) -> float:
 
 
 def prefix_tokens(cond) -> float:
-    """Approximate prompt tokens before the queries: EXAMPLE_TOKENS of its study per example in the prompt
+    """Approximate prompt tokens before the queries: its study's `example_tokens` per example in the prompt
     (2K exemplars of the 2D study, K implicit demonstrations; none for a fine-tuned model, scored zero-shot)."""
-    return float(EXAMPLE_TOKENS[cond.STUDY] * cond.prompt_examples)
+    return float(get(cond.STUDY).example_tokens * cond.prompt_examples)
 
 
 def condition_bytes(cond) -> int:

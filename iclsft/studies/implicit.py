@@ -7,6 +7,7 @@ from iclsft.arms.implicit import ImplicitIclArm, ImplicitSftArm
 from iclsft.claims import implicit as claims
 from iclsft.claims import load_implicit
 from iclsft.evaluate.runs import IMPLICIT_KEY_COLUMNS, implicit_metrics_row
+from iclsft.graph.costs import EXAMPLE_TOKENS
 from iclsft.implicit.evaluate import METRICS
 from iclsft.report.implicit import build_implicit_report
 from iclsft.runspec import make_implicit_spec
@@ -29,4 +30,5 @@ STUDY = Study(
     sort_by=("task", "variant", "method", "seed", "shots"),
     claims=Claims(claims.CLAIMS, load_implicit, claims.evaluate,
                   "no implicit-pattern run in this directory (nor an implicit/ folder beside it)"),
-    report=build_implicit_report, folder="implicit", circuits=True)
+    report=build_implicit_report, folder="implicit", circuits=True,
+    example_tokens=EXAMPLE_TOKENS["implicit"])

@@ -8,6 +8,7 @@ from iclsft.claims import linear2d as claims
 from iclsft.claims import load_linear2d
 from iclsft.evaluate.metrics import METRIC_NAMES
 from iclsft.evaluate.runs import KEY_COLUMNS, condition_metrics
+from iclsft.graph.costs import EXAMPLE_TOKENS
 from iclsft.report.build import build_linear2d_report
 from iclsft.runspec import make_icl_spec, make_sft_spec
 from iclsft.spec import sft_spec
@@ -36,4 +37,4 @@ STUDY = Study(
     sort_by=("task", "angle", "method", "order", "seed", "shots", "checkpoint"),
     claims=Claims(claims.CLAIMS, load_linear2d, claims.evaluate,
                   "no 2D run (linear2d/xor/semantic arms) in this directory"),
-    report=build_linear2d_report, rsa=True)
+    report=build_linear2d_report, rsa=True, example_tokens=EXAMPLE_TOKENS["linear2d"])
