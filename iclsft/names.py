@@ -9,7 +9,7 @@ SFT_METHODS = ("lora", "full", "full-frozen-unembed")  # the 2D study's fine-tun
 METHODS = ("icl", *SFT_METHODS)
 IMPLICIT_METHODS = ("icl", "lora", "full")  # the implicit suite's arms (SPEC §8)
 RECIPES = ("ours", "original")  # the implicit suite's fine-tuning recipes
-ENGINES = ("hf", "vllm", "vllm-server")
+ENGINES = ("hf", "vllm", "vllm-server")  # the built-in engines; `engines()` adds registered ones
 ENGINE_CHOICES = ("auto", *ENGINES)  # "auto": vllm on a GPU where vLLM is installed, else hf
 DTYPES = ("float32", "bfloat16")
 PRECISIONS = ("fp32", "bf16-mixed")  # SFT: fp32, or bf16 autocast with the loss from fp32 logits
@@ -19,3 +19,26 @@ RSA_SUBSETS = ("exemplars", "grid")  # the points of the RSA matrix (iclsft.rsa.
 VARIANTS = ("holds", "broken")  # the implicit suite's evaluation sets: the hidden shortcut holds or not
 DEVICES = ("cpu", "gpu")  # what the planner's rates are for (iclsft.graph.costs.RATES)
 CHECKPOINTS_KEEP = ("all", "final", "none")  # full fine-tunes' checkpoints kept: every one, each training's last, none
+
+
+_REGISTERED_ENGINES: list[str] = []  # iclsft.engine.base.register_engine adds to it
+
+
+def engines() -> tuple[str, ...]:
+    """Every engine name a spec may hold: the built-ins, then those registered (`register_engine`)."""
+    return (*ENGINES, *_REGISTERED_ENGINES)
+
+
+def engine_choices() -> tuple[str, ...]:
+    """What --engine takes: auto, then `engines()`."""
+    return ("auto", *engines())
+
+
+def add_engine(name: str) -> None:
+    if name not in engines():
+        _REGISTERED_ENGINES.append(name)
+
+
+def remove_engine(name: str) -> None:
+    if name in _REGISTERED_ENGINES:
+        _REGISTERED_ENGINES.remove(name)

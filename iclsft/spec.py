@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from iclsft.names import BOS_CHOICES, CHECKPOINTS_KEEP, DTYPES, ENGINES, EXECUTORS, PRECISIONS, SFT_METHODS
+from iclsft.names import BOS_CHOICES, CHECKPOINTS_KEEP, DTYPES, EXECUTORS, PRECISIONS, SFT_METHODS, engines
 from iclsft.tasks import registry
 from iclsft.tasks.linear2d import GRID
 
@@ -179,7 +179,7 @@ class EngineSpec(Frozen):
     `vllm`: max_loras, max_lora_rank, block_size, gpu_memory_utilization,
     kv_cache_gib (CPU). `vllm-server`: url, api_key (never stored), timeout, retries, concurrency."""
 
-    name: Literal[ENGINES] = "hf"
+    name: str = "hf"  # one of names.engines(): the built-ins and any registered engine
     token_budget: int | None = Field(default=None, ge=16)
     threads: int | None = Field(default=None, ge=1)
     workers: int | None = Field(default=None, ge=1)  # hf on CPUs: packed batches at once (iclsft.engine.hf)
@@ -210,6 +210,13 @@ class EngineSpec(Frozen):
                 if name in data and data[name] == default:
                     del data[name]
         return data
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v not in engines():
+            raise ValueError(f"unknown engine {v!r}; available: {', '.join(engines())}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> EngineSpec:

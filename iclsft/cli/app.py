@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 
 import click
 
@@ -44,6 +45,23 @@ def _validation_message(error) -> str:
         return message  # our own validators already name the value and the allowed range
     option = "--" + field.split(".")[-1].replace("_", "-")
     return f"{option} {first.get('input')!r} is not allowed: {message}"
+
+
+class LiveChoice(click.Choice):
+    """A choice of names read when the command runs, not when the CLI is imported (engines registered by
+    a plugin or a test count)."""
+
+    def __init__(self, names: Callable[[], Sequence[str]]):
+        self._names = names
+        super().__init__(tuple(names()))
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value) -> None:  # click's __init__ sets them; they are always read from `names`
+        pass
 
 
 def _number_list(kind: type, name: str):

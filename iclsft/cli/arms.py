@@ -8,7 +8,17 @@ from pathlib import Path
 import click
 import yaml
 
-from iclsft.cli.app import _escapes, _labels, _number_list, echo_table, main, setup_logging, shown, user_errors
+from iclsft.cli.app import (
+    LiveChoice,
+    _escapes,
+    _labels,
+    _number_list,
+    echo_table,
+    main,
+    setup_logging,
+    shown,
+    user_errors,
+)
 from iclsft.engine.base import resolve_engine
 from iclsft.implicit.results import results_table
 from iclsft.names import (
@@ -17,12 +27,12 @@ from iclsft.names import (
     DEFAULT_MODEL,
     DEVICES,
     DTYPES,
-    ENGINE_CHOICES,
     EXECUTORS,
     IMPLICIT_METHODS,
     PRECISIONS,
     RECIPES,
     SFT_METHODS,
+    engine_choices,
 )
 from iclsft.runspec import make_icl_spec, make_implicit_spec, make_sft_spec
 from iclsft.spec import EngineSpec, ExecutorSpec, TemplateSpec, sft_spec
@@ -57,7 +67,7 @@ def run_options(fn):
                      help="Known model name (smollm2-135m: SmolLM2-135M-Instruct from a Q4_1 GGUF; gemma3-270m: "
                           "Gemma 3 270M base from a Q4_K_M GGUF, under the Gemma Terms of Use; `models list`), "
                           "local HF model directory, or hub id."),
-        click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto",
+        click.option("--engine", type=LiveChoice(engine_choices), default="auto",
                      show_default=True,
                      help="auto: vllm on a GPU when vLLM is installed, else hf (the faster one on CPUs)."),
         click.option("--vllm-url", default=None, help="vllm-server engine: address of a running vLLM server."),
@@ -231,7 +241,7 @@ def sft(**o):
               help="Fine-tuning recipe. original (with --method full): the study's, one model per seed on the "
                    "mixed items of every task, loss on every token, lr 1e-5, batch 16 (docs/implicit.md).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--engine", type=click.Choice([e for e in ENGINE_CHOICES if e != "vllm-server"]), default="auto",
+@click.option("--engine", type=LiveChoice(lambda: [e for e in engine_choices() if e != "vllm-server"]), default="auto",
               show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--lr", type=float, default=None, help="SFT learning rate (default: per method).")
