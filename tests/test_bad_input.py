@@ -142,7 +142,8 @@ def test_run_dir_of_another_hash_version(run, tiny_model_dir):
     (run / "spec.json").write_text(json.dumps(spec))
     before = snapshot(run)
     line = one_error(*invoke("icl", "--model", tiny_model_dir, "--out", run, *ICL))
-    assert "was made by another version of iclsft-eval (condition ids 'v0', this version 'v1')" in line
+    assert ("was made by another version of iclsft-eval (condition ids 'v0', this version 'v3'): run "
+            f"`iclsft-eval migrate {run}`") in line
     assert "choose another --out" in line
     assert snapshot(run) == before
 

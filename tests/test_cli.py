@@ -94,7 +94,7 @@ def test_run_dir_top_level(base_run, tiny_model_dir):
     spec = json.loads((out / "spec.json").read_text())["arms"]["icl"]
     assert spec["kind"] == "icl" and spec["shots"] == [1, 2] and spec["seeds"] == [0]
     assert spec["tasks"] == [{"name": "linear2d", "angle": 45.0, "labels": [" Baz", " Rud"],
-                              "swap_labels": False, "grid_step": 10}]
+                              "swap_labels": False, "grid_step": 10, "words": None}]
     assert spec["model"]["name"] == str(tiny_model_dir)
     record = json.loads((out / "record.json").read_text())["arms"]["icl"]
     assert record["status"] == "ok" and record["failed"] == 0 and record["conditions"] == 2

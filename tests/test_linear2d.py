@@ -389,41 +389,43 @@ def _condition(**task):
 
 
 def test_word_list_enters_the_condition_id():
-    # ids computed with the code before the field existed (HEAD ea4f968): linear2d and xor keep theirs;
-    # a semantic condition of that version (size words) matches neither new semantic condition.
-    assert _condition(angle=30.0).id == "v1-b7313823b0e9ad21"
-    assert _condition(name="xor", angle=30.0).id == "v1-498dc15f8d078738"
-    old_semantic = "v1-2340c81bb8f2ca9d"
     ids = {_condition(name="semantic", angle=30.0, words=w).id for w in ("sentiment", "size")}
-    assert len(ids) == 2 and old_semantic not in ids
+    assert len(ids) == 2
     assert _condition(name="semantic", angle=30.0).id == _condition(name="semantic", angle=30.0, words="sentiment").id
-    assert "words" not in _condition(angle=30.0).model_dump(mode="json")["task"]
+    assert _condition(angle=30.0).model_dump(mode="json")["task"]["words"] is None
 
 
-def test_a_run_of_the_old_semantic_spec_is_refused(tmp_path):
-    """A run directory frozen before `words` existed: its linear2d arm resumes, its semantic arm is
-    refused (it was written with the size list), instead of mixing the two lists."""
+def test_a_semantic_run_from_before_word_lists_migrates_to_the_size_list(tmp_path):
+    """A run directory of v1 frozen before `words` existed (its semantic arm written with the size list, the
+    field left out): `migrate` reads it as the size list, not today's default, and the run's linear2d
+    condition gets no words."""
     import json
 
+    from iclsft.migrate import migrate
     from iclsft.spec import IclRunSpec, ModelSpec
-    from iclsft.store import RunDir, SpecMismatchError
 
-    def spec(task: TaskSpec) -> IclRunSpec:
-        return IclRunSpec(tasks=(task,), model=ModelSpec(name="m", fingerprint="f"), shots=(1,))
-
-    for task, refused in [(TaskSpec(angle=30.0), False), (TaskSpec(name="semantic", angle=30.0), True),
-                          (TaskSpec(name="semantic", angle=30.0, words="size"), True)]:
-        out = tmp_path / f"{task.name}-{task.words}"
-        out.mkdir()
-        old = spec(task).model_dump(mode="json")
-        for t in old["tasks"]:
-            t.pop("words", None)  # as the earlier version stored it
-        (out / "spec.json").write_text(json.dumps({"arms": {"icl": old}}))
-        if refused:
-            with pytest.raises(SpecMismatchError, match="differs in: tasks"):
-                RunDir(out).open(spec(task))
-        else:
-            RunDir(out).open(spec(task))
+    tasks = (TaskSpec(angle=30.0), TaskSpec(name="semantic", angle=30.0, words="size"))
+    spec = IclRunSpec(tasks=tasks, model=ModelSpec(name="m", fingerprint="f"), shots=(1,))
+    old = spec.model_dump(mode="json") | {"hash_version": "v1"}
+    for t in old["tasks"]:
+        t.pop("words")  # as the earlier version stored it
+    old["template"].pop("chat")
+    (tmp_path / "spec.json").write_text(json.dumps({"arms": {"icl": old}}))
+    for i, cond in enumerate(spec.conditions()):
+        stored = cond.model_dump(mode="json")
+        stored["task"].pop("words")
+        stored["template"].pop("chat")
+        cdir = tmp_path / "conditions" / f"old-{i}"
+        cdir.mkdir(parents=True)
+        (cdir / "condition.json").write_text(json.dumps({"id": f"v1-{i:016x}", **stored}))
+        (cdir / "record.json").write_text(json.dumps({"status": "ok", "condition": f"v1-{i:016x}"}))
+    migrate(tmp_path)
+    want = {c.dirname: c.id for c in spec.conditions()}
+    found = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("conditions/*/condition.json")}
+    assert {d: c["id"] for d, c in found.items()} == want
+    assert sorted(str(c["task"]["words"]) for c in found.values()) == ["None", "size"]
+    arm = json.loads((tmp_path / "spec.json").read_text())["arms"]["icl"]
+    assert [t["words"] for t in arm["tasks"]] == [None, "size"] and arm["hash_version"] == "v3"
 
 
 def test_bad_word_lists_are_named():

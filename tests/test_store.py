@@ -395,13 +395,19 @@ def test_run_record_keeps_one_record_per_arm(tmp_path):
 # -- condition ids ------------------------------------------------------------------------------
 
 # Pinned: a change of this value without a HASH_VERSION bump would silently orphan finished runs.
-EXPECTED_ID = "v1-e96d0de473666843"
+EXPECTED_ID = "v3-e34f978e7529b30b"
+# What it hashes, written out: every field of the condition, None and defaults included (iclsft.versions v3)
+EXPECTED_FIELDS = (
+    '{"checkpoint":null,"dtype":"float32","method":"icl","model":{"fingerprint":"0123456789abcdef","name":"tiny"},'
+    '"order":"random","seed":0,"sft":null,"shots":5,"task":{"angle":30.0,"grid_step":1,"labels":[" Baz"," Rud"],'
+    '"name":"linear2d","swap_labels":false,"words":null},"template":{"bos":"auto","chat":false,'
+    '"exemplar":"{x1} {x2} ->{label}\\n","header":"","query":"{x1} {x2} ->"}}')
 
 
 def test_condition_id_format_and_pinned_value():
     cid = condition().id
-    assert re.fullmatch(r"v1-[0-9a-f]{16}", cid)
-    assert cid == EXPECTED_ID
+    assert re.fullmatch(r"v3-[0-9a-f]{16}", cid)
+    assert cid == EXPECTED_ID == "v3-" + hashlib.sha256(EXPECTED_FIELDS.encode()).hexdigest()[:16]
 
 
 def test_condition_id_stable_across_processes():

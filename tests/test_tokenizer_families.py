@@ -127,12 +127,13 @@ def test_default_model_prompts_unchanged(smollm_tokenizer, template):
     assert b.label_ids == [[389, 1437], [20729]]  # hand-checked facts of tests/test_prompts.py
 
 
-def test_default_condition_ids_unchanged():
-    # ids computed before the chat and tokens fields existed
+def test_the_chat_template_enters_the_condition_id_and_every_field_is_stored():
+    # version v3 (iclsft.versions): no field is left out of stored specs or ids at its default
     model = ModelSpec(name="smollm2-135m", fingerprint="abc")
     spec = IclRunSpec(tasks=(TaskSpec(angle=45),), model=model, shots=(1, 5))
-    assert [c.id for c in spec.conditions()] == ["v1-c0314259070bf376", "v1-1a5c167278e4f97f"]
-    assert "chat" not in spec.model_dump(mode="json")["template"] and "tokens" not in spec.model_dump(mode="json")
+    assert [c.id[:3] for c in spec.conditions()] == ["v3-", "v3-"]
+    stored = spec.model_dump(mode="json")
+    assert stored["template"]["chat"] is False and stored["tokens"] is None and stored["hash_version"] == "v3"
     chat = spec.model_copy(update={"template": TemplateSpec(chat=True)})
     assert chat.conditions()[0].id != spec.conditions()[0].id
 

@@ -169,12 +169,14 @@ def test_serve_command_sizes_the_server_for_the_run(tiny_model_dir, tmp_path, mo
     assert serve_mod.server_env(run, None, False, base={})[LAZY_ENV] == "1"
 
 
-def test_new_engine_fields_stay_out_of_stored_specs_at_their_defaults():
-    """Stored spec.json files of earlier runs keep their engine entry; set values are stored."""
+def test_engine_fields_are_stored_defaults_included():
+    """Every field is stored (iclsft.versions v3), and read back as it was set."""
     from iclsft.spec import EngineSpec
 
     new = {"max_model_len", "tensor_parallel_size", "max_num_seqs", "enforce_eager", "max_cpu_loras"}
-    assert not new & set(EngineSpec(name="vllm").model_dump(mode="json"))
+    assert {k: EngineSpec(name="vllm").model_dump(mode="json")[k] for k in new} == {
+        "max_model_len": None, "tensor_parallel_size": 1, "max_num_seqs": None, "enforce_eager": False,
+        "max_cpu_loras": None}
     stored = EngineSpec(name="vllm", max_model_len=4096, tensor_parallel_size=2, max_num_seqs=8, enforce_eager=True,
                         max_cpu_loras=6).model_dump(mode="json")
     assert {k: stored[k] for k in new} == {"max_model_len": 4096, "tensor_parallel_size": 2, "max_num_seqs": 8,

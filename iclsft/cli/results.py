@@ -1,6 +1,7 @@
 """Commands that read a finished run (no model needed, except `rsa` and `circuits`): `metrics`,
-`compare`, `report`, `claims`, `rsa`, `circuits`. The report, claims, RSA and circuits modules import
-torch or matplotlib: each command imports its own, so `iclsft-eval --help` needs neither."""
+`compare`, `report`, `claims`, `rsa`, `circuits`, and `migrate` (a run of an earlier version rewritten).
+The report, claims, RSA and circuits modules import torch or matplotlib: each command imports its own,
+so `iclsft-eval --help` needs neither."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import click
 
 from iclsft.cli.app import echo_table, main, setup_logging, user_errors
 from iclsft.evaluate.runs import compare_table, recompute_metrics
+from iclsft.migrate import migrate as migrate_run
 from iclsft.names import DTYPES, RSA_SUBSETS
 
 
@@ -101,3 +103,18 @@ def circuits(run_dir, pairs, shots, quiet):
     setup_logging(quiet)
     table = compute_circuits(run_dir, pairs=pairs, shots=shots)
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@user_errors
+def migrate(run_dir):
+    """Rewrite a run directory (or each one of a sweep's out folder) made by an earlier version, so that this
+    version resumes it: condition ids and stored specs at this version; scores and checkpoints untouched."""
+    setup_logging(True)
+    for done in migrate_run(run_dir):
+        if done["from"] == [done["to"]]:
+            click.echo(f"{done['run']}: at version {done['to']} already, nothing to do")
+        else:
+            click.echo(f"{done['run']}: {', '.join(done['from'])} -> {done['to']}, "
+                       f"{done['renamed']} condition directories renamed")

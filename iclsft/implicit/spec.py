@@ -15,16 +15,12 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_serializer, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from iclsft.names import CHECKPOINTS_KEEP, IMPLICIT_METHODS, RECIPES, VARIANTS
 from iclsft.spec import ArmSpec, ConditionBase, ExecutorSpec, ModelSpec, SftSpec
 from iclsft.tasks import registry
-
-# v2 (2026-12-01): prompts are the natural tokenization of their text (docs/tokenization.md), which
-# changed one or two ids per prompt of relation, boolean and code on SmolLM2; a run directory of v1
-# is refused ("made by another version") instead of mixing old and new scores in one table.
-IMPLICIT_HASH_VERSION = "v2"
+from iclsft.versions import HASH_VERSION
 
 MAX_SHOTS = 64  # the demo stream's length: prompts at every K are token prefixes of one stream
 
@@ -42,7 +38,6 @@ def _task_name(name: str) -> str:
 class ImplicitCondition(ConditionBase):
     """One cell: its id is the hash of all of these fields."""
 
-    HASH: ClassVar[str] = IMPLICIT_HASH_VERSION
     STUDY: ClassVar[str] = "implicit"
     suite: Literal["implicit"] = "implicit"
     task: str
@@ -109,7 +104,7 @@ class ImplicitSpec(ArmSpec):
     """Everything one arm of the suite computes."""
 
     kind: Literal["implicit"] = "implicit"
-    hash_version: str = IMPLICIT_HASH_VERSION
+    hash_version: str = HASH_VERSION
     method: Literal[IMPLICIT_METHODS] = "icl"
     tasks: tuple[str, ...] = ("expression", "relation", "boolean", "code")
     shots: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32)
@@ -127,14 +122,6 @@ class ImplicitSpec(ArmSpec):
     @property
     def training(self) -> SftSpec | None:
         return self.sft
-
-    @model_serializer(mode="wrap")
-    def _omit_default_recipe(self, handler):
-        # "ours" is left out, so the stored specs of runs made before recipes existed still match
-        data = handler(self)
-        if isinstance(data, dict) and data.get("recipe") == "ours":
-            del data["recipe"]
-        return data
 
     @field_validator("recipe")
     @classmethod

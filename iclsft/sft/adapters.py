@@ -25,7 +25,7 @@ from pathlib import Path
 from iclsft.artifacts import atomic_write_json, manifest, manifest_problems, publish_dir, set_aside
 from iclsft.faults import fault_point
 from iclsft.sft.batches import canonical_order
-from iclsft.spec import HASH_VERSION, SftSpec
+from iclsft.spec import SftSpec
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,20 @@ ADAPTERS_DIR = "adapters"
 
 
 Examples = Sequence[tuple[Sequence[int], Sequence[int]]]
+
+
+# A training's key names checkpoints on disk, which `iclsft-eval migrate` cannot rename (the key hashes the
+# tokenized examples): it keeps the form it had at condition version v1, whatever HASH_VERSION is now.
+TRAINING_KEY_VERSION = "v1"
+
+
+def _recipe(sft: SftSpec) -> dict:
+    """The recipe as the key hashes it: its fields, `precision` left out at fp32 (the key form of v1, from
+    before precision existed)."""
+    recipe = sft.model_dump(mode="json")
+    if recipe["precision"] == "fp32":
+        del recipe["precision"]
+    return recipe
 
 
 def training_key(base_fingerprint: str, examples: Examples, sft: SftSpec, seed: int, loss: str = "label") -> str:
@@ -47,7 +61,7 @@ def stream_order_key(base_fingerprint: str, examples: Examples, sft: SftSpec, se
     """The hash of `examples` in the order given: `training_key` of the canonical order, and the key
     checkpoints were named by before training sorted its batches (stream order; `resume_dir`)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"v": HASH_VERSION, "base": base_fingerprint, "sft": sft.model_dump(mode="json"),
+    h.update(json.dumps({"v": TRAINING_KEY_VERSION, "base": base_fingerprint, "sft": _recipe(sft),
                          "seed": seed}, sort_keys=True).encode())
     for prompt, label in examples:
         h.update(json.dumps([list(map(int, prompt)), list(map(int, label))]).encode())

@@ -9,6 +9,7 @@ from iclsft.claims import load_implicit
 from iclsft.evaluate.runs import IMPLICIT_KEY_COLUMNS, implicit_metrics_row
 from iclsft.graph.costs import EXAMPLE_TOKENS
 from iclsft.implicit.evaluate import METRICS
+from iclsft.implicit.spec import ImplicitCondition, ImplicitSpec
 from iclsft.report.implicit import build_implicit_report
 from iclsft.runspec import make_implicit_spec
 from iclsft.studies.fields import settings
@@ -31,4 +32,5 @@ STUDY = Study(
     claims=Claims(claims.CLAIMS, load_implicit, claims.evaluate,
                   "no implicit-pattern run in this directory (nor an implicit/ folder beside it)"),
     report=build_implicit_report, folder="implicit", circuits=True,
+    spec_types={"implicit": ImplicitSpec}, condition_type=ImplicitCondition, migrates_from=("v2",),
     example_tokens=EXAMPLE_TOKENS["implicit"])

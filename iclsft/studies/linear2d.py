@@ -11,7 +11,7 @@ from iclsft.evaluate.runs import KEY_COLUMNS, condition_metrics
 from iclsft.graph.costs import EXAMPLE_TOKENS
 from iclsft.report.build import build_linear2d_report
 from iclsft.runspec import make_icl_spec, make_sft_spec
-from iclsft.spec import sft_spec
+from iclsft.spec import Condition, IclRunSpec, SftRunSpec, sft_spec
 from iclsft.studies.fields import settings
 from iclsft.study import Claims, Study
 
@@ -31,10 +31,28 @@ def build_spec(*, method: str = "icl", sft: dict | None = None, **fields) -> tup
     return make_sft_spec(sft=sft_spec(method, **(sft or {})), **fields)
 
 
+def upgrade(fields: dict, version: str) -> dict:
+    """A stored condition or arm spec of v1 as v3 reads it: a semantic task stored without `words` (before the
+    field existed) was written with the size list, not today's default; an arm of 0.1 held one `order`."""
+    def task(t: dict) -> dict:
+        return {**t, "words": "size"} if t.get("name") == "semantic" and "words" not in t else t
+
+    out = dict(fields)
+    if "task" in out:
+        out["task"] = task(out["task"])
+    if "tasks" in out:
+        out["tasks"] = [task(t) for t in out["tasks"]]
+    if "order" in out and "orders" not in out and "kind" in out:
+        out["orders"] = [out.pop("order")]
+    return out
+
+
 STUDY = Study(
     name="linear2d", kinds=("icl", "sft"), title="2D linear", make_arm=make_arm, build_spec=build_spec,
     metrics_row=condition_metrics, key_columns=tuple(KEY_COLUMNS), metric_columns=tuple(METRIC_NAMES),
     sort_by=("task", "angle", "method", "order", "seed", "shots", "checkpoint"),
     claims=Claims(claims.CLAIMS, load_linear2d, claims.evaluate,
                   "no 2D run (linear2d/xor/semantic arms) in this directory"),
-    report=build_linear2d_report, rsa=True, example_tokens=EXAMPLE_TOKENS["linear2d"])
+    report=build_linear2d_report, rsa=True,
+    spec_types={"icl": IclRunSpec, "sft": SftRunSpec}, condition_type=Condition, migrates_from=("v1",), upgrade=upgrade,
+    example_tokens=EXAMPLE_TOKENS["linear2d"])
