@@ -56,6 +56,9 @@ class Study:
     rsa: bool = False  # the graph computes RSA on its conditions when a sweep asks (iclsft.rsa)
     circuits: bool = False  # the graph computes circuit states of its runs when a sweep asks
     example_tokens: float = 9.0  # tokens per prompt example and training example: the planner's costs
+    # (arm spec, conditions left) -> [(conditions scored on one trained model, its optimizer steps)]: the
+    # trainings the planner and the simulator count, without a tokenizer (None: the study trains nothing)
+    trainings: Callable[[Any, list], list[tuple[list, int]]] | None = None
     # `iclsft-eval migrate` (iclsft.migrate): each arm kind's spec type, the condition type, and the earlier
     # versions (iclsft.versions) whose run directories it rewrites for this one
     spec_types: dict[str, type] = field(default_factory=dict)

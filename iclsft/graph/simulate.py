@@ -24,7 +24,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from iclsft.arms.linear2d import training_groups
 from iclsft.engine.base import engine_class, resolve_engine
 from iclsft.graph.costs import (
     RATES,
@@ -45,8 +44,8 @@ from iclsft.graph.resources import Resources, Slots, resolve
 from iclsft.graph.schedule import Usage, schedule
 from iclsft.graph.work import ROLES, Finished, Work, icl_chains, scoring_share, unit_label
 from iclsft.rsa.run import rsa_is_current
-from iclsft.sft.train import total_steps
 from iclsft.store import RunDir
+from iclsft.study import of_spec
 
 GPU_NODE_CPUS = 8  # CPUs per GPU assumed when simulating GPUs without a CPU count
 
@@ -193,30 +192,19 @@ class _Graph:
         self.implicit_trainings: dict[tuple, str] = {}  # (method, task, seed) -> its training's work id
 
     def add_arm(self, model: str, run, spec, shape: dict) -> None:
-        key, sft = f"{model}|{spec.arm}", spec.training
-        self.study = "implicit" if spec.kind == "implicit" else "linear2d"
+        key, sft, study = f"{model}|{spec.arm}", spec.training, of_spec(spec)
+        self.study = study.name
         conds = spec.conditions()
         todo = [c for c in conds if not run.is_done(c)]
         needs: dict[str, tuple] = {}  # condition id -> the training of its checkpoint
-        if sft is None:
-            groups, steps = [], []
-        elif spec.kind == "implicit":  # one model per task (or mixture) and seed
-            by_group: dict[tuple, list] = {}
-            for c in todo:
-                by_group.setdefault(c.training_group, []).append(c)
-            groups = list(by_group.values())
-            steps = [total_steps(spec.examples_per_model, sft)] * len(groups)
-        else:  # one model per distinct training: conditions whose batches hold the same exemplars share it
-            trainings = training_groups(todo, sft)
-            groups = list(trainings.values())
-            steps = [total_steps(2 * shots, sft) for (_, _, shots, _) in trainings]
-        for i, (group, n) in enumerate(zip(groups, steps)):
+        planned = study.trainings(spec, todo) if sft is not None else []
+        for i, (group, n) in enumerate(planned):
             tid = self._train(key, model, spec.arm, i, sft, n, len({c.checkpoint for c in group}),
                               shape)
             needs.update((c.id, (tid,)) for c in group)
-            if spec.kind == "implicit":
+            if study.circuits:  # the circuit states of each fine-tuned model wait for its training
                 self.implicit_trainings.update(((c.method, c.task, c.seed), tid) for c in group)
-        if spec.kind == "implicit":
+        if study.circuits:
             self.implicit_left |= bool(todo)
         # scoring units as the real graph has them: an ICL chain (one task, seed and order, K ascending), or
         # every condition of one checkpoint (one training's checkpoint at one fraction)
@@ -231,7 +219,7 @@ class _Graph:
         for unit in units:
             uid = self._score(key, model, unit, sft, needs.get(unit[0].id, ()), shape)
             unit_of.update((c.id, uid) for c in unit)
-        if self.config.rsa and spec.kind != "implicit":
+        if self.config.rsa and study.rsa:
             self._rsa(key, model, run, conds, units, unit_of, needs, sft, shape)
 
     def add_circuits(self, model: str) -> None:

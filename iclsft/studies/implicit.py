@@ -12,6 +12,7 @@ from iclsft.implicit.evaluate import METRICS
 from iclsft.implicit.spec import ImplicitCondition, ImplicitSpec
 from iclsft.report.implicit import build_implicit_report
 from iclsft.runspec import make_implicit_spec
+from iclsft.sft.train import total_steps
 from iclsft.studies.fields import settings
 from iclsft.study import Claims, Study
 
@@ -25,6 +26,15 @@ def build_spec(**fields) -> tuple:
     return make_implicit_spec(**settings(fields))
 
 
+def trainings(spec, todo: list) -> list[tuple[list, int]]:
+    """One model per task (or mixture) and seed, on the arm's examples per model."""
+    groups: dict[tuple, list] = {}
+    for cond in todo:
+        groups.setdefault(cond.training_group, []).append(cond)
+    steps = total_steps(spec.examples_per_model, spec.training)
+    return [(group, steps) for group in groups.values()]
+
+
 STUDY = Study(
     name="implicit", kinds=("implicit",), title="implicit-pattern", make_arm=make_arm, build_spec=build_spec,
     metrics_row=implicit_metrics_row, key_columns=tuple(IMPLICIT_KEY_COLUMNS), metric_columns=tuple(METRICS),
@@ -32,5 +42,5 @@ STUDY = Study(
     claims=Claims(claims.CLAIMS, load_implicit, claims.evaluate,
                   "no implicit-pattern run in this directory (nor an implicit/ folder beside it)"),
     report=build_implicit_report, folder="implicit", circuits=True,
-    spec_types={"implicit": ImplicitSpec}, condition_type=ImplicitCondition, migrates_from=("v2",),
+    spec_types={"implicit": ImplicitSpec}, condition_type=ImplicitCondition, migrates_from=("v2",), trainings=trainings,
     example_tokens=EXAMPLE_TOKENS["implicit"])

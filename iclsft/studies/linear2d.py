@@ -3,7 +3,7 @@ the study's claims and its report page."""
 
 from __future__ import annotations
 
-from iclsft.arms.linear2d import IclArm, SftArm
+from iclsft.arms.linear2d import IclArm, SftArm, training_groups
 from iclsft.claims import linear2d as claims
 from iclsft.claims import load_linear2d
 from iclsft.evaluate.metrics import METRIC_NAMES
@@ -11,6 +11,7 @@ from iclsft.evaluate.runs import KEY_COLUMNS, condition_metrics
 from iclsft.graph.costs import EXAMPLE_TOKENS
 from iclsft.report.build import build_linear2d_report
 from iclsft.runspec import make_icl_spec, make_sft_spec
+from iclsft.sft.train import total_steps
 from iclsft.spec import Condition, IclRunSpec, SftRunSpec, sft_spec
 from iclsft.studies.fields import settings
 from iclsft.study import Claims, Study
@@ -29,6 +30,13 @@ def build_spec(*, method: str = "icl", sft: dict | None = None, **fields) -> tup
             raise ValueError("method icl takes no sft settings")
         return make_icl_spec(**fields)
     return make_sft_spec(sft=sft_spec(method, **(sft or {})), **fields)
+
+
+def trainings(spec, todo: list) -> list[tuple[list, int]]:
+    """One model per distinct training (conditions whose batches hold the same exemplars share it), on 2K
+    examples."""
+    groups = training_groups(todo, spec.training)
+    return [(group, total_steps(2 * shots, spec.training)) for (_, _, shots, _), group in groups.items()]
 
 
 def upgrade(fields: dict, version: str) -> dict:
@@ -54,5 +62,6 @@ STUDY = Study(
     claims=Claims(claims.CLAIMS, load_linear2d, claims.evaluate,
                   "no 2D run (linear2d/xor/semantic arms) in this directory"),
     report=build_linear2d_report, rsa=True,
-    spec_types={"icl": IclRunSpec, "sft": SftRunSpec}, condition_type=Condition, migrates_from=("v1",), upgrade=upgrade,
+    spec_types={"icl": IclRunSpec, "sft": SftRunSpec}, condition_type=Condition, migrates_from=("v1",),
+    upgrade=upgrade, trainings=trainings,
     example_tokens=EXAMPLE_TOKENS["linear2d"])

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iclsft.arms.linear2d import training_groups
 from iclsft.engine.base import resolve_engine
-from iclsft.graph.costs import RATES
+from iclsft.graph.costs import RATES, prefix_tokens
 from iclsft.graph.ray_backend import start_ray
 from iclsft.graph.simulate import planned_engine, simulate
 from iclsft.graph.simulate import simulation_works as graph_simulation_works
 from iclsft.runspec import make_icl_spec, make_implicit_spec, make_sft_spec
-from iclsft.sft.train import total_steps
 from iclsft.spec import EngineSpec, sft_spec
 from iclsft.store import RunDir
+from iclsft.study import of_spec
 from iclsft.sweep.config import SweepConfig
-from iclsft.tasks.linear2d import GRID
 
 
 def model_dir(out: str | Path, model: str) -> Path:
@@ -95,28 +93,28 @@ def plan(config: SweepConfig) -> dict:
         for spec, _ in arm_specs(config, model):
             conds = spec.conditions()
             todo = [c for c in conds if not run.is_done(c)]
-            queries = sum((GRID // c.task.grid_step) ** 2 for c in todo)
-            trainings = training_groups(todo, spec.sft) if spec.kind == "sft" else {}
-            steps = sum(total_steps(2 * k, spec.sft) for (_, _, k, _) in trainings)
+            trainings = _trainings(spec, todo)
             rows.append({"model": model, "arm": spec.arm, "conditions": len(conds), "todo": len(todo),
-                         "trainings": len(trainings), "train_steps": steps, "queries": queries,
-                         "prefix_tokens": _mean_prefix_tokens(todo) if spec.kind == "icl" else 0})
+                         "trainings": len(trainings), "train_steps": sum(n for _, n in trainings),
+                         "queries": sum(c.queries for c in todo), "prefix_tokens": _mean_prefix_tokens(todo)})
         run = RunDir(implicit_dir(config.out, model))
         for spec, _ in implicit_specs(config, model):
             todo = [c for c in spec.conditions() if not run.is_done(c)]
-            trainings = {c.training_group for c in todo} if spec.sft else set()
-            per_model = total_steps(spec.examples_per_model, spec.sft) if spec.sft else 0
+            trainings = _trainings(spec, todo)
             rows.append({"model": model, "arm": spec.arm, "conditions": len(spec.conditions()), "todo": len(todo),
-                         "trainings": len(trainings), "queries": sum(c.eval_size for c in todo),
-                         "train_steps": len(trainings) * per_model,
-                         # ~40 tokens per demo across the four tasks (code: ~100, boolean: ~25)
-                         "prefix_tokens": float(sum(40 * c.shots for c in todo) / len(todo)) if todo else 0.0})
+                         "trainings": len(trainings), "queries": sum(c.queries for c in todo),
+                         "train_steps": sum(n for _, n in trainings), "prefix_tokens": _mean_prefix_tokens(todo)})
     return {"rows": rows}
 
 
+def _trainings(spec, todo: list) -> list[tuple[list, int]]:
+    """The trainings `todo` needs, as its study counts them: [(conditions of one model, its steps)]."""
+    return of_spec(spec).trainings(spec, todo) if spec.training is not None else []
+
+
 def _mean_prefix_tokens(conds) -> float:
-    # one exemplar of the default template is ~9 tokens; 2K exemplars per prompt
-    return float(sum(18 * c.shots for c in conds) / len(conds)) if conds else 0.0
+    """Prompt tokens before the queries, mean over `conds` (their study's tokens per example)."""
+    return float(sum(prefix_tokens(c) for c in conds) / len(conds)) if conds else 0.0
 
 
 def cluster(config: SweepConfig) -> tuple[float, float]:
