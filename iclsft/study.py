@@ -50,6 +50,11 @@ class Study:
     key_columns: tuple[str, ...]  # the metrics table: these, then `metric_columns`, sorted by `sort_by`
     metric_columns: tuple[str, ...]
     sort_by: tuple[str, ...]
+    # the terminal: (metrics table) -> the columns shown, -> one line per learning curve; (table, metrics) ->
+    # the `compare` table of ICL against fine-tuning
+    columns: Callable[[Any], Sequence[str]] | None = None
+    summary: Callable[[Any], list[str]] | None = None
+    compare: Callable[[Any, Sequence[str] | None], Any] | None = None
     claims: Claims | None = None
     report: Callable[[Path, Path | None], Path] | None = None  # (run dir, out dir) -> its index.html
     folder: str | None = None  # where a sweep puts this study's run inside a model's out folder

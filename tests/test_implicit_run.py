@@ -184,9 +184,9 @@ def test_metrics_compare_and_report_commands_work_on_an_implicit_run(lora_run, t
     assert "icl K=0" in result.output and "icl K=2" in result.output and "lora" in result.output
     # compare's cells are the metrics table's own numbers, pivoted: one cell by hand
     row = table[(table.task == "boolean") & (table.variant == "broken") & (table.method == "lora")].iloc[0]
-    from iclsft.evaluate.runs import compare_table
+    from iclsft.evaluate.runs import compare_implicit
 
-    wide = compare_table(table, ["accuracy"])
+    wide = compare_implicit(table, ["accuracy"])
     assert wide.loc[("boolean", "broken", 0), ("accuracy", "lora")] == pytest.approx(row.accuracy)
     result = CliRunner().invoke(main, ["compare", str(out), "--metric", "auc"])
     assert result.exit_code == 1 and "unknown metric 'auc'; choose from accuracy, shortcut_rate" in result.output

@@ -24,7 +24,7 @@ from iclsft.cli import main
 from iclsft.engine.hf import HFEngine
 from iclsft.engine.reference import naive_score
 from iclsft.errors import ConditionsFailed
-from iclsft.evaluate.runs import compare_table, recompute_metrics
+from iclsft.evaluate.runs import compare_linear2d, recompute_metrics
 from iclsft.graph.driver import run_spec
 from iclsft.prompts import PromptBuilder, builder_key, prompt_builders
 from iclsft.sft.adapters import (
@@ -658,7 +658,7 @@ def test_icl_arm_joins_the_sft_run_and_compares(sft_run, tmp_path, tiny_model_di
 
     table = recompute_metrics(out)
     assert sorted(table["method"].unique()) == ["icl", "lora"] and len(table) == 6
-    wide = compare_table(table, ["accuracy", "confidence"])
+    wide = compare_linear2d(table, ["accuracy", "confidence"])
     assert list(wide.columns) == [("accuracy", "icl"), ("accuracy", "lora"),
                                   ("confidence", "icl"), ("confidence", "lora")]
     assert wide.index.get_level_values("shots").tolist() == list(RUN_SHOTS)

@@ -80,6 +80,9 @@ def test_toy_study_runs_through_the_cli_with_the_reference_scores(parity, tmp_pa
 
     recomputed = invoke("metrics", out)
     assert recomputed.exit_code == 0, recomputed.output
+    assert recomputed.output.split("\n")[0].split() == [*parity.key_columns, *parity.metric_columns]
+    compared = invoke("compare", out)
+    assert compared.exit_code == 1 and "the parity study has no comparison table" in compared.output
     pd.testing.assert_frame_equal(pd.read_parquet(out / "metrics.parquet"), metrics)
 
     claims = invoke("claims", out, "--json")

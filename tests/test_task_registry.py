@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from iclsft.arms import make_icl_spec, make_sft_spec
-from iclsft.evaluate.runs import compare_table
+from iclsft.evaluate.runs import compare_linear2d
 from iclsft.graph.driver import run_spec
 from iclsft.spec import ExecutorSpec, TaskSpec, sft_spec
 from iclsft.tasks import linear2d, registry
@@ -88,5 +88,5 @@ def test_icl_and_sft_arms_run_a_task_registered_only_here(ring, home, tiny_model
     acc = (np.where(scores.lp_0 >= scores.lp_1, 0, 1) == scores.truth.to_numpy()).mean()  # ties: first label
     row = table[(table.method == "icl") & (table.shots == 2)].iloc[0]
     assert row.accuracy == pytest.approx(acc)  # accuracy from the stored scores by hand
-    wide = compare_table(table, ["accuracy"])
+    wide = compare_linear2d(table, ["accuracy"])
     assert list(wide.columns.get_level_values(1)) == ["icl", "lora"]

@@ -14,7 +14,7 @@ import click
 from iclsft import __version__
 from iclsft.engine.vllm_server import ServerError
 from iclsft.errors import ConditionsFailed, RunLockedError
-from iclsft.evaluate.runs import format_table, learning_summary
+from iclsft.evaluate.runs import format_table
 
 USER_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError, OSError, MemoryError)
 
@@ -126,11 +126,11 @@ def setup_logging(quiet: bool) -> None:
     hf_logging.disable_progress_bar()
 
 
-def echo_table(table, columns: list[str] | None = None) -> None:
-    """A run's metrics table and, after a blank line, one line per learning curve saying what it shows
-    (the same for a run, its recomputed metrics and each model of a sweep)."""
-    click.echo(format_table(table, columns))
-    summary = learning_summary(table)
+def echo_table(table, study, columns: list[str] | None = None) -> None:
+    """A run's metrics table (the columns its `study` shows) and, after a blank line, one line per learning
+    curve saying what it shows (the same for a run, its recomputed metrics and each model of a sweep)."""
+    click.echo(format_table(table, columns, study))
+    summary = study.summary(table) if study.summary is not None else []
     if summary:
         click.echo("\n" + "\n".join(summary))
 

@@ -37,7 +37,7 @@ from iclsft.names import (
 from iclsft.runspec import make_icl_spec, make_implicit_spec, make_sft_spec
 from iclsft.spec import EngineSpec, ExecutorSpec, TemplateSpec, sft_spec
 from iclsft.study import get as get_study
-from iclsft.study import studies
+from iclsft.study import of_run, studies
 from iclsft.tasks import registry
 
 WORD_LISTS = sorted({w for t in registry.names("linear2d") for w in registry.get(t, "linear2d").word_lists})
@@ -165,7 +165,7 @@ def run_spec(spec, out: Path, ref, *, progress: bool):
 
 
 def _finish(table, out: Path) -> None:
-    echo_table(table)
+    echo_table(table, of_run(out))
     click.echo(f"\nresults in {out} (metrics.parquet, conditions/*/scores.parquet)", err=True)
 
 
@@ -353,5 +353,5 @@ def sweep(config, overrides, dry_run, simulate, gpus, cpus, estimate_for, ray_ad
     setup_logging(quiet)
     for model, table in run_sweep(cfg, progress=not quiet).items():
         click.echo(f"\n{model}")
-        echo_table(table)
+        echo_table(table, get_study("linear2d"))  # each model's 2D run
     click.echo(f"\nresults in {cfg.out}", err=True)

@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 
 from iclsft.cli.app import echo_table, main, setup_logging, user_errors
-from iclsft.evaluate.runs import compare_table, recompute_metrics
+from iclsft.evaluate.runs import recompute_metrics, study_of
 from iclsft.migrate import migrate as migrate_run
 from iclsft.names import DTYPES, RSA_SUBSETS
+from iclsft.store import RunDir
 
 
 @main.command()
@@ -24,10 +25,14 @@ from iclsft.names import DTYPES, RSA_SUBSETS
 def compare(run_dir, metrics_):
     """ICL vs SFT metrics side by side per shot count (any run directory of either study)."""
     setup_logging(True)  # warnings (e.g. conditions scored under different library versions) on stderr
+    study = study_of(RunDir(run_dir))
+    if study.compare is None:
+        raise click.ClickException(f"the {study.name} study has no comparison table; `iclsft-eval metrics {run_dir}` "
+                                   "prints its metrics")
     table = recompute_metrics(run_dir)
     if table.empty:
         raise click.ClickException(f"{run_dir} has no finished conditions")
-    click.echo(compare_table(table, list(metrics_) or None).to_string(float_format=lambda v: f"{v:.3f}"))
+    click.echo(study.compare(table, list(metrics_) or None).to_string(float_format=lambda v: f"{v:.3f}"))
 
 
 @main.command()
@@ -40,7 +45,7 @@ def metrics(run_dir, all_columns):
     table = recompute_metrics(run_dir)
     if table.empty:
         raise click.ClickException(f"{run_dir} has no finished conditions")
-    echo_table(table, list(table.columns) if all_columns else None)
+    echo_table(table, study_of(RunDir(run_dir)), list(table.columns) if all_columns else None)
 
 
 @main.command()

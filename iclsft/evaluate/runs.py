@@ -107,44 +107,56 @@ def read_metrics(run: str | Path, columns: Sequence[str] = ()) -> pd.DataFrame |
     return table if set(columns) <= set(table.columns) else None
 
 
-DEFAULT_COMPARE = {"linear2d": ("accuracy", "holdout_accuracy", "auc", "cal_accuracy", "confidence"),
-                   "implicit": ("accuracy", "shortcut_rate", "gold_prob")}
-
-
-def compare_table(table: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """ICL against SFT, side by side. 2D study: final checkpoints, one row per (task, angle, order, seed,
-    K), one column per (metric, method), ICL first. Implicit suite: one row per (task, variant, seed),
-    one column per (metric, ICL at each K, then each fine-tuned method)."""
-    implicit = "variant" in table.columns
-    metrics = list(metrics or DEFAULT_COMPARE["implicit" if implicit else "linear2d"])
-    allowed = [c for c in table.columns if c not in (IMPLICIT_KEY_COLUMNS if implicit else KEY_COLUMNS)]
-    unknown = [m for m in metrics if m not in allowed]
-    if unknown:
-        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(allowed)}")
-    if implicit:
-        icl = table["method"] == "icl"
-        arm = table["method"].where(~icl, "icl K=" + table["shots"].astype(str))
-        order = sorted(arm.unique(), key=lambda a: (not a.startswith("icl K="), int(a[6:]) if a.startswith("icl K=")
-                                                    else 0, a))
-        wide = table.assign(arm=arm).pivot_table(index=["task", "variant", "seed"], columns="arm", values=metrics)
-        return wide.reindex(columns=pd.MultiIndex.from_product([metrics, order]))
+def compare_linear2d(table: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """ICL against SFT, side by side, in a 2D run: final checkpoints, one row per (task, angle, order, seed,
+    K), one column per (metric, method), ICL first."""
+    metrics = _metrics(table, metrics or ("accuracy", "holdout_accuracy", "auc", "cal_accuracy", "confidence"),
+                       KEY_COLUMNS)
     final = table[table["checkpoint"].isna() | (table["checkpoint"] == 1.0)]
     wide = final.pivot_table(index=["task", "angle", "order", "seed", "shots"], columns="method", values=metrics)
     methods = sorted(final["method"].unique(), key=lambda m: (m != "icl", m))
     return wide.reindex(columns=pd.MultiIndex.from_product([metrics, methods]))
 
 
-def format_table(table: pd.DataFrame, columns: list[str] | None = None) -> str:
-    """A compact text table for the terminal."""
-    if columns is None and "variant" in table.columns:
-        columns = ["task", "variant", "method", "shots", "seed", "accuracy", "shortcut_rate", "gold_prob", "n_items"]
+def compare_implicit(table: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """ICL against fine-tuning in an implicit-suite run: one row per (task, variant, seed), one column per
+    (metric, ICL at each K, then each fine-tuned method)."""
+    metrics = _metrics(table, metrics or ("accuracy", "shortcut_rate", "gold_prob"), IMPLICIT_KEY_COLUMNS)
+    icl = table["method"] == "icl"
+    arm = table["method"].where(~icl, "icl K=" + table["shots"].astype(str))
+    order = sorted(arm.unique(), key=lambda a: (not a.startswith("icl K="), int(a[6:]) if a.startswith("icl K=")
+                                                else 0, a))
+    wide = table.assign(arm=arm).pivot_table(index=["task", "variant", "seed"], columns="arm", values=metrics)
+    return wide.reindex(columns=pd.MultiIndex.from_product([metrics, order]))
+
+
+def _metrics(table: pd.DataFrame, metrics: Sequence[str], keys: Sequence[str]) -> list[str]:
+    allowed = [c for c in table.columns if c not in keys]
+    unknown = [m for m in metrics if m not in allowed]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(allowed)}")
+    return list(metrics)
+
+
+def linear2d_columns(table: pd.DataFrame) -> list[str]:
+    """The columns a 2D metrics table shows in the terminal: task and order only where a table mixes
+    several (sweeps), what order probes measure where there are any."""
+    columns = ["angle", "method", "shots", "seed", "checkpoint", "accuracy", "holdout_accuracy", "auc",
+               "cal_accuracy", "confidence", "cal_confidence", "label_mass", "smoothness_rel", "angle_error"]
+    columns = [c for c in ("task", "order") if c in table and table[c].nunique() > 1] + columns
+    if "order" in table and (table["order"] != "random").any():
+        columns += ["label_share", "pattern_following"]
+    return columns
+
+
+IMPLICIT_COLUMNS = ("task", "variant", "method", "shots", "seed", "accuracy", "shortcut_rate", "gold_prob", "n_items")
+
+
+def format_table(table: pd.DataFrame, columns: Sequence[str] | None = None, study: Study | None = None) -> str:
+    """A compact text table for the terminal: `columns`, else those `study` shows (`Study.columns`), else
+    every column."""
     if columns is None:
-        columns = ["angle", "method", "shots", "seed", "checkpoint", "accuracy", "holdout_accuracy", "auc",
-                   "cal_accuracy", "confidence", "cal_confidence", "label_mass", "smoothness_rel", "angle_error"]
-        # the task and order columns only where a table mixes several (sweeps)
-        columns = [c for c in ("task", "order") if c in table and table[c].nunique() > 1] + columns
-        if "order" in table and (table["order"] != "random").any():  # order probes: what they measure
-            columns += ["label_share", "pattern_following"]
+        columns = study.columns(table) if study is not None and study.columns is not None else list(table.columns)
     shown = table[[c for c in columns if c in table.columns]].copy()
     if "checkpoint" in shown:  # ICL has no training checkpoint: show a blank, not None/NaN
         shown["checkpoint"] = [("" if pd.isna(v) else f"{v:g}") for v in shown["checkpoint"]]
@@ -158,7 +170,7 @@ def learning_summary(table: pd.DataFrame) -> list[str]:
     """One line per learning curve of a 2D table (method, task, angle, order; final checkpoints; mean
     over seeds, with at least two K): what the numbers show, e.g. "ICL θ=0°: accuracy rises with K,
     0.52 (K=1) → 0.84 (K=25); AUC 0.50 → 0.96 (1 seed)"."""
-    if "angle" not in table or table.empty:
+    if "angle" not in table or table.empty:  # not a 2D table (or an empty one): nothing to say
         return []
     t = table
     if "checkpoint" in t:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from iclsft.arms.implicit import ImplicitIclArm, ImplicitSftArm
 from iclsft.claims import implicit as claims
 from iclsft.claims import load_implicit
-from iclsft.evaluate.runs import IMPLICIT_KEY_COLUMNS, implicit_metrics_row
+from iclsft.evaluate.runs import IMPLICIT_COLUMNS, IMPLICIT_KEY_COLUMNS, compare_implicit, implicit_metrics_row
 from iclsft.graph.costs import EXAMPLE_TOKENS
 from iclsft.implicit.evaluate import METRICS
 from iclsft.implicit.spec import ImplicitCondition, ImplicitSpec
@@ -39,6 +39,7 @@ STUDY = Study(
     name="implicit", kinds=("implicit",), title="implicit-pattern", make_arm=make_arm, build_spec=build_spec,
     metrics_row=implicit_metrics_row, key_columns=tuple(IMPLICIT_KEY_COLUMNS), metric_columns=tuple(METRICS),
     sort_by=("task", "variant", "method", "seed", "shots"),
+    columns=lambda table: IMPLICIT_COLUMNS, compare=compare_implicit,
     claims=Claims(claims.CLAIMS, load_implicit, claims.evaluate,
                   "no implicit-pattern run in this directory (nor an implicit/ folder beside it)"),
     report=build_implicit_report, folder="implicit", circuits=True,

@@ -7,7 +7,7 @@ from iclsft.arms.linear2d import IclArm, SftArm, training_groups
 from iclsft.claims import linear2d as claims
 from iclsft.claims import load_linear2d
 from iclsft.evaluate.metrics import METRIC_NAMES
-from iclsft.evaluate.runs import KEY_COLUMNS, condition_metrics
+from iclsft.evaluate.runs import KEY_COLUMNS, compare_linear2d, condition_metrics, learning_summary, linear2d_columns
 from iclsft.graph.costs import EXAMPLE_TOKENS
 from iclsft.report.build import build_linear2d_report
 from iclsft.runspec import make_icl_spec, make_sft_spec
@@ -59,6 +59,7 @@ STUDY = Study(
     name="linear2d", kinds=("icl", "sft"), title="2D linear", make_arm=make_arm, build_spec=build_spec,
     metrics_row=condition_metrics, key_columns=tuple(KEY_COLUMNS), metric_columns=tuple(METRIC_NAMES),
     sort_by=("task", "angle", "method", "order", "seed", "shots", "checkpoint"),
+    columns=linear2d_columns, summary=learning_summary, compare=compare_linear2d,
     claims=Claims(claims.CLAIMS, load_linear2d, claims.evaluate,
                   "no 2D run (linear2d/xor/semantic arms) in this directory"),
     report=build_linear2d_report, rsa=True,
