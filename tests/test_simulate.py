@@ -230,3 +230,37 @@ def test_an_unreachable_ray_address_is_one_line(config_file):
     assert result.output.strip().splitlines() == [
         f"Error: no Ray cluster answers at ray_address '127.0.0.1:{port}' (Connection refused); start one with "
         "`ray start --head` or give the address `ray status` prints"]
+
+
+def test_the_simulator_plans_the_works_the_real_graph_builds(config):
+    """The simulator's works (no tokenizer, no model) against those `GraphRun` builds for the same sweep from
+    its real arms (tokenizer and all; nothing run): the same scorings (an ICL chain, or every condition of one
+    checkpoint), RSA works and trainings, each needing the same works. Work ids are compared after their arm
+    prefix (the simulator names arms by model, the graph by run directory), a training by what needs it."""
+    from iclsft.graph.run import GraphRun
+    from iclsft.sweep.plan import planned_arms
+
+    config = config.model_copy(update={"implicit": config.implicit.model_copy(update={"circuits": False})})
+    arms = [arm for planned in planned_arms(config).values() for arm in planned]
+    graph = GraphRun(arms, "cpu", rsa=(config.dtype, config.rsa_subset))
+    try:
+        real = graph.works
+    finally:
+        graph.close()
+
+    def shape(works) -> set:
+        local = {w.id: w.id[len(w.arm) + 1:] for w in works}
+        needed_by: dict[str, set] = {}
+        for w in works:
+            for n in w.needs:
+                needed_by.setdefault(n, set()).add(local[w.id])
+        name = {i: (f"train<{sorted(needed_by[i])}>" if "train|" in rest else rest) for i, rest in local.items()}
+        return {(w.role, w.arm.rsplit("|", 1)[1], name[w.id], frozenset(name[n] for n in w.needs)) for w in works}
+
+    simulated = simulation_works(config, "cpu")
+    assert len(real) == len(simulated) and shape(real) == shape(simulated)
+    kinds = [(w.role, "rsa|" in w.id) for w in real]
+    # trainings: LoRA and full, one per angle and K (both orders share it), and the implicit LoRA model; RSA:
+    # one per 2D scoring unit, 4 ICL chains (2 angles x 2 orders) and 16 checkpoints (8 trainings x 2 fractions)
+    assert (kinds.count(("trainer", False)), kinds.count(("scorer", True))) == (9, 20)
+    assert len(real) == 51
