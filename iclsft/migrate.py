@@ -43,12 +43,12 @@ def migrate(path: str | Path) -> list[dict]:
 
 
 def run_dirs(root: Path) -> list[Path]:
-    """`root` if it is a run directory, else its sub-folders that are; with each one's study folders
-    (e.g. implicit/)."""
-    tops = [root] if (root / "spec.json").is_file() else sorted(p for p in root.iterdir() if (p / "spec.json").is_file()
-                                                               ) if root.is_dir() else []
+    """`root` if it is a run directory, else its sub-folders that are (a sweep's OUT/<model>/); each with
+    its study folders that are (e.g. OUT/<model>/implicit/, also where OUT/<model>/ holds no 2D run)."""
     folders = [s.folder for s in studies() if s.folder]
-    return tops + [t / f for t in tops for f in folders if (t / f / "spec.json").is_file()]
+    tops = [root] if (root / "spec.json").is_file() else sorted(p for p in root.iterdir() if p.is_dir()) \
+        if root.is_dir() else []
+    return [run for top in tops for run in (top, *(top / f for f in folders)) if (run / "spec.json").is_file()]
 
 
 def check(run: Path) -> Study:

@@ -159,3 +159,16 @@ def test_versions_a_study_cannot_migrate_from_are_refused_before_anything_is_wri
     assert {p: p.read_bytes() for p in old_runs.rglob("*") if p.is_file()} == snapshot  # linear2d/ untouched too
     missing = invoke("migrate", old_runs / "nothing")
     assert missing.exit_code == 1 and "is neither a run directory" in missing.output
+
+
+def test_a_sweeps_out_folder_is_migrated_run_by_run(old_runs):
+    """OUT/<model>/ with its 2D run and its implicit/ folder, and a model of the implicit suite alone (no 2D
+    run: OUT/<model>/ holds only implicit/), as sweeps lay them out."""
+    out = old_runs / "out"
+    shutil.copytree(old_runs / "linear2d", out / "a")
+    shutil.copytree(old_runs / "implicit", out / "a" / "implicit")
+    shutil.copytree(old_runs / "implicit", out / "b" / "implicit")
+    done = migrate_module.migrate(out)
+    assert [(Path(d["run"]).relative_to(out).as_posix(), d["renamed"]) for d in done] == [
+        ("a", 3), ("a/implicit", 4), ("b/implicit", 4)]
+    assert [d["renamed"] for d in migrate_module.migrate(out)] == [0, 0, 0]
