@@ -283,7 +283,8 @@ def test_greedy_generation_in_chunks_stops_at_stop_ids(server):
     assert got[0][:4] == [100, 101, 103, 107]
     assert any(len(t) < 6 for t in got) and any(len(t) == 6 for t in got)  # some stopped, some ran out
     bodies = server.sent("/v1/completions")
-    assert [len(b["prompt"]) for b in bodies] == [1, 3, 3, 2]  # one alone first, then chunks of 3
+    sizes = [len(b["prompt"]) for b in bodies]  # one alone first, then chunks of 3 (2 at once: in any order)
+    assert sizes[0] == 1 and sorted(sizes[1:]) == [2, 3, 3]
     assert all(b["max_tokens"] == 6 and b["stop_token_ids"] == stop for b in bodies)
 
 
