@@ -37,23 +37,26 @@ def migrate(path: str | Path) -> list[dict]:
     if not runs:
         raise FileNotFoundError(f"{str(root)!r} is neither a run directory (no spec.json) nor a sweep's out "
                                 "folder holding run directories")
-    for run in runs:
-        check(run)  # every directory is checked before any is written
-    return [migrate_run(run) for run in runs]
+    checked = [(run, *check(run)) for run in runs]  # every directory is checked before any is written
+    return [migrate_run(run, study, stored) for run, study, stored in checked]
 
 
 def run_dirs(root: Path) -> list[Path]:
     """`root` if it is a run directory, else its sub-folders that are (a sweep's OUT/<model>/); each with
     its study folders that are (e.g. OUT/<model>/implicit/, also where OUT/<model>/ holds no 2D run)."""
     folders = [s.folder for s in studies() if s.folder]
-    tops = [root] if (root / "spec.json").is_file() else sorted(p for p in root.iterdir() if p.is_dir()) \
-        if root.is_dir() else []
+    if (root / "spec.json").is_file():
+        tops = [root]
+    else:
+        tops = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     return [run for top in tops for run in (top, *(top / f for f in folders)) if (run / "spec.json").is_file()]
 
 
-def check(run: Path) -> Study:
-    """The run's study, once every arm of it is at this version or at one its study migrates from."""
-    arms = _arms(run)
+def check(run: Path) -> tuple[Study, dict]:
+    """The run's study and its spec.json, once every arm of it is at this version or at one its study
+    migrates from."""
+    stored = _stored(run)
+    arms = stored["arms"]
     study = of_arms(arms)
     for name, arm in arms.items():
         version = arm.get("hash_version")
@@ -61,12 +64,11 @@ def check(run: Path) -> Study:
             raise ValueError(f"{run}: arm {name} is of version {version!r}, which the {study.name} study cannot be "
                              f"migrated from (only {', '.join(study.migrates_from) or 'none'}: its scores would "
                              "differ, not just its ids); run it again into a new --out")
-    return study
+    return study, stored
 
 
-def migrate_run(run: Path) -> dict:
-    study = check(run)
-    stored = json.loads((run / "spec.json").read_text())
+def migrate_run(run: Path, study: Study, stored: dict) -> dict:
+    """Migrate one checked run directory (`check`: its study and spec.json)."""
     arms = stored["arms"]
     versions = sorted({str(a.get("hash_version")) for a in arms.values()})
     if versions == [HASH_VERSION]:
@@ -86,14 +88,15 @@ def migrate_run(run: Path) -> dict:
     return {"run": str(run), "from": versions, "to": HASH_VERSION, "renamed": renamed}
 
 
-def _arms(run: Path) -> dict:
+def _stored(run: Path) -> dict:
     try:
-        arms = json.loads((run / "spec.json").read_text())["arms"]
+        stored = json.loads((run / "spec.json").read_text())
+        arms = stored["arms"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{run}/spec.json cannot be read as a run's spec ({e}); nothing to migrate") from e
     if not isinstance(arms, dict) or not arms:
         raise ValueError(f"{run}/spec.json holds no arms; nothing to migrate")
-    return arms
+    return stored
 
 
 def _spec(study: Study, arm: dict) -> dict:

@@ -36,15 +36,21 @@ def user_errors(fn):
     return wrapper
 
 
-def _validation_message(error) -> str:
-    """One line: which setting, what value, what is allowed (pydantic's own text)."""
+def first_error(error) -> tuple[str, str, object, str]:
+    """A pydantic ValidationError's first problem: (its type, the dotted field, the value, pydantic's message)."""
     first = error.errors()[0]
     message = first.get("msg", str(error)).removeprefix("Value error, ")
     field = ".".join(str(part) for part in first.get("loc", ()) if not isinstance(part, int))
-    if first.get("type") == "value_error" or not field:
+    return first.get("type", ""), field, first.get("input"), message
+
+
+def _validation_message(error) -> str:
+    """One line: which setting, what value, what is allowed (pydantic's own text)."""
+    kind, field, value, message = first_error(error)
+    if kind == "value_error" or not field:
         return message  # our own validators already name the value and the allowed range
     option = "--" + field.split(".")[-1].replace("_", "-")
-    return f"{option} {first.get('input')!r} is not allowed: {message}"
+    return f"{option} {value!r} is not allowed: {message}"
 
 
 class LiveChoice(click.Choice):

@@ -14,6 +14,7 @@ from iclsft.cli.app import (
     _labels,
     _number_list,
     echo_table,
+    first_error,
     main,
     setup_logging,
     shown,
@@ -291,10 +292,8 @@ def run_file(spec_file: Path, out: Path, quiet: bool):
             raise
         raise click.ClickException(f"{spec_file}: {str(e).split('() ')[-1]} of the {study.name} study") from e
     except ValidationError as e:  # named as the file's field, not as an option
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int))
-        message = first.get("msg", str(e)).removeprefix("Value error, ")
-        raise click.ClickException(f"{spec_file}: field {where} = {first.get('input')!r}: {message}") from e
+        _, field, value, message = first_error(e)
+        raise click.ClickException(f"{spec_file}: field {field} = {value!r}: {message}") from e
     _finish(run_spec(spec, out, ref, progress=not quiet), out)
 
 

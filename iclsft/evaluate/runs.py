@@ -40,9 +40,11 @@ def implicit_metrics_row(scores: pd.DataFrame, record: dict) -> dict:
 
 
 def study_of(run: RunDir) -> Study:
-    """The study whose arms `run` holds (iclsft.study); one FileNotFoundError line when `run` is no run
-    directory."""
+    """The study whose arms `run` holds (iclsft.study); one line when `run` is no run directory
+    (FileNotFoundError) or its spec.json cannot be read (ValueError)."""
     study = of_run(run.path)
+    if study is None and (run.path / "spec.json").is_file():
+        raise ValueError(f"{run.path}/spec.json is not a run's spec (not JSON, or no arms): use a run directory")
     if study is None:
         raise FileNotFoundError(f"{str(run.path)!r} is not a run directory (no spec.json); a sweep's runs are "
                                 "its OUT/<model>/ and OUT/<model>/implicit/ folders")

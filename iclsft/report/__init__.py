@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from iclsft.evaluate.runs import study_of
 from iclsft.report.models import build_models_report, is_sweep_dir
-from iclsft.study import of_run
+from iclsft.store import RunDir
 
 __all__ = ["build_report"]
 
@@ -22,11 +23,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     cross-model page and each model's report (iclsft.report.models)."""
     if is_sweep_dir(run_dir):
         return build_models_report(run_dir, out_dir)
-    study = of_run(run_dir)
-    if study is None:
-        if not (Path(run_dir) / "spec.json").is_file():
-            raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no spec.json)")
-        raise ValueError(f"{run_dir}/spec.json is not a run's spec (not JSON, or no arms): use a run directory")
+    study = study_of(RunDir(run_dir))
     if study.report is None:
         raise ValueError(f"the {study.name} study has no report page; its results are in {run_dir}/metrics.parquet")
     return study.report(Path(run_dir), None if out_dir is None else Path(out_dir))
