@@ -368,7 +368,7 @@ class SftSpec(Frozen):
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     # "bf16-mixed": fp32 weights and optimizer state, forward/backward under bf16 autocast. It changes
-    # results, so it enters ids; "fp32" (default) is left out, so existing ids and stored specs stay.
+    # results, so it enters ids.
     precision: Literal[PRECISIONS] = "fp32"
     # Memory knobs that leave out no id: checkpointing recomputes activations exactly; `workers` > 1
     # shards a full fine-tune over Ray Train workers (FSDP2), which changes only the reduction order
