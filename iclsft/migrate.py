@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from iclsft.artifacts import atomic_write_json
+from iclsft.engine_spec import nested
 from iclsft.evaluate.runs import recompute_metrics
 from iclsft.store import RunDir
 from iclsft.study import Study, of_arms, studies
@@ -105,6 +106,8 @@ def _spec(study: Study, arm: dict) -> dict:
     if kind not in study.spec_types:
         raise ValueError(f"the {study.name} study cannot read back arms of kind {kind!r} (no spec type for it)")
     fields = study.upgrade(arm, str(arm.get("hash_version"))) if study.upgrade else arm
+    if isinstance(fields.get("engine"), dict):  # v1 and v2 stored the engine's options flat
+        fields = {**fields, "engine": nested(fields["engine"])}
     spec = study.spec_types[kind].model_validate({**fields, "hash_version": HASH_VERSION})
     return spec.model_dump(mode="json")
 

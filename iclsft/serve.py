@@ -113,7 +113,7 @@ def serve_command(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
     spec = next(iter(arms.values()))
     options = options or VLLMOptions()
     if options.dtype is None:
-        options = VLLMOptions(**{**options.__dict__, "dtype": dtype or spec["dtype"]})
+        options = options.model_copy(update={"dtype": dtype or spec["dtype"]})
     rank = None
     if adapters or allow_adapter_loading:
         rank = max([a.rank for a in adapters] + [max_lora_rank or 8])

@@ -13,16 +13,14 @@ import json
 import string
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from iclsft.names import BOS_CHOICES, CHECKPOINTS_KEEP, DTYPES, EXECUTORS, PRECISIONS, SFT_METHODS, engines
+from iclsft.engine_spec import EngineSpec
+from iclsft.frozen import Frozen
+from iclsft.names import BOS_CHOICES, CHECKPOINTS_KEEP, DTYPES, EXECUTORS, PRECISIONS, SFT_METHODS
 from iclsft.tasks import registry
 from iclsft.tasks.linear2d import GRID
 from iclsft.versions import HASH_VERSION
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class TemplateSpec(Frozen):
@@ -150,53 +148,6 @@ class ModelSpec(Frozen):
 
 
 
-
-
-class EngineSpec(Frozen):
-    """Engine choice and transport knobs: none of these may change results beyond float noise.
-
-    `hf`: token_budget (None: chosen for the device, engine/budget.py), threads, device_map (None: one
-    device; "auto" etc.: layers spread over GPUs by accelerate).
-    `vllm`: max_loras, max_lora_rank, block_size, gpu_memory_utilization,
-    kv_cache_gib (CPU). `vllm-server`: url, api_key (never stored), timeout, retries, concurrency."""
-
-    name: str = "hf"  # one of names.engines(): the built-ins and any registered engine
-    token_budget: int | None = Field(default=None, ge=16)
-    threads: int | None = Field(default=None, ge=1)
-    workers: int | None = Field(default=None, ge=1)  # hf on CPUs: packed batches at once (iclsft.engine.hf)
-    device_map: str | None = Field(default=None,
-                                   pattern=r"^(auto|balanced|balanced_low_0|sequential|cpu|cuda(:\d+)?)$")
-    max_loras: int = Field(default=1, ge=1)
-    max_lora_rank: int | None = Field(default=None, ge=1, le=512)
-    block_size: int | None = Field(default=None, ge=16)
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    kv_cache_gib: float | None = Field(default=None, gt=0)
-    # vllm on large models (iclsft.engine.vllm_options)
-    max_model_len: int | None = Field(default=None, ge=16)
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    enforce_eager: bool = False
-    max_cpu_loras: int | None = Field(default=None, ge=1)
-    url: str | None = None
-    api_key: str | None = Field(default=None, exclude=True, repr=False)
-    timeout: float = Field(default=300.0, gt=0)
-    retries: int = Field(default=3, ge=0)
-    concurrency: int = Field(default=4, ge=1)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if v not in engines():
-            raise ValueError(f"unknown engine {v!r}; available: {', '.join(engines())}")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> EngineSpec:
-        if self.name == "vllm-server" and not self.url:
-            raise ValueError("the vllm-server engine needs the server's address: --vllm-url http://HOST:PORT")
-        if self.url and not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"--vllm-url {self.url!r} must start with http:// or https://")
-        return self
 
 
 class TokenCounts(Frozen):

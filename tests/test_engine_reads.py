@@ -143,13 +143,13 @@ def test_engine_spec_checks_the_server_url():
     with pytest.raises(ValueError, match="needs the server's address"):
         EngineSpec(name="vllm-server")
     with pytest.raises(ValueError, match="'localhost:8000' must start with http://"):
-        EngineSpec(name="vllm-server", url="localhost:8000")
-    assert EngineSpec(name="vllm-server", url="https://gpu.example:8000").url == "https://gpu.example:8000"
+        EngineSpec.of("vllm-server", url="localhost:8000")
+    assert EngineSpec.of("vllm-server", url="https://gpu.example:8000").server.url == "https://gpu.example:8000"
 
 
 def test_engine_spec_never_stores_the_api_key():
-    spec = EngineSpec(name="vllm-server", url="http://127.0.0.1:8000", api_key="sk-secret-123")
-    assert spec.api_key == "sk-secret-123"
+    spec = EngineSpec.of("vllm-server", url="http://127.0.0.1:8000", api_key="sk-secret-123")
+    assert spec.server.api_key == "sk-secret-123"
     dumped = spec.model_dump(mode="json")
     assert "api_key" not in dumped
     assert "sk-secret-123" not in json.dumps(dumped)

@@ -354,9 +354,9 @@ def test_engine_spec_device_map_option(monkeypatch, tmp_path):
     from iclsft.engine import base
     from iclsft.spec import EngineSpec
 
-    assert EngineSpec().token_budget is None and EngineSpec().device_map is None
+    assert EngineSpec().hf.token_budget is None and EngineSpec().hf.device_map is None
     with pytest.raises(pydantic.ValidationError, match="device_map"):
-        EngineSpec(device_map="gpu0")
+        EngineSpec.of("hf", device_map="gpu0")
     seen = {}
 
     def fake_load(ref, dtype, device_map=None):
@@ -365,7 +365,7 @@ def test_engine_spec_device_map_option(monkeypatch, tmp_path):
 
     monkeypatch.setattr("iclsft.models.load_model", fake_load)
     with pytest.raises(RuntimeError, match="stop here"):
-        base.open_engine(EngineSpec(name="hf", device_map="balanced"), tmp_path)
+        base.open_engine(EngineSpec.of("hf", device_map="balanced"), tmp_path)
     assert seen["device_map"] == "balanced"
 
 

@@ -217,7 +217,7 @@ def test_vllm_server_run_matches_hf_then_survives_a_server_kill(server, tmp_path
     """A vllm-server ICL run equals the hf run; killed mid-run, the server leaves finished conditions
     intact and the rest recorded as failed; after a restart the same command resumes."""
     common = dict(model="smollm2-135m", angles=(ANGLE,), shots=(2,), grid_step=20)
-    remote = EngineSpec(name="vllm-server", url=server["url"], api_key=KEY, retries=1)
+    remote = EngineSpec.of("vllm-server", url=server["url"], api_key=KEY, retries=1)
     spec, ref = make_icl_spec(**common, engine=remote)
     run_spec(spec, tmp_path / "same", ref, progress=False)
     got = pd.read_parquet(next((tmp_path / "same" / "conditions").iterdir()) / "scores.parquet")

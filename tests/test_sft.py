@@ -739,7 +739,7 @@ def test_failed_training_is_recorded_and_retried_by_rerun(tiny_model_dir, tmp_pa
 
 def test_local_training_leaves_the_callers_thread_count_alone(tiny_model_dir, tmp_path):
     spec, ref = make_spec(tiny_model_dir, shots=(1,), lr=1e-2, min_steps=2)
-    assert spec.executor.cpus_per_task == 1 and spec.engine.threads is None
+    assert spec.executor.cpus_per_task == 1 and spec.engine.hf.threads is None
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -256,8 +256,8 @@ def test_open_with_other_differences_names_them(tmp_path, change, field):
 
 def test_open_ignores_engine_transport_knobs(tmp_path):
     RunDir(tmp_path).open(run_spec())
-    RunDir(tmp_path).open(run_spec(engine=EngineSpec(token_budget=64, threads=1)))  # no error
-    assert RunDir(tmp_path).arm_spec("icl")["engine"]["token_budget"] is None  # first spec (default) stays frozen
+    RunDir(tmp_path).open(run_spec(engine=EngineSpec.of("hf", token_budget=64, threads=1)))  # no error
+    assert RunDir(tmp_path).arm_spec("icl")["engine"]["hf"]["token_budget"] is None  # first spec (default) stays frozen
 
 
 def test_open_on_spec_of_another_layout_is_a_clear_error(tmp_path):
@@ -447,7 +447,7 @@ def test_condition_id_changes_with_result_fields(change):
 
 def test_condition_ids_ignore_engine_spec():
     a = run_spec().conditions()
-    b = run_spec(engine=EngineSpec(token_budget=16, threads=3)).conditions()
+    b = run_spec(engine=EngineSpec.of("hf", token_budget=16, threads=3)).conditions()
     assert [c.id for c in a] == [c.id for c in b]
     assert len({c.id for c in a}) == len(a) == 2
 

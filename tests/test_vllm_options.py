@@ -10,7 +10,6 @@ from iclsft.engine.vllm_options import (
     VLLMOptions,
     default_max_model_len,
     engine_kwargs,
-    options_from,
     serve_flags,
 )
 
@@ -66,19 +65,25 @@ def test_prompt_longer_than_the_model_is_one_clear_line():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"tensor_parallel_size": 0}, "tensor_parallel_size 0 is not allowed: give a positive whole number"),
-    ({"max_num_seqs": 2.5}, "max_num_seqs 2.5 is not allowed"),
-    ({"max_model_len": True}, "max_model_len True is not allowed"),
-    ({"block_size": 20}, "block_size 20 is not allowed: use a multiple of 16"),
-    ({"dtype": "int8"}, "dtype 'int8' is not allowed: use one of float32, bfloat16, float16"),
-    ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization 1.5 is not allowed: give a fraction in \(0, 1\]"),
-    ({"kv_cache_gib": -1}, "kv_cache_gib -1 is not allowed"),
+    ({"tensor_parallel_size": 0}, "--tensor-parallel-size 0 is not allowed: Input should be greater than or equal to 1"),
+    ({"max_num_seqs": 2.5}, "--max-num-seqs 2.5 is not allowed: Input should be a valid integer"),
+    ({"max_model_len": 8}, "--max-model-len 8 is not allowed: Input should be greater than or equal to 16"),
+    ({"block_size": 20}, "--block-size 20 is not allowed: Input should be a multiple of 16"),
+    ({"dtype": "int8"}, "--dtype 'int8' is not allowed: Input should be 'float32', 'bfloat16' or 'float16'"),
+    ({"gpu_memory_utilization": 1.5}, "--gpu-memory-utilization 1.5 is not allowed: Input should be less than or equal to 1"),
+    ({"kv_cache_gib": -1}, "--kv-cache-gib -1 is not allowed: Input should be greater than 0"),
     ({"max_loras": 4, "max_cpu_loras": 2}, "max_cpu_loras 2 is below max_loras 4"),
 ])
 def test_bad_values(kwargs, message):
-    with pytest.raises(ValueError, match=message) as info:
+    """Each bad value is one line naming its CLI flag (the message `user_errors` prints)."""
+    import pydantic
+
+    from iclsft.cli.app import _validation_message
+
+    with pytest.raises(pydantic.ValidationError) as info:
         VLLMOptions(**kwargs)
-    assert "\n" not in str(info.value)
+    line = _validation_message(info.value)
+    assert line.startswith(message) and "\n" not in line
 
 
 def test_serve_flags_leave_the_users_own_to_them():
@@ -92,12 +97,14 @@ def test_serve_flags_leave_the_users_own_to_them():
     assert "--enforce-eager" not in gpu and "--enable-lora" not in gpu
 
 
-def test_options_from_an_engine_spec():
+def test_an_engine_specs_flat_options_go_to_the_vllm_engine():
     from iclsft.spec import EngineSpec
 
-    spec = EngineSpec(name="vllm", max_loras=3, block_size=64, gpu_memory_utilization=0.7)
-    o = options_from(spec)
+    spec = EngineSpec.of("vllm", max_loras=3, block_size=64, gpu_memory_utilization=0.7, token_budget=None)
+    o = spec.vllm
     assert (o.max_loras, o.block_size, o.gpu_memory_utilization, o.max_model_len) == (3, 64, 0.7, None)
+    assert spec.options is o and spec.hf.token_budget is None
+    assert isinstance(o, VLLMOptions)  # the engine's launch options are the spec's own model
 
 
 class _Counter:
@@ -174,14 +181,15 @@ def test_engine_fields_are_stored_defaults_included():
     from iclsft.spec import EngineSpec
 
     new = {"max_model_len", "tensor_parallel_size", "max_num_seqs", "enforce_eager", "max_cpu_loras"}
-    assert {k: EngineSpec(name="vllm").model_dump(mode="json")[k] for k in new} == {
+    assert {k: EngineSpec(name="vllm").model_dump(mode="json")["vllm"][k] for k in new} == {
         "max_model_len": None, "tensor_parallel_size": 1, "max_num_seqs": None, "enforce_eager": False,
         "max_cpu_loras": None}
-    stored = EngineSpec(name="vllm", max_model_len=4096, tensor_parallel_size=2, max_num_seqs=8, enforce_eager=True,
-                        max_cpu_loras=6).model_dump(mode="json")
-    assert {k: stored[k] for k in new} == {"max_model_len": 4096, "tensor_parallel_size": 2, "max_num_seqs": 8,
-                                           "enforce_eager": True, "max_cpu_loras": 6}
-    assert EngineSpec.model_validate(stored).max_model_len == 4096
+    stored = EngineSpec.of("vllm", max_model_len=4096, tensor_parallel_size=2, max_num_seqs=8, enforce_eager=True,
+                           max_cpu_loras=6).model_dump(mode="json")
+    assert {k: stored["vllm"][k] for k in new} == {"max_model_len": 4096, "tensor_parallel_size": 2,
+                                                   "max_num_seqs": 8, "enforce_eager": True, "max_cpu_loras": 6}
+    assert set(stored) == {"name", "hf", "vllm", "server"}  # each engine's options in its own model
+    assert EngineSpec.model_validate(stored).vllm.max_model_len == 4096
 
 
 def test_vllm_processes_ignore_vllms_own_deprecation_and_the_environment_is_restored(monkeypatch):

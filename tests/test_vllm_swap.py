@@ -158,7 +158,7 @@ def test_a_full_fine_tune_arm_scores_every_checkpoint_on_one_engine(dirs, tmp_pa
     kwargs = dict(model=str(dirs["a"]), angles=(45.0,), shots=(1, 2), grid_step=20, checkpoints=(0.5, 1.0),
                   sft=sft_spec("full", epochs=1, min_steps=4, batch_size=2, lr=1e-3),
                   executor=ExecutorSpec(name="local"))
-    spec, ref = make_sft_spec(**kwargs, engine=EngineSpec(name="vllm", kv_cache_gib=1))
+    spec, ref = make_sft_spec(**kwargs, engine=EngineSpec.of("vllm", kv_cache_gib=1))
     table = run_spec(spec, tmp_path / "swap", ref, progress=False)
     record = json.loads((tmp_path / "swap" / "record.json").read_text())
     starts = [a["engine_starts"] for a in record["arms"].values()]

@@ -131,7 +131,7 @@ def parity_metrics(scores: pd.DataFrame) -> dict:
 def build_spec(*, model: str, shots: Sequence[int] = (1, 2), seeds: Sequence[int] = (0,), engine=None, **fields):
     ref = resolve_model(model)
     spec = ParitySpec(model=ModelSpec(name=model, fingerprint=ref.fingerprint), shots=tuple(shots),
-                      seeds=tuple(seeds), engine=EngineSpec(**(engine or {})), **fields)
+                      seeds=tuple(seeds), engine=EngineSpec.of(**(engine or {})), **fields)
     return spec, ref
 
 

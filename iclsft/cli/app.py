@@ -13,6 +13,7 @@ import click
 
 from iclsft import __version__
 from iclsft.engine.vllm_server import ServerError
+from iclsft.engine_spec import flag_at
 from iclsft.errors import ConditionsFailed, RunLockedError
 from iclsft.evaluate.runs import format_table
 
@@ -49,7 +50,7 @@ def _validation_message(error) -> str:
     kind, field, value, message = first_error(error)
     if kind == "value_error" or not field:
         return message  # our own validators already name the value and the allowed range
-    option = "--" + field.split(".")[-1].replace("_", "-")
+    option = flag_at(field) or "--" + field.split(".")[-1].replace("_", "-")
     return f"{option} {value!r} is not allowed: {message}"
 
 

@@ -9,7 +9,6 @@ import click
 import yaml
 
 from iclsft.cli.app import (
-    LiveChoice,
     _escapes,
     _labels,
     _number_list,
@@ -20,7 +19,7 @@ from iclsft.cli.app import (
     shown,
     user_errors,
 )
-from iclsft.engine.base import resolve_engine
+from iclsft.cli.engine_options import engine_options, engine_spec
 from iclsft.implicit.results import results_table
 from iclsft.names import (
     BOS_CHOICES,
@@ -33,10 +32,9 @@ from iclsft.names import (
     PRECISIONS,
     RECIPES,
     SFT_METHODS,
-    engine_choices,
 )
 from iclsft.runspec import make_icl_spec, make_implicit_spec, make_sft_spec
-from iclsft.spec import EngineSpec, ExecutorSpec, TemplateSpec, sft_spec
+from iclsft.spec import ExecutorSpec, TemplateSpec, sft_spec
 from iclsft.study import get as get_study
 from iclsft.study import of_run, studies
 from iclsft.tasks import registry
@@ -68,27 +66,6 @@ def run_options(fn):
                      help="Known model name (smollm2-135m: SmolLM2-135M-Instruct from a Q4_1 GGUF; gemma3-270m: "
                           "Gemma 3 270M base from a Q4_K_M GGUF, under the Gemma Terms of Use; `models list`), "
                           "local HF model directory, or hub id."),
-        click.option("--engine", type=LiveChoice(engine_choices), default="auto",
-                     show_default=True,
-                     help="auto: vllm on a GPU when vLLM is installed, else hf (the faster one on CPUs)."),
-        click.option("--vllm-url", default=None, help="vllm-server engine: address of a running vLLM server."),
-        click.option("--vllm-api-key", default=None, envvar="ICLSFT_VLLM_API_KEY",
-                     help="vllm-server engine: API key (or $ICLSFT_VLLM_API_KEY); never stored."),
-        click.option("--vllm-timeout", default=300.0, show_default=True,
-                     help="vllm-server engine: seconds to wait for one request."),
-        click.option("--vllm-retries", default=3, show_default=True,
-                     help="vllm-server engine: retries of a failed request (with backoff) before the "
-                          "condition is recorded as failed."),
-        click.option("--vllm-concurrency", default=4, show_default=True,
-                     help="vllm-server engine: requests in flight at once."),
-        click.option("--max-loras", default=1, show_default=True, help="vllm: adapters per batch."),
-        click.option("--max-lora-rank", type=int, default=None,
-                     help="vllm: largest adapter rank (default: the run's)."),
-        click.option("--block-size", type=int, default=None,
-                     help="vllm: KV cache block size (prefix-cache granularity)."),
-        click.option("--gpu-memory-utilization", type=float, default=None, help="vllm on GPUs: memory fraction."),
-        click.option("--kv-cache-gib", type=float, default=None,
-                     help="vllm on CPUs: KV cache size in GiB (default 4)."),
         click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
                      help="Scoring precision (bf16 is slow on CPUs without native bf16)."),
         click.option("--labels", default="Baz,Rud", callback=_labels, show_default=True,
@@ -110,18 +87,9 @@ def run_options(fn):
                      help="Prepend the BOS token: as the tokenizer does by default, always, or never."),
         click.option("--chat", is_flag=True, help="Wrap header, exemplars and query as the user's turn of the "
                      "model's chat template (instruct models; docs/tokenization.md)."),
-        click.option("--token-budget", type=int, default=None,
-                     help="hf engine: tokens per packed forward pass (default: 1024 on CPUs, from free memory on "
-                          "CUDA; docs/large_models.md)."),
-        click.option("--device-map", default=None,
-                     help="hf engine: spread the model over GPUs ('auto', 'balanced', 'sequential') or put it on "
-                          "one device ('cuda:1'); default: one device (docs/large_models.md)."),
-        click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)."),
-        click.option("--batch-workers", type=click.IntRange(min=1), default=None,
-                     help="hf on CPUs: packed batches scored at once, torch's threads shared out (default 1; 2 on "
-                          "a 2-core machine that other jobs share was 1.3-1.9x faster: docs/throughput.md)."),
         click.option("--quiet", is_flag=True, help="No progress output."),
     ]
+    fn = engine_options()(fn)
     for option in reversed(options):
         fn = option(fn)
     return fn
@@ -136,13 +104,7 @@ def _common(o: dict) -> dict:
         dtype=o["dtype"],
         template=TemplateSpec(header=o["header"], exemplar=o["exemplar_template"], query=o["query_template"],
                               bos=o["bos"], chat=o["chat"]),
-        engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"],
-                          workers=o["batch_workers"],
-                          device_map=o["device_map"],
-                          url=o["vllm_url"], api_key=o["vllm_api_key"], timeout=o["vllm_timeout"],
-                          retries=o["vllm_retries"], concurrency=o["vllm_concurrency"], max_loras=o["max_loras"],
-                          max_lora_rank=o["max_lora_rank"], block_size=o["block_size"],
-                          gpu_memory_utilization=o["gpu_memory_utilization"], kv_cache_gib=o["kv_cache_gib"]),
+        engine=engine_spec(o),
     )
 
 
@@ -242,17 +204,13 @@ def sft(**o):
               help="Fine-tuning recipe. original (with --method full): the study's, one model per seed on the "
                    "mixed items of every task, loss on every token, lr 1e-5, batch 16 (docs/implicit.md).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True)
-@click.option("--engine", type=LiveChoice(lambda: [e for e in engine_choices() if e != "vllm-server"]), default="auto",
-              show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--lr", type=float, default=None, help="SFT learning rate (default: per method).")
 @click.option("--epochs", type=int, default=None, help="SFT passes over the training items (default 1).")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--executor", type=click.Choice(EXECUTORS), default="ray", show_default=True)
-@click.option("--token-budget", type=int, default=None,
-              help="Tokens per packed forward pass (default: 1024 on CPUs, from free memory on CUDA).")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--quiet", is_flag=True)
+@engine_options(("hf", "vllm"))
 @retention_options
 @user_errors
 def implicit(**o):
@@ -264,7 +222,7 @@ def implicit(**o):
         tasks=tuple(t.strip() for t in o["tasks"].split(",") if t.strip()), shots=o["shots"], seeds=o["seed"],
         train_size=o["train_size"], eval_size=o["eval_size"], faithful=o["faithful"], dtype=o["dtype"],
         recipe=o["recipe"],
-        engine=EngineSpec(name=resolve_engine(o["engine"]), token_budget=o["token_budget"], threads=o["threads"]),
+        engine=engine_spec(o),
         executor=ExecutorSpec(name=o["executor"]),
         **({"checkpoints_keep": o["checkpoints_keep"], "retrain_deleted": o["retrain_deleted"]}
            if o["method"] != "icl" else {}))

@@ -9,8 +9,7 @@ from pathlib import Path
 import click
 
 from iclsft.cli.app import main, setup_logging, user_errors
-from iclsft.engine.vllm_options import DTYPES as SERVE_DTYPES
-from iclsft.engine.vllm_options import VLLMOptions
+from iclsft.engine_spec import VLLM_DTYPES, VLLMOptions
 from iclsft.serve import query_points, serve_command
 from iclsft.serve import serve as serve_run
 
@@ -21,7 +20,7 @@ from iclsft.serve import serve as serve_run
 @click.option("--port", default=8000, show_default=True)
 @click.option("--api-key", default=None, envvar="ICLSFT_VLLM_API_KEY",
               help="Require this key (or $ICLSFT_VLLM_API_KEY); passed to vLLM in its environment.")
-@click.option("--dtype", type=click.Choice(SERVE_DTYPES), default=None,
+@click.option("--dtype", type=click.Choice(VLLM_DTYPES), default=None,
               help="Serving precision (default: the run's).")
 @click.option("--allow-adapter-loading", is_flag=True,
               help="Let clients load adapters at run time (needed by --engine vllm-server; off by default).")

@@ -14,7 +14,6 @@ from pathlib import Path
 from iclsft import models
 from iclsft.engine.contract import Engine
 from iclsft.engine.vllm_engine import VLLMEngine
-from iclsft.engine.vllm_options import options_from
 from iclsft.engine.vllm_server import VLLMServerEngine
 from iclsft.names import ENGINES, add_engine, engine_choices, engines, remove_engine
 from iclsft.spec import EngineSpec
@@ -48,19 +47,21 @@ def _hf_class() -> type[Engine]:
 
 def _open_hf(engine: EngineSpec, path: Path, dtype: str, *, progress: bool, lora_rank: int | None) -> Engine:
     model, _ = models.load_model(models.ModelRef(name=str(path), path=path, fingerprint=""), dtype,
-                                 device_map=engine.device_map)
-    return _hf_class()(model, token_budget=engine.token_budget, threads=engine.threads, progress=progress,
-                       source=path, workers=engine.workers)
+                                 device_map=engine.hf.device_map)
+    o = engine.hf
+    return _hf_class()(model, token_budget=o.token_budget, threads=o.threads, progress=progress, source=path,
+                       workers=o.workers)
 
 
 def _open_vllm(engine: EngineSpec, path: Path, dtype: str, *, progress: bool, lora_rank: int | None) -> Engine:
-    return VLLMEngine(path, dtype=dtype, lora_rank=engine.max_lora_rank or lora_rank, options=options_from(engine),
+    return VLLMEngine(path, dtype=dtype, lora_rank=engine.vllm.max_lora_rank or lora_rank, options=engine.vllm,
                       progress=progress)
 
 
 def _open_server(engine: EngineSpec, path: Path, dtype: str, *, progress: bool, lora_rank: int | None) -> Engine:
-    return VLLMServerEngine(engine.url, api_key=engine.api_key, timeout=engine.timeout, retries=engine.retries,
-                            concurrency=engine.concurrency, progress=progress)
+    o = engine.server
+    return VLLMServerEngine(o.url, api_key=o.api_key, timeout=o.timeout, retries=o.retries,
+                            concurrency=o.concurrency, progress=progress)
 
 
 # name -> (its class, loaded when asked for; how to open one)

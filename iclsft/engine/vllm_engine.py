@@ -90,7 +90,7 @@ class VLLMEngine(Engine):
         o = options or VLLMOptions()
         given = {"dtype": dtype, "block_size": block_size, "gpu_memory_utilization": gpu_memory_utilization,
                  "kv_cache_gib": kv_cache_gib}
-        fields = {**o.__dict__, **{k: v for k, v in given.items() if v is not None}}
+        fields = {**o.model_dump(), **{k: v for k, v in given.items() if v is not None}}
         if max_loras != 1:
             fields["max_loras"] = max_loras
         self.options = VLLMOptions(**fields)

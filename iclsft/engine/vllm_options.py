@@ -13,59 +13,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 from iclsft.engine.reads import vllm_lora_rank
+from iclsft.engine_spec import VLLMOptions
 
 GPU_BLOCK_SIZE = 16  # vLLM's CUDA default
 CPU_BLOCK_SIZE = 32  # the smallest cache block vLLM's CPU attention accepts (its default: 128)
 CPU_KV_CACHE_GIB = 4  # vLLM's CPU default is half the machine's memory
 MIN_MODEL_LEN = 2048  # a 2k-token sequence costs little KV memory and spares most engine rebuilds
 LABEL_MARGIN = 8  # tokens beyond the longest prompt when label lengths are not known
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class VLLMOptions:
-    """What a user may set; None means "choose for the device and the prompts"."""
-
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    max_num_seqs: int | None = None
-    enforce_eager: bool = False
-    dtype: str | None = None
-    gpu_memory_utilization: float | None = None
-    max_loras: int = 1
-    max_cpu_loras: int | None = None
-    block_size: int | None = None
-    kv_cache_gib: float | None = None  # CPU only: the KV cache size
-
-    def __post_init__(self) -> None:
-        for name in ("max_model_len", "max_num_seqs", "max_cpu_loras", "block_size"):
-            _positive_int(name, getattr(self, name), allow_none=True)
-        _positive_int("tensor_parallel_size", self.tensor_parallel_size)
-        _positive_int("max_loras", self.max_loras)
-        if self.block_size is not None and self.block_size % 16:
-            raise ValueError(f"block_size {self.block_size} is not allowed: use a multiple of 16")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not allowed: use one of {', '.join(DTYPES)}")
-        u = self.gpu_memory_utilization
-        if u is not None and not (isinstance(u, (int, float)) and 0 < u <= 1):
-            raise ValueError(f"gpu_memory_utilization {u!r} is not allowed: give a fraction in (0, 1]")
-        gib = self.kv_cache_gib
-        if gib is not None and not (isinstance(gib, (int, float)) and gib > 0):
-            raise ValueError(f"kv_cache_gib {gib!r} is not allowed: give a positive size in GiB")
-        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
-            raise ValueError(f"max_cpu_loras {self.max_cpu_loras} is below max_loras {self.max_loras}: "
-                             "vLLM keeps every adapter of a batch in its CPU cache; give at least max_loras")
-
-
-def _positive_int(name: str, value: object, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} {value!r} is not allowed: give a positive whole number")
 
 
 def block_size_for(options: VLLMOptions, gpu: bool) -> int:
@@ -108,14 +65,12 @@ def resolve(options: VLLMOptions, *, gpu: bool, longest_prompt: int | None = Non
     if length is None and longest_prompt is not None:
         length = default_max_model_len(longest_prompt, label_tokens=label_tokens, block_size=block,
                                        model_context=model_context, floor=floor)
-    return VLLMOptions(
-        max_model_len=length, tensor_parallel_size=options.tensor_parallel_size, max_num_seqs=options.max_num_seqs,
-        enforce_eager=options.enforce_eager, dtype=options.dtype or ("bfloat16" if gpu else "float32"),
+    return options.model_copy(update=dict(
+        max_model_len=length, dtype=options.dtype or ("bfloat16" if gpu else "float32"),
         # each device's memory option is ignored on the other, so that one config serves both
-        gpu_memory_utilization=options.gpu_memory_utilization if gpu else None, max_loras=options.max_loras,
+        gpu_memory_utilization=options.gpu_memory_utilization if gpu else None,
         max_cpu_loras=options.max_cpu_loras or max(options.max_loras, 4), block_size=block,
-        kv_cache_gib=None if gpu else (options.kv_cache_gib or CPU_KV_CACHE_GIB),
-    )
+        kv_cache_gib=None if gpu else (options.kv_cache_gib or CPU_KV_CACHE_GIB)))
 
 
 def engine_kwargs(model: str, options: VLLMOptions, *, gpu: bool, lora_rank: int | None = None,
@@ -165,9 +120,3 @@ def serve_flags(options: VLLMOptions, *, gpu: bool, lora_rank: int | None = None
         elif name in _FLAGS and _FLAGS[name] not in taken:
             out += [_FLAGS[name], str(value)]
     return out
-
-
-def options_from(engine) -> VLLMOptions:
-    """VLLMOptions from an EngineSpec (or any object with those attributes; missing ones: defaults)."""
-    return VLLMOptions(**{f.name: getattr(engine, f.name) for f in fields(VLLMOptions)
-                          if getattr(engine, f.name, None) is not None})

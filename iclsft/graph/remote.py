@@ -294,9 +294,10 @@ class ScorerActor:
                 self.refs[key] = local_model(task.model, task.fingerprint)
             ref, spec = self.refs[key], task.spec
             engine = spec.engine
-            if engine.name == "vllm" and engine.gpu_memory_utilization is None and 0 < self.gpu_share < 1:
+            if engine.name == "vllm" and engine.vllm.gpu_memory_utilization is None and 0 < self.gpu_share < 1:
                 # vLLM's default 0.9 of the whole GPU would starve the trainings sharing it
-                engine = engine.model_copy(update={"gpu_memory_utilization": round(0.9 * self.gpu_share, 3)})
+                share = engine.vllm.model_copy(update={"gpu_memory_utilization": round(0.9 * self.gpu_share, 3)})
+                engine = engine.model_copy(update={"vllm": share})
             sft = spec.training
             lora_rank = sft.lora_r if sft is not None and sft.method == "lora" else None
             # one engine per base model: arms of one model share it (hf serves adapters and swapped weights)

@@ -1,5 +1,6 @@
 """A spec file's fields (`iclsft-eval run SPEC`) as the spec builders take them: nested settings
-(engine, executor, template) as their frozen models, the engine's `auto` resolved on this machine."""
+(engine, executor, template) as their frozen models; the engine's `auto` resolved on this machine and its
+options given flat, as on the command line (`{name: vllm, kv_cache_gib: 2}`, iclsft.engine_spec)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def settings(fields: dict) -> dict:
             value = {"name": value}
         if isinstance(value, dict):
             value = dict(value)
-            if name == "engine":
-                value["name"] = resolve_engine(value.get("name", "auto"))
-            out[name] = model(**value)
+            if name == "engine":  # flat, as the CLI's options: each read by its engine
+                out[name] = EngineSpec.of(resolve_engine(value.pop("name", "auto")), **value)
+            else:
+                out[name] = model(**value)
     return out

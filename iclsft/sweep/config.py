@@ -26,6 +26,7 @@ from iclsft.names import (
     RSA_SUBSETS,
     SFT_METHODS,
 )
+from iclsft.engine_spec import EngineSpec, owner
 from iclsft.spec import ExecutorSpec, Frozen, SftSpec, TaskSpec, TemplateSpec, sft_spec
 from iclsft.tasks import registry
 from iclsft.tasks.linear2d import check_order
@@ -103,7 +104,7 @@ class SweepConfig(Frozen):
     dtype: Literal[DTYPES] = "float32"
     template: TemplateSpec = TemplateSpec()
     engine: str = "auto"
-    engine_options: dict = Field(default_factory=dict)  # EngineSpec fields other than name
+    engine_options: dict = Field(default_factory=dict)  # flat: each read by its engine (EngineSpec.of)
     sft: dict[str, dict] = Field(default_factory=dict)
     executor: ExecutorSpec = ExecutorSpec()
     resources: Resources = Resources()  # scorers and trainers of the work graph (iclsft.graph.resources)
@@ -115,6 +116,25 @@ class SweepConfig(Frozen):
     rsa_subset: Literal[RSA_SUBSETS] = "exemplars"  # the 400x400 matrix's points (iclsft.rsa.points)
     report: bool = True
     implicit: ImplicitSweep | None = None
+
+    @field_validator("engine_options")
+    @classmethod
+    def _engine_options(cls, v: dict) -> dict:
+        """Known options of one engine with allowed values (whether `engine` reads them, the plan checks:
+        which engine `auto` is depends on the machine)."""
+        readers = sorted({owner(k) or "" for k in v})
+        if len(readers) > 1 and "" not in readers:
+            raise ValueError(f"engine_options mixes options of the {' and '.join(readers)} engines: "
+                             "an engine reads only its own")
+        try:
+            EngineSpec.of(readers[-1] if v else "hf", **v)  # an unknown option (ValueError) or a bad value
+        except ValidationError as e:
+            first = e.errors()[0]
+            message = first["msg"].removeprefix("Value error, ")
+            option = first["loc"][-1] if first["loc"] and first["loc"][-1] in v else None
+            raise ValueError(message if option is None else
+                             f"engine_options.{option} = {first['input']!r} is not allowed: {message}") from None
+        return v
 
     @model_validator(mode="before")
     @classmethod

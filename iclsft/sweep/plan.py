@@ -28,7 +28,7 @@ def model_dir(out: str | Path, model: str) -> Path:
 
 def arm_specs(config: SweepConfig, model: str) -> list:
     """(arm spec, model ref) for each method, in run order: ICL first, then each SFT method."""
-    engine = EngineSpec(name=resolve_engine(config.engine), **config.engine_options)
+    engine = EngineSpec.of(resolve_engine(config.engine), **config.engine_options)
     specs = []
     for method in config.methods:
         for task in (t for t in config.tasks if method in (t.methods or config.methods)):
@@ -50,7 +50,7 @@ def implicit_specs(config: SweepConfig, model: str) -> list:
     if config.implicit is None:
         return []
     imp = config.implicit
-    engine = EngineSpec(name=resolve_engine(config.engine), **config.engine_options)
+    engine = EngineSpec.of(resolve_engine(config.engine), **config.engine_options)
     common = dict(model=model, engine=engine, executor=config.executor, tasks=imp.tasks, shots=imp.shots,
                   seeds=config.seeds, train_size=imp.train_size, eval_size=imp.eval_size, faithful=imp.faithful,
                   dtype=config.dtype)
