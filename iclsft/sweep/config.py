@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from iclsft.engine_spec import EngineSpec, owner
 from iclsft.graph.resources import Resources
 from iclsft.names import (
     CHECKPOINTS_KEEP,
@@ -26,7 +27,6 @@ from iclsft.names import (
     RSA_SUBSETS,
     SFT_METHODS,
 )
-from iclsft.engine_spec import EngineSpec, owner
 from iclsft.spec import ExecutorSpec, Frozen, SftSpec, TaskSpec, TemplateSpec, sft_spec
 from iclsft.tasks import registry
 from iclsft.tasks.linear2d import check_order
