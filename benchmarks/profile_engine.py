@@ -2,7 +2,7 @@
 
 Each part is timed by torch.profiler record_function ranges wrapped around the engine's own steps (the
 engine is not changed): packing the queries into trees, building each batch's tree context, the model
-forward split into attention (the prefix part in torch's flash kernel, the tree part), the output head
+forward split into attention (the prefix part: flash kernel or bf16 GEMMs, the tree part), the output head
 and the rest of the decoder (linears, norms, rotary, residuals), then the log-softmax and gather. What
 is left of the wall time is Python between them. Also the same workload's FLOPs (bench/flops.py) against
 the matmul peak measured in this process: the share of the FLOP limit reached, as benchmarks/throughput.py
@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("pack", "tree context", "attention: prefix (flash)", "attention: tree part", "output head",
+PARTS = ("pack", "tree context", "attention: prefix", "attention: tree part", "output head",
          "decoder rest", "log-softmax + gather")
 
 
@@ -37,7 +36,7 @@ def instrumented(engine):
     import iclsft.engine.tree_attention as ta
 
     rf = torch.profiler.record_function
-    saved = {"pack": hf.pack, "build": ta.TreeContext.__dict__["build"], "flash": ta._FLASH,
+    saved = {"pack": hf.pack, "build": ta.TreeContext.__dict__["build"], "prefix": ta.prefix_attention,
              "softmax": torch.log_softmax}
     build_fn = ta.TreeContext.build
     attention_fn = ta.tree_attention
@@ -50,12 +49,12 @@ def instrumented(engine):
         with rf("tree context"):
             return build_fn(*a, **k)
 
-    def flash(*a, **k):
-        with rf("attention: prefix (flash)"):
-            return saved["flash"](*a, **k)
+    def prefix(*a, **k):
+        with rf("attention: prefix"):
+            return saved["prefix"](*a, **k)
 
     def attention(*a, **k):
-        with rf("attention: tree part"):  # the flash call inside is its own range: subtracted below
+        with rf("attention: tree part"):  # the prefix part inside is its own range: subtracted below
             return attention_fn(*a, **k)
 
     def log_softmax(*a, **k):
@@ -69,7 +68,7 @@ def instrumented(engine):
                   module.register_forward_hook(lambda m, i, o: ranges.pop().__exit__(None, None, None))]
     from transformers import AttentionInterface
 
-    hf.pack, ta._FLASH = pack, flash
+    hf.pack, ta.prefix_attention = pack, prefix
     ta.TreeContext.build = staticmethod(build)
     torch.log_softmax = log_softmax
     ta._register()
@@ -77,7 +76,7 @@ def instrumented(engine):
     try:
         yield
     finally:
-        hf.pack, ta._FLASH, torch.log_softmax = saved["pack"], saved["flash"], saved["softmax"]
+        hf.pack, ta.prefix_attention, torch.log_softmax = saved["pack"], saved["prefix"], saved["softmax"]
         ta.TreeContext.build = saved["build"]
         AttentionInterface.register(ta.NAME, attention_fn)
         for h in hooks:
@@ -125,9 +124,9 @@ def profile_one(model_name: str, dtype: str, shots: int, queries: int, budget: i
         wall = time.perf_counter() - t0
     totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
     parts = {p: totals.get(p, 0.0) for p in PARTS}
-    parts["attention: tree part"] -= parts["attention: prefix (flash)"]  # the flash range sits inside it
+    parts["attention: tree part"] -= parts["attention: prefix"]  # the prefix range sits inside it
     forward = totals.get("model forward", 0.0)
-    parts["decoder rest"] = max(0.0, forward - parts["attention: prefix (flash)"] - parts["attention: tree part"]
+    parts["decoder rest"] = max(0.0, forward - parts["attention: prefix"] - parts["attention: tree part"]
                                 - parts["output head"])
     parts["python and other"] = max(0.0, wall - sum(parts.values()))
     flops, _ = tree_flops(model.config, pack(qs, builder.label_ids, budget), len(prefix))
@@ -183,12 +182,11 @@ def main() -> None:
     import torch
 
     from iclsft.bench.flops import matmul_peak
+    from iclsft.bench.machine import cpu_description
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    cpu = f"{name}, {os.cpu_count()} CPUs, {'avx512_bf16' if 'avx512_bf16' in info else 'no avx512_bf16'}"
+    cpu = cpu_description()
     peaks = {d: matmul_peak(d) for d in args.dtypes.split(",")}
     rows = [profile_one(m, d, int(k), args.queries, args.token_budget, peaks[d])
             for m in args.models.split(",") for d in args.dtypes.split(",") for k in args.shots.split(",")]

@@ -1,5 +1,5 @@
 """A full fine-tune's step time with glibc's default allocation policy or with freed memory kept in the
-process (`iclsft.sft.heap.heap_kept`, what `train` uses).
+process (`iclsft.heap.heap_kept`, what `train` uses).
 
     python benchmarks/sft_heap.py --model gemma3-270m     # writes docs/benchmarks/sft_heap.json
 
@@ -30,7 +30,7 @@ import torch
 from sft_bench import linear2d_examples
 
 from iclsft.artifacts import atomic_write_json
-from iclsft.sft.heap import heap_kept
+from iclsft.heap import heap_kept
 from iclsft.sft.train import batch_indices, label_nll, prepare_model
 from iclsft.spec import sft_spec
 

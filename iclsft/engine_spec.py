@@ -31,6 +31,11 @@ class HFOptions(Frozen):
         default=None, ge=1, json_schema_extra={"flag": "--batch-workers"},
         description="hf on CPUs: packed batches scored at once, torch's threads shared out (default 1; 2 on a "
                     "2-core machine that other jobs share was 1.3-1.9x faster: docs/throughput.md).")
+    prefix_kernel: Literal["flash", "gemm"] = Field(
+        default="flash",
+        description="hf engine on CPUs: the prefix attention, torch's flash kernel or GEMMs around an fp32 softmax "
+                    "(in bf16 on CPUs with native bf16 1.1-1.25x the q/s at K=200, its q.k products rounded to bf16: "
+                    "docs/throughput.md).")
     device_map: str | None = Field(
         default=None, pattern=r"^(auto|balanced|balanced_low_0|sequential|cpu|cuda(:\d+)?)$",
         description="hf engine: spread the model over GPUs ('auto', 'balanced', 'sequential') or put it on one "

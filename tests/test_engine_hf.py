@@ -353,11 +353,13 @@ def test_pack_real_queries(tok, labels_name, budget):
 BF16_TOL = 0.3
 
 
+@pytest.mark.parametrize("kernel", ["flash", "gemm"])
 @pytest.mark.parametrize("case", ["baz-never-K20", "bazooka-never-K3"])
-def test_bf16_close_to_fp32_reference(reference, tiny_model, case):
+def test_bf16_close_to_fp32_reference(reference, tiny_model, case, kernel):
+    """Both prefix kernels: flash (the default) and gemm (--prefix-kernel gemm)."""
     prefix, queries, labels, expected = reference(case)
     model = copy.deepcopy(tiny_model).to(torch.bfloat16)
-    got = HFEngine(model, token_budget=64, progress=False).score(prefix, queries, labels)
+    got = HFEngine(model, token_budget=64, progress=False, prefix_kernel=kernel).score(prefix, queries, labels)
     assert np.isfinite(got).all()
     err = np.abs(got - expected)
     assert err.max() < BF16_TOL

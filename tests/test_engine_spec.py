@@ -15,7 +15,7 @@ from iclsft.cli import main
 from iclsft.cli.engine_options import engine_options, engine_spec
 from iclsft.engine_spec import EngineSpec, nested
 
-HF = {"--token-budget", "--threads", "--batch-workers", "--device-map"}
+HF = {"--token-budget", "--threads", "--batch-workers", "--prefix-kernel", "--device-map"}
 VLLM = {"--max-model-len", "--tensor-parallel-size", "--max-num-seqs", "--enforce-eager", "--gpu-memory-utilization",
         "--max-loras", "--max-cpu-loras", "--max-lora-rank", "--block-size", "--kv-cache-gib"}
 SERVER = {"--vllm-url", "--vllm-api-key", "--vllm-timeout", "--vllm-retries", "--vllm-concurrency"}
@@ -117,3 +117,16 @@ def test_a_sweep_configs_engine_options_are_checked_on_load(tmp_path, options, l
     path.write_text(json.dumps(config))
     result = CliRunner().invoke(main, ["sweep", str(path), "--dry-run"])
     assert result.exit_code != 0 and line in result.output and "Traceback" not in result.output, result.output
+
+
+def test_the_hf_options_reach_the_engine(tiny_model_dir):
+    from iclsft.engine.base import open_engine
+
+    engine = open_engine(EngineSpec.of("hf", token_budget=32, workers=2, prefix_kernel="gemm"), tiny_model_dir,
+                         progress=False)
+    try:
+        assert (engine.token_budget, engine.workers, engine.prefix_kernel) == (32, 2, "gemm")
+    finally:
+        engine.close()
+    assert spec_of("--engine", "hf", "--prefix-kernel", "gemm")["hf"]["prefix_kernel"] == "gemm"
+    assert spec_of("--engine", "hf")["hf"]["prefix_kernel"] == "flash"  # the default: the exact kernel

@@ -50,7 +50,7 @@ def _open_hf(engine: EngineSpec, path: Path, dtype: str, *, progress: bool, lora
                                  device_map=engine.hf.device_map)
     o = engine.hf
     return _hf_class()(model, token_budget=o.token_budget, threads=o.threads, progress=progress, source=path,
-                       workers=o.workers)
+                       workers=o.workers, prefix_kernel=o.prefix_kernel)
 
 
 def _open_vllm(engine: EngineSpec, path: Path, dtype: str, *, progress: bool, lora_rank: int | None) -> Engine:

@@ -46,6 +46,7 @@ from iclsft.engine.budget import auto_token_budget, model_devices
 from iclsft.engine.contract import Engine, check_generate_args, check_model_dir
 from iclsft.engine.packing import PackedBatch, pack
 from iclsft.engine.prefix_kv import KV, PREFIX_BLOCK, as_cache, cache_keyword, prefix_kv
+from iclsft.heap import heap_kept
 
 ATTENTION = ("auto", "tree", "mask")
 
@@ -58,7 +59,7 @@ class HFEngine(Engine):
 
     def __init__(self, model, *, token_budget: int | None = None, progress: bool = True,
                  threads: int | None = None, attention: str = "auto", merge_lora: bool = True,
-                 source: str | Path | None = None, workers: int | None = None):
+                 source: str | Path | None = None, workers: int | None = None, prefix_kernel: str = "flash"):
         """`token_budget`: tree nodes per packed forward; None chooses it for the device (engine/budget.py:
         1,024 on CPUs, from free memory on CUDA). `attention`: "tree" (prefix and tree parts apart, no mask:
         engine/tree_attention.py), "mask" (one SDPA call with a dense boolean mask), "auto" (tree where
@@ -67,7 +68,12 @@ class HFEngine(Engine):
         original weights are put back untouched). The model may be spread over devices (`device_map`):
         inputs go to its embedding's device. `source`: the directory the model was loaded from, for
         `check_model` (default: the model's own `name_or_path`). `workers`: packed batches scored at once
-        on a CPU, each at torch's threads / workers (None: 1; on GPUs always 1)."""
+        on a CPU, each at torch's threads / workers (None: 1; on GPUs always 1). `prefix_kernel`: the tree
+        path's prefix attention, "flash" or "gemm" (bf16 GEMMs around an fp32 softmax: faster in bf16 on CPUs
+        with native bf16, its q.k products rounded to bf16; tree_attention.prefix_attention)."""
+        if prefix_kernel not in tree_attention.PREFIX_KERNELS:
+            kernels = ", ".join(tree_attention.PREFIX_KERNELS)
+            raise ValueError(f"prefix_kernel {prefix_kernel!r} is not one of {kernels}")
         if attention not in ATTENTION:
             raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION)}")
         if threads:
@@ -89,6 +95,7 @@ class HFEngine(Engine):
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
         self.workers = workers or 1
+        self.prefix_kernel = prefix_kernel
         self.source = source if source is not None else (getattr(model, "name_or_path", "") or None)
         self.cache_keyword = cache_keyword(model)
         # adapter key -> (prefix tokens, per-layer (keys, values) of that prefix)
@@ -253,7 +260,7 @@ class HFEngine(Engine):
             raise ValueError("every label needs at least one token")
         key = self._activate(adapter)
         out = np.full((len(queries), len(labels)), np.nan)
-        with self._context(key):
+        with self._context(key), heap_kept():  # each batch's activations reuse the last batch's memory
             kv = self.prefix_kv(prefix, key)
             batches = pack(queries, labels, self.token_budget)
             bar = _progress(len(queries), self.progress and len(queries) >= 2000)
@@ -318,7 +325,8 @@ class HFEngine(Engine):
                       position_ids=torch.tensor([batch.depth], device=self.device) + prefix_len,
                       logits_to_keep=torch.tensor(rows, device=self.rows_device))
         if self.attention == "tree":  # routed through tree_attention by `score` (for every batch at once)
-            context = tree_attention.TreeContext.build(kv, batch.parent, self.device, self.windows)
+            context = tree_attention.TreeContext.build(kv, batch.parent, self.device, self.windows,
+                                                       self.prefix_kernel)
             output = self.model(**inputs, use_cache=False, iclsft_tree=context)
         else:
             mask = windows.model_masks(self.base.config, self.windows, prefix_len, batch.depth, batch.ancestor_mask(),

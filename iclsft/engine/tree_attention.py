@@ -6,8 +6,9 @@ n x (P + n) keys makes the kernel compute all n x n node pairs and throw almost 
 away: at a 1,024-node batch that is 24% of the attention work at K=200 (P = 3,317), 86% at K=10
 (P = 166), and all of it with no prefix. So the two parts are computed apart and merged:
 
-- prefix part: one unmasked flash-attention call per batch and layer, the query heads that share
-  a KV head folded into rows (no repeated K/V), giving outputs and their log-sum-exp;
+- prefix part: one unmasked attention per batch and layer, the query heads that share a KV head
+  folded into rows (no repeated K/V), giving outputs and their log-sum-exp: torch's flash kernel,
+  or (the engine's `prefix_kernel="gemm"`) two GEMMs around an fp32 softmax, compiled;
 - tree part: each node's keys gathered from its ancestors (n x L, L = tree depth + 1), scored
   directly;
 - merge: the two partial softmaxes combined by their log-sum-exps (exact, as in flash attention's
@@ -26,6 +27,7 @@ transformers hands to every attention call. CPU only: it uses torch's CPU flash-
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ import numpy as np
 import torch
 
 from iclsft.engine.windows import cuts
+
+logger = logging.getLogger(__name__)
 
 NAME = "iclsft_tree"
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -51,9 +55,11 @@ class TreeContext:
     # window -> per depth, (node indices at that depth, first visible prefix position): only for windows that cut
     prefix_slices: dict[int, list[tuple[torch.Tensor, int]]] = field(default_factory=dict)
     window_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> `bias` with far ancestors -inf
+    prefix_kernel: str = "flash"  # how the prefix part is computed (`prefix_attention`)
 
     @classmethod
-    def build(cls, prefix_kv, parent: Sequence[int], device, windows: Sequence[int | None] = ()) -> TreeContext:
+    def build(cls, prefix_kv, parent: Sequence[int], device, windows: Sequence[int | None] = (),
+              prefix_kernel: str = "flash") -> TreeContext:
         ancestors, valid = ancestor_table(parent)
         bias = np.where(valid, 0.0, -np.inf).astype(np.float32)
         depth = valid.sum(axis=1) - 1
@@ -68,7 +74,7 @@ class TreeContext:
             far[:, window:] = -np.inf  # column c holds the ancestor c steps up: c >= window is out of reach
             window_bias[window] = torch.from_numpy(far).to(device)
         return cls(prefix_kv, torch.from_numpy(ancestors).to(device), torch.from_numpy(bias).to(device),
-                   tuple(windows), torch.from_numpy(depth).to(device), slices, window_bias)
+                   tuple(windows), torch.from_numpy(depth).to(device), slices, window_bias, prefix_kernel)
 
 
 def ancestor_table(parent: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -153,9 +159,10 @@ def tree_attention(module, query, key, value, attention_mask=None, scaling=None,
     prefix_k, prefix_v = ctx.prefix_kv[module.layer_idx] if ctx.prefix_kv else (None, None)
     if prefix_k is not None and prefix_k.shape[2]:
         if window in ctx.prefix_slices:
-            o_pre, lse_pre = _windowed_prefix(query, prefix_k, prefix_v, scale, ctx.prefix_slices[window])
+            o_pre, lse_pre = _windowed_prefix(query, prefix_k, prefix_v, scale, ctx.prefix_slices[window],
+                                              ctx.prefix_kernel)
         else:
-            o_pre, lse_pre = _FLASH(q, prefix_k, prefix_v, scale=scale)[:2]
+            o_pre, lse_pre = prefix_attention(q, prefix_k, prefix_v, scale, ctx.prefix_kernel)
             o_pre = o_pre[0].float().view(groups, rep, n, dim).transpose(1, 2)  # [G, n, rep, D]
             lse_pre = lse_pre[0].float().view(groups, rep, n).transpose(1, 2)
         top = torch.maximum(top, lse_pre)
@@ -172,7 +179,48 @@ def tree_attention(module, query, key, value, attention_mask=None, scaling=None,
     return out.permute(1, 0, 2, 3).reshape(1, n, heads, dim).to(query.dtype), None
 
 
-def _windowed_prefix(query, prefix_k, prefix_v, scale: float, slices) -> tuple[torch.Tensor, torch.Tensor]:
+PREFIX_KERNELS = ("flash", "gemm")
+PREFIX_SCORES = 2**19  # scores per KV head of one compiled call (2 MiB of fp32: rows x prefix keys stay in cache)
+PREFIX_CHUNK = 128  # rows per compiled call at least (each call costs Python and dispatch)
+_compiled = None  # the compiled prefix part; False once compiling failed on this machine (flash from then on)
+
+
+def _prefix_part(q, k, v, scale: float):
+    """Exact attention of rows q [1, G, m, D] to every key: bf16 GEMMs (fp32 accumulation inside), the
+    softmax in fp32. Returns outputs [1, G, m, D] fp32 and log-sum-exps [1, G, m]."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    top = scores.amax(-1, keepdim=True)
+    weights = (scores - top).exp()
+    total = weights.sum(-1, keepdim=True)
+    return torch.matmul(weights.to(v.dtype), v).float() / total, (top + total.log()).squeeze(-1)
+
+
+def prefix_attention(q, k, v, scale: float, kernel: str = "flash"):
+    """Rows q [1, G, m, D] against the prefix k, v [1, G, P, D]: (outputs, log-sum-exps). `flash`: torch's
+    CPU flash kernel. `gemm`: the same sums as two GEMMs in q's dtype around an fp32 softmax, fused by
+    torch.compile and run in chunks of rows; in bf16 on CPUs with native bf16 1.2-1.4x the bf16 flash
+    kernel (which is no faster than its fp32 one), but its q.k products are rounded to bf16 before the
+    softmax (docs/throughput.md). Where compiling fails (no C++ compiler) gemm falls back to flash, said once."""
+    global _compiled
+    if kernel not in PREFIX_KERNELS:
+        raise ValueError(f"prefix kernel {kernel!r} is not one of {', '.join(PREFIX_KERNELS)}")
+    if kernel == "gemm" and _compiled is None:
+        _compiled = torch.compile(_prefix_part, dynamic=True)
+    if kernel == "flash" or _compiled is False:
+        return _FLASH(q, k, v, scale=scale)[:2]
+    try:
+        rows = max(PREFIX_CHUNK, PREFIX_SCORES // max(k.shape[2], 1) // PREFIX_CHUNK * PREFIX_CHUNK)
+        parts = [_compiled(q[:, :, s:s + rows], k, v, scale) for s in range(0, q.shape[2], rows)]
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        logger.warning("the compiled prefix attention is not available here (%s): using torch's flash kernel",
+                       str(e).strip().splitlines()[0])
+        _compiled = False
+        return _FLASH(q, k, v, scale=scale)[:2]
+    return torch.cat([o for o, _ in parts], 2), torch.cat([lse for _, lse in parts], 2)
+
+
+def _windowed_prefix(query, prefix_k, prefix_v, scale: float, slices,
+                     kernel: str = "flash") -> tuple[torch.Tensor, torch.Tensor]:
     """The prefix part under a sliding window: per depth, its nodes against the prefix slice they see.
     Returns outputs [G, n, rep, D] and log-sum-exps [G, n, rep] (-inf, with zero outputs, for a node
     that sees no prefix key: its weight in the merge is then 0)."""
@@ -187,7 +235,7 @@ def _windowed_prefix(query, prefix_k, prefix_v, scale: float, slices) -> tuple[t
             continue
         m = len(nodes)
         q = query[:, :, nodes].reshape(1, groups, rep * m, dim)
-        o, s = _FLASH(q, prefix_k[:, :, start:], prefix_v[:, :, start:], scale=scale)[:2]
+        o, s = prefix_attention(q, prefix_k[:, :, start:], prefix_v[:, :, start:], scale, kernel)
         out[:, nodes] = o[0].float().view(groups, rep, m, dim).transpose(1, 2)
         lse[:, nodes] = s[0].float().view(groups, rep, m).transpose(1, 2)
     return out, lse

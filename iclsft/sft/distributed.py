@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
+from iclsft.heap import heap_kept
 from iclsft.models import quiet_loading
 from iclsft.sft.adapters import is_finished, save_checkpoint
-from iclsft.sft.heap import heap_kept
 from iclsft.sft.train import (
     TrainJob,
     batch_indices,

@@ -33,10 +33,10 @@ import torch
 
 from iclsft.errors import is_out_of_memory, out_of_memory
 from iclsft.faults import fault_point
+from iclsft.heap import heap_kept
 from iclsft.models import quiet_loading
 from iclsft.sft.adapters import is_finished, save_checkpoint
 from iclsft.sft.batches import batch_indices, canonical_order
-from iclsft.sft.heap import heap_kept
 from iclsft.spec import SftSpec
 
 

@@ -1,6 +1,6 @@
 """`heap_kept`: large allocations come from the heap and stay there for the next one (glibc's own
-accounting, mallinfo2, is the reference), the default comes back on leaving, and a non-glibc C library
-is left alone."""
+accounting, mallinfo2, is the reference), the default comes back on leaving (the last of nested uses
+leaving), and a non-glibc C library is left alone."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from iclsft.sft import heap
-from iclsft.sft.heap import heap_kept
+from iclsft import heap
+from iclsft.heap import heap_kept
 
 BLOCK = 64 * 2**20  # above glibc's largest mmap threshold (32 MiB)
 
@@ -43,7 +43,7 @@ def test_a_large_block_is_mmapped_by_default_and_heap_allocated_inside(mallinfo)
 _CHECK = f"""
 import ctypes, ctypes.util
 import numpy as np
-from iclsft.sft.heap import heap_kept
+from iclsft.heap import heap_kept
 BLOCK = {BLOCK}
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in {[name for name, _ in MallInfo2._fields_]!r}]
@@ -68,6 +68,17 @@ with heap_kept() as active:
 before = mallinfo().hblkhd
 block = np.ones(BLOCK, dtype=np.uint8)
 assert mallinfo().hblkhd - before >= BLOCK, "and the default policy is back"
+del block
+with heap_kept():
+    with heap_kept() as inner:  # nested (a score inside a training, or two engines' threads at once)
+        assert inner
+    mapped = mallinfo().hblkhd
+    block = np.ones(BLOCK, dtype=np.uint8)
+    assert mallinfo().hblkhd - mapped < BLOCK, "the inner one leaving does not end the outer one's policy"
+    del block
+before = mallinfo().hblkhd
+block = np.ones(BLOCK, dtype=np.uint8)
+assert mallinfo().hblkhd - before >= BLOCK, "the outer one leaving does"
 """
 
 
