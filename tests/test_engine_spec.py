@@ -130,3 +130,11 @@ def test_the_hf_options_reach_the_engine(tiny_model_dir):
         engine.close()
     assert spec_of("--engine", "hf", "--prefix-kernel", "gemm")["hf"]["prefix_kernel"] == "gemm"
     assert spec_of("--engine", "hf")["hf"]["prefix_kernel"] == "flash"  # the default: the exact kernel
+
+
+def test_no_two_engines_share_an_option_name():
+    """Flat options find their engine by name (`owner`), so a name two engines used would be ambiguous."""
+    from iclsft.engine_spec import OPTIONS
+
+    names = [f for _, model, _ in OPTIONS.values() for f in model.model_fields]
+    assert len(names) == len(set(names)) == 21
