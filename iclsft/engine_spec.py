@@ -14,9 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from iclsft.frozen import Frozen
-from iclsft.names import engines
-
-VLLM_DTYPES = ("float32", "bfloat16", "float16")
+from iclsft.names import PREFIX_KERNELS, VLLM_DTYPES, engines
 
 
 class HFOptions(Frozen):
@@ -31,10 +29,10 @@ class HFOptions(Frozen):
         default=None, ge=1, json_schema_extra={"flag": "--batch-workers"},
         description="hf on CPUs: packed batches scored at once, torch's threads shared out (default 1; 2 on a "
                     "2-core machine that other jobs share was 1.3-1.9x faster: docs/throughput.md).")
-    prefix_kernel: Literal["flash", "gemm"] = Field(
+    prefix_kernel: Literal[PREFIX_KERNELS] = Field(
         default="flash",
         description="hf engine on CPUs: the prefix attention, torch's flash kernel or GEMMs around an fp32 softmax "
-                    "(in bf16 on CPUs with native bf16 1.1-1.25x the q/s at K=200, its q.k products rounded to bf16: "
+                    "(in bf16 on CPUs with native bf16 1.1-1.3x the q/s at K=200, its q.k products rounded to bf16: "
                     "docs/throughput.md).")
     device_map: str | None = Field(
         default=None, pattern=r"^(auto|balanced|balanced_low_0|sequential|cpu|cuda(:\d+)?)$",
@@ -177,7 +175,7 @@ class EngineSpec(Frozen):
 def nested(stored: dict) -> dict:
     """An engine spec stored before the options were nested (hash versions v1, v2: every option flat
     beside `name`) in today's form; every option kept, each in its engine's model."""
-    if any(key in stored for key in ("hf", "vllm", "server")):
+    if any(attr in stored for attr, _, _ in OPTIONS.values()):
         return stored
     out: dict = {"name": stored.get("name", "hf")}
     for option, value in stored.items():

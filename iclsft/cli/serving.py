@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from iclsft.cli.app import main, setup_logging, user_errors
-from iclsft.engine_spec import VLLM_DTYPES, VLLMOptions
+from iclsft.engine_spec import VLLMOptions
+from iclsft.names import VLLM_DTYPES
 from iclsft.serve import query_points, serve_command
 from iclsft.serve import serve as serve_run
 

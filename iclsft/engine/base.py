@@ -46,9 +46,9 @@ def _hf_class() -> type[Engine]:
 
 
 def _open_hf(engine: EngineSpec, path: Path, dtype: str, *, progress: bool, lora_rank: int | None) -> Engine:
-    model, _ = models.load_model(models.ModelRef(name=str(path), path=path, fingerprint=""), dtype,
-                                 device_map=engine.hf.device_map)
     o = engine.hf
+    model, _ = models.load_model(models.ModelRef(name=str(path), path=path, fingerprint=""), dtype,
+                                 device_map=o.device_map)
     return _hf_class()(model, token_budget=o.token_budget, threads=o.threads, progress=progress, source=path,
                        workers=o.workers, prefix_kernel=o.prefix_kernel)
 

@@ -47,6 +47,7 @@ from iclsft.engine.contract import Engine, check_generate_args, check_model_dir
 from iclsft.engine.packing import PackedBatch, pack
 from iclsft.engine.prefix_kv import KV, PREFIX_BLOCK, as_cache, cache_keyword, prefix_kv
 from iclsft.heap import heap_kept
+from iclsft.names import PREFIX_KERNELS
 
 ATTENTION = ("auto", "tree", "mask")
 
@@ -71,9 +72,8 @@ class HFEngine(Engine):
         on a CPU, each at torch's threads / workers (None: 1; on GPUs always 1). `prefix_kernel`: the tree
         path's prefix attention, "flash" or "gemm" (bf16 GEMMs around an fp32 softmax: faster in bf16 on CPUs
         with native bf16, its q.k products rounded to bf16; tree_attention.prefix_attention)."""
-        if prefix_kernel not in tree_attention.PREFIX_KERNELS:
-            kernels = ", ".join(tree_attention.PREFIX_KERNELS)
-            raise ValueError(f"prefix_kernel {prefix_kernel!r} is not one of {kernels}")
+        if prefix_kernel not in PREFIX_KERNELS:
+            raise ValueError(f"prefix_kernel {prefix_kernel!r} is not one of {', '.join(PREFIX_KERNELS)}")
         if attention not in ATTENTION:
             raise ValueError(f"attention {attention!r} is not one of {', '.join(ATTENTION)}")
         if threads:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from iclsft.engine.windows import cuts
+from iclsft.names import PREFIX_KERNELS
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,6 @@ def tree_attention(module, query, key, value, attention_mask=None, scaling=None,
     return out.permute(1, 0, 2, 3).reshape(1, n, heads, dim).to(query.dtype), None
 
 
-PREFIX_KERNELS = ("flash", "gemm")
 PREFIX_SCORES = 2**19  # scores per KV head of one compiled call (2 MiB of fp32: rows x prefix keys stay in cache)
 PREFIX_CHUNK = 128  # rows per compiled call at least (each call costs Python and dispatch)
 _compiled = None  # the compiled prefix part; False once compiling failed on this machine (flash from then on)
