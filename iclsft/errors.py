@@ -24,6 +24,14 @@ OOM_SCORING = ("lower --token-budget (tokens per forward pass of the hf engine; 
                "or for vllm --gpu-memory-utilization / --kv-cache-gib")
 
 
+def first_error(error) -> tuple[str, str, object, str]:
+    """A pydantic ValidationError's first problem: (its type, the dotted field, the value, pydantic's message)."""
+    first = error.errors()[0]
+    message = first.get("msg", str(error)).removeprefix("Value error, ")
+    field = ".".join(str(part) for part in first.get("loc", ()) if not isinstance(part, int))
+    return first.get("type", ""), field, first.get("input"), message
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     """MemoryError, torch.OutOfMemoryError (CUDA), or torch's CPU allocator failing."""
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":

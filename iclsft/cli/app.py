@@ -14,7 +14,7 @@ import click
 from iclsft import __version__
 from iclsft.engine.vllm_server import ServerError
 from iclsft.engine_spec import flag_at
-from iclsft.errors import ConditionsFailed, RunLockedError
+from iclsft.errors import ConditionsFailed, RunLockedError, first_error
 from iclsft.evaluate.runs import format_table
 
 USER_ERRORS = (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError, OSError, MemoryError)
@@ -35,14 +35,6 @@ def user_errors(fn):
             raise click.ClickException(str(e)) from e
 
     return wrapper
-
-
-def first_error(error) -> tuple[str, str, object, str]:
-    """A pydantic ValidationError's first problem: (its type, the dotted field, the value, pydantic's message)."""
-    first = error.errors()[0]
-    message = first.get("msg", str(error)).removeprefix("Value error, ")
-    field = ".".join(str(part) for part in first.get("loc", ()) if not isinstance(part, int))
-    return first.get("type", ""), field, first.get("input"), message
 
 
 def _validation_message(error) -> str:

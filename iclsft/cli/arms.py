@@ -13,13 +13,13 @@ from iclsft.cli.app import (
     _labels,
     _number_list,
     echo_table,
-    first_error,
     main,
     setup_logging,
     shown,
     user_errors,
 )
 from iclsft.cli.engine_options import engine_options, engine_spec
+from iclsft.errors import first_error
 from iclsft.implicit.results import results_table
 from iclsft.names import (
     BOS_CHOICES,

@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from iclsft.engine_spec import EngineSpec, owner
+from iclsft.errors import first_error
 from iclsft.graph.resources import Resources
 from iclsft.names import (
     CHECKPOINTS_KEEP,
@@ -129,11 +130,10 @@ class SweepConfig(Frozen):
         try:
             EngineSpec.of(readers[-1] if v else "hf", **v)  # an unknown option (ValueError) or a bad value
         except ValidationError as e:
-            first = e.errors()[0]
-            message = first["msg"].removeprefix("Value error, ")
-            option = first["loc"][-1] if first["loc"] and first["loc"][-1] in v else None
-            raise ValueError(message if option is None else
-                             f"engine_options.{option} = {first['input']!r} is not allowed: {message}") from None
+            _, field, value, message = first_error(e)
+            option = field.split(".")[-1]
+            raise ValueError(message if option not in v else
+                             f"engine_options.{option} = {value!r} is not allowed: {message}") from None
         return v
 
     @model_validator(mode="before")
