@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 import threading
 from collections.abc import Iterator
@@ -27,8 +28,10 @@ DEFAULT_TRIM_THRESHOLD = 128 * 1024  # glibc's defaults (mallopt(3))
 DEFAULT_MMAP_MAX = 65536
 
 
+@functools.cache
 def _glibc():
-    """The C library when it is glibc (has mallopt and malloc_trim), else None."""
+    """The C library when it is glibc (has mallopt and malloc_trim), else None; looked up once (finding
+    it runs ldconfig: ~1 ms, and the hf engine enters `heap_kept` at every score call)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
