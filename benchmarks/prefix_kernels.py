@@ -32,29 +32,20 @@ SETTINGS = {  # name -> (dtype, prefix kernel, heap kept)
 
 
 def one_model(name: str, shots: list[int], queries: int, rounds: int, budget: int, peaks: dict) -> list[dict]:
-    from transformers import AutoTokenizer
-
     import iclsft.engine.hf as hf
     from iclsft.bench.flops import tree_flops
+    from iclsft.bench.grid import grid_sample
     from iclsft.engine.packing import pack
-    from iclsft.models import load_model, resolve_model
-    from iclsft.prompts import PromptBuilder
-    from iclsft.spec import TaskSpec, TemplateSpec
-    from iclsft.tasks import linear2d
+    from iclsft.models import load_model
 
-    ref = resolve_model(name)
-    task = TaskSpec(angle=45.0)
-    builder = PromptBuilder(AutoTokenizer.from_pretrained(ref.path), TemplateSpec(), task.labels)
-    grid = linear2d.queries(task)
-    pick = np.sort(np.random.default_rng(0).choice(len(grid), queries, replace=False))
-    qs = builder.queries(grid.n1.values[pick], grid.n2.values[pick])
+    sample = grid_sample(name, queries)
+    ref, builder, qs = sample.ref, sample.builder, sample.queries
     engines = {d: hf.HFEngine(load_model(ref, d)[0], token_budget=budget, progress=False, workers=1)
                for d in ("float32", "bfloat16")}
     kept = hf.heap_kept
     rows = []
     for k in shots:
-        ex = linear2d.exemplars(task, 0, k)
-        prefix = builder.prefix(ex.n1, ex.n2, ex.truth)
+        prefix = sample.prefix(k)
         flops, _ = tree_flops(engines["float32"].model.config, pack(qs, builder.label_ids, budget), len(prefix))
         best: dict[str, float] = {}
         scores: dict[str, np.ndarray] = {}

@@ -87,24 +87,15 @@ def profile_one(model_name: str, dtype: str, shots: int, queries: int, budget: i
                 workers: tuple[int, ...] = (1, 2)) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from transformers import AutoTokenizer
 
     from iclsft.bench.flops import tree_flops
+    from iclsft.bench.grid import grid_sample
     from iclsft.engine.hf import HFEngine
     from iclsft.engine.packing import pack
-    from iclsft.models import load_model, resolve_model
-    from iclsft.prompts import PromptBuilder
-    from iclsft.spec import TaskSpec, TemplateSpec
-    from iclsft.tasks import linear2d
+    from iclsft.models import load_model
 
-    ref = resolve_model(model_name)
-    task = TaskSpec(angle=45.0)
-    builder = PromptBuilder(AutoTokenizer.from_pretrained(ref.path), TemplateSpec(), task.labels)
-    grid = linear2d.queries(task)
-    pick = np.sort(np.random.default_rng(0).choice(len(grid), queries, replace=False))
-    qs = builder.queries(grid.n1.values[pick], grid.n2.values[pick])
-    ex = linear2d.exemplars(task, 0, shots)
-    prefix = builder.prefix(ex.n1, ex.n2, ex.truth)
+    sample = grid_sample(model_name, queries)
+    ref, builder, qs, prefix = sample.ref, sample.builder, sample.queries, sample.prefix(shots)
     model = load_model(ref, dtype)[0]
     engine = HFEngine(model, token_budget=budget, progress=False, workers=1)
     engine.prefix_kv(prefix)  # computed once per condition: not part of the per-query cost
