@@ -482,8 +482,8 @@ def test_the_sft_command_on_ray_is_a_one_arm_graph(fake_gpus, model, tmp_path):
     local = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "local"), "--executor", "local"])
     assert local.exit_code == 0, local.output
     graph = graph_record(tmp_path / "ray")
-    # one engine per scorer that scored; two trainings (one per K)
-    assert graph["engine_starts"] == graph["usage"]["scorer"]["workers"] and graph["usage"]["trainer"]["works"] == 2
+    # one engine per scorer that scored (the placement lists the slots that ran a work); two trainings (one per K)
+    assert graph["engine_starts"] == len(gpu_ids(graph, "scorer")) and graph["usage"]["trainer"]["works"] == 2
     scorer_gpus = {g for ids in gpu_ids(graph, "scorer").values() for g in ids}
     trainer_gpus = {g for ids in gpu_ids(graph, "trainer").values() for g in ids}
     assert scorer_gpus and trainer_gpus and not scorer_gpus & trainer_gpus

@@ -8,6 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 from iclsft.cli import main
+from iclsft.graph.costs import full_checkpoint_bytes, model_shape, swap_seconds
 from iclsft.graph.resources import Resources, resolve
 from iclsft.graph.simulate import simulate
 from iclsft.spec import TaskSpec
@@ -110,6 +111,11 @@ def test_cpu_costs_grow_with_the_prompt(config):
     assert icl == [pytest.approx(chain)] * 4
     sft = [w.cost for w in works if w.arm.endswith("|sft-lora") and w.payload.kind == "score"]
     assert sft == [pytest.approx(2 * (100 * QUERY / 140 + 0.7))] * 8  # scored zero-shot: no exemplars in the prompt
+    # a training of the tiny model: its 2 LoRA steps (0.5 s x TRAIN = 0.012 s) and its load (2 s x LOAD = 0.048 s)
+    # priced at the CPU's floors, the tiny model's measured 0.02 s a step and 0.1 s a training
+    assert 0.5 * TRAIN < 0.02 and 2 * LOAD < 0.1
+    train = [w.cost for w in works if w.arm.endswith("|sft-lora") and w.role == "trainer"]
+    assert train == [pytest.approx(2 * 0.02 + 0.1)] * 4
 
 
 def test_disk_use_of_the_tiny_model(config):
@@ -233,34 +239,50 @@ def test_an_unreachable_ray_address_is_one_line(config_file):
 
 
 def test_the_simulator_plans_the_works_the_real_graph_builds(config):
-    """The simulator's works (no tokenizer, no model) against those `GraphRun` builds for the same sweep from
-    its real arms (tokenizer and all; nothing run): the same scorings (an ICL chain, or every condition of one
-    checkpoint), RSA works and trainings, each needing the same works. Work ids are compared after their arm
-    prefix (the simulator names arms by model, the graph by run directory), a training by what needs it."""
+    """The simulator's works (no tokenizer) against those `GraphRun` builds for the same sweep from its real
+    arms (tokenizer and all; nothing run): the same scorings (an ICL chain, or every condition of one
+    checkpoint), RSA works, circuit states and trainings, each needing the same works, with the same labels
+    and estimated seconds (the virtual engines' setups and checkpoint swaps aside). Work ids are compared
+    after their arm prefix (the simulator names arms by model, the graph by run directory), a training by
+    what needs it."""
     from iclsft.graph.run import GraphRun
     from iclsft.sweep.plan import planned_arms
 
-    config = config.model_copy(update={"implicit": config.implicit.model_copy(update={"circuits": False})})
     arms = [arm for planned in planned_arms(config).values() for arm in planned]
-    graph = GraphRun(arms, "cpu", rsa=(config.dtype, config.rsa_subset))
+    imp = config.implicit
+    graph = GraphRun(arms, "cpu", rsa=(config.dtype, config.rsa_subset),
+                     circuits=(imp.circuit_pairs, imp.circuit_shots))
     try:
         real = graph.works
     finally:
         graph.close()
 
-    def shape(works) -> set:
-        local = {w.id: w.id[len(w.arm) + 1:] for w in works}
+    def full_scoring(w) -> bool:
+        return w.arm.endswith("sft-full") and w.role == "scorer" and "|rsa|" not in w.id
+
+    def shape(works, swap: float = 0.0) -> set:
+        """`swap`: the simulator's seconds for swapping a full checkpoint into the running engine (the real
+        graph's estimates leave it out)."""
+        local = {w.id: w.id[len(w.arm) + 1:] if w.role == "trainer" or "|circuits|" not in w.id
+                 else w.id.rsplit("|", 1)[1] for w in works}
         needed_by: dict[str, set] = {}
         for w in works:
             for n in w.needs:
                 needed_by.setdefault(n, set()).add(local[w.id])
         name = {i: (f"train<{sorted(needed_by[i])}>" if "train|" in rest else rest) for i, rest in local.items()}
-        return {(w.role, w.arm.rsplit("|", 1)[1], name[w.id], frozenset(name[n] for n in w.needs)) for w in works}
+        return {(w.role, w.arm.rsplit("|", 1)[1], name[w.id], frozenset(name[n] for n in w.needs),
+                 w.label if w.role == "scorer" else w.label.split(" (", 1)[1],
+                 round(w.cost - (swap if full_scoring(w) else 0.0), 9))
+                for w in works}
 
     simulated = simulation_works(config, "cpu")
-    assert len(real) == len(simulated) and shape(real) == shape(simulated)
-    kinds = [(w.role, "rsa|" in w.id) for w in real]
+    swap = swap_seconds(full_checkpoint_bytes(model_shape(config.models[0])), "cpu")
+    assert len(real) == len(simulated) and shape(real) == shape(simulated, swap)
+    kinds = [(w.role, "rsa|" in w.id, "circuits|" in w.id) for w in real]
     # trainings: LoRA and full, one per angle and K (both orders share it), and the implicit LoRA model; RSA:
-    # one per 2D scoring unit, 4 ICL chains (2 angles x 2 orders) and 16 checkpoints (8 trainings x 2 fractions)
-    assert (kinds.count(("trainer", False)), kinds.count(("scorer", True))) == (9, 20)
-    assert len(real) == 51
+    # one per 2D scoring unit, 4 ICL chains (2 angles x 2 orders) and 16 checkpoints (8 trainings x 2
+    # fractions); circuits: base, ICL and the LoRA model of the one task
+    assert kinds.count(("trainer", False, False)) == 9
+    assert (kinds.count(("scorer", True, False)), kinds.count(("scorer", False, True))) == (20, 3)
+    assert len(real) == 54
+

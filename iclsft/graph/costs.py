@@ -20,15 +20,20 @@ RATES = {
     # ~60 s (docs/sft.md); vllm start 26-38 s (docs/benchmarks/throughput*.md). Per condition beyond its
     # queries (prompt, metrics, files): ~0.7 s, and ~2 s more for RSA (its pair histograms), from the
     # demo sweep's ICL arm (26 s for 16 conditions of 100 queries) and RSA (~90 s for 32) in docs/sweep.md
+    # A model far smaller than SmolLM2 still pays per step and per training what does not shrink with
+    # it (Python, optimizer, saving): `step_floor` and `load_floor`, the tests' tiny Llama's LoRA step and
+    # fixed seconds (benchmarks/train_overhead.py: 0.020 s a step, 0.10 s a training; SmolLM2 0.48 and 0.46)
     "cpu": {"query": 1 / 140, "per_prefix_token": 2.26e-6, "condition": 0.7, "rsa_condition": 2.0,
             "lora_step": 0.5, "full_step": 1.0, "model_load": 2.0, "engine_start": 1.0, "vllm_start": 38.0,
-            "swap_per_gb": 1.0,
-            "measured": ("query", "per_prefix_token", "condition", "rsa_condition", "lora_step", "vllm_start")},
+            "swap_per_gb": 1.0, "step_floor": 0.02, "load_floor": 0.1,
+            "measured": ("query", "per_prefix_token", "condition", "rsa_condition", "lora_step", "vllm_start",
+                         "step_floor", "load_floor")},
     # scoring: hf engine, bf16, one H100 (docs/benchmarks/gpu_hf_h100.json, 13.6-17.5k q/s at an 8k token
     # budget, flat in the prefix); the rest assumed, not measured on a GPU yet
     "gpu": {"query": 1 / 13_600, "per_prefix_token": 0.0, "condition": 0.1, "rsa_condition": 0.2,
             "lora_step": 0.05, "full_step": 0.08, "model_load": 5.0, "engine_start": 5.0, "vllm_start": 40.0,
-            "swap_per_gb": 0.5, "measured": ("query", "per_prefix_token")},
+            "swap_per_gb": 0.5, "step_floor": 0.0, "load_floor": 0.0,  # floors not measured on a GPU: none
+            "measured": ("query", "per_prefix_token")},
 }
 
 # The rates are SmolLM2-135M's on the 2D task. Another model's are scaled by its compute per token
@@ -86,7 +91,15 @@ def train_seconds(steps: int, method: str, device: str, scale: dict | None = Non
     and the base model's load."""
     s = scale or model_scale(None)
     tokens = get(study).example_tokens / REFERENCE_EXAMPLE_TOKENS
-    return steps * step_seconds(method, device) * s["train"] * tokens + RATES[device]["model_load"] * s["load"]
+    step = max(step_seconds(method, device) * s["train"] * tokens, RATES[device]["step_floor"])
+    return steps * step + load_seconds(device, s)
+
+
+def load_seconds(device: str, scale: dict | None = None) -> float:
+    """Loading a model `scale` times the reference's size (a training's base model, RSA's and circuits'
+    hooked model, a full checkpoint for its RSA)."""
+    r = RATES[device]
+    return max(r["model_load"] * (scale or model_scale(None))["load"], r["load_floor"])
 
 
 def step_seconds(method: str, device: str) -> float:

@@ -20,14 +20,15 @@ from iclsft.arms.runner import ArmRun
 from iclsft.arms.trainings import training_note
 from iclsft.artifacts import atomic_write_json
 from iclsft.errors import ConditionsFailed
-from iclsft.graph.costs import RATES, prefix_tokens, rsa_seconds, score_seconds, train_seconds
+from iclsft.graph.build import ArmWorks, Builder, Circuits, Part, Training, stale_rsa, train_id
+from iclsft.graph.costs import model_scale, model_shape
 from iclsft.graph.local_backend import LocalBackend
 from iclsft.graph.ray_backend import RayBackend, start_ray
 from iclsft.graph.remote import CircuitTask, RsaTask, ScoreTask, read_tree, write_tree
 from iclsft.graph.resources import Resources
 from iclsft.graph.schedule import Backend, Usage, schedule
-from iclsft.graph.work import Finished, Work, icl_chains, scoring_share, unit_label
-from iclsft.implicit.circuits import CIRCUITS_DIR, _stored, circuit_states, read_index, state_key, store_state
+from iclsft.graph.work import Finished, Work, scoring_share, unit_label
+from iclsft.implicit.circuits import CIRCUITS_DIR, read_index, state_key, store_state
 from iclsft.rsa import rsa_is_current
 from iclsft.rsa.run import RSA_JSON, write_rsa, write_rsa_error
 from iclsft.sft.adapters import ADAPTERS_DIR, is_finished, read_marker
@@ -102,10 +103,12 @@ class _Arm:
     shared: dict = dataclasses.field(default_factory=dict)
     table: Any = None
     rsa_failed: list = dataclasses.field(default_factory=list)
+    works: ArmWorks | None = None  # what the builder took
 
 
-class GraphRun:
-    """The driver's side of one graph: opens the arms, builds their works, writes what comes back."""
+class GraphRun(Builder):
+    """The driver's side of one graph: opens the arms, builds their works (the builder's parts: the tasks
+    the workers run), writes what comes back."""
 
     def __init__(self, arms: Sequence[tuple[Path, Any, Any]], device: str = "cpu", *,
                  rsa: tuple[str, str] | None = None, circuits: tuple[int, int] | None = None,
@@ -120,8 +123,9 @@ class GraphRun:
         `shared_disk`: the backend's workers read and write the run directories (`LocalBackend`): a training
         saves into them, a scorer reads checkpoints there, and each condition is a work of its own, written
         as soon as it is scored (a chain's or a checkpoint's conditions still run in turn on one engine)."""
+        super().__init__(device, split=shared_disk)
         self.backend: Backend | None = None
-        self.device, self.shared_disk = device, shared_disk
+        self.shared_disk = shared_disk
         self.rsa, self.circuits = rsa, circuits
         self.indexes: dict[Path, dict] = {}  # implicit run dir -> its circuits.json, as written so far
         self.circuit_runs: dict[str, Path] = {}  # circuit state work id -> its run directory
@@ -129,7 +133,7 @@ class GraphRun:
         self.fractions: dict[str, float] = {}  # checkpoint dir -> its fraction of training (jobs of this graph)
         self.runs: dict[Path, RunDir] = {}
         self.arms: dict[str, _Arm] = {}
-        self.works: list[Work] = []
+        self.scales: dict[Path, dict] = {}  # model dir -> its cost against the reference model
         self.trained: dict[str, dict] = {}  # training work id -> what its conditions' records say of it
         self.dirs: dict[str, dict[str, str]] = {}  # training work id -> checkpoint name -> driver's directory
         self.puts: dict[str, list] = {}  # reused checkpoint dir -> [handle, conditions left]
@@ -145,7 +149,11 @@ class GraphRun:
                 run.acquire_lock()  # once per run directory: a held lock is kept
                 a = _Arm(f"{Path(path)}|{spec.arm}", ArmRun(arm, run))
                 self.arms[a.key] = a
-                self._add_works(a, spec, ref)
+                a.works = self._arm_works(a, spec, ref)
+                self.add_arm(a.works)
+            for work in self.works:
+                if work.arm in self.arms:
+                    self.arms[work.arm].left += 1
             if circuits is not None:
                 for path in dict.fromkeys(Path(p) for p, spec, _ in arms if of_spec(spec).circuits):
                     run = self.runs[path]
@@ -154,115 +162,80 @@ class GraphRun:
             self.close()
             raise
 
-    def _add_works(self, a: _Arm, spec, ref) -> None:
-        arm, todo = a.state.arm, a.state.todo
-        base = dict(arm=a.key, spec=spec, model=ref.name, fingerprint=ref.fingerprint)
-        rsa = self.rsa is not None and of_spec(spec).rsa  # the 2D study's arms
-        if rsa:
-            self._rsa_finished(a, spec, ref)
-        if not arm.trains:  # ICL: each chain on the base model, K ascending
-            for chain in icl_chains(todo):
-                for conds in self._units(chain):
-                    unit = f"{a.key}|{conds[0].id}"
-                    self._work(a, Work(unit, "scorer", unit_label(conds), sum(map(self._score_cost, conds)),
-                                       arm=a.key, payload=ScoreTask(conds=tuple(conds), **base)))
-                    if rsa:
-                        self._rsa_work(a, conds, ref, (unit,))
-            return
-        plan = arm.plan
-        a.shared = plan.shared
-        for job in plan.jobs:
-            self.fractions.update((d, f) for f, d in job.checkpoints)
-            missing = [(f, d) for f, d in job.checkpoints if not is_finished(Path(d))]
-            train_id = f"{a.key}|train|{job.key}"
-            if missing:
-                steps = total_steps(len(job.examples), job.sft)
-                self._work(a, Work(train_id, "trainer", f"model {job.key[:12]} ({job.sft.method}, {steps} steps)",
-                                   train_seconds(steps, job.sft.method, self.device), arm=a.key,
-                                   payload=(dataclasses.replace(job, checkpoints=missing), ref.name, ref.fingerprint),
-                                   holds=0 if arm.lora else len(missing)))
-                self.dirs[train_id] = {Path(d).name: d for _, d in missing}
-            by_ckpt: dict[str, list] = {}  # every condition of one checkpoint: one work (one adapter load or swap)
-            for cond_id in job.meta["conditions"]:
-                cond, ckpt = plan.checkpoints[cond_id]
-                by_ckpt.setdefault(ckpt, []).append(cond)
-            for ckpt, group in by_ckpt.items():
-                trained = any(d == ckpt for _, d in missing)
-                needs = (train_id,) if trained else ()
-                for conds in self._units(group):
-                    records = tuple({"trained_now": trained} | (
-                        {"shared_with": a.shared[c.id]} if c.id in a.shared else {}) for c in conds)
-                    task = ScoreTask(conds=tuple(conds), records=records, checkpoint=Path(ckpt).name, **base)
-                    unit = f"{a.key}|{conds[0].id}"
-                    self._work(a, Work(unit, "scorer", unit_label(conds), sum(map(self._score_cost, conds)),
-                                       needs=needs, payload=self._source(ckpt, task, trained), arm=a.key))
-                    self._user(a, ckpt)
-                    if rsa:
-                        self._rsa_work(a, conds, ref, (unit, *needs), ckpt)
+    def _arm_works(self, a: _Arm, spec, ref) -> ArmWorks:
+        """The arm as the builder takes it: its trainings from its planned jobs (those whose checkpoints are
+        all finished are read as they are)."""
+        arm, study = a.state.arm, of_spec(spec)
+        rsa = self.rsa is not None and study.rsa  # the 2D study's arms
+        trainings = None
+        if arm.trains:
+            plan = arm.plan
+            a.shared = plan.shared
+            trainings = []
+            for job in plan.jobs:
+                self.fractions.update((d, f) for f, d in job.checkpoints)
+                trainings.append(Training(job.key, job.sft.method, total_steps(len(job.examples), job.sft),
+                                          tuple(plan.checkpoints[c] for c in job.meta["conditions"]),
+                                          tuple(d for _, d in job.checkpoints if not is_finished(Path(d))), job))
+            trainings = tuple(trainings)
+        if ref.path not in self.scales:
+            self.scales[ref.path] = model_scale(model_shape(str(ref.path)))
+        return ArmWorks(a.key, spec, study.name, a.state.todo, ref.fingerprint, self.scales[ref.path],
+                        spec.training.method if arm.trains else "icl", trainings, rsa,
+                        stale_rsa(a.state.run, spec, a.state.todo, *self.rsa) if rsa else {})
 
-    def _rsa_work(self, a: _Arm, conds: Sequence, ref, needs: tuple, ckpt: str | None = None) -> None:
-        """RSA of a unit's conditions on a scorer (their checkpoint loaded once), after their scoring (and
-        their checkpoint's training, when it is trained now)."""
+    def train_part(self, arm: ArmWorks, t: Training) -> Part:
+        ref = self.arms[arm.key].state.arm.ref
+        missing = [(f, d) for f, d in t.job.checkpoints if d in t.missing]
+        self.dirs[train_id(arm, t)] = {Path(d).name: d for _, d in missing}
+        return Part((dataclasses.replace(t.job, checkpoints=missing), ref.name, ref.fingerprint))
+
+    def score_part(self, arm: ArmWorks, conds: list, ckpt: str | None, trained: bool) -> Part:
+        a = self.arms[arm.key]
+        ref = a.state.arm.ref
+        base = dict(arm=a.key, spec=arm.spec, model=ref.name, fingerprint=ref.fingerprint)
+        if ckpt is None:  # ICL: each chain on the base model, K ascending
+            return Part(ScoreTask(conds=tuple(conds), **base))
+        records = tuple({"trained_now": trained} | ({"shared_with": a.shared[c.id]} if c.id in a.shared else {})
+                        for c in conds)
+        self._user(a, ckpt)
+        return Part(self._source(ckpt, ScoreTask(conds=tuple(conds), records=records, checkpoint=Path(ckpt).name,
+                                                 **base), trained))
+
+    def rsa_part(self, arm: ArmWorks, conds: list, ckpt: str | None, trained: bool) -> Part:
+        """RSA of a unit's conditions on a scorer (their checkpoint loaded once)."""
+        a = self.arms[arm.key]
+        ref = a.state.arm.ref
         dtype, subset = self.rsa
         task = RsaTask(conds=tuple(conds), model=ref.name, fingerprint=ref.fingerprint, dtype=dtype, subset=subset,
                        checkpoint=Path(ckpt).name if ckpt else None)
-        if ckpt:
-            task = self._source(ckpt, task, trained=any(n in self.dirs for n in needs))
-        self._work(a, Work(f"{a.key}|rsa|{conds[0].id}", "scorer", f"RSA {unit_label(conds)}",
-                           sum(rsa_seconds(c.queries, prefix_tokens(c), self.device) for c in conds)
-                           + (RATES[self.device]["model_load"] if ckpt and not a.state.arm.lora else 0.0),
-                           needs=needs, payload=task, arm=a.key))
         self._user(a, ckpt)
-
-    def _rsa_finished(self, a: _Arm, spec, ref) -> None:
-        """RSA works for this arm's conditions finished before this sweep that lack a current rsa.npz."""
-        run, todo = a.state.run, {c.id for c in a.state.todo}
-        conds = {c.id: c for c in spec.conditions() if c.id not in todo}
-        dtype, subset = self.rsa
-        by_ckpt: dict[str | None, list] = {}
-        for cdir, _, record in run.finished():
-            cond = conds.get(record["condition"])
-            if cond is None or rsa_is_current(cdir, cond.id, dtype, subset):
-                continue
-            ckpt = str(run.path / ADAPTERS_DIR / record["checkpoint_dir"]) if record.get("checkpoint_dir") else None
-            by_ckpt.setdefault(ckpt, []).append(cond)
-        for ckpt, group in by_ckpt.items():
-            for unit in icl_chains(group) if ckpt is None else [group]:
-                for conds in self._units(unit):
-                    self._rsa_work(a, conds, ref, (), ckpt)
+        return Part(self._source(ckpt, task, trained) if ckpt else task)
 
     def _add_circuits(self, path: Path, arms: list[_Arm]) -> None:
-        """One work per circuit state of each task not stored yet: base and ICL on the base model, each
+        """The circuit states of the run directory `path` not stored yet: base and ICL on the base model, each
         fine-tuned model on its checkpoint (after its training, when it is trained now)."""
         run, (pairs, shots) = self.runs[path], self.circuits
         stored = run.spec_json()["arms"]
         first = next(iter(stored.values()))  # as compute_circuits: the first arm's first seed
-        seed, model = first["seeds"][0], first["model"]
-        tasks = list(dict.fromkeys(t for arm in stored.values() for t in arm["tasks"]))
-        now: dict[str, dict[str, Path]] = {}  # task -> {method: checkpoint dir} of models trained in this graph
-        for a in arms:
-            for cond, ckpt in (a.state.arm.plan.checkpoints.values() if a.state.arm.plan else ()):
-                if cond.seed == seed:
-                    now.setdefault(cond.task, {})[cond.method] = Path(ckpt)
-        training = {d: t for t, names in self.dirs.items() for d in names.values()}
-        out = run.path / CIRCUITS_DIR
-        index = self.indexes[path] = read_index(out)
-        for task in tasks:
-            for state, ckpt in circuit_states(run, task, seed, shots, now.get(task)).items():
-                name, key = state_key(task, state, ckpt, pairs, seed)
-                if _stored(out, name, index, key) is not None:
-                    continue
-                payload = CircuitTask(model=model["name"], fingerprint=model["fingerprint"], task=task, state=state,
-                                      pairs=pairs, seed=seed, shots=shots, checkpoint=key["checkpoint"])
-                needs = (training[str(ckpt)],) if ckpt is not None and str(ckpt) in training else ()
-                if ckpt is not None:
-                    payload = self._source(str(ckpt), payload, trained=bool(needs))
-                if ckpt is not None and str(ckpt) in self.users:
-                    self.users[str(ckpt)][0] += 1
-                self.circuit_runs[f"{path}|circuits|{name}"] = path
-                self.works.append(Work(f"{path}|circuits|{name}", "scorer", f"circuits {task} {state}",
-                                       score_seconds(3 * pairs, 0, self.device), needs=needs, payload=payload,
-                                       affinity=model["fingerprint"]))
+        model = first["model"]
+        tasks = tuple(dict.fromkeys(t for arm in stored.values() for t in arm["tasks"]))
+        index = self.indexes[path] = read_index(run.path / CIRCUITS_DIR)
+        circuits = Circuits(str(path), run, tasks, first["seeds"][0], shots, pairs, model["name"], model["fingerprint"],
+                            arms[0].works.scale)
+        self.add_circuits(circuits, [a.works for a in arms], index)
+
+    def circuit_part(self, circuits: Circuits, work_id: str, task: str, state: str, ckpt, trained: bool,
+                     key: dict) -> Part:
+        payload = CircuitTask(model=circuits.model, fingerprint=circuits.affinity, task=task, state=state,
+                              pairs=circuits.pairs, seed=circuits.seed, shots=circuits.shots,
+                              checkpoint=key["checkpoint"])
+        if ckpt is not None:
+            payload = self._source(str(ckpt), payload, trained=trained)
+            if str(ckpt) in self.users:
+                self.users[str(ckpt)][0] += 1
+        self.circuit_runs[work_id] = Path(circuits.key)
+        return Part(payload)
 
     def _circuit_done(self, done: Finished) -> None:
         task = _task(done.work)
@@ -277,20 +250,6 @@ class GraphRun:
             return
         name, key = state_key(task.task, task.state, task.checkpoint, task.pairs, task.seed)
         store_state(run.path / CIRCUITS_DIR, self.indexes[path], name, key, done.result[0])
-
-    def _work(self, a: _Arm, work: Work) -> None:
-        if work.role == "scorer":  # a scorer keeps to the base model it holds while that model has work
-            work.affinity = a.state.arm.ref.fingerprint
-        self.works.append(work)
-        a.left += 1
-
-    def _score_cost(self, cond) -> float:
-        return score_seconds(cond.queries, prefix_tokens(cond), self.device)
-
-    def _units(self, conds: Sequence) -> list[list]:
-        """The scoring works of conditions that share an engine state (an ICL chain, a checkpoint): one work,
-        or on a shared disk one work per condition, in order (each written as soon as it is scored)."""
-        return [[c] for c in conds] if self.shared_disk else [list(conds)]
 
     def _source(self, ckpt: str, task, trained: bool):
         """`task` reading the checkpoint `ckpt`: in place on a shared disk; else its files, from the training

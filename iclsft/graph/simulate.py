@@ -1,10 +1,10 @@
 """A sweep's work graph without any tokenizer or model, run by the real scheduler on a virtual clock.
 
-`simulation_works(config, device, arms)` builds the works a sweep's arms have left as `iclsft.graph.run.GraphRun` does:
-one training per distinct training (conditions whose batches hold the same exemplars share one), one
-scoring per ICL chain (one task, seed and order, K ascending) and per trained checkpoint (all of its
-conditions), one RSA pass per scoring unit of the 2D study (`rsa: true`), the implicit suite's circuit states; each
-timed from the measured rates (costs.py). `simulate` hands
+`simulation_works(config, device, arms)` builds the works a sweep's arms have left with the builder
+`iclsft.graph.run.GraphRun` uses (`iclsft.graph.build`), from trainings planned without a tokenizer
+(`Study.trainings`: conditions whose batches hold the same exemplars share one): one training each, one
+scoring per ICL chain and per checkpoint, one RSA pass per scoring unit of the 2D study (`rsa: true`), the
+implicit suite's circuit states; each timed from the measured rates (costs.py). `simulate` hands
 them to `iclsft.graph.schedule.schedule`, the loop that real sweeps run on Ray, with a `VirtualBackend`
 that ends each work after its estimated seconds. A scorer pays once for each engine it opens (base
 model loaded, engine started) and once for the RSA hooks' model, on its first work that needs them.
@@ -22,28 +22,27 @@ import itertools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from iclsft.engine.base import engine_class, resolve_engine
+from iclsft.graph.build import ArmWorks, Builder, Circuits, Part, Training, stale_rsa
 from iclsft.graph.costs import (
     RATES,
     condition_bytes,
     engine_start_seconds,
     full_checkpoint_bytes,
+    load_seconds,
     lora_adapter_bytes,
     model_scale,
     model_shape,
-    prefix_tokens,
     rsa_bytes,
-    rsa_seconds,
-    score_seconds,
     swap_seconds,
-    train_seconds,
 )
 from iclsft.graph.resources import Resources, Slots, resolve
 from iclsft.graph.schedule import Usage, schedule
-from iclsft.graph.work import ROLES, Finished, Work, icl_chains, scoring_share, unit_label
-from iclsft.rsa.run import rsa_is_current
+from iclsft.graph.work import ROLES, Finished, Work, scoring_share
+from iclsft.implicit.circuits import CIRCUITS_DIR, read_index
 from iclsft.store import RunDir
 from iclsft.study import of_spec
 
@@ -172,123 +171,85 @@ def simulation_works(config, device: str, arms: dict[str, list], engine: str | N
     its arms as (run directory, spec, model ref), the 2D arms first (`iclsft.sweep.plan.planned_arms`)."""
     if device not in RATES:
         raise ValueError(f"device {device!r} is not one of {', '.join(RATES)}")
-    engine = engine or planned_engine(config, device)
-    graph = _Graph(config, device, engine, engine_start_seconds(engine, device), engine_class(engine).can_load_weights)
+    graph = _Virtual(config, device, engine or planned_engine(config, device))
     for model, planned in arms.items():
+        suite: dict[Path, list] = {}  # run directories with circuit states -> their arms
         for path, spec, ref in planned:
-            graph.add_arm(model, RunDir(path), spec, model_shape(str(ref.path)))
-        if config.implicit is not None and config.implicit.circuits and graph.implicit_left:
-            graph.add_circuits(model)
+            arm = graph.arm(model, RunDir(path), spec, ref)
+            graph.add_arm(arm)
+            if of_spec(spec).circuits:
+                suite.setdefault(Path(path), []).append(arm)
+        imp = config.implicit
+        for path, suite_arms in suite.items() if imp is not None and imp.circuits else ():
+            tasks = tuple(dict.fromkeys(t for arm in suite_arms for t in arm.spec.tasks))
+            circuits = Circuits(model, RunDir(path), tasks, suite_arms[0].spec.seeds[0], imp.circuit_shots,
+                                imp.circuit_pairs, model, model, suite_arms[0].scale)
+            graph.add_circuits(circuits, suite_arms, read_index(path / CIRCUITS_DIR))
     return graph.works
 
 
-class _Graph:
-    """The works of each arm in turn, as `iclsft.graph.run.GraphRun` builds them for a real sweep."""
+CHECKPOINT_ENGINE = "engine|checkpoint|"  # the setup key of an engine opened for one full checkpoint
 
-    def __init__(self, config, device: str, engine: str, start: float, swaps: bool):
-        self.config, self.device, self.engine, self.start, self.swaps = config, device, engine, start, swaps
-        self.works: list[Work] = []
-        self.implicit_left = False  # the implicit suite of the model being added has work left
-        self.implicit_trainings: dict[tuple, str] = {}  # (method, task, seed) -> its training's work id
 
-    def add_arm(self, model: str, run, spec, shape: dict) -> None:
-        key, sft, study = f"{model}|{spec.arm}", spec.training, of_spec(spec)
-        self.study = study.name
-        conds = spec.conditions()
-        todo = [c for c in conds if not run.is_done(c)]
-        needs: dict[str, tuple] = {}  # condition id -> the training of its checkpoint
-        planned = study.trainings(spec, todo) if sft is not None else []
-        for i, (group, n) in enumerate(planned):
-            tid = self._train(key, model, spec.arm, i, sft, n, len({c.checkpoint for c in group}),
-                              shape)
-            needs.update((c.id, (tid,)) for c in group)
-            if study.circuits:  # the circuit states of each fine-tuned model wait for its training
-                self.implicit_trainings.update(((c.method, c.task, c.seed), tid) for c in group)
-        if study.circuits:
-            self.implicit_left |= bool(todo)
-        # scoring units as the real graph has them: an ICL chain (one task, seed and order, K ascending), or
-        # every condition of one checkpoint (one training's checkpoint at one fraction)
-        if sft is None:
-            units = icl_chains(todo)
-        else:
-            by_ckpt: dict[tuple, list] = {}
-            for c in todo:
-                by_ckpt.setdefault((needs[c.id], c.checkpoint), []).append(c)
-            units = list(by_ckpt.values())
-        unit_of: dict[str, str] = {}
-        for unit in units:
-            uid = self._score(key, model, unit, sft, needs.get(unit[0].id, ()), shape)
-            unit_of.update((c.id, uid) for c in unit)
-        if self.config.rsa and study.rsa:
-            self._rsa(key, model, run, conds, units, unit_of, needs, sft, shape)
+class _Virtual(Builder):
+    """The builder's works with timed stand-ins (`Stand`) for payloads, and the setups of the engines and
+    hook models the virtual backend pays for: a scorer's engine once, or on an engine that cannot swap
+    weights one per full checkpoint; vllm keeps LoRA arms on an engine of their own (LoRA is enabled at its
+    start); a full checkpoint swapped into a running engine is priced per work."""
 
-    def add_circuits(self, model: str) -> None:
-        """The implicit suite's circuit states (`iclsft.graph.run.GraphRun._add_circuits`): per task, the base
-        model, ICL, and each fine-tuned model, on the first seed, after that model's training."""
-        imp = self.config.implicit
-        seed = min(self.config.seeds)
-        hooks = ((f"hooks|{model}", RATES[self.device]["model_load"]),)
-        methods = [m for m in imp.methods if m != "icl"] * ("ours" in imp.recipes)
-        methods += ["full-original"] * ("original" in imp.recipes)
-        for task in imp.tasks:
-            for state in ("base", f"icl-K{imp.circuit_shots}", *methods):
-                tid = self.implicit_trainings.get((state, task, seed))
-                self.works.append(Work(f"{model}|circuits|{task}|{state}", "scorer", f"circuits {task} {state}",
-                                       score_seconds(3 * imp.circuit_pairs, 0, self.device), affinity=model,
-                                       needs=(tid,) if tid else (), arm=f"{model}|circuits",
-                                       payload=Stand("circuits", model, state), setup=hooks))
-        self.implicit_left = False
+    def __init__(self, config, device: str, engine: str):
+        super().__init__(device)
+        self.config, self.engine = config, engine
+        self.start, self.swaps = engine_start_seconds(engine, device), engine_class(engine).can_load_weights
+        self.shapes: dict[str, dict] = {}  # model -> its shape (costs.model_shape)
 
-    def _train(self, key: str, model: str, arm: str, i: int, sft, steps: int, checkpoints: int, shape: dict) -> str:
-        each = lora_adapter_bytes(shape, sft) if sft.method == "lora" else full_checkpoint_bytes(shape)
-        work = Work(f"{key}|train|{i}", "trainer", f"{arm} training {i} ({steps} steps)",
-                    train_seconds(steps, sft.method, self.device, model_scale(shape), self.study), arm=key,
-                    payload=Stand("train", model, sft.method, steps=steps, checkpoints=checkpoints,
-                                  bytes=checkpoints * each), holds=0 if sft.method == "lora" else checkpoints)
-        self.works.append(work)
-        return work.id
+    def arm(self, model: str, run: RunDir, spec, ref) -> ArmWorks:
+        """One arm, its trainings as `Study.trainings` plans them without a tokenizer (all to be made)."""
+        study, sft = of_spec(spec), spec.training
+        if model not in self.shapes:
+            self.shapes[model] = model_shape(str(ref.path))
+        todo = [c for c in spec.conditions() if not run.is_done(c)]
+        trainings = None
+        if sft is not None:
+            trainings = []
+            for i, (group, steps) in enumerate(study.trainings(spec, todo)):
+                reads = tuple((c, f"{i}-{c.checkpoint}") for c in group)
+                trainings.append(Training(str(i), sft.method, steps, reads, tuple(dict.fromkeys(k for _, k in reads))))
+            trainings = tuple(trainings)
+        rsa = bool(self.config.rsa and study.rsa)
+        return ArmWorks(f"{model}|{spec.arm}", spec, study.name, todo, model, model_scale(self.shapes[model]),
+                        sft.method if sft else "icl", trainings, rsa,
+                        stale_rsa(run, spec, todo, self.config.dtype, self.config.rsa_subset) if rsa else {})
 
-    def _score(self, key: str, model: str, unit: list, sft, needs: tuple, shape: dict) -> str:
-        """One scoring work of `unit`'s conditions; returns its id. A full checkpoint is swapped into the
-        scorer's engine (its read priced per work) or, on an engine that cannot swap, gets an engine of its
-        own; vllm keeps LoRA arms on an engine of their own (ScorerActor: LoRA is enabled at start)."""
-        method, first = (sft.method if sft else "icl"), unit[0]
-        full, swap = sft is not None and method != "lora", 0.0
+    def train_part(self, arm: ArmWorks, t: Training) -> Part:
+        shape = self.shapes[arm.affinity]
+        each = lora_adapter_bytes(shape, arm.spec.training) if t.method == "lora" else full_checkpoint_bytes(shape)
+        return Part(Stand("train", arm.affinity, t.method, steps=t.steps, checkpoints=len(t.missing),
+                          bytes=len(t.missing) * each))
+
+    def score_part(self, arm: ArmWorks, conds: list, ckpt: str | None, trained: bool) -> Part:
+        model, full, swap = arm.affinity, ckpt is not None and arm.method != "lora", 0.0
         if full and not self.swaps:
-            setup = ((f"engine|{model}|{needs[0]}|{first.checkpoint}", self.start),)
+            setup = ((f"{CHECKPOINT_ENGINE}{arm.key}|{ckpt}", self.start),)
         else:
-            lora = "|lora" if method == "lora" and self.engine != "hf" else ""
+            lora = "|lora" if arm.method == "lora" and self.engine != "hf" else ""
             setup = ((f"engine|{model}{lora}", self.start),)
-            swap = swap_seconds(full_checkpoint_bytes(shape), self.device) if full else 0.0
-        work = Work(f"{key}|{first.id}", "scorer", unit_label(unit),
-                    swap + sum(score_seconds(c.queries, prefix_tokens(c), self.device, model_scale(shape))
-                               for c in unit),
-                    needs=needs, arm=key, affinity=model, setup=setup,
-                    payload=Stand("score", model, method, conditions=len(unit),
-                                  queries=sum(c.queries for c in unit), bytes=sum(map(condition_bytes, unit))))
-        self.works.append(work)
-        return work.id
+            swap = swap_seconds(full_checkpoint_bytes(self.shapes[model]), self.device) if full else 0.0
+        return Part(Stand("score", model, arm.method, conditions=len(conds), queries=sum(c.queries for c in conds),
+                          bytes=sum(map(condition_bytes, conds))), setup, swap)
 
-    def _rsa(self, key: str, model: str, run, conds, units: list, unit_of: dict, needs: dict, sft,
-             shape: dict) -> None:
-        """RSA in the scoring units (`GraphRun._rsa_work`): one work per unit left to run, after it (and its
-        training), its checkpoint loaded once; a finished condition whose stored RSA is not current gets a
-        work of its own."""
-        stale = [[c] for c in conds if c.id not in unit_of
-                 and not rsa_is_current(run.condition_dir(c), c.id, self.config.dtype, self.config.rsa_subset)]
-        hooks = ((f"hooks|{model}", RATES[self.device]["model_load"] * model_scale(shape)["load"]),)
-        # a full fine-tune is loaded once per unit (iclsft.rsa.run.Models.loaded); LoRA attaches to the hooks' base
-        load = hooks[0][1] if sft is not None and sft.method != "lora" else 0.0
-        for unit in [*units, *stale]:
-            first = unit[0]
-            after = (unit_of[first.id], *needs.get(first.id, ())) if first.id in unit_of else ()
-            queries = sum(c.queries for c in unit)
-            scale = model_scale(shape)
-            self.works.append(Work(f"{key}|rsa|{first.id}", "scorer", f"RSA {first.label}",
-                                   sum(rsa_seconds(c.queries, prefix_tokens(c), self.device, scale)
-                                       for c in unit) + load, needs=after, arm=key, affinity=model, setup=hooks,
-                                   payload=Stand("rsa", model, sft.method if sft else "icl", conditions=len(unit),
-                                                 queries=queries, bytes=len(unit) * rsa_bytes(shape))))
+    def rsa_part(self, arm: ArmWorks, conds: list, ckpt: str | None, trained: bool) -> Part:
+        model = arm.affinity
+        return Part(Stand("rsa", model, arm.method, conditions=len(conds), queries=sum(c.queries for c in conds),
+                          bytes=len(conds) * rsa_bytes(self.shapes[model])), self._hooks(model))
+
+    def circuit_part(self, circuits: Circuits, work_id: str, task: str, state: str, ckpt, trained: bool,
+                     key: dict) -> Part:
+        return Part(Stand("circuits", circuits.model, state), self._hooks(circuits.model))
+
+    def _hooks(self, model: str) -> tuple[tuple[str, float], ...]:
+        """The RSA and circuits hooks' model, loaded once per scorer."""
+        return ((f"hooks|{model}", load_seconds(self.device, model_scale(self.shapes[model]))),)
 
 
 @dataclass

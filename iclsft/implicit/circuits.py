@@ -85,7 +85,7 @@ def compute_circuits(path: str | Path, *, pairs: int = 32, shots: int = 8, seed:
             scores = {}
             for state, ckpt in circuit_states(run, task, seed, shots).items():
                 name, key = state_key(task, state, ckpt, pairs, seed)
-                stored = _stored(out, name, index, key)
+                stored = stored_scores(out, name, index, key)
                 if stored is not None:
                     scores[state] = stored
                     continue
@@ -161,7 +161,7 @@ def read_index(out: Path) -> dict:
         return {}
 
 
-def _stored(out: Path, name: str, index: dict, key: dict) -> ComponentScores | None:
+def stored_scores(out: Path, name: str, index: dict, key: dict) -> ComponentScores | None:
     """The scores of `name` when circuits.json lists them for this `key` and the file still matches."""
     info = index.get(name)
     if not isinstance(info, dict) or any(info.get(k) != v for k, v in key.items()):

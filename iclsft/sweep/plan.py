@@ -13,7 +13,7 @@ from pathlib import Path
 from iclsft.engine.base import resolve_engine
 from iclsft.graph.costs import RATES, prefix_tokens
 from iclsft.graph.ray_backend import start_ray
-from iclsft.graph.simulate import planned_engine, simulate
+from iclsft.graph.simulate import CHECKPOINT_ENGINE, planned_engine, simulate
 from iclsft.graph.simulate import simulation_works as graph_simulation_works
 from iclsft.runspec import make_icl_spec, make_implicit_spec, make_sft_spec
 from iclsft.spec import EngineSpec, sft_spec
@@ -224,7 +224,7 @@ def format_plan(config: SweepConfig, device: str | None = None, *, gpus: list[fl
         if t["circuits"]:
             lines.insert(-1, f"  circuits  {t['circuits']:,} states of the implicit suite: "
                              f"{_duration(t['circuit_seconds'])}")
-        if any("|train|" in key for w in works for key, _ in w.setup):
+        if any(key.startswith(CHECKPOINT_ENGINE) for w in works for key, _ in w.setup):
             lines.append(f"  note      {engine} cannot swap a full fine-tune's weights into a running engine: each "
                          "full checkpoint opens an engine of its own (engine=hf swaps them: one engine per scorer)")
         for g in (g for g in gpus if ("gpu" if g else "cpu") == dev):
@@ -338,11 +338,13 @@ def _engine_seconds(sim, works) -> float:
 def _rates(device: str) -> str:
     r = RATES[device]
     per_token = f" + {r['per_prefix_token'] * 1e6:.2f} us per prefix token" if r["per_prefix_token"] else ""
+    floors = (f"; at least {r['step_floor']:g} s a step and {r['load_floor']:g} s a load, whatever the model"
+              if r["step_floor"] or r["load_floor"] else "")
     return (f"{1 / r['query']:,.0f} queries/s{per_token}, + {r['condition']:g} s per condition (RSA + "
             f"{r['rsa_condition']:g} s); SFT step LoRA {r['lora_step']:g} s, full {r['full_step']:g} s; model load "
             f"{r['model_load']:g} s; engine start hf {r['engine_start']:g} s + model load, vllm {r['vllm_start']:g} s; "
-            f"a full checkpoint swapped in {r['swap_per_gb']:g} s per GB (measured: {', '.join(r['measured'])}; "
-            "the rest assumed; docs/sweep.md)")
+            f"a full checkpoint swapped in {r['swap_per_gb']:g} s per GB{floors} "
+            f"(measured: {', '.join(r['measured'])}; the rest assumed; docs/sweep.md)")
 
 
 def _num(x: float) -> str:
