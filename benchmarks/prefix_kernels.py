@@ -31,7 +31,8 @@ SETTINGS = {  # name -> (dtype, prefix kernel, heap kept)
 }
 
 
-def one_model(name: str, shots: list[int], queries: int, rounds: int, budget: int, peaks: dict) -> list[dict]:
+def one_model(name: str, shots: list[int], queries: int, rounds: int, budget: int, peaks: dict,
+              settings: dict) -> list[dict]:
     import iclsft.engine.hf as hf
     from iclsft.bench.flops import tree_flops
     from iclsft.bench.grid import grid_sample
@@ -41,7 +42,7 @@ def one_model(name: str, shots: list[int], queries: int, rounds: int, budget: in
     sample = grid_sample(name, queries)
     ref, builder, qs = sample.ref, sample.builder, sample.queries
     engines = {d: hf.HFEngine(load_model(ref, d)[0], token_budget=budget, progress=False, workers=1)
-               for d in ("float32", "bfloat16")}
+               for d in dict.fromkeys(dtype for dtype, _, _ in settings.values())}
     kept = hf.heap_kept
     rows = []
     for k in shots:
@@ -50,7 +51,7 @@ def one_model(name: str, shots: list[int], queries: int, rounds: int, budget: in
         best: dict[str, float] = {}
         scores: dict[str, np.ndarray] = {}
         for _ in range(rounds):
-            for setting, (dtype, kernel, heap) in SETTINGS.items():
+            for setting, (dtype, kernel, heap) in settings.items():
                 hf.heap_kept = kept if heap else contextlib.nullcontext
                 try:
                     engines[dtype].prefix_kernel = kernel
@@ -61,7 +62,7 @@ def one_model(name: str, shots: list[int], queries: int, rounds: int, budget: in
                 finally:
                     hf.heap_kept = kept
         fp32 = scores["fp32 flash, heap kept"]
-        for setting, (dtype, kernel, heap) in SETTINGS.items():
+        for setting, (dtype, kernel, heap) in settings.items():
             diff = np.abs(scores[setting] - fp32)
             rows.append({"model": name, "shots": k, "prefix_tokens": len(prefix), "queries": queries,
                          "setting": setting, "dtype": dtype, "kernel": kernel, "heap_kept": heap,
@@ -98,6 +99,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--token-budget", type=int, default=1024)
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="the settings of these dtypes only (float32 alone where the CPU emulates bf16)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "prefix_kernels")
     args = parser.parse_args()
     import torch
@@ -105,12 +108,16 @@ def main() -> None:
     from iclsft.bench.flops import matmul_peak
     from iclsft.bench.machine import cpu_description
 
+    dtypes = args.dtypes.split(",")
+    if "float32" not in dtypes or not set(dtypes) <= {"float32", "bfloat16"}:
+        parser.error(f"--dtypes {args.dtypes!r}: give float32 or float32,bfloat16 (the diffs are to the fp32 scores)")
+    settings = {name: s for name, s in SETTINGS.items() if s[0] in dtypes}
     cpu = f"{cpu_description()}, torch {torch.__version__}"
-    peaks = {d: round(matmul_peak(d), 1) for d in ("float32", "bfloat16")}
+    peaks = {d: round(matmul_peak(d), 1) for d in dtypes}
     rows = [r for m in args.models.split(",")
             for r in one_model(m, [int(k) for k in args.shots.split(",")], args.queries, args.rounds,
-                               args.token_budget, peaks)]
-    after = {d: round(matmul_peak(d), 1) for d in ("float32", "bfloat16")}  # the peak at the end too: the best
+                               args.token_budget, peaks, settings)]
+    after = {d: round(matmul_peak(d), 1) for d in dtypes}  # the peak at the end too: the best
     for r in rows:
         r["peak_gflop_per_s"] = max(peaks[r["dtype"]], after[r["dtype"]])
         r["of_flop_limit"] = round(r["gflop_per_s"] / r["peak_gflop_per_s"], 3)
