@@ -22,7 +22,7 @@ from iclsft.report import build_report
 from iclsft.report.models import build_models_report
 from iclsft.store import RunDir
 from iclsft.sweep.config import SweepConfig
-from iclsft.sweep.plan import arm_specs, implicit_dir, implicit_specs, model_dir
+from iclsft.sweep.plan import implicit_dir, model_dir, planned_arms
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,8 @@ logger = logging.getLogger(__name__)
 def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict:
     """Run or resume everything; return {model: metrics table}. Failed conditions are recorded in
     their run and summarised at the end (rerun to retry them); other conditions go on."""
-    planned = {model: arm_specs(config, model) for model in config.models}  # every input checked first
-    _check_labels(planned)
-    planned_implicit = {model: implicit_specs(config, model) for model in config.models}
+    planned = planned_arms(config)  # every input checked first; the arms in the order the simulator takes them
+    _check_labels(config, planned)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     # One sweep per output directory (an flock on OUT/.lock, gone when its holder exits or is killed); each
@@ -40,49 +39,49 @@ def run_sweep(config: SweepConfig, *, progress: bool = True) -> dict:
     sweep_lock = RunDir(out)
     sweep_lock.acquire_lock(instead="give this sweep another out=")
     try:
-        return _run_planned(config, planned, planned_implicit, out, progress)
+        return _run_planned(config, planned, out, progress)
     finally:
         sweep_lock.release_lock()
 
 
-def _check_labels(planned: dict) -> None:
-    """Labels each model's tokenizer can tell apart, before the sweep writes anything (the runs check
-    again, later)."""
+def _check_labels(config: SweepConfig, planned: dict) -> None:
+    """Labels each model's tokenizer can tell apart in its 2D arms, before the sweep writes anything (the
+    runs check again, later)."""
     from transformers import AutoTokenizer
 
-    for arms in planned.values():
-        if arms:
-            tokenizer = AutoTokenizer.from_pretrained(arms[0][1].path)
-            for spec, _ in arms:
+    for model, arms in planned.items():
+        two_d = [(spec, ref) for path, spec, ref in arms if Path(path) == model_dir(config.out, model)]
+        if two_d:
+            tokenizer = AutoTokenizer.from_pretrained(two_d[0][1].path)
+            for spec, _ in two_d:
                 prompt_builders(tokenizer, spec.template, spec.tasks)
 
 
-def _run_planned(config: SweepConfig, planned: dict, planned_implicit: dict, out: Path, progress: bool) -> dict:
+def _run_planned(config: SweepConfig, planned: dict, out: Path, progress: bool) -> dict:
     atomic_write_json(out / "sweep.json", json.loads(config.model_dump_json()))
     failures: list[str] = []
     started = time.time()
-    ran = _run_graph(config, planned, planned_implicit, out, failures, progress)
+    ran = _run_graph(config, [arm for arms in planned.values() for arm in arms], out, failures, progress)
     tables = {}
+    paths = {model: {Path(p) for p, _, _ in arms} for model, arms in planned.items()}
     for model in config.models:
-        if planned[model]:
-            path = model_dir(out, model)
+        path = model_dir(out, model)
+        if path in paths[model]:
             tables[model] = ran.get(path)
             _finish_2d(config, path, started)
-        if planned_implicit[model]:
-            _finish_implicit(config, model, implicit_dir(config.out, model), failures, started)
-    if config.report and sum(bool(arms) for arms in planned.values()) > 1:
+        if implicit_dir(out, model) in paths[model]:
+            _finish_implicit(config, model, implicit_dir(out, model), failures, started)
+    if config.report and len(tables) > 1:
         logger.info("== models compared: %s", build_models_report(out, model_reports=False))  # reports built above
     if failures:
         raise ConditionsFailed("; ".join(failures))
     return tables
 
 
-def _run_graph(config: SweepConfig, planned: dict, planned_implicit: dict, out: Path, failures: list,
-               progress: bool) -> dict:
-    """Every arm of every model, their RSA and circuit states as one work graph, on Ray or in this process
-    (`iclsft.graph.driver.runs_on_graph`); returns each run directory's metrics table."""
-    arms = [(model_dir(out, model), spec, ref) for model in config.models for spec, ref in planned[model]]
-    arms += [(implicit_dir(out, model), spec, ref) for model in config.models for spec, ref in planned_implicit[model]]
+def _run_graph(config: SweepConfig, arms: list, out: Path, failures: list, progress: bool) -> dict:
+    """Every arm of every model (run directory, spec, model ref), their RSA and circuit states as one work
+    graph, on Ray or in this process (`iclsft.graph.driver.runs_on_graph`); returns each run directory's
+    metrics table."""
     imp = config.implicit
     ray = runs_on_graph(config.executor, [spec for _, spec, _ in arms])
     tables, failed = run_graph(arms, config.executor, config.resources, out / "graph.json", local=not ray,
