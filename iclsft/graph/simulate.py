@@ -241,15 +241,15 @@ class _Virtual(Builder):
     def rsa_part(self, arm: ArmWorks, conds: list, ckpt: str | None, trained: bool) -> Part:
         model = arm.affinity
         return Part(Stand("rsa", model, arm.method, conditions=len(conds), queries=sum(c.queries for c in conds),
-                          bytes=len(conds) * rsa_bytes(self.shapes[model])), self._hooks(model))
+                          bytes=len(conds) * rsa_bytes(self.shapes[model])), self._hooks(model, arm.scale))
 
     def circuit_part(self, circuits: Circuits, work_id: str, task: str, state: str, ckpt, trained: bool,
                      key: dict) -> Part:
-        return Part(Stand("circuits", circuits.model, state), self._hooks(circuits.model))
+        return Part(Stand("circuits", circuits.model, state), self._hooks(circuits.model, circuits.scale))
 
-    def _hooks(self, model: str) -> tuple[tuple[str, float], ...]:
-        """The RSA and circuits hooks' model, loaded once per scorer."""
-        return ((f"hooks|{model}", load_seconds(self.device, model_scale(self.shapes[model]))),)
+    def _hooks(self, model: str, scale: dict) -> tuple[tuple[str, float], ...]:
+        """The RSA and circuits hooks' model (`scale`: its cost, costs.model_scale), loaded once per scorer."""
+        return ((f"hooks|{model}", load_seconds(self.device, scale)),)
 
 
 @dataclass
