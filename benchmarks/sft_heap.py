@@ -30,6 +30,7 @@ import torch
 from sft_bench import linear2d_examples
 
 from iclsft.artifacts import atomic_write_json
+from iclsft.cpu import cpu_flags
 from iclsft.heap import heap_kept
 from iclsft.sft.train import batch_indices, label_nll, prepare_model
 from iclsft.spec import sft_spec
@@ -105,13 +106,12 @@ def main() -> None:
                      "max_loss_diff": max(abs(a - b) for r, r0 in zip(rs, runs[POLICIES[0]])
                                           for a, b in zip(r["losses"], r0["losses"]))})
         print(rows[-1], flush=True)
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     first = runs[POLICIES[0]][0]
     out = {"date": date.today().isoformat(), "model": args.model, "method": args.method, "shots": args.shots,
            "examples": first["examples"], "batch_size": first["batch_size"], "threads": args.threads,
            "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "torch": torch.__version__,
            "machine": platform.processor() or platform.machine(), "libc": "-".join(platform.libc_ver()),
-           "avx512_bf16": "avx512_bf16" in cpuinfo, "rows": rows}
+           "avx512_bf16": "avx512_bf16" in (cpu_flags() or ()), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, out)
     print(f"wrote {args.out}")

@@ -21,6 +21,7 @@ import torch
 from sft_bench import linear2d_examples
 
 from iclsft.artifacts import atomic_write_json
+from iclsft.cpu import cpu_flags
 from iclsft.sft.train import batch_indices, batch_loss, prepare_model
 from iclsft.spec import sft_spec
 
@@ -66,11 +67,11 @@ def main() -> None:
                          "step_s": round(median, 4), "ratio_to_fp32": round(median / base, 3)})
             print(rows[-1], flush=True)
         del states
-    cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = cpu_flags() or frozenset()
     out = {"date": date.today().isoformat(), "model": args.model, "shots": args.shots, "examples": len(examples),
            "batch_size": 8, "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-           "avx512_bf16": "avx512_bf16" in cpu_flags, "amx_bf16": "amx_bf16" in cpu_flags, "rows": rows}
+           "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, out)
     print(f"wrote {args.out}")

@@ -24,6 +24,7 @@ import torch
 from sft_bench import linear2d_examples
 
 from iclsft.artifacts import atomic_write_json
+from iclsft.cpu import cpu_flags
 from iclsft.sft.train import batch_indices, label_nll, prepare_model
 from iclsft.spec import sft_spec
 
@@ -94,12 +95,11 @@ def main() -> None:
         rows.append({"config": name, "step_s": round(median, 3), "ratio_to_old": round(median / base, 3),
                      "max_loss_diff": max(abs(a - b) for a, b in zip(losses, old[4]))})
         print(rows[-1], flush=True)
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     out = {"date": date.today().isoformat(), "model": args.model, "method": args.method, "shots": args.shots,
            "examples": len(examples), "batch_size": sft.batch_size, "threads": args.threads, "steps": args.steps,
            "warmup": args.warmup, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-           "avx512_bf16": "avx512_bf16" in cpu, "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                                                     / 2**20, 2), "rows": rows}
+           "avx512_bf16": "avx512_bf16" in (cpu_flags() or ()),
+           "max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, out)
     print(f"wrote {args.out}")

@@ -7,11 +7,12 @@ import os
 import platform
 from pathlib import Path
 
+from iclsft.cpu import bf16_flags, cpu_flags
+
 
 def cpu_description() -> str:
     """E.g. "AMD EPYC, 2 CPUs, avx512_bf16" (the model name from /proc/cpuinfo where there is one)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                 platform.machine() or "?")
-    flags = [f for f in ("avx512_bf16", "amx_bf16") if f in info]
-    return f"{name}, {os.cpu_count()} CPUs, {' '.join(flags) or 'no native bf16'}"
+    return f"{name}, {os.cpu_count()} CPUs, {' '.join(bf16_flags(cpu_flags(info))) or 'no native bf16'}"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iclsft.cpu import warn_emulated_bf16
 from iclsft.engine import generate, tree_attention, windows
 from iclsft.engine.budget import auto_token_budget, model_devices
 from iclsft.engine.contract import Engine, check_generate_args, check_model_dir
@@ -48,6 +50,8 @@ from iclsft.engine.packing import PackedBatch, pack
 from iclsft.engine.prefix_kv import KV, PREFIX_BLOCK, as_cache, cache_keyword, prefix_kv
 from iclsft.heap import heap_kept
 from iclsft.names import PREFIX_KERNELS
+
+logger = logging.getLogger(__name__)
 
 ATTENTION = ("auto", "tree", "mask")
 
@@ -92,6 +96,9 @@ class HFEngine(Engine):
         elif attention == "tree" and not tree_attention.supported(model):
             raise ValueError("attention='tree' needs a model on the CPU that uses transformers' attention interface")
         self.attention = attention
+        if self.device.type == "cpu" and any(p.dtype == torch.bfloat16 for p in model.parameters()):
+            warn_emulated_bf16("bf16 scoring", "4-8x slower than float32", "score in float32 (--dtype float32)",
+                               logger)
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
         self.workers = workers or 1
