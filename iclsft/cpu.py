@@ -6,6 +6,7 @@ trainer say so, once per process, when asked for bf16 on such a CPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -17,15 +18,18 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str] | None:
     """The first processor's flags (x86 `flags`, Arm `Features`) in `cpuinfo` (default: this machine's
     /proc/cpuinfo); None where there is none to read (not Linux)."""
     if cpuinfo is None:
-        path = Path("/proc/cpuinfo")
-        if not path.is_file():
-            return None
-        cpuinfo = path.read_text(errors="replace")
+        return _this_machine()
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip() in ("flags", "Features"):
             return frozenset(value.split())
     return None
+
+
+@functools.cache
+def _this_machine() -> frozenset[str] | None:
+    path = Path("/proc/cpuinfo")  # read once: on a many-core machine it is a megabyte, and trainers ask every step
+    return cpu_flags(path.read_text(errors="replace")) if path.is_file() else None
 
 
 def bf16_flags(flags: frozenset[str] | None) -> list[str]:
@@ -35,8 +39,10 @@ def bf16_flags(flags: frozenset[str] | None) -> list[str]:
 
 def warn_emulated_bf16(what: str, measured: str, instead: str, logger: logging.Logger) -> bool:
     """Warn once per `what` where this CPU's flags are known and make bf16 emulated. Returns whether it did."""
+    if what in _warned:
+        return False
     flags = cpu_flags()
-    if flags is None or bf16_flags(flags) or what in _warned:
+    if flags is None or bf16_flags(flags):
         return False
     _warned.add(what)
     logger.warning("%s on this CPU is emulated (it has no %s flag): %s on an AVX2 CPU (docs/throughput.md); %s",
